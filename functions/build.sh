@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# Builds every function in this workspace (each cdylib member) in release mode
+# to functions/dist/<name>.wasm, from any current directory.
+#
+# Toolchain, first that is available:
+#   1. rustup with the wasm32-wasip1 target    (rustup target add wasm32-wasip1)
+#   2. Debian's Rust (/usr/bin/cargo) with its wasm32 std
+#      (apt-get install rustc cargo libstd-rust-dev-wasm32 lld-14 wasi-libc);
+#      Rust 1.63 names the target wasm32-wasi
+#   3. rustup with the older wasm32-wasi target (Rust before 1.84)
+# If none is: as root with apt-get, and EDGEFN_INSTALL=1 or CI=true, installs
+# Debian's and goes on; otherwise stops and says what to install.
+#
+# Environment: EDGEFN_INSTALL=1 (see above), RUSTFLAGS (passed on),
+# EDGEFN_TOOLCHAIN=rustup|debian to force a choice.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+cd "$here"
+export CARGO_TARGET_DIR="$here/target"
+dist="$here/dist"
+
+debian_packages=(rustc cargo libstd-rust-dev-wasm32 lld-14 wasi-libc)
+
+# Sets debian_target to the wasm32 WASI target Debian's rustc has a std for.
+debian_target() {
+    [[ -x /usr/bin/cargo && -x /usr/bin/rustc ]] || return 1
+    local sysroot
+    sysroot="$(/usr/bin/rustc --print sysroot 2>/dev/null)" || return 1
+    for t in wasm32-wasip1 wasm32-wasi; do
+        if [[ -d "$sysroot/lib/rustlib/$t/lib" ]]; then
+            debian_target="$t"
+            return 0
+        fi
+    done
+    return 1
+}
+
+rustup_has() {
+    command -v rustup >/dev/null 2>&1 &&
+        rustup target list --installed 2>/dev/null | grep -qx "$1"
+}
+
+choose() {
+    local force="${EDGEFN_TOOLCHAIN:-}"
+    if [[ "$force" != debian ]] && rustup_has wasm32-wasip1; then
+        mode=rustup target=wasm32-wasip1
+    elif [[ "$force" != rustup ]] && debian_target; then
+        mode=debian target="$debian_target"
+    elif [[ "$force" != debian ]] && rustup_has wasm32-wasi; then
+        mode=rustup target=wasm32-wasi
+    else
+        return 1
+    fi
+}
+
+if ! choose; then
+    install_cmd="apt-get update && apt-get install -y --no-install-recommends ${debian_packages[*]}"
+    if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1 &&
+        [[ "${EDGEFN_INSTALL:-}" == 1 || "${CI:-}" == true ]]; then
+        echo "build.sh: no wasm32 Rust toolchain; installing Debian's: $install_cmd" >&2
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update
+        apt-get install -y --no-install-recommends "${debian_packages[@]}"
+        choose || { echo "build.sh: still no wasm32 toolchain after installing" >&2; exit 1; }
+    else
+        cat >&2 <<EOF
+build.sh: no Rust toolchain for WebAssembly (wasm32-wasip1) found. Either
+  rustup target add wasm32-wasip1
+or, on Debian/Ubuntu as root,
+  $install_cmd
+(or run this script as root with EDGEFN_INSTALL=1 to have it do that).
+EOF
+        exit 1
+    fi
+fi
+
+if [[ "$mode" == debian ]]; then
+    cargo=(env "PATH=/usr/bin:$PATH" /usr/bin/cargo)
+    # Debian's rustc links wasm with rust-lld (a link to lld-14); use
+    # wasm-ld directly where that link is missing.
+    if [[ ! -e /usr/bin/rust-lld && -x /usr/lib/llvm-14/bin/wasm-ld ]]; then
+        export RUSTFLAGS="${RUSTFLAGS:+$RUSTFLAGS }-C linker=/usr/lib/llvm-14/bin/wasm-ld"
+    fi
+else
+    # Through rustup, so its cargo and rustc are used even where /usr/bin
+    # (Debian's) comes first in PATH.
+    toolchain="$(rustup show active-toolchain | cut -d' ' -f1)"
+    cargo=(rustup run "$toolchain" cargo)
+fi
+
+echo "build.sh: $("${cargo[@]}" --version) ($mode), target $target" >&2
+
+# Cargo prints a JSON message per artifact on stdout (diagnostics go to
+# stderr as usual); the .wasm files in them are the functions.
+messages="$(mktemp)"
+trap 'rm -f "$messages"' EXIT
+"${cargo[@]}" build --release --workspace --target "$target" \
+    --message-format=json-render-diagnostics >"$messages"
+
+mkdir -p "$dist"
+built=0
+while IFS= read -r wasm; do
+    name="$(basename "$wasm")"
+    cp "$wasm" "$dist/$name"
+    printf '%-28s %8d bytes\n' "dist/$name" "$(wc -c <"$dist/$name")"
+    built=$((built + 1))
+done < <(grep -o '"[^"]*\.wasm"' "$messages" | tr -d '"' | grep -v '/deps/' | sort -u)
+
+if [[ "$built" == 0 ]]; then
+    echo "build.sh: cargo built no .wasm module" >&2
+    exit 1
+fi

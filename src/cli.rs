@@ -1,0 +1,169 @@
+//! The command line: each subcommand is a thin call into the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use crate::config::{Config, LocalSource};
+use crate::invoke::InvokeRequest;
+use crate::runtime::{FunctionSpec, Runtime, Target};
+
+/// Lambda-style WebAssembly functions on edge devices.
+#[derive(Debug, Parser)]
+#[command(name = "edgefn", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gateway daemon.
+    Run {
+        /// The configuration file.
+        #[arg(
+            long,
+            short,
+            env = "EDGEFN_CONFIG",
+            default_value = "/etc/edgefn/edgefn.toml"
+        )]
+        config: PathBuf,
+    },
+    /// Check a configuration and every module it names; print a summary.
+    Check {
+        /// The configuration file.
+        #[arg(
+            long,
+            short,
+            env = "EDGEFN_CONFIG",
+            default_value = "/etc/edgefn/edgefn.toml"
+        )]
+        config: PathBuf,
+    },
+    /// Run one event through a module locally and print what it did.
+    Invoke {
+        /// The module (.wasm).
+        module: PathBuf,
+        /// The message topic.
+        #[arg(long, short)]
+        topic: String,
+        /// The payload: text, or @FILE to read it from a file.
+        #[arg(long, short, default_value = "")]
+        payload: String,
+        /// Environment variable for the function, KEY=VALUE (repeatable).
+        #[arg(long = "env", short, value_parser = parse_env)]
+        env: Vec<(String, String)>,
+        /// Memory limit.
+        #[arg(long, default_value = "16MiB")]
+        memory_limit: bytesize::ByteSize,
+        /// Timeout.
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+        /// Run on wasmtime's Pulley interpreter (as on 32-bit ARM).
+        #[arg(long)]
+        pulley: bool,
+    },
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
+}
+
+/// Runs the parsed command.
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Run { config } => {
+            let config = Config::load(&config)?;
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(crate::gateway::run(config))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Check { config } => check(&config),
+        Command::Invoke {
+            module,
+            topic,
+            payload,
+            env,
+            memory_limit,
+            timeout,
+            pulley,
+        } => {
+            let payload = match payload.strip_prefix('@') {
+                Some(file) => std::fs::read(file)
+                    .with_context(|| format!("cannot read payload file {file}"))?,
+                None => payload.into_bytes(),
+            };
+            let req = InvokeRequest {
+                module,
+                topic,
+                payload,
+                env,
+                memory_limit: memory_limit.as_u64() as usize,
+                timeout,
+                pulley,
+            };
+            let report = crate::invoke::invoke(&req)?;
+            print!("{}", crate::invoke::render(&req.module, &report));
+            Ok(ExitCode::from(crate::invoke::exit_code(&report) as u8))
+        }
+    }
+}
+
+/// `edgefn check`: every problem in the config, then every module.
+fn check(path: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let config = Config::load(path)?;
+    let runtime = Runtime::new(Target::Native)?;
+    let mut failed = 0;
+    println!(
+        "gateway  {} (data in {})",
+        config.gateway.id,
+        config.gateway.data_dir.display()
+    );
+    match &config.local.source {
+        LocalSource::Broker(b) => println!(
+            "local    mqtt://{}:{} as {:?}, {} in flight",
+            b.host, b.port, b.client_id, b.in_flight
+        ),
+        LocalSource::Embedded { listen } => println!("local    embedded broker on {listen}"),
+    }
+    match &config.upstream {
+        Some(u) => println!(
+            "upstream mqtt://{}:{} prefix {:?}",
+            u.broker.host, u.broker.port, u.topic_prefix
+        ),
+        None => println!("upstream none (records stay buffered)"),
+    }
+    for f in &config.functions {
+        match runtime.load_file(&f.module, FunctionSpec::from_config(f)) {
+            Ok(_) => println!(
+                "function {} ok: {} <- {}",
+                f.name,
+                f.module.display(),
+                f.triggers
+                    .iter()
+                    .map(|t| t.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            Err(e) => {
+                failed += 1;
+                eprintln!("error: function {:?}: {e}", f.name);
+            }
+        }
+    }
+    if failed > 0 {
+        eprintln!("{failed} function(s) failed to load");
+        return Ok(ExitCode::FAILURE);
+    }
+    println!("ok");
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,947 @@
+//! The gateway's one TOML file: typed, documented, checked.
+//!
+//! Loading happens in two passes, like Vector's config validation:
+//!
+//! 1. **Structure** — the `config` crate reads the TOML file and `EDGEFN_…`
+//!    environment overrides (`EDGEFN_UPSTREAM__PASSWORD=…` sets
+//!    `upstream.password`), and serde maps it onto [`RawConfig`]. Unknown keys
+//!    and wrong types stop here, with the key named.
+//! 2. **Meaning** — small `check_*` functions turn the raw values (human sizes
+//!    like `"64MiB"`, durations like `"250ms"`, URLs, topic filters) into a
+//!    [`Config`], collecting *every* problem so `edgefn check` reports them all
+//!    at once.
+//!
+//! Defaults are named functions so that the documentation of a default and its
+//! value live in one place.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::route::TopicFilter;
+
+/// Everything that can be wrong with a configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read or is not valid TOML, or a key is unknown or
+    /// has the wrong type. The message comes from the TOML/serde layer and
+    /// names the key.
+    #[error("{path}: {message}")]
+    Structure {
+        /// The configuration file.
+        path: PathBuf,
+        /// What is wrong, naming the key.
+        message: String,
+    },
+    /// One or more values are well-formed TOML but do not make sense.
+    #[error("{path}: {} problem(s):\n{}", .problems.len(), Problems(.problems))]
+    Invalid {
+        /// The configuration file.
+        path: PathBuf,
+        /// Every problem found, each naming its key.
+        problems: Vec<Problem>,
+    },
+}
+
+/// One problem with one key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// The key, as a path a user can find in the file, e.g. `functions[0].timeout`.
+    pub key: String,
+    /// What was found and what was expected.
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+struct Problems<'a>(&'a [Problem]);
+
+impl fmt::Display for Problems<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "  - {p}")?;
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Raw structure, exactly as written in the file.
+// ---------------------------------------------------------------------------
+
+/// The file as written; strings for sizes and durations are parsed later.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    gateway: RawGateway,
+    #[serde(default)]
+    local: RawLocal,
+    upstream: Option<RawUpstream>,
+    #[serde(default)]
+    buffer: RawBuffer,
+    #[serde(default)]
+    functions: Vec<RawFunction>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGateway {
+    id: String,
+    data_dir: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLocal {
+    url: Option<String>,
+    embedded: Option<bool>,
+    listen: Option<String>,
+    client_id: Option<String>,
+    username: Option<String>,
+    password: Option<String>,
+    in_flight: Option<i64>,
+    session_expiry: Option<String>,
+    keep_alive: Option<String>,
+    max_message_size: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    url: String,
+    topic_prefix: Option<String>,
+    client_id: Option<String>,
+    username: Option<String>,
+    password: Option<String>,
+    in_flight: Option<i64>,
+    keep_alive: Option<String>,
+    max_message_size: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBuffer {
+    max_size: Option<String>,
+    full_policy: Option<String>,
+    durability: Option<String>,
+    max_batch: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFunction {
+    name: String,
+    module: String,
+    #[serde(default)]
+    triggers: Vec<String>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    memory_limit: Option<String>,
+    timeout: Option<String>,
+    concurrency: Option<i64>,
+    retries: Option<i64>,
+    max_record_size: Option<String>,
+}
+
+// ---------------------------------------------------------------------------
+// Checked configuration.
+// ---------------------------------------------------------------------------
+
+/// A checked configuration: every value parsed and within range.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `[gateway]`
+    pub gateway: GatewayConfig,
+    /// `[local]`: where device messages come from.
+    pub local: LocalConfig,
+    /// `[upstream]`: where emitted records go. `None` keeps everything in the
+    /// buffer (useful on a bench, or before the cloud side exists).
+    pub upstream: Option<UpstreamConfig>,
+    /// `[buffer]`
+    pub buffer: BufferConfig,
+    /// `[[functions]]`
+    pub functions: Vec<FunctionConfig>,
+}
+
+/// `[gateway]`: who this gateway is and where it keeps its data.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// Unique per gateway: part of every record id and of client ids.
+    pub id: String,
+    /// Holds the SQLite database (`edgefn.db`). Relative paths are relative
+    /// to the configuration file.
+    pub data_dir: PathBuf,
+}
+
+/// `[local]`: the broker devices publish to.
+#[derive(Debug, Clone)]
+pub struct LocalConfig {
+    /// An existing broker, or the embedded one.
+    pub source: LocalSource,
+    /// Largest payload accepted from a device; larger messages are refused
+    /// and counted.
+    pub max_message_size: usize,
+}
+
+/// Where device messages come from.
+#[derive(Debug, Clone)]
+pub enum LocalSource {
+    /// An existing broker (Mosquitto) reached as an MQTT 5 client.
+    Broker(BrokerClientConfig),
+    /// The broker built into edgefn, listening on this address.
+    Embedded {
+        /// TCP address devices connect to.
+        listen: SocketAddr,
+    },
+}
+
+/// How edgefn connects, as a client, to a broker.
+#[derive(Debug, Clone)]
+pub struct BrokerClientConfig {
+    /// Host name or address.
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+    /// MQTT client id; it names the persistent session, so it must be stable
+    /// across restarts and unique per broker.
+    pub client_id: String,
+    /// Optional user name.
+    pub username: Option<String>,
+    /// Optional password (set it with `EDGEFN_LOCAL__PASSWORD` or
+    /// `EDGEFN_UPSTREAM__PASSWORD` rather than in the file).
+    pub password: Option<String>,
+    /// Unacknowledged QoS 1 messages allowed in flight (the MQTT 5 Receive
+    /// Maximum for ingest, the publish window for upstream).
+    pub in_flight: u16,
+    /// How long the broker keeps the session (and queues for it) while
+    /// edgefn is disconnected.
+    pub session_expiry: Duration,
+    /// MQTT keep-alive interval.
+    pub keep_alive: Duration,
+}
+
+/// `[upstream]`: the cloud broker records are forwarded to.
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// The connection.
+    pub broker: BrokerClientConfig,
+    /// Prepended to every emitted topic, e.g. `site/pi-01/`.
+    pub topic_prefix: String,
+    /// Largest packet exchanged with the upstream broker.
+    pub max_message_size: usize,
+}
+
+/// What happens when the buffer is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FullPolicy {
+    /// Stop acknowledging devices until the upstream drains the buffer:
+    /// nothing acknowledged is ever dropped (the default).
+    Backpressure,
+    /// Delete the oldest records to make room; every dropped record is
+    /// counted and logged.
+    DropOldest,
+}
+
+/// How hard a commit tries to be on disk before a device is acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// `synchronous = FULL`: every group commit is fsynced; survives power cuts.
+    Full,
+    /// `synchronous = NORMAL`: survives a crash of edgefn, not a power cut;
+    /// fewer flash writes.
+    Relaxed,
+}
+
+/// `[buffer]`: the SQLite outbox.
+#[derive(Debug, Clone)]
+pub struct BufferConfig {
+    /// Bound on the bytes of buffered records (topics + payloads).
+    pub max_size: u64,
+    /// What to do when `max_size` is reached.
+    pub full_policy: FullPolicy,
+    /// fsync policy.
+    pub durability: Durability,
+    /// Most invocation outcomes in one group commit.
+    pub max_batch: usize,
+}
+
+/// `[[functions]]`: one function and its trigger and limits.
+#[derive(Debug, Clone)]
+pub struct FunctionConfig {
+    /// Unique name; shows in logs, metrics and dead letters.
+    pub name: String,
+    /// Path of the `.wasm` module (relative to the configuration file).
+    pub module: PathBuf,
+    /// MQTT topic filters that trigger it.
+    pub triggers: Vec<TopicFilter>,
+    /// Environment variables the guest sees through WASI.
+    pub env: BTreeMap<String, String>,
+    /// Largest linear memory an instance may grow to.
+    pub memory_limit: usize,
+    /// Wall-clock limit of one invocation.
+    pub timeout: Duration,
+    /// Warm instances, i.e. invocations that may run at once.
+    pub concurrency: usize,
+    /// Further attempts, each on a fresh instance, before a message goes to
+    /// the dead letters.
+    pub retries: u32,
+    /// Largest payload of one emitted or published record.
+    pub max_record_size: usize,
+}
+
+/// Default `[gateway] data_dir`.
+fn default_data_dir() -> &'static str {
+    "/var/lib/edgefn"
+}
+/// Default `[local] listen` for the embedded broker: the MQTT port, on all
+/// interfaces, since devices are other machines.
+fn default_listen() -> &'static str {
+    "0.0.0.0:1883"
+}
+/// Default in-flight window towards the local broker. Hundreds, so a stock
+/// Mosquitto (which would otherwise hold an MQTT 3.1.1 client to 20) keeps
+/// edgefn's commits batched; each unacknowledged message costs its size in
+/// memory here.
+fn default_local_in_flight() -> i64 {
+    256
+}
+/// Default in-flight window towards the upstream broker.
+fn default_upstream_in_flight() -> i64 {
+    64
+}
+/// Default session expiry: a broker keeps edgefn's session and queue for a
+/// week of downtime.
+fn default_session_expiry() -> &'static str {
+    "7d"
+}
+/// Default keep-alive.
+fn default_keep_alive() -> &'static str {
+    "30s"
+}
+/// Default largest device message.
+fn default_max_message_size() -> &'static str {
+    "256KiB"
+}
+/// Default buffer bound.
+fn default_buffer_size() -> &'static str {
+    "256MiB"
+}
+/// Default invocations per group commit.
+fn default_max_batch() -> i64 {
+    512
+}
+/// Default memory per instance.
+fn default_memory_limit() -> &'static str {
+    "16MiB"
+}
+/// Default invocation timeout.
+fn default_timeout() -> &'static str {
+    "1s"
+}
+/// Default largest emitted record.
+fn default_max_record_size() -> &'static str {
+    "256KiB"
+}
+
+/// Smallest memory limit accepted: one 64 KiB wasm page is too little for any
+/// real guest, and a typo like `"16KiB"` should be caught.
+const MIN_MEMORY_LIMIT: u64 = 128 * 1024;
+
+impl Config {
+    /// Reads, checks and returns the configuration in `path`.
+    ///
+    /// Fails with [`ConfigError::Structure`] on unreadable or malformed files
+    /// and unknown keys, and with [`ConfigError::Invalid`] listing every
+    /// semantic problem otherwise. Module files are not opened here; see
+    /// `edgefn check`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let raw = Self::load_raw(path)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::from_raw(raw, base).map_err(|problems| ConfigError::Invalid {
+            path: path.to_owned(),
+            problems,
+        })
+    }
+
+    fn load_raw(path: &Path) -> Result<RawConfig, ConfigError> {
+        let structure = |message: String| ConfigError::Structure {
+            path: path.to_owned(),
+            message,
+        };
+        if !path.is_file() {
+            return Err(structure("no such file".into()));
+        }
+        // Only variables that name a section (`EDGEFN_SECTION__KEY`) are
+        // overrides; `EDGEFN_LOG` and friends are not configuration.
+        let overrides: config::Map<String, String> = std::env::vars()
+            .filter(|(k, _)| {
+                k.strip_prefix("EDGEFN_")
+                    .is_some_and(|rest| rest.contains("__"))
+            })
+            .collect();
+        let built = config::Config::builder()
+            .add_source(config::File::from(path).format(config::FileFormat::Toml))
+            .add_source(
+                config::Environment::with_prefix("EDGEFN")
+                    .prefix_separator("_")
+                    .separator("__")
+                    .try_parsing(true)
+                    .source(Some(overrides)),
+            )
+            .build()
+            .map_err(|e| structure(e.to_string()))?;
+        built
+            .try_deserialize::<RawConfig>()
+            .map_err(|e| structure(e.to_string()))
+    }
+
+    /// Checks raw values, collecting every problem. Relative paths are
+    /// resolved against `base` (the configuration file's directory).
+    pub fn from_raw(raw: RawConfig, base: &Path) -> Result<Config, Vec<Problem>> {
+        let mut p = Checker::default();
+
+        let id = raw.gateway.id.trim().to_owned();
+        if id.is_empty() || id.contains(['/', '+', '#', ' ']) {
+            p.push(
+                "gateway.id",
+                format!("{id:?} must be non-empty, without spaces, '/', '+' or '#'"),
+            );
+        }
+        let data_dir = base.join(
+            raw.gateway
+                .data_dir
+                .as_deref()
+                .unwrap_or(default_data_dir()),
+        );
+
+        let local = check_local(&mut p, raw.local, &id);
+        let upstream = raw.upstream.map(|u| check_upstream(&mut p, u, &id));
+        let buffer = check_buffer(&mut p, raw.buffer);
+
+        let mut names = BTreeSet::new();
+        let mut functions = Vec::new();
+        for (i, f) in raw.functions.into_iter().enumerate() {
+            let key = format!("functions[{i}]");
+            if !names.insert(f.name.clone()) {
+                p.push(
+                    format!("{key}.name"),
+                    format!("{:?} is used by another function", f.name),
+                );
+            }
+            functions.push(check_function(&mut p, &key, f, base));
+        }
+        if functions.is_empty() {
+            p.push("functions", "at least one [[functions]] table is needed");
+        }
+
+        if !p.problems.is_empty() {
+            return Err(p.problems);
+        }
+        Ok(Config {
+            gateway: GatewayConfig { id, data_dir },
+            local: local.expect("checked"),
+            upstream: upstream.map(|u| u.expect("checked")),
+            buffer,
+            functions,
+        })
+    }
+}
+
+/// Collects problems while the check goes on.
+#[derive(Default)]
+struct Checker {
+    problems: Vec<Problem>,
+}
+
+impl Checker {
+    fn push(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.problems.push(Problem {
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+
+    /// Parses a human size like `"64MiB"`; on error records it and returns
+    /// the (valid) default instead so checking can go on.
+    fn size(&mut self, key: &str, value: Option<&str>, default: &str) -> u64 {
+        let text = value.unwrap_or(default);
+        match text.parse::<bytesize::ByteSize>() {
+            Ok(b) if b.as_u64() > 0 => b.as_u64(),
+            _ => {
+                self.push(
+                    key,
+                    format!("{text:?} is not a size; expected e.g. \"64MiB\", \"512KiB\""),
+                );
+                default
+                    .parse::<bytesize::ByteSize>()
+                    .map_or(0, |b| b.as_u64())
+            }
+        }
+    }
+
+    /// Parses a human duration like `"250ms"`.
+    fn duration(&mut self, key: &str, value: Option<&str>, default: &str) -> Duration {
+        let text = value.unwrap_or(default);
+        match humantime::parse_duration(text) {
+            Ok(d) if !d.is_zero() => d,
+            _ => {
+                self.push(
+                    key,
+                    format!("{text:?} is not a duration; expected e.g. \"250ms\", \"30s\", \"1h\""),
+                );
+                humantime::parse_duration(default).unwrap_or(Duration::from_secs(1))
+            }
+        }
+    }
+
+    /// Checks an integer is within `range`.
+    fn int(&mut self, key: &str, value: Option<i64>, default: i64, range: (i64, i64)) -> i64 {
+        let v = value.unwrap_or(default);
+        if v < range.0 || v > range.1 {
+            self.push(
+                key,
+                format!("{v} is out of range; expected {} to {}", range.0, range.1),
+            );
+            return default;
+        }
+        v
+    }
+}
+
+/// Parses `mqtt://host:port`.
+fn parse_mqtt_url(p: &mut Checker, key: &str, url: &str) -> Option<(String, u16)> {
+    let Some(rest) = url.strip_prefix("mqtt://") else {
+        p.push(
+            key,
+            format!("{url:?} is not supported; expected \"mqtt://HOST:PORT\""),
+        );
+        return None;
+    };
+    let rest = rest.trim_end_matches('/');
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, port)) => match port.parse::<u16>() {
+            Ok(port) if port > 0 => (h, port),
+            _ => {
+                p.push(key, format!("{url:?} has an invalid port {port:?}"));
+                return None;
+            }
+        },
+        None => (rest, 1883),
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        p.push(key, format!("{url:?} has no host"));
+        return None;
+    }
+    Some((host.to_owned(), port))
+}
+
+fn check_local(p: &mut Checker, raw: RawLocal, id: &str) -> Option<LocalConfig> {
+    let max_message_size = p.size(
+        "local.max_message_size",
+        raw.max_message_size.as_deref(),
+        default_max_message_size(),
+    ) as usize;
+    let in_flight = p.int(
+        "local.in_flight",
+        raw.in_flight,
+        default_local_in_flight(),
+        (1, 65535),
+    ) as u16;
+    let session_expiry = p.duration(
+        "local.session_expiry",
+        raw.session_expiry.as_deref(),
+        default_session_expiry(),
+    );
+    if session_expiry.as_secs() > u64::from(u32::MAX) {
+        p.push(
+            "local.session_expiry",
+            "is longer than MQTT allows (about 136 years)",
+        );
+    }
+    let keep_alive = p.duration(
+        "local.keep_alive",
+        raw.keep_alive.as_deref(),
+        default_keep_alive(),
+    );
+    let embedded = raw.embedded.unwrap_or(false);
+    let source = if embedded {
+        if raw.url.is_some() {
+            p.push(
+                "local.url",
+                "cannot be set together with embedded = true: choose one",
+            );
+        }
+        if !cfg!(feature = "embedded-broker") {
+            p.push(
+                "local.embedded",
+                "this edgefn was built without the `embedded-broker` feature",
+            );
+        }
+        let listen = raw.listen.as_deref().unwrap_or(default_listen());
+        match listen.parse::<SocketAddr>() {
+            Ok(listen) => Some(LocalSource::Embedded { listen }),
+            Err(_) => {
+                p.push(
+                    "local.listen",
+                    format!("{listen:?} is not an address; expected e.g. \"0.0.0.0:1883\""),
+                );
+                None
+            }
+        }
+    } else {
+        if raw.listen.is_some() {
+            p.push("local.listen", "is only used with embedded = true");
+        }
+        let Some(url) = raw.url.as_deref() else {
+            p.push(
+                "local.url",
+                "is missing; set url = \"mqtt://HOST:PORT\" or embedded = true",
+            );
+            return None;
+        };
+        let (host, port) = parse_mqtt_url(p, "local.url", url)?;
+        Some(LocalSource::Broker(BrokerClientConfig {
+            host,
+            port,
+            client_id: raw.client_id.unwrap_or_else(|| format!("edgefn-{id}")),
+            username: raw.username,
+            password: raw.password,
+            in_flight,
+            session_expiry,
+            keep_alive,
+        }))
+    };
+    Some(LocalConfig {
+        source: source?,
+        max_message_size,
+    })
+}
+
+fn check_upstream(p: &mut Checker, raw: RawUpstream, id: &str) -> Option<UpstreamConfig> {
+    let in_flight = p.int(
+        "upstream.in_flight",
+        raw.in_flight,
+        default_upstream_in_flight(),
+        (1, 65535),
+    ) as u16;
+    let keep_alive = p.duration(
+        "upstream.keep_alive",
+        raw.keep_alive.as_deref(),
+        default_keep_alive(),
+    );
+    let max_message_size = p.size(
+        "upstream.max_message_size",
+        raw.max_message_size.as_deref(),
+        default_max_message_size(),
+    ) as usize;
+    let topic_prefix = raw.topic_prefix.unwrap_or_default();
+    if topic_prefix.contains(['+', '#', '\0']) {
+        p.push(
+            "upstream.topic_prefix",
+            format!("{topic_prefix:?} must not contain '+', '#' or NUL"),
+        );
+    }
+    let (host, port) = parse_mqtt_url(p, "upstream.url", &raw.url)?;
+    Some(UpstreamConfig {
+        broker: BrokerClientConfig {
+            host,
+            port,
+            client_id: raw
+                .client_id
+                .unwrap_or_else(|| format!("edgefn-{id}-upstream")),
+            username: raw.username,
+            password: raw.password,
+            in_flight,
+            session_expiry: Duration::from_secs(0),
+            keep_alive,
+        },
+        topic_prefix,
+        max_message_size,
+    })
+}
+
+fn check_buffer(p: &mut Checker, raw: RawBuffer) -> BufferConfig {
+    let max_size = p.size(
+        "buffer.max_size",
+        raw.max_size.as_deref(),
+        default_buffer_size(),
+    );
+    let full_policy = match raw.full_policy.as_deref().unwrap_or("backpressure") {
+        "backpressure" => FullPolicy::Backpressure,
+        "drop_oldest" => FullPolicy::DropOldest,
+        other => {
+            p.push(
+                "buffer.full_policy",
+                format!("{other:?} is not a policy; expected \"backpressure\" or \"drop_oldest\""),
+            );
+            FullPolicy::Backpressure
+        }
+    };
+    let durability = match raw.durability.as_deref().unwrap_or("full") {
+        "full" => Durability::Full,
+        "relaxed" => Durability::Relaxed,
+        other => {
+            p.push(
+                "buffer.durability",
+                format!("{other:?} is not a durability; expected \"full\" or \"relaxed\""),
+            );
+            Durability::Full
+        }
+    };
+    let max_batch = p.int(
+        "buffer.max_batch",
+        raw.max_batch,
+        default_max_batch(),
+        (1, 100_000),
+    ) as usize;
+    BufferConfig {
+        max_size,
+        full_policy,
+        durability,
+        max_batch,
+    }
+}
+
+fn check_function(p: &mut Checker, key: &str, raw: RawFunction, base: &Path) -> FunctionConfig {
+    if raw.name.is_empty()
+        || !raw
+            .name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        p.push(
+            format!("{key}.name"),
+            format!(
+                "{:?} must be non-empty letters, digits, '-' or '_'",
+                raw.name
+            ),
+        );
+    }
+    if raw.triggers.is_empty() {
+        p.push(
+            format!("{key}.triggers"),
+            "needs at least one MQTT topic filter, e.g. [\"sensors/+/temperature\"]",
+        );
+    }
+    let mut triggers = Vec::new();
+    for (j, t) in raw.triggers.iter().enumerate() {
+        match TopicFilter::new(t) {
+            Ok(f) => triggers.push(f),
+            Err(e) => p.push(format!("{key}.triggers[{j}]"), format!("{t:?}: {e}")),
+        }
+    }
+    for k in raw.env.keys() {
+        if k.is_empty() || k.contains(['=', '\0']) {
+            p.push(
+                format!("{key}.env"),
+                format!("{k:?} is not a valid variable name"),
+            );
+        }
+    }
+    let memory_limit = p.size(
+        &format!("{key}.memory_limit"),
+        raw.memory_limit.as_deref(),
+        default_memory_limit(),
+    );
+    if memory_limit < MIN_MEMORY_LIMIT {
+        p.push(
+            format!("{key}.memory_limit"),
+            format!("{memory_limit} bytes is too small; expected at least 128KiB"),
+        );
+    }
+    let timeout = p.duration(
+        &format!("{key}.timeout"),
+        raw.timeout.as_deref(),
+        default_timeout(),
+    );
+    let concurrency = p.int(&format!("{key}.concurrency"), raw.concurrency, 1, (1, 64)) as usize;
+    let retries = p.int(&format!("{key}.retries"), raw.retries, 0, (0, 10)) as u32;
+    let max_record_size = p.size(
+        &format!("{key}.max_record_size"),
+        raw.max_record_size.as_deref(),
+        default_max_record_size(),
+    ) as usize;
+    FunctionConfig {
+        name: raw.name,
+        module: base.join(raw.module),
+        triggers,
+        env: raw.env,
+        memory_limit: memory_limit as usize,
+        timeout,
+        concurrency,
+        retries,
+        max_record_size,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, text: &str) -> PathBuf {
+        let path = dir.join("edgefn.toml");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    const EXAMPLE: &str = r#"
+[gateway]
+id = "pi-01"
+data_dir = "/var/lib/edgefn"
+
+[local]
+url = "mqtt://127.0.0.1:1883"
+
+[upstream]
+url = "mqtt://127.0.0.1:1884"
+topic_prefix = "site/pi-01/"
+
+[buffer]
+max_size = "256MiB"
+
+[[functions]]
+name = "clean-temperature"
+module = "functions/dist/clean_temperature.wasm"
+triggers = ["sensors/+/temperature"]
+env = { UNIT = "F" }
+memory_limit = "16MiB"
+timeout = "100ms"
+concurrency = 2
+"#;
+
+    #[test]
+    fn the_readme_example_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Config::load(&write(dir.path(), EXAMPLE)).unwrap();
+        assert_eq!(c.gateway.id, "pi-01");
+        assert_eq!(c.gateway.data_dir, PathBuf::from("/var/lib/edgefn"));
+        let LocalSource::Broker(b) = &c.local.source else {
+            panic!("expected an external broker")
+        };
+        assert_eq!((b.host.as_str(), b.port), ("127.0.0.1", 1883));
+        assert_eq!(b.client_id, "edgefn-pi-01");
+        let up = c.upstream.unwrap();
+        assert_eq!(up.broker.port, 1884);
+        assert_eq!(up.topic_prefix, "site/pi-01/");
+        assert_eq!(c.buffer.max_size, 256 * 1024 * 1024);
+        let f = &c.functions[0];
+        assert_eq!(f.memory_limit, 16 * 1024 * 1024);
+        assert_eq!(f.timeout, Duration::from_millis(100));
+        assert_eq!(f.concurrency, 2);
+        assert_eq!(f.env.get("UNIT").map(String::as_str), Some("F"));
+        assert_eq!(
+            f.module,
+            dir.path().join("functions/dist/clean_temperature.wasm")
+        );
+    }
+
+    #[test]
+    fn an_unknown_key_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = EXAMPLE.replace("max_size = \"256MiB\"", "max_sise = \"256MiB\"");
+        let err = Config::load(&write(dir.path(), &text)).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("max_sise"), "{msg}");
+    }
+
+    #[test]
+    fn malformed_toml_is_reported_with_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), "[gateway\nid = 1");
+        let msg = Config::load(&path).unwrap_err().to_string();
+        assert!(msg.contains("edgefn.toml"), "{msg}");
+    }
+
+    #[test]
+    fn every_semantic_problem_is_reported_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = EXAMPLE
+            .replace("\"100ms\"", "\"soon\"")
+            .replace("\"16MiB\"", "\"lots\"")
+            .replace("sensors/+/temperature", "sensors/#/temperature")
+            .replace("concurrency = 2", "concurrency = 0")
+            .replace(
+                "max_size = \"256MiB\"",
+                "max_size = \"256MiB\"\nfull_policy = \"panic\"",
+            );
+        let Err(ConfigError::Invalid { problems, .. }) = Config::load(&write(dir.path(), &text))
+        else {
+            panic!("expected semantic problems")
+        };
+        let keys: Vec<_> = problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "buffer.full_policy",
+                "functions[0].triggers[0]",
+                "functions[0].memory_limit",
+                "functions[0].timeout",
+                "functions[0].concurrency",
+            ]
+        );
+        assert!(problems[3].message.contains("\"soon\""));
+    }
+
+    #[test]
+    fn embedded_broker_and_url_are_exclusive() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = EXAMPLE.replace(
+            "url = \"mqtt://127.0.0.1:1883\"",
+            "url = \"mqtt://127.0.0.1:1883\"\nembedded = true",
+        );
+        let msg = Config::load(&write(dir.path(), &text))
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("local.url"), "{msg}");
+    }
+
+    #[test]
+    fn environment_overrides_name_a_section() {
+        // Both variables are read by this test only.
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), EXAMPLE);
+        // SAFETY: tests in this module do not read these variables concurrently.
+        unsafe {
+            std::env::set_var("EDGEFN_UPSTREAM__PASSWORD", "s3cret");
+            std::env::set_var("EDGEFN_UNRELATED", "1");
+        }
+        let c = Config::load(&path).unwrap();
+        unsafe {
+            std::env::remove_var("EDGEFN_UPSTREAM__PASSWORD");
+            std::env::remove_var("EDGEFN_UNRELATED");
+        }
+        assert_eq!(
+            c.upstream.unwrap().broker.password.as_deref(),
+            Some("s3cret")
+        );
+    }
+
+    #[test]
+    fn urls_are_parsed() {
+        let mut p = Checker::default();
+        assert_eq!(
+            parse_mqtt_url(&mut p, "k", "mqtt://broker.local"),
+            Some(("broker.local".into(), 1883))
+        );
+        assert_eq!(
+            parse_mqtt_url(&mut p, "k", "mqtt://[::1]:1884"),
+            Some(("::1".into(), 1884))
+        );
+        assert!(p.problems.is_empty());
+        assert_eq!(parse_mqtt_url(&mut p, "k", "http://x:1"), None);
+        assert_eq!(parse_mqtt_url(&mut p, "k", "mqtt://x:0"), None);
+        assert_eq!(p.problems.len(), 2);
+    }
+}

@@ -1,0 +1,307 @@
+//! Forward: the outbox, in order, to the upstream broker; delete on PUBACK.
+//!
+//! SQLite is the source of truth. rumqttc's `publish()` returning Ok only
+//! means *queued*; the packet id appears later as
+//! `Event::Outgoing(Outgoing::Publish(pkid))` and the broker's answer as
+//! `Incoming(PubAck(pkid))`. So the forwarder:
+//!
+//! - publishes records in `seq` order at QoS 1 with at most `in_flight`
+//!   awaiting their PUBACK, each with the MQTT 5 user property
+//!   `edgefn-id = <gateway id>:<seq>` so the cloud side can drop duplicates;
+//! - learns each record's packet id from the `Outgoing::Publish` events,
+//!   which come in the order the publishes were queued, and keeps the
+//!   `pkid → record` map for the current connection only;
+//! - deletes a record only after its PUBACK (in batches);
+//! - builds a fresh client for every connection and, after every CONNACK,
+//!   publishes again every record still in the outbox, from the oldest.
+//!   Records sent before but not acknowledged are counted as `resent`
+//!   (possible duplicates upstream);
+//! - moves a record the broker refuses (an error reason code in the
+//!   PUBACK, e.g. not authorised) to the dead letters rather than retrying
+//!   it forever or dropping it silently.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rumqttc::Outgoing;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason, PublishProperties};
+use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use tokio::sync::{Notify, watch};
+
+use crate::config::UpstreamConfig;
+use crate::ingest::Backoff;
+use crate::metrics::Metrics;
+use crate::store::{Reader, Record};
+
+/// Acknowledged records are deleted once this many have gathered, or at
+/// the next [`FLUSH_INTERVAL`] tick, whichever comes first: one delete
+/// transaction per batch instead of per record saves flash writes.
+const DELETE_BATCH: usize = 256;
+
+/// How often acknowledged records are deleted when fewer than
+/// [`DELETE_BATCH`] gathered, and how often the outbox is polled as a
+/// fallback to the commit notification.
+const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
+
+/// The MQTT 5 user property carrying a record's stable id.
+pub const ID_PROPERTY: &str = "edgefn-id";
+
+/// A published record awaiting its PUBACK.
+#[derive(Debug, Clone, Copy)]
+struct InFlight {
+    /// Outbox position.
+    seq: i64,
+    /// Bytes it counts against the buffer.
+    size: u64,
+}
+
+/// The forwarding task.
+pub struct Forwarder {
+    /// Upstream broker and prefix.
+    pub config: UpstreamConfig,
+    /// For record ids.
+    pub gateway_id: String,
+    /// The outbox (blocking calls run on the blocking pool).
+    pub reader: Arc<Mutex<Reader>>,
+    /// Woken after commits that added records.
+    pub committed: Arc<Notify>,
+    /// Gateway counters.
+    pub metrics: Arc<Metrics>,
+}
+
+/// Per-connection state.
+struct Connection {
+    /// The connection's client.
+    client: AsyncClient,
+    /// Published, packet id not yet known (in publish order).
+    unnumbered: VecDeque<InFlight>,
+    /// Packet id → record, this connection only.
+    by_pkid: HashMap<u16, InFlight>,
+    /// Highest seq published on this connection.
+    cursor: i64,
+    /// Whether CONNACK arrived.
+    connected: bool,
+}
+
+impl Connection {
+    fn in_flight(&self) -> usize {
+        self.unnumbered.len() + self.by_pkid.len()
+    }
+}
+
+impl Forwarder {
+    fn options(&self) -> MqttOptions {
+        let b = &self.config.broker;
+        let mut o = MqttOptions::new(&b.client_id, &b.host, b.port);
+        // The outbox, not the broker session, holds what is unacknowledged.
+        o.set_clean_start(true)
+            .set_keep_alive(b.keep_alive)
+            .set_max_packet_size(Some(self.config.max_message_size as u32 + 64 * 1024))
+            .set_outgoing_inflight_upper_limit(b.in_flight);
+        if let Some(user) = &b.username {
+            o.set_credentials(user, b.password.clone().unwrap_or_default());
+        }
+        o
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Reader) -> T + Send + 'static,
+    ) -> T {
+        let reader = self.reader.clone();
+        tokio::task::spawn_blocking(move || f(&mut reader.lock().expect("reader lock")))
+            .await
+            .expect("store task panicked")
+    }
+
+    /// Runs until `shutdown` turns true.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
+        let mut acked: Vec<(i64, u64)> = Vec::new();
+        // Highest seq ever handed to a client: records at or below it that
+        // are sent again may be duplicates upstream.
+        let mut sent_before: i64 = 0;
+        let mut tick = tokio::time::interval(FLUSH_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let window = usize::from(self.config.broker.in_flight);
+        loop {
+            if *shutdown.borrow() {
+                self.flush(&mut acked).await;
+                return;
+            }
+            let (client, mut events) = AsyncClient::new(self.options(), window + 16);
+            let mut conn = Connection {
+                client,
+                unnumbered: VecDeque::new(),
+                by_pkid: HashMap::new(),
+                cursor: 0,
+                connected: false,
+            };
+            let lost = loop {
+                tokio::select! {
+                    _ = crate::ingest::stopped(&mut shutdown) => {
+                        self.flush(&mut acked).await;
+                        let _ = conn.client.try_disconnect();
+                        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                            while events.poll().await.is_ok() {}
+                        }).await;
+                        return;
+                    }
+                    _ = self.committed.notified(), if conn.connected => {
+                        self.fill(&mut conn, window, &mut sent_before).await;
+                    }
+                    _ = tick.tick() => {
+                        self.flush(&mut acked).await;
+                        if conn.connected {
+                            self.fill(&mut conn, window, &mut sent_before).await;
+                        }
+                    }
+                    event = events.poll() => match event {
+                        Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                            backoff.reset();
+                            Metrics::add(&self.metrics.upstream_connects, 1);
+                            tracing::info!(
+                                host = %self.config.broker.host,
+                                port = self.config.broker.port,
+                                "connected upstream"
+                            );
+                            // Delete what was acknowledged before
+                            // republishing from the oldest record.
+                            self.flush(&mut acked).await;
+                            conn.connected = true;
+                            self.fill(&mut conn, window, &mut sent_before).await;
+                        }
+                        Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                            if let Some(r) = conn.unnumbered.pop_front() {
+                                conn.by_pkid.insert(pkid, r);
+                            }
+                        }
+                        Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                            if let Some(r) = conn.by_pkid.remove(&ack.pkid) {
+                                match ack.reason {
+                                    PubAckReason::Success | PubAckReason::NoMatchingSubscribers => {
+                                        acked.push((r.seq, r.size));
+                                    }
+                                    reason => self.reject(r, reason).await,
+                                }
+                            }
+                            if acked.len() >= DELETE_BATCH {
+                                self.flush(&mut acked).await;
+                            }
+                            self.fill(&mut conn, window, &mut sent_before).await;
+                        }
+                        Ok(Event::Incoming(Packet::Disconnect(d))) => {
+                            tracing::warn!(reason = ?d.reason_code, "the upstream broker disconnected us");
+                        }
+                        Ok(_) => {}
+                        Err(e) => break e,
+                    }
+                }
+            };
+            let delay = backoff.next_delay();
+            tracing::warn!(error = %lost, retry_in = ?delay, pending = conn.in_flight(), "upstream connection lost");
+            drop(conn);
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = crate::ingest::stopped(&mut shutdown) => {}
+            }
+        }
+    }
+
+    /// Publishes records after the cursor until the window is full.
+    async fn fill(&self, conn: &mut Connection, window: usize, sent_before: &mut i64) {
+        loop {
+            let room = window.saturating_sub(conn.in_flight());
+            if room == 0 {
+                return;
+            }
+            let after = conn.cursor;
+            let records = match self.blocking(move |r| r.after(after, room)).await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read the outbox");
+                    return;
+                }
+            };
+            if records.is_empty() {
+                return;
+            }
+            for r in records {
+                if !self.publish(conn, &r) {
+                    return;
+                }
+                if r.seq <= *sent_before {
+                    Metrics::add(&self.metrics.resent, 1);
+                }
+                *sent_before = (*sent_before).max(r.seq);
+            }
+        }
+    }
+
+    fn publish(&self, conn: &mut Connection, r: &Record) -> bool {
+        let topic = format!("{}{}", self.config.topic_prefix, r.topic);
+        let props = PublishProperties {
+            user_properties: vec![(
+                ID_PROPERTY.to_owned(),
+                format!("{}:{}", self.gateway_id, r.seq),
+            )],
+            ..Default::default()
+        };
+        match conn.client.try_publish_with_properties(
+            topic,
+            QoS::AtLeastOnce,
+            false,
+            r.payload.clone(),
+            props,
+        ) {
+            Ok(()) => {
+                conn.unnumbered.push_back(InFlight {
+                    seq: r.seq,
+                    size: r.size(),
+                });
+                conn.cursor = r.seq;
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, seq = r.seq, "could not queue a record upstream");
+                false
+            }
+        }
+    }
+
+    async fn flush(&self, acked: &mut Vec<(i64, u64)>) {
+        if acked.is_empty() {
+            return;
+        }
+        let batch = std::mem::take(acked);
+        let n = batch.len() as u64;
+        match self
+            .blocking(move |r| r.delete(&batch).map(|_| batch))
+            .await
+        {
+            Ok(_) => Metrics::add(&self.metrics.forwarded, n),
+            Err(e) => {
+                // Left in the outbox: sent again later, a counted duplicate.
+                tracing::error!(error = %e, "cannot delete acknowledged records");
+            }
+        }
+    }
+
+    async fn reject(&self, r: InFlight, reason: PubAckReason) {
+        Metrics::add(&self.metrics.upstream_rejected, 1);
+        tracing::error!(
+            seq = r.seq,
+            ?reason,
+            "the upstream broker refused a record; moved to the dead letters"
+        );
+        let why = format!("upstream refused: {reason:?}");
+        if let Err(e) = self
+            .blocking(move |rd| rd.reject(r.seq, r.size, &why))
+            .await
+        {
+            tracing::error!(error = %e, seq = r.seq, "cannot move a refused record to the dead letters");
+        }
+    }
+}

@@ -1,0 +1,929 @@
+//! Ingest source [B]: an MQTT broker (rmqtt 0.24, library mode) inside the edgefn process.
+//!
+//! Devices connect to this broker instead of an external Mosquitto. Every PUBLISH whose topic
+//! matches a function's trigger becomes a [`Delivery`], and the device's acknowledgement
+//! (PUBACK for QoS 1, PUBREC for QoS 2) is sent only after the pipeline committed the
+//! message's outcome. Messages on other topics are routed to subscribers as by any broker.
+//!
+//! # How the acknowledgement waits for the commit
+//!
+//! References are to the rmqtt-0.24.0 crate (`~/.cargo/registry/src/*/rmqtt-0.24.0`).
+//!
+//! * A connection's packets are handled one at a time, inline in the session's event loop:
+//!   `SessionState::run_loop` awaits `process_mqtt_message` inside the `sink.recv()` arm of its
+//!   `select!` (src/session.rs:392-403), so nothing else happens on that connection, reading
+//!   included, until a PUBLISH has been dealt with.
+//! * `SessionState::process_publish` (src/session.rs:946-1016), QoS 1 branch: it awaits
+//!   `self.publish(publish)` (l. 973) and only then calls `sink.send_publish_ack` (l. 979). If
+//!   `publish` returns `Err`, the `?` at l. 977 leaves the function before the PUBACK: the error
+//!   ends `run_loop`, `run` closes the socket (l. 207-215) and, for MQTT 5, sends a DISCONNECT
+//!   (l. 266-277). QoS 2 is the same with PUBREC (l. 1002-1009).
+//! * `SessionState::_publish` (src/session.rs:1046-1117) resolves an MQTT 5 topic alias
+//!   (l. 1047-1051), runs the `MessagePublish` hook (l. 1061), then the `MessagePublishCheckAcl`
+//!   hook (l. 1064), then forwards to subscribers (l. 1114).
+//! * The `MessagePublish` hook cannot refuse a message: its result only *replaces* it
+//!   (`.unwrap_or(publish)`, l. 1061; `DefaultHookManager::message_publish`, src/hook.rs:794-801).
+//!   The ACL hook can: a rejected `PublishAclResult` whose `PublishResult::disconnect` is true
+//!   makes `_publish` return `Err(MqttError::PublishAckReason)` (src/session.rs:1066-1084).
+//!   A rejection with `disconnect = false` would NOT do: `publish` turns it into `Ok` (l. 1038)
+//!   and for MQTT 3.1.1 `Sink::send_publish_ack` sends an ordinary PUBACK, which carries no
+//!   reason code (src/types.rs:1484-1486).
+//!
+//! So edgefn's hook is registered on [`Type::MessagePublishCheckAcl`]. For a matching topic it
+//! sends the [`Delivery`] into `deliveries` (awaiting capacity: backpressure to the device) and
+//! awaits the [`crate::ingest::AckWaiter`]:
+//! * committed: it returns `(true, acc)`, i.e. "proceed, no verdict"; with no other handler,
+//!   `DefaultHook::message_publish_check_acl` then allows the message (src/hook.rs:968-972),
+//!   rmqtt forwards it to local subscribers and sends the PUBACK;
+//! * dropped uncommitted, pipeline closed, or broker shutting down: for QoS 1/2 it returns
+//!   `(false, PublishAclResult(ImplementationSpecificError, disconnect = true))`. The chain stops
+//!   (src/hook.rs:664-680), the connection is closed without PUBACK/PUBREC, the device resends
+//!   on reconnect. An MQTT 5 device gets DISCONNECT 0x83 Implementation Specific Error
+//!   (src/types.rs:2585 and rmqtt-net-0.5.0/src/error.rs:74). For QoS 0 there is no
+//!   acknowledgement to withhold: the message is routed normally and the loss logged.
+//!
+//! The ACL hook is skipped for superuser sessions (src/hook.rs:960-962); with anonymous access
+//! and no authentication handler no session is a superuser (src/hook.rs:726-728).
+//!
+//! # Behaviour that follows
+//!
+//! * One connection's publishes are processed strictly in order and one at a time: a device's
+//!   rate is bounded by the commit latency (one commit per message per connection); different
+//!   connections proceed concurrently. A device that pipelines QoS 1 publishes simply waits:
+//!   the unread packets stay in the socket buffer.
+//! * While a hook waits, that connection answers nothing (no PINGRESP, no delivery of messages
+//!   it subscribed to). A commit stall longer than the device's keepalive makes the device (or,
+//!   after 1.5 × keepalive, rmqtt: src/fitter.rs:127-163, src/session.rs:355-357) drop the
+//!   connection; the device resends on reconnect. A reconnect with the same client id waits up
+//!   to 5 s for the stuck session to acknowledge its kick (src/shared.rs:466-524).
+//! * Last wills whose topic matches a trigger are delivered too (they pass the `MessagePublish`
+//!   hook only: src/session.rs:884-924); nobody waits for their commit.
+//! * Messages published by edgefn itself ([`EmbeddedBroker::publish`]) go through
+//!   `SessionState::forwards` (src/session.rs:1770-1865), which runs no publish hook, so they
+//!   never wait on the pipeline. If their topic matches a trigger (chaining) they are handed to
+//!   a bounded relay queue and from there into `deliveries`; `publish` never awaits the
+//!   pipeline, so a function's publish cannot deadlock against its own stage. When the relay
+//!   queue is full the chained copy is dropped, counted and logged (local subscribers still
+//!   receive the message).
+//! * Shutdown is two-phase (see [`EmbeddedBroker::shutdown`]): nothing new enters the pipeline,
+//!   what it already holds gets a grace period to be committed and acknowledged, then the
+//!   remaining waits are refused and every session is kicked.
+//! * rmqtt core keeps everything in memory: sessions, subscriptions and messages queued for
+//!   devices are lost when edgefn restarts. Retained messages are not supported: without
+//!   rmqtt's `retain` feature and a storage behind it nothing is stored (its
+//!   `DefaultRetainStorage` is a stub, src/retain.rs:103-105 and 304-321), and an MQTT 5 client
+//!   whose will is retained is refused (src/v5.rs:248-263).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::num::{NonZeroU16, NonZeroU32};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use rmqtt::codec::v5::{PublishAckReason, PublishProperties};
+use rmqtt::context::ServerContext;
+use rmqtt::hook::{Handler, HookResult, Parameter, ReturnType, Type};
+use rmqtt::net::Builder;
+use rmqtt::server::MqttServer;
+use rmqtt::session::SessionState;
+use rmqtt::shared::Entry;
+use rmqtt::types::{
+    ClientId, CodecPublish, From as MsgFrom, FromType, Id, ListenerId, Publish, PublishAclResult,
+    PublishResult, QoS, Reason,
+};
+use tokio::sync::{mpsc, watch};
+use tokio::task::{JoinHandle, JoinSet};
+use tracing::{debug, info, warn};
+
+use crate::ingest::{Ack, Delivery};
+use crate::route::Router;
+
+/// Name of the listener, shown in rmqtt's own log lines.
+const LISTENER_NAME: &str = "edgefn/tcp";
+
+/// Key of our only listener in rmqtt's `listen_cfgs`. `MqttServerBuilder::listener` would use the
+/// port, which is 0 when the caller asks for a free port (and rmqtt then logs a warning,
+/// src/server.rs:118-126), so the id is set explicitly with `listener_by_id`.
+const LISTENER_ID: ListenerId = 1;
+
+/// Client id under which edgefn's own publishes enter the broker. It only matters to MQTT 5
+/// subscribers with "no local" set, who would not receive messages from a client of the same id.
+const EDGEFN_CLIENT_ID: &str = "$edgefn";
+
+/// Bytes a PUBLISH needs besides its payload, so that a payload of exactly
+/// `max_message_size` is accepted whatever its topic: the longest topic MQTT allows (65,535
+/// bytes plus its 2-byte length), the packet id (2) and room for MQTT 5 properties (4 KiB).
+/// rmqtt compares the limit with the packet's remaining length, without the fixed header
+/// (rmqtt-codec-0.3.1/src/v3/codec.rs:67-71, src/v5/codec.rs:140-148).
+const PACKET_OVERHEAD: usize = 2 + 65_535 + 2 + 4096;
+
+/// The largest remaining length MQTT can encode (256 MiB - 1).
+const MQTT_MAX_PACKET: usize = 268_435_455;
+
+/// Upper bound on sessions (connected plus persistent offline ones). rmqtt's default is
+/// unlimited (context.rs:134); each session holds queues in memory, so a Pi needs a bound.
+/// Beyond it new clients are refused with "Server unavailable" (src/v3.rs:228-234).
+const MAX_SESSIONS: isize = 4096;
+
+/// Unacknowledged QoS 1/2 messages the broker keeps in flight to each subscriber, and the
+/// Receive Maximum it announces to MQTT 5 clients (src/fitter.rs:176-190, src/v5.rs:437). It
+/// also bounds a client's unfinished inbound QoS 2 exchanges (src/inflight.rs:397-400): a
+/// client beyond it is disconnected. rmqtt's default is 16.
+const MAX_INFLIGHT: u16 = 32;
+
+/// Messages queued per subscriber behind its in-flight window (and for a persistent session
+/// while it is offline). Beyond it rmqtt drops messages (src/session.rs:606-614), which edgefn
+/// counts and logs. rmqtt's default, made explicit.
+const MAX_MQUEUE_LEN: usize = 1000;
+
+/// Lifetime of a message waiting in a subscriber's queue when the publisher set no MQTT 5
+/// expiry (src/hook.rs:1067-1083). Commands to devices mostly go stale: a valve command should
+/// not fire an hour late. rmqtt's default (5 min), made explicit.
+const MESSAGE_EXPIRY: Duration = Duration::from_secs(5 * 60);
+
+/// How long an MQTT 3.1.1 persistent session (clean session = false) is kept while its client
+/// is offline. rmqtt's default (2 h), made explicit.
+const SESSION_EXPIRY: Duration = Duration::from_secs(2 * 60 * 60);
+
+/// Cap on the session expiry an MQTT 5 client may ask for (rmqtt's default: no cap), so that
+/// abandoned sessions and their queues do not live for ever in memory.
+const MAX_SESSION_EXPIRY: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// Interval after which an unacknowledged QoS 1/2 message to a subscriber is resent.
+/// rmqtt's default, made explicit.
+const MESSAGE_RETRY_INTERVAL: Duration = Duration::from_secs(20);
+
+/// Time a new connection has to send its CONNECT (rmqtt's default is 30 s); a client that
+/// has not done so within this time on a local network is dead or hostile.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Time a write to a client may take before the connection is dropped. rmqtt's default, made
+/// explicit. A PUBACK that cannot be written in this time ends the connection; the device then
+/// resends, which at-least-once delivery allows.
+const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Topic aliases an MQTT 5 client may use (rmqtt's default is 0: none). Constrained devices
+/// save bandwidth with them, and they are resolved before edgefn's hook sees the topic
+/// (src/session.rs:1047-1051).
+const MAX_TOPIC_ALIASES: u16 = 32;
+
+/// Messages published by edgefn itself on trigger topics waiting to enter `deliveries`.
+const CHAIN_QUEUE_CAPACITY: usize = 1024;
+
+/// Longest time `shutdown` lets the pipeline commit the device messages it already holds
+/// (and so acknowledge them). Matches the gateway's drain grace: a group commit takes
+/// milliseconds, so this is only reached with a stuck disk or a full buffer.
+const COMMIT_GRACE: Duration = Duration::from_secs(10);
+
+/// How often `shutdown` looks whether the messages in flight are done.
+const SHUTDOWN_POLL: Duration = Duration::from_millis(20);
+
+/// Longest time `shutdown` waits for the client sessions to close.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Minimum time between two warnings about messages the broker dropped (in between, drops
+/// are counted and logged at debug level).
+const DROP_WARN_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Where the broker is in its life, as seen by the hook and the relay. Ordered: each phase
+/// implies the ones before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Phase {
+    /// Normal operation.
+    Running,
+    /// [`EmbeddedBroker::shutdown`] began: nothing new enters the pipeline, but messages
+    /// already handed over may still be committed, and are then acknowledged.
+    Closing,
+    /// Nobody waits for a commit any more: what is not committed is refused.
+    Stopped,
+}
+
+/// Why a device's message was not committed, so that it must not be acknowledged.
+#[derive(Debug, Clone, Copy)]
+enum Refusal {
+    /// `deliveries` is closed: the pipeline has stopped.
+    PipelineClosed,
+    /// The pipeline dropped the message without committing it.
+    Dropped,
+    /// The broker is shutting down (or its handle was dropped).
+    ShuttingDown,
+    /// The relay queue for edgefn's own publishes on trigger topics was full.
+    RelayFull,
+}
+
+impl Refusal {
+    /// Short text for logs and for the MQTT 5 reason string.
+    fn as_str(self) -> &'static str {
+        match self {
+            Refusal::PipelineClosed => "edgefn pipeline closed",
+            Refusal::Dropped => "edgefn dropped the message uncommitted",
+            Refusal::ShuttingDown => "edgefn is shutting down",
+            Refusal::RelayFull => "relay queue for edgefn's own publishes is full",
+        }
+    }
+}
+
+/// Where a delivery that nobody acknowledges came from.
+#[derive(Debug, Clone, Copy)]
+enum Origin {
+    /// A client's last will, published by rmqtt when the client went away.
+    LastWill,
+    /// A message published by edgefn itself ([`EmbeddedBroker::publish`]).
+    Chained,
+}
+
+/// Counters behind [`BrokerCounters`], shared with the hook and the relay task.
+struct Counters {
+    /// See [`BrokerCounters::refused`].
+    refused: AtomicU64,
+    /// See [`BrokerCounters::dropped_to_subscribers`].
+    dropped_to_subscribers: AtomicU64,
+    /// See [`BrokerCounters::lost_internal`].
+    lost_internal: AtomicU64,
+    /// Start of the clock used by `last_drop_warn_ms`.
+    epoch: Instant,
+    /// Milliseconds after `epoch` (plus one) of the last warning about drops; 0: none yet.
+    last_drop_warn_ms: AtomicU64,
+}
+
+impl Counters {
+    /// Fresh counters.
+    fn new() -> Self {
+        Self {
+            refused: AtomicU64::new(0),
+            dropped_to_subscribers: AtomicU64::new(0),
+            lost_internal: AtomicU64::new(0),
+            epoch: Instant::now(),
+            last_drop_warn_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether a drop may be logged at warn level now (at most once per
+    /// [`DROP_WARN_INTERVAL`]).
+    fn drop_warn_due(&self) -> bool {
+        // +1 so that a drop within the first millisecond is not mistaken for "none yet".
+        let now = u64::try_from(self.epoch.elapsed().as_millis())
+            .unwrap_or(u64::MAX)
+            .saturating_add(1);
+        let last = self.last_drop_warn_ms.load(Ordering::Relaxed);
+        let interval = u64::try_from(DROP_WARN_INTERVAL.as_millis()).unwrap_or(u64::MAX);
+        (last == 0 || now.saturating_sub(last) >= interval)
+            && self
+                .last_drop_warn_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+    }
+}
+
+/// What the broker did not deliver, for status reporting ("nothing disappears silently").
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BrokerCounters {
+    /// QoS 1/2 device publishes refused because the pipeline did not commit them: the
+    /// connection was closed without acknowledgement and the device resends.
+    pub refused: u64,
+    /// Messages rmqtt dropped on the way to a local subscriber (queue full, expired, subscriber
+    /// gone, inbound window exceeded).
+    pub dropped_to_subscribers: u64,
+    /// Last wills and edgefn's own publishes on trigger topics that never reached
+    /// `deliveries`, or that the pipeline dropped uncommitted. Nobody will resend these.
+    pub lost_internal: u64,
+}
+
+/// State shared by the hook handler, the relay task and [`EmbeddedBroker`].
+struct Inner {
+    /// Which topics trigger a function.
+    router: Arc<Router>,
+    /// The pipeline's input. Taken out (dropped) when shutdown begins, because the pipeline
+    /// drains only once every sender is gone, and rmqtt may keep the hook handlers (and so
+    /// this struct) alive for as long as any session task lives.
+    deliveries: Mutex<Option<mpsc::Sender<Delivery>>>,
+    /// The broker's [`Phase`]; its sender lives in [`EmbeddedBroker`], and a dropped sender
+    /// counts as [`Phase::Stopped`].
+    phase: watch::Receiver<Phase>,
+    /// Device publishes currently handed to (or waiting to enter) the pipeline.
+    in_flight: AtomicUsize,
+    /// Counts of refused and dropped messages.
+    counters: Counters,
+}
+
+/// Counts one device publish in [`Inner::in_flight`] while it lives.
+struct InFlight<'a>(
+    /// The counter ([`Inner::in_flight`]).
+    &'a AtomicUsize,
+);
+
+impl<'a> InFlight<'a> {
+    /// Starts counting.
+    fn enter(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        InFlight(count)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Inner {
+    /// Resolves once the broker reached `phase` (or its handle is gone).
+    async fn reached(&self, phase: Phase) {
+        let mut rx = self.phase.clone();
+        // An error means the sender (the EmbeddedBroker) was dropped: as good as stopped.
+        let _ = rx.wait_for(|now| *now >= phase).await;
+    }
+
+    /// A sender into the pipeline, unless shutdown has begun.
+    fn sender(&self) -> Option<mpsc::Sender<Delivery>> {
+        self.deliveries
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Drops the broker's own sender into the pipeline (see [`Inner::deliveries`]).
+    fn close_deliveries(&self) {
+        self.deliveries
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+    }
+
+    /// Sends `delivery` into the pipeline, waiting for capacity until shutdown begins.
+    async fn hand_over(&self, delivery: Delivery) -> Result<(), Refusal> {
+        let sender = self.sender().ok_or(Refusal::ShuttingDown)?;
+        tokio::select! {
+            biased;
+            () = self.reached(Phase::Closing) => Err(Refusal::ShuttingDown),
+            sent = sender.send(delivery) => sent.map_err(|_| Refusal::PipelineClosed),
+        }
+    }
+
+    /// Sends a device's message into the pipeline and waits until its outcome is committed.
+    async fn deliver_and_wait(&self, topic: &str, payload: Bytes) -> Result<(), Refusal> {
+        let _in_flight = InFlight::enter(&self.in_flight);
+        let (ack, waiter) = Ack::waiter();
+        let delivery = Delivery {
+            topic: topic.to_owned(),
+            payload,
+            ack,
+        };
+        self.hand_over(delivery).await?;
+        tokio::select! {
+            biased;
+            () = self.reached(Phase::Stopped) => Err(Refusal::ShuttingDown),
+            committed = waiter => committed.map_err(|_| Refusal::Dropped),
+        }
+    }
+
+    /// Sends a message nobody acknowledges (last will, edgefn's own publish) into the pipeline,
+    /// waiting for capacity but not for the commit; a later loss is counted and logged.
+    async fn deliver_unacked(self: &Arc<Self>, topic: String, payload: Bytes, origin: Origin) {
+        let (ack, waiter) = Ack::waiter();
+        let delivery = Delivery {
+            topic: topic.clone(),
+            payload,
+            ack,
+        };
+        match self.hand_over(delivery).await {
+            Ok(()) => {
+                let inner = Arc::clone(self);
+                tokio::spawn(async move {
+                    if waiter.await.is_err() {
+                        inner.lost_internal(&topic, origin, Refusal::Dropped);
+                    }
+                });
+            }
+            Err(refusal) => self.lost_internal(&topic, origin, refusal),
+        }
+    }
+
+    /// Counts and logs a last will or own publish that the pipeline will never commit.
+    fn lost_internal(&self, topic: &str, origin: Origin, refusal: Refusal) {
+        let total = self.counters.lost_internal.fetch_add(1, Ordering::Relaxed) + 1;
+        let reason = refusal.as_str();
+        if matches!(refusal, Refusal::ShuttingDown) {
+            // Expected at shutdown (kicked clients' wills, for one); `shutdown` logs the total.
+            debug!(
+                topic,
+                ?origin,
+                reason,
+                total,
+                "message on a trigger topic lost before commit"
+            );
+        } else {
+            warn!(
+                topic,
+                ?origin,
+                reason,
+                total,
+                "message on a trigger topic lost before commit"
+            );
+        }
+    }
+
+    /// Dispatches one hook event.
+    async fn on_hook(
+        self: &Arc<Self>,
+        param: &Parameter<'_>,
+        acc: Option<HookResult>,
+    ) -> ReturnType {
+        match param {
+            Parameter::MessagePublishCheckAcl(session, publish) => {
+                self.on_client_publish(&session.id, publish, acc).await
+            }
+            Parameter::MessagePublish(_, from, publish)
+                if matches!(from.typ(), FromType::LastWill) =>
+            {
+                if self.router.matches_any(&publish.topic) {
+                    let (topic, payload) = (publish.topic.to_string(), publish.payload.clone());
+                    self.deliver_unacked(topic, payload, Origin::LastWill).await;
+                }
+                (true, acc)
+            }
+            Parameter::MessageDropped(to, from, publish, reason) => {
+                self.on_dropped(to.as_ref(), from, publish, reason);
+                (true, acc)
+            }
+            _ => (true, acc),
+        }
+    }
+
+    /// The ack-after-commit path for a client's PUBLISH (see the module docs).
+    async fn on_client_publish(
+        &self,
+        client: &Id,
+        publish: &Publish,
+        acc: Option<HookResult>,
+    ) -> ReturnType {
+        // A handler of higher priority already refused the message: leave it refused.
+        if let Some(HookResult::PublishAclResult(verdict)) = &acc
+            && verdict.is_rejected()
+        {
+            return (true, acc);
+        }
+        if !self.router.matches_any(&publish.topic) {
+            return (true, acc);
+        }
+        let outcome = self
+            .deliver_and_wait(&publish.topic, publish.payload.clone())
+            .await;
+        let Err(refusal) = outcome else {
+            // Proceed without a verdict: rmqtt allows the message, routes it and acknowledges.
+            return (true, acc);
+        };
+        if publish.qos == QoS::AtMostOnce {
+            debug!(
+                client_id = %client.client_id,
+                topic = %publish.topic,
+                reason = refusal.as_str(),
+                "QoS 0 message not committed"
+            );
+            return (true, acc);
+        }
+        let total = self.counters.refused.fetch_add(1, Ordering::Relaxed) + 1;
+        if matches!(refusal, Refusal::ShuttingDown) {
+            debug!(
+                client_id = %client.client_id,
+                topic = %publish.topic,
+                reason = refusal.as_str(),
+                total,
+                "closing the connection without acknowledging"
+            );
+        } else {
+            warn!(
+                client_id = %client.client_id,
+                remote_addr = ?client.remote_addr,
+                topic = %publish.topic,
+                reason = refusal.as_str(),
+                total,
+                "message not committed: closing the connection without acknowledging, \
+                 the device will resend"
+            );
+        }
+        let verdict = PublishResult::reason_code(
+            PublishAckReason::ImplementationSpecificError,
+            Some(refusal.as_str().into()),
+            // Disconnect: the only way to withhold the acknowledgement (see the module docs).
+            true,
+        );
+        (
+            false,
+            Some(HookResult::PublishAclResult(PublishAclResult(verdict))),
+        )
+    }
+
+    /// Counts and logs (rate-limited) a message rmqtt dropped.
+    fn on_dropped(&self, to: Option<&Id>, from: &MsgFrom, publish: &Publish, reason: &Reason) {
+        // Our own refusals pass through here too (src/session.rs:1071-1074); they are
+        // counted and logged where they are decided.
+        if matches!(reason, Reason::PublishResult(_)) {
+            return;
+        }
+        let total = self
+            .counters
+            .dropped_to_subscribers
+            .fetch_add(1, Ordering::Relaxed)
+            + 1;
+        let to = to.map(|id| id.client_id.to_string());
+        if self.counters.drop_warn_due() {
+            warn!(
+                to = to.as_deref(),
+                from = %from.client_id,
+                topic = %publish.topic,
+                %reason,
+                total,
+                "embedded broker dropped a message (more drops: debug level for 10 s)"
+            );
+        } else {
+            debug!(
+                to = to.as_deref(),
+                from = %from.client_id,
+                topic = %publish.topic,
+                %reason,
+                total,
+                "embedded broker dropped a message"
+            );
+        }
+    }
+}
+
+/// The hook handler registered with rmqtt (one instance per hook type).
+struct EdgefnHook(
+    /// State shared with the broker handle.
+    Arc<Inner>,
+);
+
+// `rmqtt::hook::Handler` is declared with `#[async_trait]`; this is that macro's expansion of
+// the method, written out so that edgefn needs no `async-trait` dependency of its own.
+impl Handler for EdgefnHook {
+    fn hook<'life0, 'life1, 'async_trait>(
+        &'life0 self,
+        param: &'life1 Parameter<'_>,
+        acc: Option<HookResult>,
+    ) -> Pin<Box<dyn Future<Output = ReturnType> + Send + 'async_trait>>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        Self: 'async_trait,
+    {
+        Box::pin(self.0.on_hook(param, acc))
+    }
+}
+
+/// A message published by edgefn itself on a trigger topic, waiting for the relay.
+struct Chained {
+    /// Topic.
+    topic: String,
+    /// Payload.
+    payload: Bytes,
+}
+
+/// Moves edgefn's own publishes on trigger topics into `deliveries`, so that `publish`
+/// never waits on the pipeline. Ends when shutdown begins, counting what it still held.
+async fn relay_chained(inner: Arc<Inner>, mut queue: mpsc::Receiver<Chained>) {
+    loop {
+        let next = tokio::select! {
+            biased;
+            () = inner.reached(Phase::Closing) => None,
+            next = queue.recv() => next,
+        };
+        let Some(Chained { topic, payload }) = next else {
+            break;
+        };
+        inner.deliver_unacked(topic, payload, Origin::Chained).await;
+    }
+    queue.close();
+    while let Ok(Chained { topic, .. }) = queue.try_recv() {
+        inner.lost_internal(&topic, Origin::Chained, Refusal::ShuttingDown);
+    }
+}
+
+/// The broker running in this process (ingest source [B]).
+pub struct EmbeddedBroker {
+    /// Publishes edgefn's own messages; also holds rmqtt's server context and the shared state.
+    publisher: BrokerPublisher,
+    /// Address the listener is bound to (the real port when 0 was asked for).
+    local_addr: SocketAddr,
+    /// Announces the [`Phase`] to the hook and the relay.
+    phase: watch::Sender<Phase>,
+    /// The accept loop (`MqttServer::run`); aborting it closes the listening socket.
+    server_task: JoinHandle<()>,
+    /// The task running [`relay_chained`].
+    relay_task: JoinHandle<()>,
+}
+
+/// A cloneable handle that publishes edgefn's own messages into the embedded broker (see
+/// [`EmbeddedBroker::publish`]), for a task that forwards functions' local publishes.
+#[derive(Clone)]
+pub struct BrokerPublisher {
+    /// rmqtt's server context: sessions, routing, hooks.
+    scx: ServerContext,
+    /// State shared with the hook handler and the relay task.
+    inner: Arc<Inner>,
+    /// Queue of edgefn's own publishes on trigger topics (see [`relay_chained`]).
+    chain: mpsc::Sender<Chained>,
+    /// Identity of edgefn's own publishes.
+    from: MsgFrom,
+}
+
+impl BrokerPublisher {
+    /// See [`EmbeddedBroker::publish`].
+    pub async fn publish(&self, topic: &str, payload: Bytes) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            *self.inner.phase.borrow() == Phase::Running,
+            "the embedded MQTT broker is shutting down"
+        );
+        anyhow::ensure!(
+            !topic.is_empty()
+                && topic.len() <= usize::from(u16::MAX)
+                && !topic.contains(['+', '#', '\0']),
+            "invalid MQTT topic name {topic:?}"
+        );
+        let message = CodecPublish {
+            dup: false,
+            retain: false,
+            qos: QoS::AtLeastOnce,
+            topic: topic.into(),
+            packet_id: None,
+            payload: payload.clone(),
+            // Present (though empty) so that MQTT 5 subscribers get their subscription ids
+            // (src/shared.rs:904-908).
+            properties: Some(PublishProperties::default()),
+        };
+        let message = Publish::from(message).create_time(rmqtt::utils::timestamp_millis());
+        // No message store and no retain storage: rmqtt wants no expiry for those.
+        SessionState::forwards(&self.scx, self.from.clone(), message, false, None)
+            .await
+            .with_context(|| format!("cannot publish to the embedded broker on {topic}"))?;
+
+        if self.inner.router.matches_any(topic) {
+            let chained = Chained {
+                topic: topic.to_owned(),
+                payload,
+            };
+            if let Err(error) = self.chain.try_send(chained) {
+                let refusal = match error {
+                    mpsc::error::TrySendError::Full(_) => Refusal::RelayFull,
+                    mpsc::error::TrySendError::Closed(_) => Refusal::ShuttingDown,
+                };
+                self.inner.lost_internal(topic, Origin::Chained, refusal);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for BrokerPublisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrokerPublisher")
+            .field("from", &self.from)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EmbeddedBroker {
+    /// Starts rmqtt in this process on `listen` (TCP, MQTT 3.1, 3.1.1 and 5), accepting any
+    /// client, with packets up to `max_message_size` bytes of payload plus room for any topic.
+    ///
+    /// Every QoS 0/1/2 PUBLISH from a client whose topic `router.matches_any` is sent into
+    /// `deliveries` as a [`Delivery`] with an [`Ack::waiter`], and its PUBACK (PUBREC) is sent
+    /// only after the outcome is committed; a message dropped uncommitted closes the client's
+    /// connection without acknowledgement (see the module docs). Other messages are routed as
+    /// by any broker. Runs on the caller's tokio runtime; port 0 picks a free port (see
+    /// [`EmbeddedBroker::local_addr`]).
+    pub async fn start(
+        listen: SocketAddr,
+        max_message_size: usize,
+        router: Arc<Router>,
+        deliveries: mpsc::Sender<Delivery>,
+    ) -> anyhow::Result<EmbeddedBroker> {
+        let max_packet = max_message_size.saturating_add(PACKET_OVERHEAD);
+        anyhow::ensure!(
+            max_packet <= MQTT_MAX_PACKET,
+            "max message size {max_message_size} is larger than MQTT allows ({} bytes)",
+            MQTT_MAX_PACKET - PACKET_OVERHEAD
+        );
+        let max_packet = u32::try_from(max_packet).context("max message size out of range")?;
+
+        let scx = ServerContext::new()
+            // rmqtt would refuse new connections while the 1-min load average exceeds 80 or the
+            // CPU load 90 % (src/node.rs:67-70, src/v3.rs:116-121, src/v5.rs:132-137), and
+            // samples the CPU in a background task (src/context.rs:352-363). On a gateway busy
+            // running functions that would lock devices out; backpressure is the pipeline's job.
+            .busy_check_enable(false)
+            .mqtt_max_sessions(MAX_SESSIONS)
+            .build()
+            .await;
+
+        let (phase, phase_rx) = watch::channel(Phase::Running);
+        let inner = Arc::new(Inner {
+            router,
+            deliveries: Mutex::new(Some(deliveries)),
+            phase: phase_rx,
+            in_flight: AtomicUsize::new(0),
+            counters: Counters::new(),
+        });
+
+        let register = scx.extends.hook_mgr().register();
+        for typ in [
+            Type::MessagePublishCheckAcl,
+            Type::MessagePublish,
+            Type::MessageDropped,
+        ] {
+            register
+                .add(typ, Box::new(EdgefnHook(Arc::clone(&inner))))
+                .await;
+        }
+        register.start().await;
+
+        let listener = Builder::new()
+            .name(LISTENER_NAME)
+            .laddr(listen)
+            // Restarting under systemd must not fail on connections left in TIME_WAIT.
+            .reuseaddr(Some(true))
+            // A PUBACK is a small write after a wait: Nagle's algorithm would hold it back.
+            .nodelay(true)
+            .allow_anonymous(true)
+            .max_packet_size(max_packet)
+            .max_inflight(NonZeroU16::new(MAX_INFLIGHT).unwrap_or(NonZeroU16::MIN))
+            .max_mqueue_len(MAX_MQUEUE_LEN)
+            // No rate limit on delivery from the queues (rmqtt's default, made explicit).
+            .mqueue_rate_limit(NonZeroU32::MAX, Duration::from_secs(1))
+            .max_qos_allowed(QoS::ExactlyOnce)
+            .message_expiry_interval(MESSAGE_EXPIRY)
+            .session_expiry_interval(SESSION_EXPIRY)
+            .max_session_expiry_interval(MAX_SESSION_EXPIRY)
+            .message_retry_interval(MESSAGE_RETRY_INTERVAL)
+            .handshake_timeout(HANDSHAKE_TIMEOUT)
+            .send_timeout(SEND_TIMEOUT)
+            .max_topic_aliases(MAX_TOPIC_ALIASES)
+            .bind()
+            .with_context(|| format!("cannot listen for MQTT on {listen}"))?
+            .tcp()?;
+        let local_addr = listener.local_addr()?;
+
+        let server = MqttServer::new(scx.clone())
+            .listener_by_id(listener, LISTENER_ID)
+            .build();
+        let server_task = tokio::spawn(async move {
+            // `run` returns only when every accept loop has ended, which they never do; the
+            // task is aborted by `shutdown`. (`MqttServer::start` is not used: on error it
+            // calls `std::process::exit`, src/server.rs:181-188.)
+            if let Err(error) = server.run().await {
+                warn!(%error, "embedded MQTT broker stopped");
+            }
+        });
+
+        let (chain, chain_rx) = mpsc::channel(CHAIN_QUEUE_CAPACITY);
+        let relay_task = tokio::spawn(relay_chained(Arc::clone(&inner), chain_rx));
+
+        let from = MsgFrom::from_system(Id::new(
+            scx.node.id(),
+            0,
+            None,
+            None,
+            ClientId::from_static(EDGEFN_CLIENT_ID),
+            None,
+        ));
+
+        debug!(%local_addr, max_packet_size = max_packet, "embedded MQTT broker started");
+        Ok(EmbeddedBroker {
+            publisher: BrokerPublisher {
+                scx,
+                inner,
+                chain,
+                from,
+            },
+            local_addr,
+            phase,
+            server_task,
+            relay_task,
+        })
+    }
+
+    /// The address the broker listens on (with the real port if 0 was asked for).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// What the broker refused or dropped so far.
+    pub fn counters(&self) -> BrokerCounters {
+        let c = &self.publisher.inner.counters;
+        BrokerCounters {
+            refused: c.refused.load(Ordering::Relaxed),
+            dropped_to_subscribers: c.dropped_to_subscribers.load(Ordering::Relaxed),
+            lost_internal: c.lost_internal.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Publishes a message from edgefn itself to the broker's subscribers, at QoS 1 (each
+    /// subscriber gets it at the lower of that and its subscription's QoS). Best effort: `Ok`
+    /// when no one is subscribed. It never waits for the pipeline; a message whose topic
+    /// matches a trigger is also handed to the pipeline (chaining), see the module docs.
+    pub async fn publish(&self, topic: &str, payload: Bytes) -> anyhow::Result<()> {
+        self.publisher.publish(topic, payload).await
+    }
+
+    /// A cloneable handle whose `publish` is this broker's [`EmbeddedBroker::publish`]. It
+    /// fails once shutdown has begun.
+    pub fn publisher(&self) -> BrokerPublisher {
+        self.publisher.clone()
+    }
+
+    /// Stops accepting connections and shuts the broker down:
+    ///
+    /// 1. the listening socket is closed; device publishes on trigger topics arriving from now
+    ///    on, or still waiting for room in `deliveries`, are refused (no acknowledgement); the
+    ///    broker's sender into `deliveries` is dropped, so the pipeline can drain;
+    /// 2. publishes already handed to the pipeline get up to 10 s (`COMMIT_GRACE`) to be
+    ///    committed, and are then acknowledged as usual; those still waiting are refused;
+    /// 3. every session is kicked (connected clients are disconnected, MQTT 5 ones with reason
+    ///    0x98 Administrative action) and discarded.
+    pub async fn shutdown(mut self) {
+        self.phase.send_replace(Phase::Closing);
+        self.publisher.inner.close_deliveries();
+        self.server_task.abort();
+        let _ = (&mut self.server_task).await;
+
+        let deadline = tokio::time::Instant::now() + COMMIT_GRACE;
+        while self.publisher.inner.in_flight.load(Ordering::Relaxed) > 0
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(SHUTDOWN_POLL).await;
+        }
+        let uncommitted = self.publisher.inner.in_flight.load(Ordering::Relaxed);
+        if uncommitted > 0 {
+            info!(
+                uncommitted,
+                grace = ?COMMIT_GRACE,
+                "device messages not committed in time at shutdown: not acknowledged, \
+                 devices will resend"
+            );
+        }
+        self.phase.send_replace(Phase::Stopped);
+
+        let entries: Vec<Box<dyn Entry>> =
+            self.publisher.scx.extends.shared().await.iter().collect();
+        let sessions = entries.len();
+        let mut kicks = JoinSet::new();
+        for entry in entries {
+            kicks.spawn(async move {
+                match entry.try_lock().await {
+                    // Clean start, clear subscriptions, administrative: the session ends for
+                    // good (src/shared.rs:466-524, src/session.rs:281-285).
+                    Ok(mut entry) => {
+                        if let Err(error) = entry.kick(true, true, true).await {
+                            debug!(%error, "kicking a session at shutdown failed");
+                        }
+                    }
+                    Err(error) => debug!(%error, "locking a session at shutdown failed"),
+                }
+            });
+        }
+        let all_closed = tokio::time::timeout(SHUTDOWN_GRACE, async {
+            while kicks.join_next().await.is_some() {}
+        })
+        .await;
+        if all_closed.is_err() {
+            warn!(sessions, grace = ?SHUTDOWN_GRACE, "some MQTT sessions did not close in time");
+        }
+        // The relay saw `Closing` and ended after counting what it still held.
+        let _ = (&mut self.relay_task).await;
+        let BrokerCounters {
+            refused,
+            dropped_to_subscribers,
+            lost_internal,
+        } = self.counters();
+        info!(
+            sessions,
+            refused, dropped_to_subscribers, lost_internal, "embedded MQTT broker stopped"
+        );
+    }
+}
+
+impl std::fmt::Debug for EmbeddedBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedBroker")
+            .field("local_addr", &self.local_addr)
+            .field("phase", &*self.phase.borrow())
+            .field("counters", &self.counters())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for EmbeddedBroker {
+    /// A broker dropped without `shutdown` stops accepting connections and stops waiting
+    /// for commits; open connections end when their clients go away.
+    fn drop(&mut self) {
+        self.phase.send_replace(Phase::Stopped);
+        self.publisher.inner.close_deliveries();
+        self.server_task.abort();
+        self.relay_task.abort();
+    }
+}

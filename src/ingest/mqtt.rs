@@ -1,0 +1,261 @@
+//! Ingest from an existing broker (Mosquitto) as an MQTT 5 client.
+//!
+//! - **Persistent session**: clean start off and a non-zero session expiry,
+//!   so the broker queues device messages while edgefn is down and
+//!   redelivers unacknowledged ones after a reconnect.
+//! - **Receive Maximum = `in_flight`**: an MQTT 5 client's Receive Maximum
+//!   replaces Mosquitto's `max_inflight_messages` (20 by default), so
+//!   hundreds of messages can wait in one group commit.
+//! - **Manual acks after commit**: a PUBACK is sent only when the pipeline
+//!   completes the delivery's [`Ack`]. Mosquitto never resends within a
+//!   connection, so a commit that fails is retried by the pipeline, never
+//!   acked early.
+//! - **One client per connection**: every (re)connect builds a fresh
+//!   `AsyncClient`/`EventLoop` pair. Acks hold the client of the connection
+//!   their message came on; when that connection is gone its channel is
+//!   closed and late acks are discarded, so a packet id reused by the broker
+//!   on the new connection can never be acknowledged by mistake.
+//! - **Broker drops are reported**: Mosquitto's
+//!   `$SYS/broker/publish/messages/dropped` is watched and every increase is
+//!   logged and counted.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::{Filter, Packet, Publish};
+use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use tokio::sync::{mpsc, watch};
+
+use super::{Ack, Backoff, Delivery};
+use crate::config::BrokerClientConfig;
+use crate::metrics::Metrics;
+use crate::runtime::Emitted;
+
+/// Mosquitto's counter of messages it dropped (queue limits, size).
+pub const SYS_DROPPED: &str = "$SYS/broker/publish/messages/dropped";
+
+/// Room for the MQTT fixed header, topic and properties on top of the
+/// largest payload, so a payload of exactly `max_message_size` fits.
+const PACKET_OVERHEAD: usize = 64 * 1024 + 16;
+
+/// What the ingest task needs.
+pub struct MqttIngest {
+    /// The broker and session settings.
+    pub broker: BrokerClientConfig,
+    /// Topic filters to subscribe to (the union of all triggers).
+    pub filters: Vec<String>,
+    /// Larger payloads are refused and counted.
+    pub max_message_size: usize,
+    /// Where deliveries go (capacity at least `in_flight`). Dropped when
+    /// shutdown begins, which lets the pipeline drain.
+    pub deliveries: Option<mpsc::Sender<Delivery>>,
+    /// Messages functions publish to the local broker.
+    pub publishes: mpsc::Receiver<Emitted>,
+    /// Gateway counters.
+    pub metrics: Arc<Metrics>,
+}
+
+impl MqttIngest {
+    fn options(&self) -> MqttOptions {
+        let b = &self.broker;
+        let mut o = MqttOptions::new(&b.client_id, &b.host, b.port);
+        o.set_clean_start(false)
+            .set_session_expiry_interval(Some(
+                b.session_expiry.as_secs().min(u32::MAX as u64) as u32
+            ))
+            .set_receive_maximum(Some(b.in_flight))
+            .set_max_packet_size(Some((self.max_message_size + PACKET_OVERHEAD) as u32))
+            .set_manual_acks(true)
+            .set_keep_alive(b.keep_alive);
+        if let Some(user) = &b.username {
+            o.set_credentials(user, b.password.clone().unwrap_or_default());
+        }
+        o
+    }
+
+    /// Runs until `shutdown` turns true, reconnecting with backoff.
+    ///
+    /// On shutdown it stops taking messages but keeps the connection up
+    /// until `drained` turns true (the pipeline has committed and acked
+    /// what it holds) or a few seconds pass, then disconnects.
+    pub async fn run(
+        mut self,
+        mut shutdown: watch::Receiver<bool>,
+        mut drained: watch::Receiver<bool>,
+    ) {
+        let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
+        let mut sys_dropped: Option<u64> = None;
+        'connections: loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            if self.deliveries.is_none() {
+                return;
+            }
+            // Capacity for every ack the broker lets us owe, plus publishes.
+            let cap = usize::from(self.broker.in_flight) + 64;
+            let (client, mut events) = AsyncClient::new(self.options(), cap);
+            let mut draining = false;
+            loop {
+                tokio::select! {
+                    changed = shutdown.changed(), if !draining => {
+                        if changed.is_err() || *shutdown.borrow() {
+                            draining = true;
+                            self.deliveries = None;
+                        }
+                    }
+                    _ = crate::ingest::stopped(&mut drained), if draining => {
+                        let _ = client.try_disconnect();
+                        // Let the event loop write the queued acks and DISCONNECT.
+                        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                            while events.poll().await.is_ok() {}
+                        })
+                        .await;
+                        return;
+                    }
+                    Some(p) = self.publishes.recv(), if !draining => {
+                        if let Err(e) = client.try_publish(p.topic, QoS::AtLeastOnce, false, p.payload) {
+                            tracing::warn!(error = %e, "could not publish to the local broker");
+                        }
+                    }
+                    event = events.poll() => match event {
+                        Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                            backoff.reset();
+                            Metrics::add(&self.metrics.local_connects, 1);
+                            tracing::info!(
+                                host = %self.broker.host,
+                                port = self.broker.port,
+                                session_present = ack.session_present,
+                                "connected to the local broker"
+                            );
+                            let mut filters: Vec<Filter> = self
+                                .filters
+                                .iter()
+                                .map(|f| Filter::new(f.as_str(), QoS::AtLeastOnce))
+                                .collect();
+                            filters.push(Filter::new(SYS_DROPPED, QoS::AtMostOnce));
+                            if let Err(e) = client.try_subscribe_many(filters) {
+                                tracing::error!(error = %e, "could not subscribe");
+                            }
+                        }
+                        Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                            let mut granted = 0;
+                            for (filter, code) in self.filters.iter().zip(&ack.return_codes) {
+                                if matches!(code, rumqttc::v5::mqttbytes::v5::SubscribeReasonCode::Success(_)) {
+                                    granted += 1;
+                                } else {
+                                    tracing::error!(filter, ?code, "the local broker refused a subscription");
+                                }
+                            }
+                            tracing::info!(granted, filters = self.filters.len(), "subscribed");
+                        }
+                        Ok(Event::Incoming(Packet::Publish(p))) => {
+                            if draining {
+                                // Not acked: the broker keeps it for the next run.
+                                continue;
+                            }
+                            self.on_publish(&client, p, &mut sys_dropped).await;
+                        }
+                        Ok(Event::Incoming(Packet::Disconnect(d))) => {
+                            tracing::warn!(reason = ?d.reason_code, "the local broker disconnected us");
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            if draining {
+                                return;
+                            }
+                            let delay = backoff.next_delay();
+                            tracing::warn!(error = %e, retry_in = ?delay, "local broker connection lost");
+                            drop(client);
+                            tokio::select! {
+                                _ = tokio::time::sleep(delay) => {}
+                                _ = crate::ingest::stopped(&mut shutdown) => return,
+                            }
+                            continue 'connections;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn on_publish(&self, client: &AsyncClient, p: Publish, sys_dropped: &mut Option<u64>) {
+        if p.topic.as_ref() == SYS_DROPPED.as_bytes() {
+            self.on_sys_dropped(&p.payload, sys_dropped);
+            return;
+        }
+        let needs_ack = p.qos != QoS::AtMostOnce;
+        let topic = match std::str::from_utf8(&p.topic) {
+            Ok(t) => t.to_owned(),
+            Err(_) => {
+                // MQTT forbids this; a broker that sends it anyway gets the
+                // message acked so it does not come back forever.
+                tracing::warn!("dropped a message whose topic is not UTF-8");
+                if needs_ack {
+                    let _ = client.try_ack(&p);
+                }
+                return;
+            }
+        };
+        if p.payload.len() > self.max_message_size {
+            Metrics::add(&self.metrics.refused_too_large, 1);
+            tracing::warn!(
+                topic,
+                size = p.payload.len(),
+                max = self.max_message_size,
+                "refused a message larger than local.max_message_size"
+            );
+            if needs_ack {
+                let _ = client.try_ack(&p);
+            }
+            return;
+        }
+        let payload: Bytes = p.payload.clone();
+        let ack = if needs_ack {
+            Ack::mqtt(client.clone(), p)
+        } else {
+            Ack::nothing()
+        };
+        Metrics::add(&self.metrics.received, 1);
+        // The channel holds at least `in_flight` deliveries and the broker
+        // sends at most that many unacked QoS 1 messages, so this waits
+        // only under a QoS 0 flood.
+        if let Some(deliveries) = &self.deliveries {
+            let _ = deliveries
+                .send(Delivery {
+                    topic,
+                    payload,
+                    ack,
+                })
+                .await;
+        }
+    }
+
+    fn on_sys_dropped(&self, payload: &[u8], last: &mut Option<u64>) {
+        let Some(now) = std::str::from_utf8(payload)
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+        else {
+            return;
+        };
+        match *last {
+            None if now > 0 => tracing::warn!(
+                dropped = now,
+                "the local broker has dropped messages since it started (all clients); \
+                 see docs/DELIVERY.md for the mosquitto.conf settings that prevent this"
+            ),
+            Some(before) if now > before => {
+                Metrics::add(&self.metrics.broker_dropped, now - before);
+                tracing::warn!(
+                    dropped = now - before,
+                    total = now,
+                    "the local broker dropped messages before edgefn could receive them"
+                );
+            }
+            _ => {}
+        }
+        *last = Some(now);
+    }
+}

@@ -1,0 +1,128 @@
+//! `edgefn invoke`: run one event through a module, no broker — the
+//! "Test" button. Prints what the function emitted, published and logged,
+//! and how long it took.
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::time::Duration;
+
+use crate::runtime::{Failure, FunctionSpec, GuestLog, LogLevel, Report, Runtime, Target};
+
+/// What `edgefn invoke` runs.
+#[derive(Debug, Clone)]
+pub struct InvokeRequest {
+    /// The module file.
+    pub module: std::path::PathBuf,
+    /// The message topic.
+    pub topic: String,
+    /// The message payload.
+    pub payload: Vec<u8>,
+    /// Environment variables for the guest.
+    pub env: Vec<(String, String)>,
+    /// Memory limit.
+    pub memory_limit: usize,
+    /// Timeout.
+    pub timeout: Duration,
+    /// Run on the Pulley interpreter instead of native code.
+    pub pulley: bool,
+}
+
+/// Loads the module and runs the event once on a fresh instance.
+///
+/// Fails if the module does not load; a failing *invocation* is reported
+/// in the [`Report`].
+pub fn invoke(req: &InvokeRequest) -> anyhow::Result<Report> {
+    let runtime = Runtime::new(if req.pulley {
+        Target::Pulley
+    } else {
+        Target::Native
+    })?;
+    let spec = FunctionSpec {
+        name: "invoke".into(),
+        env: req.env.clone(),
+        memory_limit: req.memory_limit,
+        timeout: req.timeout,
+        max_record_size: usize::MAX,
+    };
+    let function = runtime.load_file(&req.module, spec)?;
+    let mut instance = function
+        .new_capturing_instance()
+        .map_err(|f| anyhow::anyhow!("{}: {f}", req.module.display()))?;
+    Ok(instance.invoke_report(&req.topic, &req.payload))
+}
+
+/// Renders a payload for a terminal: UTF-8 text as is, bytes as hex.
+pub fn show_payload(payload: &[u8]) -> String {
+    match std::str::from_utf8(payload) {
+        Ok(s) => s.to_owned(),
+        Err(_) => {
+            let mut out = String::from("0x");
+            for b in payload {
+                let _ = write!(out, "{b:02x}");
+            }
+            out
+        }
+    }
+}
+
+/// Renders a report as the CLI prints it.
+pub fn render(module: &Path, report: &Report) -> String {
+    let mut out = String::new();
+    let level = |l: LogLevel| match l {
+        LogLevel::Trace => "TRACE",
+        LogLevel::Debug => "DEBUG",
+        LogLevel::Info => "INFO",
+        LogLevel::Warn => "WARN",
+        LogLevel::Error => "ERROR",
+    };
+    for GuestLog {
+        level: l,
+        stream,
+        message,
+    } in &report.logs
+    {
+        let _ = writeln!(out, "log     {:5} [{stream}] {message}", level(*l));
+    }
+    match &report.result {
+        Ok(output) => {
+            for e in &output.records {
+                let _ = writeln!(out, "emit    {} {}", e.topic, show_payload(&e.payload));
+            }
+            for p in &output.publishes {
+                let _ = writeln!(out, "publish {} {}", p.topic, show_payload(&p.payload));
+            }
+            let _ = writeln!(
+                out,
+                "ok      {} record(s), {} publish(es) in {:.3} ms ({})",
+                output.records.len(),
+                output.publishes.len(),
+                report.elapsed.as_secs_f64() * 1000.0,
+                module.display()
+            );
+        }
+        Err(f) => {
+            let _ = writeln!(
+                out,
+                "failed  {} after {:.3} ms ({}); nothing it emitted is kept",
+                f,
+                report.elapsed.as_secs_f64() * 1000.0,
+                module.display()
+            );
+        }
+    }
+    out
+}
+
+/// Exit status for a report: 0 ok, 1 failed invocation.
+pub fn exit_code(report: &Report) -> i32 {
+    match report.result {
+        Ok(_) => 0,
+        Err(
+            Failure::Returned { .. }
+            | Failure::Timeout(_)
+            | Failure::Trap(_)
+            | Failure::Exit(_)
+            | Failure::Start(_),
+        ) => 1,
+    }
+}

@@ -1,0 +1,38 @@
+//! edgefn: Lambda-style WebAssembly functions on edge devices.
+//!
+//! Device messages arrive over MQTT, each is handed to the sandboxed
+//! WebAssembly functions its topic triggers, what they emit is committed
+//! to a SQLite outbox *before* the device's message is acknowledged, and
+//! the outbox is forwarded to an upstream broker, a record being deleted
+//! only after the upstream acknowledged it.
+//!
+//! # Layout
+//!
+//! In data-flow order:
+//!
+//! - [`config`] — the TOML file: typed, every key checked, all errors at once.
+//! - [`ingest`] — device messages in: [`ingest::mqtt`] (an existing broker, MQTT 5
+//!   client, manual acks) and `ingest::embedded` (rmqtt in process, PUBACK after
+//!   commit). Both yield [`ingest::Delivery`] `{ topic, payload, ack }`.
+//! - [`route`] — MQTT topic filters → functions.
+//! - [`runtime`] — wasmtime: one engine, ABI v1 checks, warm instances,
+//!   limits; [`runtime::pool`] runs them on worker threads.
+//! - [`pipeline`] — route → invoke → group commit → ack, in ingest order.
+//! - [`store`] — the SQLite outbox; its module doc is the storage spec.
+//! - [`forward`] — the outbox to the upstream broker, delete on PUBACK.
+//! - [`gateway`] — builds and wires the stages; startup and shutdown order.
+//! - [`metrics`] — counters for status lines and tests.
+//! - [`invoke`] — `edgefn invoke`, the runtime without a broker.
+//! - [`cli`] — subcommands → library calls.
+
+pub mod cli;
+pub mod config;
+pub mod forward;
+pub mod gateway;
+pub mod ingest;
+pub mod invoke;
+pub mod metrics;
+pub mod pipeline;
+pub mod route;
+pub mod runtime;
+pub mod store;

@@ -1,0 +1,307 @@
+//! The middle of the data flow: route → invoke → commit → ack.
+//!
+//! ```text
+//! deliveries ─▶ dispatch ─(ordered, bounded)─▶ collect ─(bounded)─▶ commit thread ─▶ ack
+//!                  │ submit to each matching          awaits outcomes      group commit,
+//!                  ▼ function's pool                  in ingest order      then acks
+//!               pools (worker threads, warm instances)
+//! ```
+//!
+//! - **dispatch** routes each delivery and submits it to every matching
+//!   function's pool (waiting while a pool is busy: backpressure), then
+//!   queues a [`Pending`] holding the outcome receivers *in ingest order*.
+//! - **collect** awaits each pending's outcomes in that order, so commits —
+//!   and therefore outbox `seq`s and upstream order — follow ingest order
+//!   even when invocations run in parallel.
+//! - the **commit thread** owns the SQLite writer. It takes everything that
+//!   is ready (up to `max_batch`) and commits it in one transaction; while
+//!   it is fsyncing, the next batch gathers (group commit). Only after the
+//!   commit does it complete the acks. A failed commit is retried with
+//!   backoff; nothing is acknowledged meanwhile.
+//!
+//! Every channel is bounded, so a slow stage pushes back to ingest, which
+//! stops acknowledging, which makes the broker stop sending.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::{Notify, mpsc, oneshot};
+
+use crate::ingest::{Ack, Backoff, Delivery};
+use crate::metrics::Metrics;
+use crate::route::Router;
+use crate::runtime::Emitted;
+use crate::runtime::pool::{Outcome, Pool};
+use crate::store::{DeadLetter, NewRecord, Outcomes, Writer};
+
+/// A delivery whose invocations are under way.
+struct Pending {
+    /// Completed after commit.
+    ack: Ack,
+    /// The input, kept for dead letters.
+    topic: Arc<str>,
+    /// The input, kept for dead letters.
+    payload: Bytes,
+    /// `(function index, outcome)` per matching function.
+    parts: Vec<(usize, oneshot::Receiver<Outcome>)>,
+}
+
+/// A delivery ready to commit.
+struct Ready {
+    /// What to write.
+    outcomes: Outcomes,
+    /// What to publish locally after the commit.
+    publishes: Vec<Emitted>,
+    /// Completed after commit.
+    ack: Ack,
+}
+
+/// Everything the pipeline needs.
+pub struct Pipeline {
+    /// Topic → function indexes.
+    pub router: Arc<Router>,
+    /// One pool per function, by index.
+    pub pools: Arc<Vec<Pool>>,
+    /// Function names, by index (for dead letters).
+    pub names: Arc<Vec<String>>,
+    /// The SQLite writer.
+    pub writer: Writer,
+    /// Most deliveries per group commit.
+    pub max_batch: usize,
+    /// Gateway counters.
+    pub metrics: Arc<Metrics>,
+    /// Woken after each commit that added records (the forwarder waits on it).
+    pub committed: Arc<Notify>,
+    /// Where functions' local publishes go after commit.
+    pub local_publish: Option<mpsc::Sender<Emitted>>,
+}
+
+/// Handles of a running pipeline.
+pub struct Running {
+    /// Finishes when the dispatcher has handed everything on.
+    dispatch: tokio::task::JoinHandle<()>,
+    /// Finishes when everything dispatched was handed to the commit thread.
+    collect: tokio::task::JoinHandle<()>,
+    /// Finishes when everything collected was committed (or given up).
+    commit: std::thread::JoinHandle<Writer>,
+    /// Tells a commit thread stuck on a full buffer or a failing disk to
+    /// give up (its acks are dropped, never sent).
+    give_up: Arc<AtomicBool>,
+}
+
+impl Running {
+    /// Waits until every delivery taken from the input channel (closed by
+    /// the caller) is committed and acknowledged. If that takes longer than
+    /// `grace` (a full buffer, a dead disk), what is left is dropped
+    /// unacknowledged: the broker or device sends it again.
+    pub async fn drain(self, grace: Duration) -> Writer {
+        let give_up = self.give_up.clone();
+        let timer = tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            give_up.store(true, Ordering::Relaxed);
+        });
+        let _ = self.dispatch.await;
+        let _ = self.collect.await;
+        let commit = self.commit;
+        let writer = tokio::task::spawn_blocking(move || commit.join())
+            .await
+            .expect("join")
+            .expect("commit thread panicked");
+        timer.abort();
+        writer
+    }
+}
+
+impl Pipeline {
+    /// Starts the stages, reading `deliveries` until it is closed.
+    pub fn start(self, deliveries: mpsc::Receiver<Delivery>) -> Running {
+        let (pending_tx, pending_rx) = mpsc::channel(self.max_batch.max(64) * 2);
+        let (ready_tx, ready_rx) = mpsc::channel(self.max_batch * 2);
+        let give_up = Arc::new(AtomicBool::new(false));
+        let dispatch = tokio::spawn(dispatch(
+            deliveries,
+            self.router.clone(),
+            self.pools.clone(),
+            self.metrics.clone(),
+            pending_tx,
+        ));
+        let collect = tokio::spawn(collect(pending_rx, self.names.clone(), ready_tx));
+        let commit = {
+            let give_up = give_up.clone();
+            std::thread::Builder::new()
+                .name("edgefn-commit".into())
+                .spawn(move || {
+                    commit_loop(
+                        self.writer,
+                        ready_rx,
+                        self.max_batch,
+                        &self.metrics,
+                        &self.committed,
+                        self.local_publish.as_ref(),
+                        &give_up,
+                    )
+                })
+                .expect("spawn commit thread")
+        };
+        Running {
+            dispatch,
+            collect,
+            commit,
+            give_up,
+        }
+    }
+}
+
+async fn dispatch(
+    mut deliveries: mpsc::Receiver<Delivery>,
+    router: Arc<Router>,
+    pools: Arc<Vec<Pool>>,
+    metrics: Arc<Metrics>,
+    pending: mpsc::Sender<Pending>,
+) {
+    let mut matched = Vec::new();
+    while let Some(d) = deliveries.recv().await {
+        router.route_into(&d.topic, &mut matched);
+        if matched.is_empty() {
+            Metrics::add(&metrics.unrouted, 1);
+            d.ack.complete();
+            continue;
+        }
+        let topic: Arc<str> = d.topic.into();
+        let mut parts = Vec::with_capacity(matched.len());
+        for &f in &matched {
+            parts.push((f, pools[f].submit(topic.clone(), d.payload.clone()).await));
+        }
+        let p = Pending {
+            ack: d.ack,
+            topic,
+            payload: d.payload,
+            parts,
+        };
+        if pending.send(p).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn collect(
+    mut pending: mpsc::Receiver<Pending>,
+    names: Arc<Vec<String>>,
+    ready: mpsc::Sender<Ready>,
+) {
+    while let Some(p) = pending.recv().await {
+        let mut outcomes = Outcomes::default();
+        let mut publishes = Vec::new();
+        let mut complete = true;
+        for (f, rx) in p.parts {
+            match rx.await {
+                Ok(Outcome::Ok(out)) => {
+                    outcomes
+                        .records
+                        .extend(out.records.into_iter().map(|e| NewRecord {
+                            topic: e.topic,
+                            payload: e.payload,
+                        }));
+                    publishes.extend(out.publishes);
+                }
+                Ok(Outcome::Failed { attempts, failure }) => {
+                    outcomes.dead_letters.push(DeadLetter {
+                        function: names[f].clone(),
+                        topic: p.topic.to_string(),
+                        payload: p.payload.to_vec(),
+                        kind: failure.kind(),
+                        error: failure.to_string(),
+                        attempts,
+                    })
+                }
+                // The pool shut down before running it: the delivery is
+                // dropped unacknowledged and comes again.
+                Err(_) => complete = false,
+            }
+        }
+        if !complete {
+            continue;
+        }
+        let r = Ready {
+            outcomes,
+            publishes,
+            ack: p.ack,
+        };
+        if ready.send(r).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn commit_loop(
+    mut writer: Writer,
+    mut ready: mpsc::Receiver<Ready>,
+    max_batch: usize,
+    metrics: &Metrics,
+    committed: &Notify,
+    local_publish: Option<&mpsc::Sender<Emitted>>,
+    give_up: &AtomicBool,
+) -> Writer {
+    let mut batch: Vec<Ready> = Vec::with_capacity(max_batch);
+    let stop = || give_up.load(Ordering::Relaxed);
+    while let Some(first) = ready.blocking_recv() {
+        batch.push(first);
+        while batch.len() < max_batch {
+            match ready.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        let outcomes: Vec<&Outcomes> = batch.iter().map(|r| &r.outcomes).collect();
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
+        let done = loop {
+            match writer.commit(&outcomes, &stop) {
+                Ok(done) => break done,
+                Err(e) => {
+                    Metrics::add(&metrics.commit_failures, 1);
+                    let delay = backoff.next_delay();
+                    tracing::error!(
+                        error = %e,
+                        retry_in = ?delay,
+                        held = batch.len(),
+                        "commit failed; the messages stay unacknowledged and the commit is retried"
+                    );
+                    if stop() {
+                        break None;
+                    }
+                    std::thread::sleep(delay);
+                }
+            }
+        };
+        drop(outcomes);
+        let Some(done) = done else {
+            // Given up at shutdown: drop the acks unsent.
+            batch.clear();
+            continue;
+        };
+        Metrics::add(&metrics.commit_batches, 1);
+        Metrics::add(&metrics.committed, batch.len() as u64);
+        Metrics::add(&metrics.records_buffered, done.records);
+        Metrics::add(&metrics.dead_letters, done.dead_letters);
+        Metrics::add(&metrics.dropped_records, done.dropped);
+        if done.records > 0 {
+            committed.notify_one();
+        }
+        for r in batch.drain(..) {
+            r.ack.complete();
+            for p in r.publishes {
+                if let Some(tx) = local_publish {
+                    Metrics::add(&metrics.local_publishes, 1);
+                    if tx.try_send(p).is_err() {
+                        tracing::warn!(
+                            "local publish queue full; a function's publish was dropped"
+                        );
+                    }
+                }
+            }
+        }
+    }
+    writer
+}

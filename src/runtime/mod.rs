@@ -1,0 +1,621 @@
+//! The WebAssembly runtime: one engine, modules compiled once, warm instances.
+//!
+//! A function is a core module speaking ABI v1 (docs/ABI.md). This module
+//! owns the wasmtime [`Engine`] and [`Linker`], checks a module's exports and
+//! imports against the ABI before anything runs ([`Runtime::load`]), and
+//! turns an [`InstancePre`] into [`Instance`]s that are reused across
+//! invocations ("warm") until one fails.
+//!
+//! Limits: linear memory is capped by a [`wasmtime::StoreLimits`] in each
+//! store (growth beyond it fails inside the guest), and wall-clock time by
+//! epoch interruption: a ticker thread advances the engine's epoch every
+//! [`EPOCH_TICK`], and each invocation gets a deadline in ticks. Guest code
+//! is synchronous CPU work: callers run [`Instance::invoke`] on their own
+//! threads (see [`pool`]), never on an async reactor.
+
+mod host;
+pub mod pool;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use wasmtime::{
+    Engine, ExternType, InstancePre, Linker, Memory, Module, Store, Trap, TypedFunc, ValType,
+};
+
+pub use host::{Emitted, GuestLog, LogLevel};
+use host::{HostState, LogSink};
+
+/// The ABI version this runtime speaks (`edgefn_abi_version()` must return it).
+pub const ABI_VERSION: i32 = 1;
+
+/// How often the epoch advances, i.e. the granularity of timeouts. 10 ms
+/// keeps the ticker's cost negligible on a Pi Zero while a 100 ms timeout
+/// is still enforced within 10 %.
+pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// Most records one invocation may emit (and, separately, publish): a
+/// runaway loop fails at `emit` (-3) instead of filling memory.
+pub const MAX_RECORDS_PER_INVOCATION: usize = 1000;
+
+/// Most bytes of guest stdout/stderr kept per invocation; the rest is
+/// dropped with a note, so a chatty guest cannot flood the journal.
+pub const MAX_CAPTURED_OUTPUT: usize = 64 * 1024;
+
+/// Where compiled code runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Target {
+    /// Cranelift-compiled native code (x86_64, aarch64).
+    #[default]
+    Native,
+    /// wasmtime's Pulley interpreter (for 32-bit ARM, where Cranelift has no
+    /// backend; `pulley64` is usable on 64-bit hosts for testing).
+    Pulley,
+}
+
+/// Why a module cannot be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The module path.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// Not a WebAssembly module, or wasmtime rejected it.
+    #[error("{path} is not a valid WebAssembly module: {reason}")]
+    NotWasm {
+        /// The module path.
+        path: String,
+        /// wasmtime's explanation.
+        reason: String,
+    },
+    /// A valid module that does not follow ABI v1.
+    #[error("{path} does not follow the edgefn ABI v{ABI_VERSION}: {reason} (see docs/ABI.md)")]
+    Abi {
+        /// The module path.
+        path: String,
+        /// What is missing or wrong.
+        reason: String,
+    },
+    /// Instantiation or initialisation failed.
+    #[error("{path} failed to start: {reason}")]
+    Start {
+        /// The module path.
+        path: String,
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+/// Why one invocation failed. Whatever it emitted is discarded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Failure {
+    /// The handler returned a non-zero status.
+    #[error("returned {code}{}", .message.as_ref().map(|m| format!(": {m}")).unwrap_or_default())]
+    Returned {
+        /// The status.
+        code: i32,
+        /// What the guest passed to `set_error`, if anything.
+        message: Option<String>,
+    },
+    /// The invocation ran past the function's timeout (the limit).
+    #[error("timed out (timeout is {0:?})")]
+    Timeout(Duration),
+    /// The guest trapped (e.g. `unreachable`, a panic, out of memory, a bad
+    /// pointer passed to a host import).
+    #[error("trapped: {0}")]
+    Trap(String),
+    /// The guest called WASI `proc_exit`.
+    #[error("exited with status {0}")]
+    Exit(i32),
+    /// A fresh instance could not be made.
+    #[error("could not start an instance: {0}")]
+    Start(String),
+}
+
+impl Failure {
+    /// A short, stable label for metrics and dead letters.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Failure::Returned { .. } => "error",
+            Failure::Timeout(_) => "timeout",
+            Failure::Trap(_) => "trap",
+            Failure::Exit(_) => "exit",
+            Failure::Start(_) => "start",
+        }
+    }
+}
+
+/// What a successful invocation produced.
+#[derive(Debug, Default, Clone)]
+pub struct Output {
+    /// Records for upstream (`emit`), in call order.
+    pub records: Vec<Emitted>,
+    /// Messages for the local broker (`publish`), in call order.
+    pub publishes: Vec<Emitted>,
+}
+
+/// A function's limits and environment: what the runtime needs to run it.
+#[derive(Debug, Clone)]
+pub struct FunctionSpec {
+    /// Name, for logs.
+    pub name: Arc<str>,
+    /// Environment variables the guest sees.
+    pub env: Vec<(String, String)>,
+    /// Largest linear memory, bytes.
+    pub memory_limit: usize,
+    /// Wall-clock limit per invocation.
+    pub timeout: Duration,
+    /// Largest payload of one emitted/published record.
+    pub max_record_size: usize,
+}
+
+impl FunctionSpec {
+    /// A spec from a `[[functions]]` table.
+    pub fn from_config(f: &crate::config::FunctionConfig) -> FunctionSpec {
+        FunctionSpec {
+            name: f.name.as_str().into(),
+            env: f.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            memory_limit: f.memory_limit,
+            timeout: f.timeout,
+            max_record_size: f.max_record_size,
+        }
+    }
+}
+
+/// The engine and linker shared by every function.
+pub struct Runtime {
+    /// Compiles and runs all modules.
+    engine: Engine,
+    /// The `edgefn` and WASI preview 1 imports.
+    linker: Arc<Linker<HostState>>,
+    /// Advances the epoch while this runtime or any function it loaded lives.
+    ticker: Arc<Ticker>,
+}
+
+/// The thread that advances the epoch; stopped when the last holder
+/// (the runtime or a function) is dropped.
+struct Ticker {
+    /// Set to stop the thread.
+    stop: Arc<AtomicBool>,
+    /// Joined on drop.
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.thread.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Runtime {
+    /// Creates the engine for `target` and starts the epoch ticker.
+    ///
+    /// Fails if wasmtime cannot be configured for the target on this host.
+    pub fn new(target: Target) -> anyhow::Result<Runtime> {
+        let mut config = wasmtime::Config::new();
+        config.epoch_interruption(true);
+        config.cranelift_opt_level(wasmtime::OptLevel::Speed);
+        if target == Target::Pulley {
+            let name = if cfg!(target_pointer_width = "64") {
+                "pulley64"
+            } else {
+                "pulley32"
+            };
+            config.target(name).map_err(wasm_err)?;
+        }
+        if cfg!(target_pointer_width = "32") {
+            // A 32-bit host cannot reserve 4 GiB per memory: reserve only
+            // what a limit allows and bounds-check explicitly.
+            config.memory_reservation(0);
+            config.memory_guard_size(0);
+        }
+        let engine = Engine::new(&config).map_err(wasm_err)?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |s: &mut HostState| &mut s.wasi)
+            .map_err(wasm_err)?;
+        host::add_to_linker(&mut linker).map_err(wasm_err)?;
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let engine = engine.clone();
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name("edgefn-epoch".into())
+                .spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(EPOCH_TICK);
+                        engine.increment_epoch();
+                    }
+                })?
+        };
+        Ok(Runtime {
+            engine,
+            linker: Arc::new(linker),
+            ticker: Arc::new(Ticker {
+                stop,
+                thread: Some(thread),
+            }),
+        })
+    }
+
+    /// Reads, compiles and checks the module at `path` for `spec`, then
+    /// starts one instance to prove it initialises.
+    ///
+    /// Fails with a [`LoadError`] naming the file and what is wrong.
+    pub fn load_file(
+        &self,
+        path: &std::path::Path,
+        spec: FunctionSpec,
+    ) -> Result<Function, LoadError> {
+        let display = path.display().to_string();
+        let bytes = std::fs::read(path).map_err(|source| LoadError::Read {
+            path: display.clone(),
+            source,
+        })?;
+        self.load(&display, &bytes, spec)
+    }
+
+    /// Like [`Runtime::load_file`], from bytes; `origin` names them in errors.
+    pub fn load(
+        &self,
+        origin: &str,
+        bytes: &[u8],
+        spec: FunctionSpec,
+    ) -> Result<Function, LoadError> {
+        if !bytes.starts_with(b"\0asm") {
+            return Err(LoadError::NotWasm {
+                path: origin.to_owned(),
+                reason: "it does not start with the WebAssembly magic bytes \\0asm".into(),
+            });
+        }
+        let module = Module::new(&self.engine, bytes).map_err(|e| LoadError::NotWasm {
+            path: origin.to_owned(),
+            reason: format!("{e:#}"),
+        })?;
+        check_abi(&module).map_err(|reason| LoadError::Abi {
+            path: origin.to_owned(),
+            reason,
+        })?;
+        let pre = self
+            .linker
+            .instantiate_pre(&module)
+            .map_err(|e| LoadError::Abi {
+                path: origin.to_owned(),
+                reason: format!("{e:#}"),
+            })?;
+        let function = Function {
+            spec: Arc::new(spec),
+            engine: self.engine.clone(),
+            pre,
+            origin: origin.to_owned(),
+            _ticker: self.ticker.clone(),
+        };
+        // Prove it starts (and reports the right ABI version) before it is
+        // trusted with a device's message.
+        function.instantiate().map_err(|reason| match reason {
+            StartError::Version(v) => LoadError::Abi {
+                path: origin.to_owned(),
+                reason: format!(
+                    "edgefn_abi_version() returned {v}; this edgefn supports {ABI_VERSION}"
+                ),
+            },
+            StartError::Other(reason) => LoadError::Start {
+                path: origin.to_owned(),
+                reason,
+            },
+        })?;
+        Ok(function)
+    }
+}
+
+/// wasmtime has its own error type; the rest of edgefn speaks anyhow.
+fn wasm_err(e: wasmtime::Error) -> anyhow::Error {
+    anyhow::anyhow!("{e:#}")
+}
+
+/// Checks exports and imports against ABI v1, before instantiation.
+fn check_abi(module: &Module) -> Result<(), String> {
+    use ValType::I32;
+    let func = |name: &str| -> Result<Option<wasmtime::FuncType>, String> {
+        match module.get_export(name) {
+            None => Ok(None),
+            Some(ExternType::Func(f)) => Ok(Some(f)),
+            Some(_) => Err(format!("export `{name}` is not a function")),
+        }
+    };
+    let expect =
+        |name: &str, params: &[ValType], results: &[ValType], required: bool| match func(name)? {
+            None if required => Err(if name == "edgefn_abi_version" {
+                "it does not export `edgefn_abi_version`: not an edgefn module".to_owned()
+            } else {
+                format!("missing export `{name}`")
+            }),
+            None => Ok(()),
+            Some(ty) => {
+                let same = |a: &mut dyn ExactSizeIterator<Item = ValType>, b: &[ValType]| {
+                    a.len() == b.len() && a.zip(b).all(|(x, y)| x.matches(y))
+                };
+                if same(&mut ty.params(), params) && same(&mut ty.results(), results) {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "export `{name}` has type {ty}; expected (func (param{}) (result{}))",
+                        params.iter().map(|_| " i32").collect::<String>(),
+                        results.iter().map(|_| " i32").collect::<String>()
+                    ))
+                }
+            }
+        };
+    expect("edgefn_abi_version", &[], &[I32], true)?;
+    expect("edgefn_alloc", &[I32], &[I32], true)?;
+    expect("edgefn_on_message", &[I32, I32, I32, I32], &[I32], true)?;
+    expect("edgefn_init", &[], &[I32], false)?;
+    expect("_initialize", &[], &[], false)?;
+    match module.get_export("memory") {
+        Some(ExternType::Memory(_)) => {}
+        _ => return Err("missing export `memory`".into()),
+    }
+    if module.get_export("_start").is_some() {
+        return Err(
+            "it exports `_start` (a WASI command); build a reactor/library instead \
+                    (Rust: crate-type = [\"cdylib\"]; clang: -mexec-model=reactor)"
+                .into(),
+        );
+    }
+    for import in module.imports() {
+        match import.module() {
+            "wasi_snapshot_preview1" => {}
+            "edgefn" if host::IMPORTS.contains(&import.name()) => {}
+            "edgefn" => {
+                return Err(format!(
+                    "it imports `edgefn.{}`, which this edgefn does not provide (it has: {})",
+                    import.name(),
+                    host::IMPORTS.join(", ")
+                ));
+            }
+            other => {
+                return Err(format!(
+                    "it imports `{other}.{}`; only modules `edgefn` and `wasi_snapshot_preview1` exist",
+                    import.name()
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A compiled, checked function, ready to make instances.
+pub struct Function {
+    /// Name, limits, env.
+    spec: Arc<FunctionSpec>,
+    /// The engine it was compiled for.
+    engine: Engine,
+    /// Imports resolved once; instantiation is then cheap.
+    pre: InstancePre<HostState>,
+    /// Where the module came from, for messages.
+    origin: String,
+    /// Keeps timeouts enforced while the function lives.
+    _ticker: Arc<Ticker>,
+}
+
+/// Why an instance could not be started.
+enum StartError {
+    /// `edgefn_abi_version()` returned another version.
+    Version(i32),
+    /// Anything else, explained.
+    Other(String),
+}
+
+impl From<StartError> for Failure {
+    fn from(e: StartError) -> Failure {
+        Failure::Start(match e {
+            StartError::Version(v) => format!("ABI version {v}"),
+            StartError::Other(s) => s,
+        })
+    }
+}
+
+impl Function {
+    /// The function's name and limits.
+    pub fn spec(&self) -> &FunctionSpec {
+        &self.spec
+    }
+
+    /// Where the module was loaded from.
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+
+    /// A fresh instance whose logs go to `tracing`.
+    ///
+    /// Fails if instantiation, `_initialize` or `edgefn_init` fails.
+    pub fn new_instance(&self) -> Result<Instance, Failure> {
+        self.instantiate().map_err(Failure::from)
+    }
+
+    /// A fresh instance whose logs are collected into each invocation's
+    /// result instead (for `edgefn invoke`).
+    pub fn new_capturing_instance(&self) -> Result<Instance, Failure> {
+        let mut i = self.instantiate().map_err(Failure::from)?;
+        i.store.data_mut().sink = LogSink::Collect(Vec::new());
+        Ok(i)
+    }
+
+    fn instantiate(&self) -> Result<Instance, StartError> {
+        let other = |what: &str, e: wasmtime::Error| StartError::Other(format!("{what}: {e:#}"));
+        let state = HostState::new(self.spec.clone());
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.limits);
+        store.set_epoch_deadline(deadline_ticks(self.spec.timeout));
+        let instance = self
+            .pre
+            .instantiate(&mut store)
+            .map_err(|e| other("instantiation failed", e))?;
+        let memory = instance
+            .get_memory(&mut store, "memory")
+            .ok_or_else(|| StartError::Other("no memory export".into()))?;
+        let typed = |store: &mut Store<HostState>, name: &str| {
+            instance.get_typed_func::<(), i32>(store, name).ok()
+        };
+        if let Ok(init) = instance.get_typed_func::<(), ()>(&mut store, "_initialize") {
+            init.call(&mut store, ())
+                .map_err(|e| other("_initialize trapped", e))?;
+        }
+        let version = typed(&mut store, "edgefn_abi_version")
+            .ok_or_else(|| StartError::Other("no edgefn_abi_version".into()))?
+            .call(&mut store, ())
+            .map_err(|e| other("edgefn_abi_version trapped", e))?;
+        if version != ABI_VERSION {
+            return Err(StartError::Version(version));
+        }
+        if let Some(init) = typed(&mut store, "edgefn_init") {
+            store.set_epoch_deadline(deadline_ticks(self.spec.timeout));
+            let status = init
+                .call(&mut store, ())
+                .map_err(|e| other("edgefn_init trapped", e))?;
+            if status != 0 {
+                return Err(StartError::Other(format!("edgefn_init returned {status}")));
+            }
+        }
+        store.data_mut().flush_output();
+        let alloc = instance
+            .get_typed_func::<i32, i32>(&mut store, "edgefn_alloc")
+            .map_err(|e| other("edgefn_alloc", e))?;
+        let on_message = instance
+            .get_typed_func::<(i32, i32, i32, i32), i32>(&mut store, "edgefn_on_message")
+            .map_err(|e| other("edgefn_on_message", e))?;
+        Ok(Instance {
+            store,
+            memory,
+            alloc,
+            on_message,
+            invocations: 0,
+        })
+    }
+}
+
+/// Epoch ticks for a timeout: rounded up, plus one because the current tick
+/// may be nearly over when the deadline is set.
+fn deadline_ticks(timeout: Duration) -> u64 {
+    let tick = EPOCH_TICK.as_nanos();
+    (timeout.as_nanos().div_ceil(tick)) as u64 + 1
+}
+
+/// A warm instance: reuse it until an invocation fails, then drop it.
+pub struct Instance {
+    /// The store holding the instance's memory, limits and host state.
+    store: Store<HostState>,
+    /// The guest's linear memory.
+    memory: Memory,
+    /// `edgefn_alloc`.
+    alloc: TypedFunc<i32, i32>,
+    /// `edgefn_on_message`.
+    on_message: TypedFunc<(i32, i32, i32, i32), i32>,
+    /// Successful invocations so far.
+    invocations: u64,
+}
+
+/// The result of an invocation on a capturing instance, for `edgefn invoke`.
+#[derive(Debug)]
+pub struct Report {
+    /// What the function produced, or why it failed.
+    pub result: Result<Output, Failure>,
+    /// Its log calls and stdout/stderr lines, in order.
+    pub logs: Vec<GuestLog>,
+    /// Wall-clock time of the invocation.
+    pub elapsed: Duration,
+}
+
+impl Instance {
+    /// Runs the handler on one message. On `Err` the instance must be
+    /// dropped: its memory may be in any state.
+    pub fn invoke(&mut self, topic: &str, payload: &[u8]) -> Result<Output, Failure> {
+        let timeout = self.store.data().spec.timeout;
+        self.store.set_epoch_deadline(deadline_ticks(timeout));
+        self.store.data_mut().begin();
+        let result = self.call(topic, payload);
+        let state = self.store.data_mut();
+        state.flush_output();
+        match result {
+            Ok(0) => {
+                self.invocations += 1;
+                Ok(state.take_output())
+            }
+            Ok(code) => Err(Failure::Returned {
+                code,
+                message: state.error.take(),
+            }),
+            Err(e) => Err(classify(e, timeout)),
+        }
+    }
+
+    /// Like [`Instance::invoke`], with the logs and the time taken.
+    pub fn invoke_report(&mut self, topic: &str, payload: &[u8]) -> Report {
+        let started = Instant::now();
+        let result = self.invoke(topic, payload);
+        let elapsed = started.elapsed();
+        let logs = match &mut self.store.data_mut().sink {
+            LogSink::Collect(v) => std::mem::take(v),
+            LogSink::Tracing => Vec::new(),
+        };
+        Report {
+            result,
+            logs,
+            elapsed,
+        }
+    }
+
+    /// Successful invocations this instance has served.
+    pub fn invocations(&self) -> u64 {
+        self.invocations
+    }
+
+    fn call(&mut self, topic: &str, payload: &[u8]) -> wasmtime::Result<i32> {
+        let total = topic.len() + payload.len();
+        let len = i32::try_from(total).map_err(|_| wasmtime::format_err!("message too large"))?;
+        let ptr = self.alloc.call(&mut self.store, len)?;
+        if ptr == 0 && total > 0 {
+            wasmtime::bail!("edgefn_alloc({total}) returned 0 (out of memory)");
+        }
+        let base = ptr as u32 as usize;
+        let mem = self.memory.data_mut(&mut self.store);
+        let region = mem.get_mut(base..base + total).ok_or_else(|| {
+            wasmtime::format_err!("edgefn_alloc returned an out-of-bounds pointer")
+        })?;
+        region[..topic.len()].copy_from_slice(topic.as_bytes());
+        region[topic.len()..].copy_from_slice(payload);
+        let tlen = topic.len() as i32;
+        self.on_message.call(
+            &mut self.store,
+            (ptr, tlen, ptr.wrapping_add(tlen), payload.len() as i32),
+        )
+    }
+}
+
+/// Turns a wasmtime error into a [`Failure`].
+fn classify(e: wasmtime::Error, timeout: Duration) -> Failure {
+    if let Some(exit) = e.downcast_ref::<wasmtime_wasi::I32Exit>() {
+        return Failure::Exit(exit.0);
+    }
+    if let Some(trap) = e.downcast_ref::<Trap>() {
+        if *trap == Trap::Interrupt {
+            return Failure::Timeout(timeout);
+        }
+        return Failure::Trap(trap.to_string());
+    }
+    // A host import's error (e.g. a bad pointer): its own message, without
+    // the wasm backtrace wasmtime adds as context.
+    Failure::Trap(e.root_cause().to_string())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,216 @@
+//! Per-function pools of warm instances on their own threads.
+//!
+//! A [`Pool`] starts `concurrency` worker threads for one function. Each
+//! worker owns at most one warm [`Instance`] and takes jobs from a bounded
+//! queue shared by the pool's workers, so guest code never runs on an async
+//! reactor thread and a busy function pushes back on its callers (awaiting
+//! [`Pool::submit`]) instead of queueing without bound.
+//!
+//! A failed invocation drops the worker's instance; the next attempt (a
+//! retry, or the next job) gets a fresh one. After `retries` further
+//! failures the job's outcome is [`Outcome::Failed`], for the dead letters.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use bytes::Bytes;
+use tokio::sync::oneshot;
+
+use super::{Failure, Function, Instance, Output};
+
+/// Jobs queued per worker beyond the one it is running: enough to keep a
+/// worker busy while the dispatcher routes the next message, small enough
+/// that a stalled function holds few messages.
+const QUEUE_PER_WORKER: usize = 4;
+
+/// The result of a job.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The function succeeded (possibly after retries).
+    Ok(Output),
+    /// Every attempt failed; the last failure.
+    Failed {
+        /// How many attempts were made.
+        attempts: u32,
+        /// Why the last one failed.
+        failure: Failure,
+    },
+}
+
+/// Counters for one function, read by status reports and tests.
+#[derive(Debug, Default)]
+pub struct FunctionMetrics {
+    /// Attempts started (first tries and retries).
+    pub invocations: AtomicU64,
+    /// Attempts that failed.
+    pub failures: AtomicU64,
+    /// Attempts that failed by timing out.
+    pub timeouts: AtomicU64,
+    /// Jobs that failed every attempt.
+    pub dead_letters: AtomicU64,
+    /// Fresh instances started (the first, and after each failure).
+    pub instances_started: AtomicU64,
+    /// Sum of successful attempts' durations, microseconds.
+    pub busy_micros: AtomicU64,
+}
+
+/// One message for a function.
+struct Job {
+    /// The message topic.
+    topic: Arc<str>,
+    /// The message payload.
+    payload: Bytes,
+    /// Where the outcome goes.
+    reply: oneshot::Sender<Outcome>,
+}
+
+/// A function's workers and their queue.
+pub struct Pool {
+    /// The queue; closing it stops the workers.
+    jobs: async_channel::Sender<Job>,
+    /// The worker threads, joined on [`Pool::shutdown`].
+    workers: Vec<JoinHandle<()>>,
+    /// Shared with the workers.
+    metrics: Arc<FunctionMetrics>,
+}
+
+impl Pool {
+    /// Starts `concurrency` workers for `function`, retrying a failed job
+    /// `retries` times on fresh instances.
+    ///
+    /// Fails only if a thread cannot be spawned.
+    pub fn start(
+        function: Arc<Function>,
+        concurrency: usize,
+        retries: u32,
+    ) -> std::io::Result<Pool> {
+        let (tx, rx) = async_channel::bounded(concurrency.max(1) * QUEUE_PER_WORKER);
+        let metrics = Arc::new(FunctionMetrics::default());
+        let mut workers = Vec::new();
+        for i in 0..concurrency.max(1) {
+            let worker = Worker {
+                function: function.clone(),
+                retries,
+                metrics: metrics.clone(),
+                instance: None,
+            };
+            let rx = rx.clone();
+            workers.push(
+                std::thread::Builder::new()
+                    .name(format!("fn-{}-{i}", function.spec().name))
+                    .spawn(move || worker.run(rx))?,
+            );
+        }
+        Ok(Pool {
+            jobs: tx,
+            workers,
+            metrics,
+        })
+    }
+
+    /// Queues a message, waiting while the queue is full, and returns where
+    /// its outcome will arrive. The receiver fails only if the pool was shut
+    /// down before the job ran.
+    pub async fn submit(&self, topic: Arc<str>, payload: Bytes) -> oneshot::Receiver<Outcome> {
+        let (reply, rx) = oneshot::channel();
+        // A send error means the pool is shut down: dropping the job drops
+        // `reply`, which the caller sees as "not run".
+        let _ = self
+            .jobs
+            .send(Job {
+                topic,
+                payload,
+                reply,
+            })
+            .await;
+        rx
+    }
+
+    /// The function's counters.
+    pub fn metrics(&self) -> &Arc<FunctionMetrics> {
+        &self.metrics
+    }
+
+    /// Lets queued jobs finish, then stops and joins the workers.
+    pub fn shutdown(self) {
+        self.jobs.close();
+        for w in self.workers {
+            let _ = w.join();
+        }
+    }
+}
+
+/// One worker thread's state.
+struct Worker {
+    /// The function it runs.
+    function: Arc<Function>,
+    /// Further attempts after a failure.
+    retries: u32,
+    /// Shared counters.
+    metrics: Arc<FunctionMetrics>,
+    /// The warm instance, if the last attempt succeeded.
+    instance: Option<Instance>,
+}
+
+impl Worker {
+    fn run(mut self, jobs: async_channel::Receiver<Job>) {
+        while let Ok(job) = jobs.recv_blocking() {
+            let outcome = self.handle(&job.topic, &job.payload);
+            // The receiver may be gone (shutdown); the outcome is then moot.
+            let _ = job.reply.send(outcome);
+        }
+    }
+
+    fn handle(&mut self, topic: &str, payload: &[u8]) -> Outcome {
+        let function = self.function.clone();
+        let name = &*function.spec().name;
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            self.metrics.invocations.fetch_add(1, Ordering::Relaxed);
+            let started = Instant::now();
+            let result = self.instance().and_then(|i| i.invoke(topic, payload));
+            match result {
+                Ok(output) => {
+                    let micros = started.elapsed().as_micros() as u64;
+                    self.metrics
+                        .busy_micros
+                        .fetch_add(micros, Ordering::Relaxed);
+                    return Outcome::Ok(output);
+                }
+                Err(failure) => {
+                    self.instance = None;
+                    self.metrics.failures.fetch_add(1, Ordering::Relaxed);
+                    if matches!(failure, Failure::Timeout(_)) {
+                        self.metrics.timeouts.fetch_add(1, Ordering::Relaxed);
+                    }
+                    tracing::warn!(
+                        function = name,
+                        topic,
+                        attempt = attempts,
+                        kind = failure.kind(),
+                        error = %failure,
+                        "invocation failed"
+                    );
+                    if attempts > self.retries {
+                        self.metrics.dead_letters.fetch_add(1, Ordering::Relaxed);
+                        return Outcome::Failed { attempts, failure };
+                    }
+                }
+            }
+        }
+    }
+
+    /// The warm instance, or a fresh one.
+    fn instance(&mut self) -> Result<&mut Instance, Failure> {
+        if self.instance.is_none() {
+            self.metrics
+                .instances_started
+                .fetch_add(1, Ordering::Relaxed);
+            self.instance = Some(self.function.new_instance()?);
+        }
+        Ok(self.instance.as_mut().expect("just set"))
+    }
+}

@@ -1,0 +1,791 @@
+//! The durable buffer: one SQLite database, `edgefn.db` in `data_dir`.
+//!
+//! # Invariants (the delivery promise rests on these)
+//!
+//! 1. **Commit before ack.** Everything an invocation emitted, or the dead
+//!    letter that records its failure, is written in the same transaction
+//!    as its input's other outcomes ([`Writer::commit`]); the input is
+//!    acknowledged only after that transaction commits. Many inputs share
+//!    one transaction (group commit).
+//! 2. **Delete after upstream ack.** An outbox row is deleted only after the
+//!    upstream broker's PUBACK for it ([`Reader::delete`]), or when the
+//!    `drop_oldest` policy makes room, which is counted in `counters`
+//!    (`dropped_records`) and logged.
+//! 3. **On disk when acknowledged.** With `durability = "full"` (default)
+//!    the database runs in WAL mode with `synchronous = FULL`: each commit
+//!    fsyncs the WAL, so a power cut loses nothing acknowledged. `"relaxed"`
+//!    (`synchronous = NORMAL`) survives a crash of the process, not a power
+//!    cut. Deletes by the forwarder use `NORMAL` either way: losing one to a
+//!    power cut only re-sends a record (a counted duplicate), never loses one.
+//! 4. **Order.** `outbox.seq` is `AUTOINCREMENT`: strictly increasing, never
+//!    reused, even after deletes. Records are forwarded in `seq` order, and
+//!    `seq` order is commit order, which is ingest order.
+//!
+//! # Schema (version 1, in `PRAGMA user_version`)
+//!
+//! - `outbox(seq INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT, payload BLOB,
+//!   created_ms INTEGER)`: records waiting for upstream. `topic` is what the
+//!   function emitted, without the upstream prefix (the prefix may change
+//!   between runs). A record's stable id is `<gateway id>:<seq>`.
+//! - `dead_letters(id INTEGER PRIMARY KEY AUTOINCREMENT, function TEXT,
+//!   topic TEXT, payload BLOB, kind TEXT, error TEXT, attempts INTEGER,
+//!   created_ms INTEGER)`: inputs whose every attempt failed.
+//! - `counters(name TEXT PRIMARY KEY, value INTEGER)`: totals that must
+//!   survive restarts (`dropped_records`).
+//!
+//! Later schema versions append to [`MIGRATIONS`]; a database newer than
+//! this binary is refused rather than misread.
+//!
+//! # Size bound
+//!
+//! The bound (`[buffer] max_size`) is on the bytes of buffered topics and
+//! payloads, tracked in memory ([`Writer::outbox_bytes`]) and recomputed at
+//! open; SQLite's own overhead (pages, indexes, WAL) comes on top.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::config::{Durability, FullPolicy};
+
+/// File name of the database inside `data_dir`.
+pub const DB_FILE: &str = "edgefn.db";
+
+/// Schema migrations; entry `i` moves `user_version` from `i` to `i + 1`.
+const MIGRATIONS: &[&str] = &["
+    CREATE TABLE outbox (
+        seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+        topic      TEXT    NOT NULL,
+        payload    BLOB    NOT NULL,
+        created_ms INTEGER NOT NULL
+    );
+    CREATE TABLE dead_letters (
+        id         INTEGER PRIMARY KEY AUTOINCREMENT,
+        function   TEXT    NOT NULL,
+        topic      TEXT    NOT NULL,
+        payload    BLOB    NOT NULL,
+        kind       TEXT    NOT NULL,
+        error      TEXT    NOT NULL,
+        attempts   INTEGER NOT NULL,
+        created_ms INTEGER NOT NULL
+    );
+    CREATE TABLE counters (
+        name  TEXT PRIMARY KEY,
+        value INTEGER NOT NULL
+    ) WITHOUT ROWID;
+"];
+
+/// How long SQLite waits for the other connection's lock before failing.
+/// Writers are short (one group commit), so this is only ever reached when
+/// the disk itself stalls.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Storage failures.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite reported an error (full disk, I/O error, corruption …).
+    #[error("database {path}: {source}")]
+    Sqlite {
+        /// The database file.
+        path: PathBuf,
+        /// SQLite's error.
+        source: rusqlite::Error,
+    },
+    /// The data directory could not be created.
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir {
+        /// The directory.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The database was written by a newer edgefn.
+    #[error(
+        "database {path} has schema version {found}, newer than this edgefn's {supported}; upgrade edgefn"
+    )]
+    TooNew {
+        /// The database file.
+        path: PathBuf,
+        /// Its version.
+        found: i64,
+        /// Ours.
+        supported: i64,
+    },
+}
+
+/// A record one invocation emitted, to be committed.
+#[derive(Debug, Clone)]
+pub struct NewRecord {
+    /// Topic as emitted (no upstream prefix).
+    pub topic: String,
+    /// Payload.
+    pub payload: Vec<u8>,
+}
+
+/// An input whose every attempt failed.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    /// The function that failed.
+    pub function: String,
+    /// The input's topic.
+    pub topic: String,
+    /// The input's payload.
+    pub payload: Vec<u8>,
+    /// `Failure::kind`.
+    pub kind: &'static str,
+    /// The failure, as text.
+    pub error: String,
+    /// Attempts made.
+    pub attempts: u32,
+}
+
+/// What one group commit did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Committed {
+    /// Records added to the outbox.
+    pub records: u64,
+    /// Dead letters added.
+    pub dead_letters: u64,
+    /// Old records deleted to make room (`drop_oldest`).
+    pub dropped: u64,
+    /// The highest `seq` written, if any.
+    pub last_seq: Option<i64>,
+}
+
+/// A buffered record, as the forwarder reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// Position in the outbox; part of the record's id.
+    pub seq: i64,
+    /// Topic (no prefix).
+    pub topic: String,
+    /// Payload.
+    pub payload: Vec<u8>,
+}
+
+impl Record {
+    /// Bytes this record counts against the buffer bound.
+    pub fn size(&self) -> u64 {
+        (self.topic.len() + self.payload.len()) as u64
+    }
+}
+
+/// State shared by the writer and the reader.
+#[derive(Debug, Default)]
+struct Shared {
+    /// Bytes of topics + payloads in the outbox.
+    bytes: AtomicU64,
+    /// Highest committed seq (for waking the forwarder).
+    last_seq: AtomicU64,
+    /// Signalled when the reader deletes rows (a full buffer has room).
+    room: (Mutex<()>, Condvar),
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn open_connection(path: &Path, synchronous: &str) -> Result<Connection, StoreError> {
+    let err = |source| StoreError::Sqlite {
+        path: path.to_owned(),
+        source,
+    };
+    let conn = Connection::open(path).map_err(err)?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(err)?;
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(err)?;
+    conn.pragma_update(None, "synchronous", synchronous)
+        .map_err(err)?;
+    Ok(conn)
+}
+
+/// Opens (creating and migrating if needed) the database in `data_dir`,
+/// returning its single writer and a reader for the forwarder.
+///
+/// Fails if the directory or database cannot be created, or the schema is
+/// newer than this binary knows.
+pub fn open(
+    data_dir: &Path,
+    durability: Durability,
+    max_size: u64,
+    policy: FullPolicy,
+) -> Result<(Writer, Reader), StoreError> {
+    std::fs::create_dir_all(data_dir).map_err(|source| StoreError::DataDir {
+        path: data_dir.to_owned(),
+        source,
+    })?;
+    let path = data_dir.join(DB_FILE);
+    let err = |source| StoreError::Sqlite {
+        path: path.clone(),
+        source,
+    };
+    let sync = match durability {
+        Durability::Full => "FULL",
+        Durability::Relaxed => "NORMAL",
+    };
+    let mut conn = open_connection(&path, sync)?;
+    migrate(&mut conn, &path)?;
+    let (bytes, last): (i64, Option<i64>) = conn
+        .query_row(
+            "SELECT COALESCE(SUM(length(CAST(topic AS BLOB)) + length(payload)), 0), MAX(seq) FROM outbox",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .map_err(err)?;
+    let shared = Arc::new(Shared::default());
+    shared.bytes.store(bytes as u64, Ordering::Relaxed);
+    shared
+        .last_seq
+        .store(last.unwrap_or(0) as u64, Ordering::Relaxed);
+    let reader = Reader {
+        conn: open_connection(&path, "NORMAL")?,
+        path: path.clone(),
+        shared: shared.clone(),
+    };
+    Ok((
+        Writer {
+            conn,
+            path,
+            shared,
+            max_size,
+            policy,
+        },
+        reader,
+    ))
+}
+
+fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
+    let err = |source| StoreError::Sqlite {
+        path: path.to_owned(),
+        source,
+    };
+    let version: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .map_err(err)?;
+    let supported = MIGRATIONS.len() as i64;
+    if version > supported {
+        return Err(StoreError::TooNew {
+            path: path.to_owned(),
+            found: version,
+            supported,
+        });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        let tx = conn.transaction().map_err(err)?;
+        tx.execute_batch(sql).map_err(err)?;
+        tx.pragma_update(None, "user_version", i as i64 + 1)
+            .map_err(err)?;
+        tx.commit().map_err(err)?;
+    }
+    Ok(())
+}
+
+/// The one writing connection, owned by the commit stage's thread.
+pub struct Writer {
+    /// The connection (`synchronous` per durability).
+    conn: Connection,
+    /// For error messages.
+    path: PathBuf,
+    /// Shared with the reader.
+    shared: Arc<Shared>,
+    /// `[buffer] max_size`.
+    max_size: u64,
+    /// `[buffer] full_policy`.
+    policy: FullPolicy,
+}
+
+/// One input's outcomes, as committed.
+#[derive(Debug, Default, Clone)]
+pub struct Outcomes {
+    /// Records for upstream, in order.
+    pub records: Vec<NewRecord>,
+    /// Failures, one per failed function.
+    pub dead_letters: Vec<DeadLetter>,
+}
+
+impl Outcomes {
+    fn bytes(&self) -> u64 {
+        self.records
+            .iter()
+            .map(|r| (r.topic.len() + r.payload.len()) as u64)
+            .sum()
+    }
+}
+
+impl Writer {
+    /// Commits the outcomes of many inputs in one transaction (invariant 1).
+    ///
+    /// With the `backpressure` policy and a full buffer this blocks until
+    /// the forwarder makes room (or `give_up` returns true, then it returns
+    /// `Ok(None)` having written nothing). Fails on any SQLite error, having
+    /// written nothing; the caller retries and must not acknowledge.
+    pub fn commit(
+        &mut self,
+        batch: &[&Outcomes],
+        give_up: &dyn Fn() -> bool,
+    ) -> Result<Option<Committed>, StoreError> {
+        let incoming: u64 = batch.iter().map(|o| o.bytes()).sum();
+        if self.policy == FullPolicy::Backpressure && !self.wait_for_room(incoming, give_up) {
+            return Ok(None);
+        }
+        let path = self.path.clone();
+        let err = |source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let now = now_ms();
+        let mut done = Committed::default();
+        let mut freed = 0;
+        let tx = self.conn.transaction().map_err(err)?;
+        {
+            if self.policy == FullPolicy::DropOldest {
+                let over = (self.shared.bytes.load(Ordering::Relaxed) + incoming)
+                    .saturating_sub(self.max_size);
+                if over > 0 {
+                    (done.dropped, freed) = drop_oldest(&tx, over).map_err(err)?;
+                }
+            }
+            let mut insert = tx
+                .prepare_cached(
+                    "INSERT INTO outbox (topic, payload, created_ms) VALUES (?1, ?2, ?3)",
+                )
+                .map_err(err)?;
+            for outcome in batch {
+                for r in &outcome.records {
+                    insert
+                        .execute(params![r.topic, r.payload, now])
+                        .map_err(err)?;
+                    done.records += 1;
+                }
+            }
+            if done.records > 0 {
+                done.last_seq = Some(tx.last_insert_rowid());
+            }
+            let mut dead = tx
+                .prepare_cached(
+                    "INSERT INTO dead_letters (function, topic, payload, kind, error, attempts, created_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                )
+                .map_err(err)?;
+            for outcome in batch {
+                for d in &outcome.dead_letters {
+                    dead.execute(params![
+                        d.function, d.topic, d.payload, d.kind, d.error, d.attempts, now
+                    ])
+                    .map_err(err)?;
+                    done.dead_letters += 1;
+                }
+            }
+            if done.dropped > 0 {
+                tx.execute(
+                    "INSERT INTO counters (name, value) VALUES ('dropped_records', ?1)
+                     ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
+                    [done.dropped as i64],
+                )
+                .map_err(err)?;
+            }
+        }
+        tx.commit().map_err(err)?;
+        let b = &self.shared.bytes;
+        b.fetch_add(incoming, Ordering::Relaxed);
+        b.fetch_sub(freed.min(b.load(Ordering::Relaxed)), Ordering::Relaxed);
+        if let Some(seq) = done.last_seq {
+            self.shared.last_seq.store(seq as u64, Ordering::Release);
+        }
+        Ok(Some(done))
+    }
+
+    /// Waits until `incoming` bytes fit. Returns false if `give_up` said so.
+    fn wait_for_room(&self, incoming: u64, give_up: &dyn Fn() -> bool) -> bool {
+        let fits = || {
+            let used = self.shared.bytes.load(Ordering::Relaxed);
+            // An empty buffer always takes the batch, however large, so one
+            // oversized batch cannot wedge the gateway.
+            used == 0 || used + incoming <= self.max_size
+        };
+        if fits() {
+            return true;
+        }
+        tracing::warn!(
+            used = self.shared.bytes.load(Ordering::Relaxed),
+            max_size = self.max_size,
+            "buffer full: devices are not acknowledged until the upstream drains it"
+        );
+        let (lock, cvar) = &self.shared.room;
+        let mut guard = lock.lock().expect("room lock");
+        while !fits() {
+            if give_up() {
+                return false;
+            }
+            guard = cvar
+                .wait_timeout(guard, Duration::from_millis(200))
+                .expect("room lock")
+                .0;
+        }
+        true
+    }
+
+    /// Bytes of topics and payloads in the outbox.
+    pub fn outbox_bytes(&self) -> u64 {
+        self.shared.bytes.load(Ordering::Relaxed)
+    }
+
+    /// A durable counter's value (0 if never set).
+    pub fn counter(&self, name: &str) -> Result<i64, StoreError> {
+        self.conn
+            .query_row("SELECT value FROM counters WHERE name = ?1", [name], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map(Option::unwrap_or_default)
+            .map_err(|source| StoreError::Sqlite {
+                path: self.path.clone(),
+                source,
+            })
+    }
+}
+
+/// Deletes the oldest records until at least `need` bytes are freed.
+/// Returns (rows, bytes) deleted.
+fn drop_oldest(tx: &rusqlite::Transaction<'_>, need: u64) -> rusqlite::Result<(u64, u64)> {
+    let mut rows = 0;
+    let mut freed = 0;
+    let mut last = None;
+    {
+        let mut stmt = tx.prepare_cached(
+            "SELECT seq, length(CAST(topic AS BLOB)) + length(payload) FROM outbox ORDER BY seq",
+        )?;
+        let mut it = stmt.query([])?;
+        while freed < need {
+            let Some(row) = it.next()? else { break };
+            let (seq, size): (i64, i64) = (row.get(0)?, row.get(1)?);
+            freed += size as u64;
+            rows += 1;
+            last = Some(seq);
+        }
+    }
+    if let Some(last) = last {
+        tx.execute("DELETE FROM outbox WHERE seq <= ?1", [last])?;
+        tracing::warn!(
+            records = rows,
+            bytes = freed,
+            "buffer full: dropped the oldest records (drop_oldest policy)"
+        );
+    }
+    Ok((rows, freed))
+}
+
+/// The forwarder's connection: reads records in order, deletes acknowledged ones.
+pub struct Reader {
+    /// A second connection (WAL lets it read while the writer writes).
+    conn: Connection,
+    /// For error messages.
+    path: PathBuf,
+    /// Shared with the writer.
+    shared: Arc<Shared>,
+}
+
+impl Reader {
+    fn err(&self) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
+        |source| StoreError::Sqlite {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// Up to `limit` records with `seq > after`, in order.
+    pub fn after(&self, after: i64, limit: usize) -> Result<Vec<Record>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT seq, topic, payload FROM outbox WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+            )
+            .map_err(self.err())?;
+        let rows = stmt
+            .query_map(params![after, limit as i64], |r| {
+                Ok(Record {
+                    seq: r.get(0)?,
+                    topic: r.get(1)?,
+                    payload: r.get(2)?,
+                })
+            })
+            .map_err(self.err())?;
+        rows.collect::<Result<_, _>>().map_err(self.err())
+    }
+
+    /// Deletes acknowledged records `(seq, size)` in one transaction
+    /// (invariant 2) and wakes a writer waiting for room.
+    pub fn delete(&mut self, acked: &[(i64, u64)]) -> Result<(), StoreError> {
+        if acked.is_empty() {
+            return Ok(());
+        }
+        let path = self.path.clone();
+        let err = |source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(err)?;
+        let mut freed = 0;
+        {
+            let mut stmt = tx
+                .prepare_cached("DELETE FROM outbox WHERE seq = ?1")
+                .map_err(err)?;
+            for (seq, size) in acked {
+                // A row already dropped by `drop_oldest` frees nothing twice.
+                if stmt.execute([seq]).map_err(err)? > 0 {
+                    freed += size;
+                }
+            }
+        }
+        tx.commit().map_err(err)?;
+        let b = &self.shared.bytes;
+        b.fetch_sub(freed.min(b.load(Ordering::Relaxed)), Ordering::Relaxed);
+        let (lock, cvar) = &self.shared.room;
+        drop(lock.lock().expect("room lock"));
+        cvar.notify_all();
+        Ok(())
+    }
+
+    /// Moves a record the upstream refused to the dead letters (function
+    /// `upstream`), in one transaction.
+    pub fn reject(&mut self, seq: i64, size: u64, why: &str) -> Result<(), StoreError> {
+        let path = self.path.clone();
+        let err = |source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(err)?;
+        let moved = tx
+            .execute(
+                "INSERT INTO dead_letters (function, topic, payload, kind, error, attempts, created_ms)
+                 SELECT 'upstream', topic, payload, 'rejected', ?2, 1, ?3 FROM outbox WHERE seq = ?1",
+                params![seq, why, now_ms()],
+            )
+            .map_err(err)?;
+        tx.execute("DELETE FROM outbox WHERE seq = ?1", [seq])
+            .map_err(err)?;
+        tx.commit().map_err(err)?;
+        if moved > 0 {
+            let b = &self.shared.bytes;
+            b.fetch_sub(size.min(b.load(Ordering::Relaxed)), Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Number of records waiting.
+    pub fn pending(&self) -> Result<u64, StoreError> {
+        self.conn
+            .query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get::<_, i64>(0))
+            .map(|n| n as u64)
+            .map_err(self.err())
+    }
+
+    /// Highest committed seq so far (0 if none).
+    pub fn last_seq(&self) -> i64 {
+        self.shared.last_seq.load(Ordering::Acquire) as i64
+    }
+
+    /// Bytes of topics and payloads in the outbox.
+    pub fn outbox_bytes(&self) -> u64 {
+        self.shared.bytes.load(Ordering::Relaxed)
+    }
+}
+
+/// Reads the dead letters (for tests and, later, `edgefn dead-letters`).
+pub fn dead_letters(data_dir: &Path) -> Result<Vec<DeadLetter>, StoreError> {
+    let path = data_dir.join(DB_FILE);
+    let err = |source| StoreError::Sqlite {
+        path: path.clone(),
+        source,
+    };
+    let conn = open_connection(&path, "NORMAL")?;
+    let mut stmt = conn
+        .prepare(
+            "SELECT function, topic, payload, kind, error, attempts FROM dead_letters ORDER BY id",
+        )
+        .map_err(err)?;
+    let rows = stmt
+        .query_map([], |r| {
+            let kind: String = r.get(3)?;
+            Ok(DeadLetter {
+                function: r.get(0)?,
+                topic: r.get(1)?,
+                payload: r.get(2)?,
+                kind: match kind.as_str() {
+                    "error" => "error",
+                    "timeout" => "timeout",
+                    "trap" => "trap",
+                    "exit" => "exit",
+                    "rejected" => "rejected",
+                    _ => "start",
+                },
+                error: r.get(4)?,
+                attempts: r.get(5)?,
+            })
+        })
+        .map_err(err)?;
+    rows.collect::<Result<_, _>>().map_err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(topic: &str, payload: &str) -> NewRecord {
+        NewRecord {
+            topic: topic.into(),
+            payload: payload.as_bytes().to_vec(),
+        }
+    }
+
+    fn outcomes(records: Vec<NewRecord>) -> Outcomes {
+        Outcomes {
+            records,
+            dead_letters: vec![],
+        }
+    }
+
+    const NEVER: &dyn Fn() -> bool = &|| false;
+
+    #[test]
+    fn records_come_back_in_commit_order_and_go_on_delete() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, mut r) = open(
+            dir.path(),
+            Durability::Full,
+            1 << 20,
+            FullPolicy::Backpressure,
+        )
+        .unwrap();
+        let a = outcomes(vec![rec("t/1", "a"), rec("t/2", "b")]);
+        let b = outcomes(vec![rec("t/3", "c")]);
+        let done = w.commit(&[&a, &b], NEVER).unwrap().unwrap();
+        assert_eq!(done.records, 3);
+        assert_eq!(r.last_seq(), done.last_seq.unwrap());
+        let got = r.after(0, 10).unwrap();
+        let topics: Vec<_> = got.iter().map(|r| r.topic.as_str()).collect();
+        assert_eq!(topics, ["t/1", "t/2", "t/3"]);
+        assert_eq!(w.outbox_bytes(), 3 * 4);
+        r.delete(&[(got[0].seq, got[0].size())]).unwrap();
+        assert_eq!(r.after(0, 10).unwrap(), got[1..]);
+        assert_eq!(r.pending().unwrap(), 2);
+        assert_eq!(w.outbox_bytes(), 2 * 4);
+    }
+
+    #[test]
+    fn records_survive_reopening_and_seq_is_never_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let last = {
+            let (mut w, mut r) = open(
+                dir.path(),
+                Durability::Full,
+                1 << 20,
+                FullPolicy::Backpressure,
+            )
+            .unwrap();
+            let a = outcomes(vec![rec("t", "1"), rec("t", "2")]);
+            w.commit(&[&a], NEVER).unwrap();
+            let all = r.after(0, 10).unwrap();
+            r.delete(&[(all[1].seq, all[1].size())]).unwrap();
+            all[1].seq
+        };
+        let (mut w, r) = open(
+            dir.path(),
+            Durability::Full,
+            1 << 20,
+            FullPolicy::Backpressure,
+        )
+        .unwrap();
+        assert_eq!(r.after(0, 10).unwrap().len(), 1);
+        assert_eq!(w.outbox_bytes(), 2);
+        let done = w
+            .commit(&[&outcomes(vec![rec("t", "3")])], NEVER)
+            .unwrap()
+            .unwrap();
+        assert!(done.last_seq.unwrap() > last);
+    }
+
+    #[test]
+    fn drop_oldest_makes_room_and_counts() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, r) = open(dir.path(), Durability::Relaxed, 10, FullPolicy::DropOldest).unwrap();
+        for i in 0..5 {
+            // 5 bytes each: "t" + 4-byte payload
+            w.commit(&[&outcomes(vec![rec("t", &format!("{i:04}"))])], NEVER)
+                .unwrap();
+        }
+        let left: Vec<_> = r.after(0, 10).unwrap();
+        assert_eq!(left.len(), 2);
+        assert_eq!(left[1].payload, b"0004");
+        assert_eq!(w.counter("dropped_records").unwrap(), 3);
+        assert!(w.outbox_bytes() <= 10);
+    }
+
+    #[test]
+    fn backpressure_waits_for_room() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, mut r) =
+            open(dir.path(), Durability::Full, 5, FullPolicy::Backpressure).unwrap();
+        w.commit(&[&outcomes(vec![rec("t", "0000")])], NEVER)
+            .unwrap();
+        // Full: a commit that may give up does so without writing.
+        let second = outcomes(vec![rec("t", "0001")]);
+        assert_eq!(w.commit(&[&second], &|| true).unwrap(), None);
+        assert_eq!(r.pending().unwrap(), 1);
+        // The forwarder drains the first record from another thread; the
+        // blocked commit then goes through.
+        let first = r.after(0, 1).unwrap().remove(0);
+        let t = std::thread::spawn(move || {
+            w.commit(&[&second], NEVER).unwrap().unwrap();
+            w
+        });
+        r.delete(&[(first.seq, first.size())]).unwrap();
+        t.join().unwrap();
+        assert_eq!(r.after(0, 10).unwrap()[0].payload, b"0001");
+    }
+
+    #[test]
+    fn dead_letters_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, _r) = open(
+            dir.path(),
+            Durability::Full,
+            1 << 20,
+            FullPolicy::Backpressure,
+        )
+        .unwrap();
+        let o = Outcomes {
+            records: vec![],
+            dead_letters: vec![DeadLetter {
+                function: "f".into(),
+                topic: "in".into(),
+                payload: b"x".to_vec(),
+                kind: "trap",
+                error: "boom".into(),
+                attempts: 2,
+            }],
+        };
+        assert_eq!(w.commit(&[&o], NEVER).unwrap().unwrap().dead_letters, 1);
+        let d = dead_letters(dir.path()).unwrap();
+        assert_eq!(d.len(), 1);
+        assert_eq!((d[0].kind, d[0].attempts), ("trap", 2));
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let c = Connection::open(dir.path().join(DB_FILE)).unwrap();
+            c.pragma_update(None, "user_version", 99).unwrap();
+        }
+        let e = open(dir.path(), Durability::Full, 1, FullPolicy::Backpressure)
+            .err()
+            .unwrap();
+        assert!(matches!(e, StoreError::TooNew { found: 99, .. }), "{e}");
+    }
+}

@@ -1,0 +1,529 @@
+//! Helpers for the integration tests: private Mosquitto brokers on free
+//! loopback ports, the real `edgefn` binary, the real example functions,
+//! and MQTT clients standing in for devices and for the cloud.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use rumqttc::Outgoing;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::Packet;
+use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+
+/// How long a test waits for something that should happen before failing.
+/// A deadline for a hung test, not a performance threshold.
+pub const PATIENCE: Duration = Duration::from_secs(90);
+
+/// The repository root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Path of an example function's module, building the functions once if
+/// they are missing (`functions/build.sh`).
+pub fn module(name: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    let path = root().join("functions/dist").join(format!("{name}.wasm"));
+    if !path.exists() {
+        BUILT.get_or_init(|| {
+            let status = Command::new("bash")
+                .arg(root().join("functions/build.sh"))
+                .status()
+                .expect("run functions/build.sh");
+            assert!(status.success(), "functions/build.sh failed");
+        });
+    }
+    assert!(path.exists(), "{} was not built", path.display());
+    path
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released; the small race with
+/// other processes is acceptable in tests).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Waits until something accepts TCP connections on `port`.
+pub fn wait_for_port(port: u16) {
+    let deadline = Instant::now() + PATIENCE;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on port {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A private Mosquitto with a stock configuration (no raised in-flight or
+/// queue limits), on its own port.
+pub struct Mosquitto {
+    /// Its port.
+    pub port: u16,
+    /// Holds its config and log.
+    dir: tempfile::TempDir,
+    /// The process, while running.
+    child: Option<Child>,
+    /// Whether it persists sessions to its directory.
+    persistent: bool,
+}
+
+impl Mosquitto {
+    /// Starts one on a free port.
+    pub fn start() -> Mosquitto {
+        Self::start_with(false)
+    }
+
+    /// Starts one that keeps sessions and queued messages across a
+    /// graceful restart ([`Mosquitto::stop_gracefully`]), so a subscriber
+    /// standing in for the cloud misses nothing while it reconnects.
+    pub fn start_persistent() -> Mosquitto {
+        Self::start_with(true)
+    }
+
+    fn start_with(persistent: bool) -> Mosquitto {
+        let mut m = Mosquitto {
+            port: free_port(),
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+            persistent,
+        };
+        m.restart();
+        m
+    }
+
+    /// SIGTERM: Mosquitto saves its persistence file and exits.
+    pub fn stop_gracefully(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port (after [`Mosquitto::stop`]).
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none());
+        let conf = self.dir.path().join("mosquitto.conf");
+        let persistence = if self.persistent {
+            format!(
+                "persistence true\npersistence_location {}/\n",
+                self.dir.path().display()
+            )
+        } else {
+            "persistence false\n".to_owned()
+        };
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {} 127.0.0.1\nallow_anonymous true\n{persistence}log_dest file {}\n",
+                self.port,
+                self.dir.path().join("mosquitto.log").display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new(mosquitto_binary())
+            .arg("-c")
+            .arg(&conf)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start mosquitto (apt-get install mosquitto)");
+        self.child = Some(child);
+        wait_for_port(self.port);
+    }
+
+    /// Stops it (SIGKILL: an outage, not a clean shutdown).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// `mqtt://127.0.0.1:PORT`
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn mosquitto_binary() -> PathBuf {
+    for p in [
+        "/usr/sbin/mosquitto",
+        "/usr/bin/mosquitto",
+        "/usr/local/sbin/mosquitto",
+    ] {
+        if Path::new(p).exists() {
+            return p.into();
+        }
+    }
+    "mosquitto".into()
+}
+
+/// A message seen by an [`Upstream`] subscriber.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Seen {
+    /// Topic.
+    pub topic: String,
+    /// Payload as text.
+    pub payload: String,
+    /// The `edgefn-id` user property.
+    pub id: Option<String>,
+}
+
+impl Seen {
+    /// The payload parsed as JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.payload).unwrap_or_else(|e| panic!("{}: {e}", self.payload))
+    }
+}
+
+/// A subscriber standing in for the cloud: collects everything under a
+/// filter, acknowledging each message.
+pub struct Upstream {
+    /// Everything received, in order.
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+    /// The client task.
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Upstream {
+    /// Subscribes to `filter` on the broker at `port`; returns once the
+    /// subscription is acknowledged.
+    pub async fn subscribe(port: u16, filter: &str) -> Upstream {
+        let mut o = MqttOptions::new(format!("cloud-{}", free_port()), "127.0.0.1", port);
+        o.set_keep_alive(Duration::from_secs(30));
+        // A persistent session: on a persistent broker nothing published
+        // while this subscriber reconnects is lost.
+        o.set_clean_start(false);
+        o.set_session_expiry_interval(Some(3600));
+        o.set_max_packet_size(Some(1 << 20));
+        let (client, mut events) = AsyncClient::new(o, 100);
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let filter = filter.to_owned();
+        let task = {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut ready = Some(ready_tx);
+                loop {
+                    match events.poll().await {
+                        Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                            client
+                                .subscribe(filter.clone(), QoS::AtLeastOnce)
+                                .await
+                                .unwrap();
+                        }
+                        Ok(Event::Incoming(Packet::SubAck(_))) => {
+                            if let Some(r) = ready.take() {
+                                let _ = r.send(());
+                            }
+                        }
+                        Ok(Event::Incoming(Packet::Publish(p))) => {
+                            let id = p.properties.as_ref().and_then(|props| {
+                                props
+                                    .user_properties
+                                    .iter()
+                                    .find(|(k, _)| k == "edgefn-id")
+                                    .map(|(_, v)| v.clone())
+                            });
+                            seen.lock().unwrap().push(Seen {
+                                topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                                payload: String::from_utf8_lossy(&p.payload).into_owned(),
+                                id,
+                            });
+                        }
+                        Ok(_) => {}
+                        Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                    }
+                }
+            })
+        };
+        tokio::time::timeout(PATIENCE, ready_rx)
+            .await
+            .expect("upstream subscription")
+            .unwrap();
+        Upstream { seen, task }
+    }
+
+    /// Waits until `pred` holds for what was received; panics after [`PATIENCE`].
+    pub async fn wait_until(&self, what: &str, pred: impl Fn(&[Seen]) -> bool) -> Vec<Seen> {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            {
+                let seen = self.seen.lock().unwrap();
+                if pred(&seen) {
+                    return seen.clone();
+                }
+                if Instant::now() > deadline {
+                    panic!(
+                        "timed out waiting for {what}; received {} messages",
+                        seen.len()
+                    );
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Waits until at least `n` messages arrived.
+    pub async fn wait_for(&self, n: usize) -> Vec<Seen> {
+        self.wait_until(&format!("{n} messages upstream"), |s| s.len() >= n)
+            .await
+    }
+
+    /// Distinct messages by id (duplicates after reconnects collapse).
+    pub fn distinct(seen: &[Seen]) -> Vec<Seen> {
+        let mut ids = std::collections::HashSet::new();
+        seen.iter()
+            .filter(|s| ids.insert(s.id.clone().expect("every record has an id")))
+            .cloned()
+            .collect()
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A device publishing QoS 1 messages one at a time, each waiting for its
+/// PUBACK, and remembering which were acknowledged.
+pub struct Device {
+    /// The client.
+    client: AsyncClient,
+    /// PUBACKs received, by sequence.
+    acked: tokio::sync::mpsc::UnboundedReceiver<()>,
+    /// Connection errors seen.
+    pub errors: Arc<Mutex<u64>>,
+    /// The event loop task.
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Device {
+    /// Connects a device with `client_id` to the broker at `port`.
+    pub async fn connect(client_id: &str, port: u16) -> Device {
+        let mut o = MqttOptions::new(client_id, "127.0.0.1", port);
+        o.set_keep_alive(Duration::from_secs(30));
+        o.set_clean_start(true);
+        let (client, mut events) = AsyncClient::new(o, 10);
+        let (tx, acked) = tokio::sync::mpsc::unbounded_channel();
+        let errors = Arc::new(Mutex::new(0));
+        let task = {
+            let errors = errors.clone();
+            tokio::spawn(async move {
+                // pkid → whether it is still awaiting its PUBACK on this connection.
+                let mut pending: HashMap<u16, ()> = HashMap::new();
+                loop {
+                    match events.poll().await {
+                        Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                            pending.insert(pkid, ());
+                        }
+                        Ok(Event::Incoming(Packet::PubAck(a))) => {
+                            if pending.remove(&a.pkid).is_some() {
+                                let _ = tx.send(());
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(_) => {
+                            pending.clear();
+                            *errors.lock().unwrap() += 1;
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
+                }
+            })
+        };
+        Device {
+            client,
+            acked,
+            errors,
+            task,
+        }
+    }
+
+    /// Publishes at QoS 1 and waits for the PUBACK. Returns false if none
+    /// came within `wait` (e.g. the broker died).
+    pub async fn publish_acked(
+        &mut self,
+        topic: &str,
+        payload: impl Into<Vec<u8>>,
+        wait: Duration,
+    ) -> bool {
+        let payload: Vec<u8> = payload.into();
+        if self
+            .client
+            .publish(topic, QoS::AtLeastOnce, false, payload)
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        matches!(
+            tokio::time::timeout(wait, self.acked.recv()).await,
+            Ok(Some(()))
+        )
+    }
+
+    /// Publishes without waiting (the caller checks arrival elsewhere).
+    pub async fn publish(&self, topic: &str, payload: impl Into<Vec<u8>>) {
+        let payload: Vec<u8> = payload.into();
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload)
+            .await
+            .unwrap();
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Writes a gateway config into `dir` and returns its path.
+pub fn write_config(dir: &Path, text: &str) -> PathBuf {
+    let path = dir.join("edgefn.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// The standard test config: clean-temperature (UNIT=F) on
+/// `sensors/+/temperature` and chaos on `chaos/#`, local broker `local`
+/// (a URL, or `embedded` for the built-in broker on `embedded_port`),
+/// upstream at `upstream_port` with prefix `site/pi-01/`.
+pub fn standard_config(dir: &Path, local: &str, upstream_port: u16) -> PathBuf {
+    let local = if let Some(port) = local.strip_prefix("embedded:") {
+        format!("embedded = true\nlisten = \"127.0.0.1:{port}\"")
+    } else {
+        format!(
+            "url = \"{local}\"\nclient_id = \"edgefn-test-{}\"",
+            free_port()
+        )
+    };
+    write_config(
+        dir,
+        &format!(
+            r#"
+[gateway]
+id = "pi-01"
+data_dir = "{data}"
+
+[local]
+{local}
+max_message_size = "4KiB"
+
+[upstream]
+url = "mqtt://127.0.0.1:{upstream_port}"
+topic_prefix = "site/pi-01/"
+
+[buffer]
+max_size = "64MiB"
+
+[[functions]]
+name = "clean-temperature"
+module = "{clean}"
+triggers = ["sensors/+/temperature"]
+env = {{ UNIT = "F" }}
+memory_limit = "16MiB"
+timeout = "100ms"
+concurrency = 2
+
+[[functions]]
+name = "chaos"
+module = "{chaos}"
+triggers = ["chaos/#"]
+env = {{ GREETING = "hi" }}
+timeout = "200ms"
+retries = 1
+"#,
+            data = dir.join("data").display(),
+            clean = module("clean_temperature").display(),
+            chaos = module("chaos").display(),
+        ),
+    )
+}
+
+/// The `edgefn` daemon as a child process.
+pub struct Daemon {
+    /// The process.
+    pub child: Child,
+    /// Its stderr log file.
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    /// Starts `edgefn run --config CONFIG`, logging to a file beside it.
+    pub fn start(config: &Path) -> Daemon {
+        let log = config.with_extension(format!("{}.log", free_port()));
+        let child = Command::new(env!("CARGO_BIN_EXE_edgefn"))
+            .args(["run", "--config"])
+            .arg(config)
+            .env("EDGEFN_LOG", "info,rmqtt=warn,rmqtt_net=warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start edgefn");
+        Daemon { child, log }
+    }
+
+    /// SIGKILL: no chance to flush or say goodbye.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        self.child.wait().unwrap()
+    }
+
+    /// The log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the log contains `text`.
+    pub fn wait_for_log(&self, text: &str) {
+        let deadline = Instant::now() + PATIENCE;
+        while !self.log().contains(text) {
+            assert!(
+                Instant::now() < deadline,
+                "log never said {text:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A reading as a device sends it.
+pub fn reading(seq: u64, temp_c: f64) -> String {
+    format!(r#"{{"seq":{seq},"temp_c":{temp_c}}}"#)
+}

@@ -1,0 +1,255 @@
+//! End to end through an existing broker: devices → Mosquitto (stock
+//! config) → the real `edgefn` daemon running the real example functions →
+//! a second Mosquitto standing in for the cloud.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::*;
+
+/// Upstream topic of a cleaned reading from `device`.
+fn telemetry(device: &str) -> String {
+    format!("site/pi-01/telemetry/{device}/temperature")
+}
+
+/// Per device, the `seq`s of cleaned readings in arrival order (first
+/// arrival of each id).
+fn seqs_by_device(seen: &[Seen]) -> BTreeMap<String, Vec<u64>> {
+    let mut out: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for s in Upstream::distinct(seen) {
+        if let Some(dev) = s
+            .topic
+            .strip_prefix("site/pi-01/telemetry/")
+            .and_then(|t| t.strip_suffix("/temperature"))
+        {
+            out.entry(dev.to_owned())
+                .or_default()
+                .push(s.json()["seq"].as_u64().unwrap());
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readings_are_cleaned_and_arrive_upstream_exactly() {
+    let local = Mosquitto::start();
+    let cloud = Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = standard_config(dir.path(), &local.url(), cloud.port);
+    let upstream = Upstream::subscribe(cloud.port, "site/#").await;
+    let mut daemon = Daemon::start(&config);
+    daemon.wait_for_log("subscribed");
+
+    // 3 devices × 100 messages: every 10th is not JSON, then out of range,
+    // then without temp_c, then not even UTF-8; the rest are good. Between
+    // them, the chaos function traps on some inputs of its own.
+    let mut dev = Device::connect("device-a", local.port).await;
+    let mut expected: BTreeMap<String, Vec<(u64, f64)>> = BTreeMap::new();
+    for i in 0..100u64 {
+        for d in ["d1", "d2", "d3"] {
+            let topic = format!("sensors/{d}/temperature");
+            let t = i as f64 / 4.0 - 10.0;
+            let payload: Vec<u8> = match i % 10 {
+                0 => b"not json".to_vec(),
+                1 => reading(i, 120.0).into_bytes(),
+                2 => format!(r#"{{"seq":{i}}}"#).into_bytes(),
+                3 => vec![0xff, 0xfe, 0x00],
+                _ => {
+                    expected.entry(d.to_owned()).or_default().push((i, t));
+                    reading(i, t).into_bytes()
+                }
+            };
+            assert!(dev.publish_acked(&topic, payload, PATIENCE).await);
+        }
+        if i % 25 == 0 {
+            assert!(dev.publish_acked("chaos/boom", "trap", PATIENCE).await);
+            assert!(
+                dev.publish_acked("chaos/hello", format!("hello {i}"), PATIENCE)
+                    .await
+            );
+        }
+    }
+    let total: usize = expected.values().map(Vec::len).sum();
+    let seen = upstream
+        .wait_until("every cleaned reading and echo", |s| {
+            Upstream::distinct(s).len() >= total + 4
+        })
+        .await;
+
+    // Exactly the good readings, each once, in order per device, with the
+    // original fields plus temp_f and device.
+    let by_device = seqs_by_device(&seen);
+    for (d, readings) in &expected {
+        let seqs: Vec<u64> = readings.iter().map(|(s, _)| *s).collect();
+        assert_eq!(by_device[d], seqs, "device {d}");
+    }
+    for s in Upstream::distinct(&seen) {
+        if !s.topic.contains("/telemetry/") {
+            continue;
+        }
+        let v = s.json();
+        let d = v["device"].as_str().unwrap();
+        assert_eq!(s.topic, telemetry(d));
+        let seq = v["seq"].as_u64().unwrap();
+        let t = expected[d].iter().find(|(q, _)| *q == seq).unwrap().1;
+        assert_eq!(v["temp_c"].as_f64().unwrap(), t);
+        assert!((v["temp_f"].as_f64().unwrap() - (t * 9.0 / 5.0 + 32.0)).abs() < 1e-9);
+        let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        assert_eq!(keys.len(), 4, "{keys:?}");
+        assert!(s.id.as_deref().unwrap().starts_with("pi-01:"));
+    }
+    // The healthy chaos inputs came through although others trapped.
+    let echoes: Vec<String> = Upstream::distinct(&seen)
+        .into_iter()
+        .filter(|s| s.topic == "site/pi-01/echo/chaos/hello")
+        .map(|s| s.payload)
+        .collect();
+    assert_eq!(echoes, ["hello 0", "hello 25", "hello 50", "hello 75"]);
+
+    // A clean stop; the traps are in the dead letters, one per input,
+    // after the configured retry.
+    assert!(daemon.terminate().success());
+    let dead = edgefn::store::dead_letters(&dir.path().join("data")).unwrap();
+    assert_eq!(dead.len(), 4);
+    for d in &dead {
+        assert_eq!(
+            (d.function.as_str(), d.topic.as_str(), d.kind),
+            ("chaos", "chaos/boom", "trap")
+        );
+        assert_eq!(d.attempts, 2);
+        assert_eq!(d.payload, b"trap");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_wait_in_the_buffer_while_upstream_is_down() {
+    let local = Mosquitto::start();
+    let mut cloud = Mosquitto::start_persistent();
+    let dir = tempfile::tempdir().unwrap();
+    let config = standard_config(dir.path(), &local.url(), cloud.port);
+    let upstream = Upstream::subscribe(cloud.port, "site/#").await;
+    let mut daemon = Daemon::start(&config);
+    daemon.wait_for_log("subscribed");
+    daemon.wait_for_log("connected upstream");
+
+    cloud.stop_gracefully();
+    let mut dev = Device::connect("device-b", local.port).await;
+    let n = 200u64;
+    for i in 0..n {
+        let d = ["d1", "d2"][i as usize % 2];
+        assert!(
+            dev.publish_acked(
+                &format!("sensors/{d}/temperature"),
+                reading(i, 20.0),
+                PATIENCE
+            )
+            .await
+        );
+    }
+    // Everything is committed to the outbox while the cloud is away.
+    let db = dir.path().join("data/edgefn.db");
+    wait_for_outbox(&db, n).await;
+
+    cloud.restart();
+    let seen = upstream
+        .wait_until("all buffered records", |s| {
+            Upstream::distinct(s).len() >= n as usize
+        })
+        .await;
+    let by_device = seqs_by_device(&seen);
+    assert_eq!(by_device["d1"], (0..n).step_by(2).collect::<Vec<_>>());
+    assert_eq!(by_device["d2"], (1..n).step_by(2).collect::<Vec<_>>());
+    // Delivered records leave the buffer.
+    wait_for_outbox(&db, 0).await;
+    assert!(daemon.terminate().success());
+}
+
+/// Waits until the outbox holds exactly `n` rows.
+async fn wait_for_outbox(db: &std::path::Path, n: u64) {
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        let rows = rusqlite::Connection::open(db)
+            .and_then(|c| c.query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get::<_, i64>(0)))
+            .unwrap_or(-1);
+        if rows == n as i64 {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "outbox has {rows} rows, expected {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_daemon_loses_no_acknowledged_reading() {
+    let local = Mosquitto::start();
+    let cloud = Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = standard_config(dir.path(), &local.url(), cloud.port);
+    let upstream = Upstream::subscribe(cloud.port, "site/#").await;
+    let mut daemon = Daemon::start(&config);
+    daemon.wait_for_log("subscribed");
+
+    let n = 400u64;
+    let mut dev = Device::connect("device-c", local.port).await;
+    for i in 0..n {
+        assert!(
+            dev.publish_acked("sensors/d1/temperature", reading(i, 21.0), PATIENCE)
+                .await
+        );
+        if i == n / 3 {
+            // Kill it while readings are in flight at every stage.
+            upstream.wait_for(1).await;
+            daemon.kill();
+        }
+        if i == 2 * n / 3 {
+            daemon = Daemon::start(&config);
+        }
+    }
+    let seen = upstream
+        .wait_until("every reading after the restart", |s| {
+            let mut seqs: Vec<u64> = s
+                .iter()
+                .map(|x| x.json()["seq"].as_u64().unwrap())
+                .collect();
+            seqs.sort_unstable();
+            seqs.dedup();
+            seqs.len() as u64 == n
+        })
+        .await;
+    // At least once: duplicates are possible around the kill, losses are not.
+    let firsts = seqs_by_device(&seen)["d1"].clone();
+    let mut sorted = firsts.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(sorted, (0..n).collect::<Vec<_>>());
+    assert!(daemon.terminate().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_message_is_refused_and_the_rest_flows() {
+    let local = Mosquitto::start();
+    let cloud = Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = standard_config(dir.path(), &local.url(), cloud.port);
+    let upstream = Upstream::subscribe(cloud.port, "site/#").await;
+    let daemon = Daemon::start(&config);
+    daemon.wait_for_log("subscribed");
+    let mut dev = Device::connect("device-d", local.port).await;
+    let big = format!(r#"{{"seq":0,"temp_c":20,"pad":"{}"}}"#, "x".repeat(5000));
+    assert!(
+        dev.publish_acked("sensors/d1/temperature", big, PATIENCE)
+            .await
+    );
+    assert!(
+        dev.publish_acked("sensors/d1/temperature", reading(1, 20.0), PATIENCE)
+            .await
+    );
+    let seen = upstream.wait_for(1).await;
+    assert_eq!(seen[0].json()["seq"], 1);
+    daemon.wait_for_log("refused a message larger than local.max_message_size");
+}
