@@ -117,6 +117,7 @@ impl Gateway {
             names,
             writer,
             max_batch: config.buffer.max_batch,
+            max_message_size: config.local.max_message_size,
             metrics: metrics.clone(),
             committed: committed.clone(),
             local_publish: Some(publish_tx),
@@ -166,8 +167,11 @@ impl Gateway {
                 )
                 .await
                 .with_context(|| format!("cannot start the embedded broker on {listen}"))?;
-                tracing::info!(%listen, "embedded broker listening");
-                let _ = publish_rx;
+                tracing::info!(listen = %b.local_addr(), "embedded broker listening");
+                ingest.push(tokio::spawn(forward_local_publishes(
+                    b.publisher(),
+                    publish_rx,
+                )));
                 broker = Some(b);
             }
             #[cfg(not(feature = "embedded-broker"))]
@@ -237,6 +241,19 @@ impl Gateway {
         .ok();
         let m = self.metrics.snapshot();
         tracing::info!(committed = m.committed, forwarded = m.forwarded, "stopped");
+    }
+}
+
+/// Sends functions' local publishes into the embedded broker.
+#[cfg(feature = "embedded-broker")]
+async fn forward_local_publishes(
+    broker: crate::ingest::embedded::BrokerPublisher,
+    mut publishes: mpsc::Receiver<crate::runtime::Emitted>,
+) {
+    while let Some(p) = publishes.recv().await {
+        if let Err(e) = broker.publish(&p.topic, p.payload.into()).await {
+            tracing::warn!(error = %e, topic = p.topic, "could not publish to the embedded broker");
+        }
     }
 }
 

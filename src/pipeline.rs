@@ -70,6 +70,9 @@ pub struct Pipeline {
     pub writer: Writer,
     /// Most deliveries per group commit.
     pub max_batch: usize,
+    /// Larger payloads are refused (acknowledged, counted, logged), whichever
+    /// source they came from.
+    pub max_message_size: usize,
     /// Gateway counters.
     pub metrics: Arc<Metrics>,
     /// Woken after each commit that added records (the forwarder waits on it).
@@ -122,6 +125,7 @@ impl Pipeline {
         let give_up = Arc::new(AtomicBool::new(false));
         let dispatch = tokio::spawn(dispatch(
             deliveries,
+            self.max_message_size,
             self.router.clone(),
             self.pools.clone(),
             self.metrics.clone(),
@@ -156,6 +160,7 @@ impl Pipeline {
 
 async fn dispatch(
     mut deliveries: mpsc::Receiver<Delivery>,
+    max_message_size: usize,
     router: Arc<Router>,
     pools: Arc<Vec<Pool>>,
     metrics: Arc<Metrics>,
@@ -163,6 +168,17 @@ async fn dispatch(
 ) {
     let mut matched = Vec::new();
     while let Some(d) = deliveries.recv().await {
+        if d.payload.len() > max_message_size {
+            Metrics::add(&metrics.refused_too_large, 1);
+            tracing::warn!(
+                topic = d.topic,
+                size = d.payload.len(),
+                max = max_message_size,
+                "refused a message larger than local.max_message_size"
+            );
+            d.ack.complete();
+            continue;
+        }
         router.route_into(&d.topic, &mut matched);
         if matched.is_empty() {
             Metrics::add(&metrics.unrouted, 1);

@@ -46,7 +46,8 @@ pub struct MqttIngest {
     pub broker: BrokerClientConfig,
     /// Topic filters to subscribe to (the union of all triggers).
     pub filters: Vec<String>,
-    /// Larger payloads are refused and counted.
+    /// Largest payload; the broker is told (MQTT 5 Maximum Packet Size) not
+    /// to send packets much larger, and the pipeline refuses larger payloads.
     pub max_message_size: usize,
     /// Where deliveries go (capacity at least `in_flight`). Dropped when
     /// shutdown begins, which lets the pipeline drain.
@@ -199,19 +200,6 @@ impl MqttIngest {
                 return;
             }
         };
-        if p.payload.len() > self.max_message_size {
-            Metrics::add(&self.metrics.refused_too_large, 1);
-            tracing::warn!(
-                topic,
-                size = p.payload.len(),
-                max = self.max_message_size,
-                "refused a message larger than local.max_message_size"
-            );
-            if needs_ack {
-                let _ = client.try_ack(&p);
-            }
-            return;
-        }
         let payload: Bytes = p.payload.clone();
         let ack = if needs_ack {
             Ack::mqtt(client.clone(), p)

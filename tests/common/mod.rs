@@ -4,7 +4,6 @@
 
 #![allow(dead_code)]
 
-use std::collections::HashMap;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -124,7 +123,9 @@ impl Mosquitto {
         std::fs::write(
             &conf,
             format!(
-                "listener {} 127.0.0.1\nallow_anonymous true\n{persistence}log_dest file {}\n",
+                "listener {} 127.0.0.1\nallow_anonymous true\n{persistence}log_dest file {}\n\
+                 # As root, stay root: the files are in the test's private directory.\n\
+                 user root\n",
                 self.port,
                 self.dir.path().join("mosquitto.log").display()
             ),
@@ -159,6 +160,11 @@ impl Mosquitto {
 impl Drop for Mosquitto {
     fn drop(&mut self) {
         self.stop();
+        if std::thread::panicking() {
+            let log =
+                std::fs::read_to_string(self.dir.path().join("mosquitto.log")).unwrap_or_default();
+            eprintln!("--- mosquitto on port {} ---\n{log}", self.port);
+        }
     }
 }
 
@@ -304,62 +310,102 @@ impl Drop for Upstream {
 }
 
 /// A device publishing QoS 1 messages one at a time, each waiting for its
-/// PUBACK, and remembering which were acknowledged.
+/// PUBACK. Every connection gets a fresh client, so a PUBACK is attributed
+/// to exactly the message it acknowledges: nothing queued on a dead
+/// connection is sent (and acknowledged) later in another's name.
 pub struct Device {
+    /// Client id.
+    id: String,
+    /// Broker port.
+    port: u16,
+    /// The current connection, if any.
+    conn: Option<DeviceConn>,
+}
+
+/// What a device's event loop reports.
+enum DeviceEvent {
+    /// CONNACK.
+    Connected,
+    /// A publish went out with this packet id.
+    Sent(u16),
+    /// PUBACK for this packet id.
+    Acked(u16),
+    /// The connection is gone.
+    Lost,
+}
+
+/// One connection of a [`Device`].
+struct DeviceConn {
     /// The client.
     client: AsyncClient,
-    /// PUBACKs received, by sequence.
-    acked: tokio::sync::mpsc::UnboundedReceiver<()>,
-    /// Connection errors seen.
-    pub errors: Arc<Mutex<u64>>,
+    /// Its events.
+    events: tokio::sync::mpsc::UnboundedReceiver<DeviceEvent>,
     /// The event loop task.
     task: tokio::task::JoinHandle<()>,
 }
 
+impl Drop for DeviceConn {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 impl Device {
-    /// Connects a device with `client_id` to the broker at `port`.
+    /// A device with `client_id` for the broker at `port` (connects lazily).
     pub async fn connect(client_id: &str, port: u16) -> Device {
-        let mut o = MqttOptions::new(client_id, "127.0.0.1", port);
-        o.set_keep_alive(Duration::from_secs(30));
-        o.set_clean_start(true);
-        let (client, mut events) = AsyncClient::new(o, 10);
-        let (tx, acked) = tokio::sync::mpsc::unbounded_channel();
-        let errors = Arc::new(Mutex::new(0));
-        let task = {
-            let errors = errors.clone();
-            tokio::spawn(async move {
-                // pkid → whether it is still awaiting its PUBACK on this connection.
-                let mut pending: HashMap<u16, ()> = HashMap::new();
-                loop {
-                    match events.poll().await {
-                        Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                            pending.insert(pkid, ());
-                        }
-                        Ok(Event::Incoming(Packet::PubAck(a))) => {
-                            if pending.remove(&a.pkid).is_some() {
-                                let _ = tx.send(());
-                            }
-                        }
-                        Ok(_) => {}
-                        Err(_) => {
-                            pending.clear();
-                            *errors.lock().unwrap() += 1;
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                        }
-                    }
-                }
-            })
-        };
         Device {
-            client,
-            acked,
-            errors,
-            task,
+            id: client_id.to_owned(),
+            port,
+            conn: None,
         }
     }
 
-    /// Publishes at QoS 1 and waits for the PUBACK. Returns false if none
-    /// came within `wait` (e.g. the broker died).
+    async fn connection(&mut self) -> Option<&mut DeviceConn> {
+        if self.conn.is_none() {
+            let mut o = MqttOptions::new(&self.id, "127.0.0.1", self.port);
+            o.set_keep_alive(Duration::from_secs(30));
+            o.set_clean_start(true);
+            let (client, mut events) = AsyncClient::new(o, 10);
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+            let task = tokio::spawn(async move {
+                loop {
+                    let e = match events.poll().await {
+                        Ok(Event::Incoming(Packet::ConnAck(_))) => DeviceEvent::Connected,
+                        Ok(Event::Outgoing(Outgoing::Publish(pkid))) => DeviceEvent::Sent(pkid),
+                        Ok(Event::Incoming(Packet::PubAck(a))) => DeviceEvent::Acked(a.pkid),
+                        Ok(_) => continue,
+                        Err(_) => {
+                            let _ = tx.send(DeviceEvent::Lost);
+                            return;
+                        }
+                    };
+                    if tx.send(e).is_err() {
+                        return;
+                    }
+                }
+            });
+            match rx.recv().await {
+                Some(DeviceEvent::Connected) => {
+                    self.conn = Some(DeviceConn {
+                        client,
+                        events: rx,
+                        task,
+                    })
+                }
+                _ => {
+                    task.abort();
+                    // Broker not (yet) there: a short pause before the next try.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    return None;
+                }
+            }
+        }
+        self.conn.as_mut()
+    }
+
+    /// Publishes at QoS 1 and waits for its PUBACK. Returns false if the
+    /// connection was lost first, could not be made, or nothing came
+    /// within `wait`.
     pub async fn publish_acked(
         &mut self,
         topic: &str,
@@ -367,33 +413,36 @@ impl Device {
         wait: Duration,
     ) -> bool {
         let payload: Vec<u8> = payload.into();
-        if self
+        let Some(conn) = self.connection().await else {
+            return false;
+        };
+        if conn
             .client
             .publish(topic, QoS::AtLeastOnce, false, payload)
             .await
             .is_err()
         {
+            self.conn = None;
             return false;
         }
-        matches!(
-            tokio::time::timeout(wait, self.acked.recv()).await,
-            Ok(Some(()))
-        )
-    }
-
-    /// Publishes without waiting (the caller checks arrival elsewhere).
-    pub async fn publish(&self, topic: &str, payload: impl Into<Vec<u8>>) {
-        let payload: Vec<u8> = payload.into();
-        self.client
-            .publish(topic, QoS::AtLeastOnce, false, payload)
-            .await
-            .unwrap();
-    }
-}
-
-impl Drop for Device {
-    fn drop(&mut self) {
-        self.task.abort();
+        let acked = tokio::time::timeout(wait, async {
+            let mut pkid = None;
+            while let Some(e) = conn.events.recv().await {
+                match e {
+                    DeviceEvent::Sent(p) => pkid = Some(p),
+                    DeviceEvent::Acked(p) if Some(p) == pkid => return true,
+                    DeviceEvent::Lost => return false,
+                    _ => {}
+                }
+            }
+            false
+        })
+        .await
+        .unwrap_or(false);
+        if !acked {
+            self.conn = None;
+        }
+        acked
     }
 }
 
