@@ -44,6 +44,32 @@ pub enum Command {
         )]
         config: PathBuf,
     },
+    /// Run a self-contained demo: the gateway with its built-in broker,
+    /// simulated devices and a stand-in cloud broker, with live counts.
+    #[cfg(feature = "embedded-broker")]
+    Demo {
+        /// The function to run on the readings.
+        #[arg(long, default_value = "functions/dist/clean_temperature.wasm")]
+        module: PathBuf,
+        /// Where to keep the demo's config and database.
+        #[arg(long, default_value = "edgefn-demo")]
+        data_dir: PathBuf,
+        /// Simulated devices.
+        #[arg(long, default_value_t = 5)]
+        devices: usize,
+        /// Readings per second per device.
+        #[arg(long, default_value_t = 20.0)]
+        rate: f64,
+        /// When the cloud broker goes away ("0s" for never).
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        outage_after: std::time::Duration,
+        /// How long it stays away.
+        #[arg(long, default_value = "8s", value_parser = humantime::parse_duration)]
+        outage_for: std::time::Duration,
+        /// Stop after this long (default: until Ctrl-C).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        duration: Option<std::time::Duration>,
+    },
     /// Run one event through a module locally and print what it did.
     Invoke {
         /// The module (.wasm).
@@ -88,6 +114,31 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Check { config } => check(&config),
+        #[cfg(feature = "embedded-broker")]
+        Command::Demo {
+            module,
+            data_dir,
+            devices,
+            rate,
+            outage_after,
+            outage_for,
+            duration,
+        } => {
+            let opts = crate::demo::DemoOptions {
+                module,
+                data_dir,
+                devices,
+                rate,
+                outage_after: (!outage_after.is_zero()).then_some(outage_after),
+                outage_for,
+                duration,
+            };
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(crate::demo::run(opts))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Invoke {
             module,
             topic,

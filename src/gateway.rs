@@ -201,6 +201,14 @@ impl Gateway {
         })
     }
 
+    /// The embedded broker's address (with the real port if 0 was asked).
+    pub fn local_broker_addr(&self) -> Option<std::net::SocketAddr> {
+        #[cfg(feature = "embedded-broker")]
+        return self.broker.as_ref().map(|b| b.local_addr());
+        #[cfg(not(feature = "embedded-broker"))]
+        None
+    }
+
     /// Gateway counters.
     pub fn metrics(&self) -> Snapshot {
         self.metrics.snapshot()

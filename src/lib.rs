@@ -23,10 +23,13 @@
 //! - [`gateway`] — builds and wires the stages; startup and shutdown order.
 //! - [`metrics`] — counters for status lines and tests.
 //! - [`invoke`] — `edgefn invoke`, the runtime without a broker.
+//! - `demo` — `edgefn demo`: gateway, devices and a stand-in cloud in one process.
 //! - [`cli`] — subcommands → library calls.
 
 pub mod cli;
 pub mod config;
+#[cfg(feature = "embedded-broker")]
+pub mod demo;
 pub mod forward;
 pub mod gateway;
 pub mod ingest;

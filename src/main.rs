@@ -6,10 +6,16 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = edgefn::cli::Cli::parse();
+    // The daemon logs at info; the demo's screen is its live counts table.
+    let default = match cli.command {
+        #[cfg(feature = "embedded-broker")]
+        edgefn::cli::Command::Demo { .. } => "error",
+        _ => "info,rmqtt=warn,rmqtt_net=warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("EDGEFN_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
         )
         .with_writer(std::io::stderr)
         .init();

@@ -32,7 +32,7 @@ macro_rules! counters {
 }
 
 counters! {
-    /// Device messages handed to the pipeline.
+    /// Device messages that reached the pipeline (from either source).
     received,
     /// Device messages refused for exceeding `local.max_message_size`.
     refused_too_large,

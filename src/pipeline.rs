@@ -168,6 +168,7 @@ async fn dispatch(
 ) {
     let mut matched = Vec::new();
     while let Some(d) = deliveries.recv().await {
+        Metrics::add(&metrics.received, 1);
         if d.payload.len() > max_message_size {
             Metrics::add(&metrics.refused_too_large, 1);
             tracing::warn!(

@@ -206,7 +206,6 @@ impl MqttIngest {
         } else {
             Ack::nothing()
         };
-        Metrics::add(&self.metrics.received, 1);
         // The channel holds at least `in_flight` deliveries and the broker
         // sends at most that many unacked QoS 1 messages, so this waits
         // only under a QoS 0 flood.

@@ -1,0 +1,273 @@
+//! The command line as a user meets it: `edgefn check`, `edgefn run` with
+//! bad input, and `edgefn invoke`.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::*;
+
+fn edgefn(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_edgefn"))
+        .args(args)
+        .env("EDGEFN_LOG", "error")
+        .output()
+        .expect("run edgefn")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// A config whose one function uses `module`, in `dir`.
+fn config_with_module(dir: &Path, module: &Path) -> String {
+    let path = write_config(
+        dir,
+        &format!(
+            r#"
+[gateway]
+id = "pi-01"
+data_dir = "data"
+
+[local]
+url = "mqtt://127.0.0.1:1"
+
+[[functions]]
+name = "f"
+module = "{}"
+triggers = ["sensors/#"]
+"#,
+            module.display()
+        ),
+    );
+    path.to_str().unwrap().to_owned()
+}
+
+#[test]
+fn check_accepts_a_good_config_and_summarises_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = standard_config(dir.path(), "mqtt://127.0.0.1:1883", 1884);
+    let out = edgefn(&["check", "--config", cfg.to_str().unwrap()]);
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(t.contains("function clean-temperature ok"), "{t}");
+    assert!(t.contains("function chaos ok"), "{t}");
+    assert!(t.contains("upstream mqtt://127.0.0.1:1884"), "{t}");
+}
+
+#[test]
+fn check_and_run_stop_on_malformed_toml_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "[gateway\nid = ");
+    for cmd in ["check", "run"] {
+        let out = edgefn(&[cmd, "--config", cfg.to_str().unwrap()]);
+        assert!(!out.status.success());
+        assert!(text(&out).contains("edgefn.toml"), "{cmd}: {}", text(&out));
+    }
+}
+
+#[test]
+fn an_unknown_key_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = standard_config(dir.path(), "mqtt://127.0.0.1:1883", 1884);
+    let text_cfg = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("max_size = \"64MiB\"", "max_size = \"64MiB\"\nmax_sixe = 3");
+    std::fs::write(&cfg, text_cfg).unwrap();
+    for cmd in ["check", "run"] {
+        let out = edgefn(&[cmd, "--config", cfg.to_str().unwrap()]);
+        assert!(!out.status.success());
+        assert!(text(&out).contains("max_sixe"), "{cmd}: {}", text(&out));
+    }
+}
+
+#[test]
+fn check_reports_every_bad_value_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = standard_config(dir.path(), "mqtt://127.0.0.1:1883", 1884);
+    let bad = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("timeout = \"100ms\"", "timeout = \"fast\"")
+        .replace("memory_limit = \"16MiB\"", "memory_limit = \"lots\"");
+    std::fs::write(&cfg, bad).unwrap();
+    let out = edgefn(&["check", "--config", cfg.to_str().unwrap()]);
+    let t = text(&out);
+    assert!(!out.status.success());
+    assert!(
+        t.contains("functions[0].timeout: \"fast\" is not a duration"),
+        "{t}"
+    );
+    assert!(
+        t.contains("functions[0].memory_limit: \"lots\" is not a size"),
+        "{t}"
+    );
+}
+
+#[test]
+fn a_missing_module_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config_with_module(dir.path(), &dir.path().join("nowhere.wasm"));
+    for cmd in ["check", "run"] {
+        let out = edgefn(&[cmd, "--config", &cfg]);
+        assert!(!out.status.success());
+        let t = text(&out);
+        assert!(
+            t.contains("nowhere.wasm") && t.contains("cannot read"),
+            "{cmd}: {t}"
+        );
+    }
+}
+
+#[test]
+fn a_module_that_is_not_wasm_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let module = dir.path().join("notes.wasm");
+    std::fs::write(&module, "these are not the bytes you are looking for").unwrap();
+    let cfg = config_with_module(dir.path(), &module);
+    let out = edgefn(&["check", "--config", &cfg]);
+    assert!(!out.status.success());
+    let t = text(&out);
+    assert!(
+        t.contains("notes.wasm is not a valid WebAssembly module"),
+        "{t}"
+    );
+}
+
+#[test]
+fn a_module_with_the_wrong_abi_version_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let module = dir.path().join("v2.wasm");
+    let wasm = wat::parse_str(
+        r#"(module
+            (memory (export "memory") 1)
+            (func (export "edgefn_abi_version") (result i32) (i32.const 2))
+            (func (export "edgefn_alloc") (param i32) (result i32) (i32.const 0))
+            (func (export "edgefn_on_message") (param i32 i32 i32 i32) (result i32) (i32.const 0)))"#,
+    )
+    .unwrap();
+    std::fs::write(&module, wasm).unwrap();
+    let cfg = config_with_module(dir.path(), &module);
+    for cmd in ["check", "run"] {
+        let out = edgefn(&[cmd, "--config", &cfg]);
+        assert!(!out.status.success());
+        let t = text(&out);
+        assert!(
+            t.contains("v2.wasm") && t.contains("returned 2"),
+            "{cmd}: {t}"
+        );
+    }
+}
+
+#[test]
+fn a_module_missing_an_export_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let module = dir.path().join("partial.wasm");
+    let wasm = wat::parse_str(
+        r#"(module
+            (memory (export "memory") 1)
+            (func (export "edgefn_abi_version") (result i32) (i32.const 1))
+            (func (export "edgefn_alloc") (param i32) (result i32) (i32.const 0)))"#,
+    )
+    .unwrap();
+    std::fs::write(&module, wasm).unwrap();
+    let cfg = config_with_module(dir.path(), &module);
+    let out = edgefn(&["check", "--config", &cfg]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("missing export `edgefn_on_message`"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
+fn invoke_shows_what_a_function_emitted() {
+    let m = module("clean_temperature");
+    let out = edgefn(&[
+        "invoke",
+        m.to_str().unwrap(),
+        "--topic",
+        "sensors/pi-7/temperature",
+        "--payload",
+        r#"{"temp_c":25,"seq":3}"#,
+        "--env",
+        "UNIT=F",
+    ]);
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(
+        t.contains(r#"emit    telemetry/pi-7/temperature {"temp_c":25,"seq":3,"temp_f":77,"device":"pi-7"}"#),
+        "{t}"
+    );
+    assert!(t.contains("ok      1 record(s)"), "{t}");
+}
+
+#[test]
+fn invoke_reads_a_payload_file_and_shows_logs() {
+    let dir = tempfile::tempdir().unwrap();
+    let payload = dir.path().join("reading.json");
+    std::fs::write(&payload, r#"{"temp_c":300}"#).unwrap();
+    let m = module("clean_temperature");
+    let out = edgefn(&[
+        "invoke",
+        m.to_str().unwrap(),
+        "-t",
+        "sensors/x/temperature",
+        "-p",
+        &format!("@{}", payload.display()),
+    ]);
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(t.contains("WARN") && t.contains("outside -40..=85"), "{t}");
+    assert!(t.contains("ok      0 record(s)"), "{t}");
+}
+
+#[test]
+fn invoke_reports_a_failing_function_with_a_non_zero_exit() {
+    let m = module("chaos");
+    for (payload, expect) in [
+        ("trap", "trapped"),
+        ("spin", "timed out"),
+        ("badptr", "out-of-bounds"),
+        ("fail", "returned 1: asked to fail"),
+    ] {
+        let out = edgefn(&[
+            "invoke",
+            m.to_str().unwrap(),
+            "--topic",
+            "chaos/t",
+            "--payload",
+            payload,
+            "--timeout",
+            "100ms",
+        ]);
+        let t = text(&out);
+        assert_eq!(out.status.code(), Some(1), "{payload}: {t}");
+        assert!(
+            t.contains(expect) && t.contains("nothing it emitted is kept"),
+            "{payload}: {t}"
+        );
+    }
+}
+
+#[test]
+fn invoke_runs_on_the_pulley_interpreter_too() {
+    let m = module("clean_temperature");
+    let out = edgefn(&[
+        "invoke",
+        m.to_str().unwrap(),
+        "--topic",
+        "sensors/pz/temperature",
+        "--payload",
+        r#"{"temp_c":-5}"#,
+        "--pulley",
+    ]);
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(t.contains(r#"{"temp_c":-5,"device":"pz"}"#), "{t}");
+}
