@@ -354,6 +354,13 @@ fn default_max_record_size() -> &'static str {
     "256KiB"
 }
 
+/// Shortest keep-alive accepted: the MQTT client (rumqttc) refuses less.
+const MIN_KEEP_ALIVE: Duration = Duration::from_secs(5);
+
+/// Largest size accepted for message and record limits: what an MQTT
+/// packet can carry (256 MiB).
+const MAX_MESSAGE_SIZE: u64 = 256 * 1024 * 1024 - 1;
+
 /// Smallest memory limit accepted: one 64 KiB wasm page is too little for any
 /// real guest, and a typo like `"16KiB"` should be caught.
 const MIN_MEMORY_LIMIT: u64 = 128 * 1024;
@@ -396,7 +403,9 @@ impl Config {
                 config::Environment::with_prefix("EDGEFN")
                     .prefix_separator("_")
                     .separator("__")
-                    .try_parsing(true)
+                    // Values stay text (a password "007" stays "007");
+                    // numeric keys are converted from text when read.
+                    .try_parsing(false)
                     .source(Some(overrides)),
             )
             .build()
@@ -529,7 +538,12 @@ fn parse_mqtt_url(p: &mut Checker, key: &str, url: &str) -> Option<(String, u16)
         return None;
     };
     let rest = rest.trim_end_matches('/');
-    let (host, port) = match rest.rsplit_once(':') {
+    // An IPv6 literal is bracketed; a port, if any, follows the bracket.
+    let port_sep = match rest.rfind(']') {
+        Some(end) => rest[end..].rfind(':').map(|i| end + i),
+        None => rest.rfind(':'),
+    };
+    let (host, port) = match port_sep.map(|i| (&rest[..i], &rest[i + 1..])) {
         Some((h, port)) => match port.parse::<u16>() {
             Ok(port) if port > 0 => (h, port),
             _ => {
@@ -552,7 +566,14 @@ fn check_local(p: &mut Checker, raw: RawLocal, id: &str) -> Option<LocalConfig> 
         "local.max_message_size",
         raw.max_message_size.as_deref(),
         default_max_message_size(),
-    ) as usize;
+    );
+    if max_message_size > MAX_MESSAGE_SIZE {
+        p.push(
+            "local.max_message_size",
+            format!("{max_message_size} bytes is more than an MQTT packet holds (256MiB)"),
+        );
+    }
+    let max_message_size = max_message_size.min(MAX_MESSAGE_SIZE) as usize;
     let in_flight = p.int(
         "local.in_flight",
         raw.in_flight,
@@ -575,6 +596,12 @@ fn check_local(p: &mut Checker, raw: RawLocal, id: &str) -> Option<LocalConfig> 
         raw.keep_alive.as_deref(),
         default_keep_alive(),
     );
+    if keep_alive < MIN_KEEP_ALIVE {
+        p.push(
+            "local.keep_alive",
+            format!("{keep_alive:?} is too short; expected at least 5s"),
+        );
+    }
     let embedded = raw.embedded.unwrap_or(false);
     let source = if embedded {
         if raw.url.is_some() {
@@ -582,6 +609,21 @@ fn check_local(p: &mut Checker, raw: RawLocal, id: &str) -> Option<LocalConfig> 
                 "local.url",
                 "cannot be set together with embedded = true: choose one",
             );
+        }
+        for (key, set) in [
+            ("client_id", raw.client_id.is_some()),
+            ("username", raw.username.is_some()),
+            ("password", raw.password.is_some()),
+            ("in_flight", raw.in_flight.is_some()),
+            ("session_expiry", raw.session_expiry.is_some()),
+            ("keep_alive", raw.keep_alive.is_some()),
+        ] {
+            if set {
+                p.push(
+                    format!("local.{key}"),
+                    "only applies to an external broker (url = ...), not with embedded = true",
+                );
+            }
         }
         if !cfg!(feature = "embedded-broker") {
             p.push(
@@ -641,11 +683,24 @@ fn check_upstream(p: &mut Checker, raw: RawUpstream, id: &str) -> Option<Upstrea
         raw.keep_alive.as_deref(),
         default_keep_alive(),
     );
+    if keep_alive < MIN_KEEP_ALIVE {
+        p.push(
+            "upstream.keep_alive",
+            format!("{keep_alive:?} is too short; expected at least 5s"),
+        );
+    }
     let max_message_size = p.size(
         "upstream.max_message_size",
         raw.max_message_size.as_deref(),
         default_max_message_size(),
-    ) as usize;
+    );
+    if max_message_size > MAX_MESSAGE_SIZE {
+        p.push(
+            "upstream.max_message_size",
+            format!("{max_message_size} bytes is more than an MQTT packet holds (256MiB)"),
+        );
+    }
+    let max_message_size = max_message_size.min(MAX_MESSAGE_SIZE) as usize;
     let topic_prefix = raw.topic_prefix.unwrap_or_default();
     if topic_prefix.contains(['+', '#', '\0']) {
         p.push(
@@ -929,6 +984,22 @@ concurrency = 2
     }
 
     #[test]
+    fn a_keep_alive_below_five_seconds_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = EXAMPLE.replace(
+            "topic_prefix = \"site/pi-01/\"",
+            "topic_prefix = \"site/pi-01/\"\nkeep_alive = \"2s\"",
+        );
+        let msg = Config::load(&write(dir.path(), &text))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("upstream.keep_alive: 2s is too short"),
+            "{msg}"
+        );
+    }
+
+    #[test]
     fn urls_are_parsed() {
         let mut p = Checker::default();
         assert_eq!(
@@ -938,6 +1009,10 @@ concurrency = 2
         assert_eq!(
             parse_mqtt_url(&mut p, "k", "mqtt://[::1]:1884"),
             Some(("::1".into(), 1884))
+        );
+        assert_eq!(
+            parse_mqtt_url(&mut p, "k", "mqtt://[::1]"),
+            Some(("::1".into(), 1883))
         );
         assert!(p.problems.is_empty());
         assert_eq!(parse_mqtt_url(&mut p, "k", "http://x:1"), None);

@@ -83,6 +83,8 @@ struct Connection {
     cursor: i64,
     /// Whether CONNACK arrived.
     connected: bool,
+    /// The broker's Maximum Packet Size (CONNACK), if it announced one.
+    max_packet: Option<u32>,
 }
 
 impl Connection {
@@ -98,7 +100,9 @@ impl Forwarder {
         // The outbox, not the broker session, holds what is unacknowledged.
         o.set_clean_start(true)
             .set_keep_alive(b.keep_alive)
-            .set_max_packet_size(Some(self.config.max_message_size as u32 + 64 * 1024))
+            .set_max_packet_size(Some(crate::ingest::mqtt::packet_limit(
+                self.config.max_message_size,
+            )))
             .set_outgoing_inflight_upper_limit(b.in_flight);
         if let Some(user) = &b.username {
             o.set_credentials(user, b.password.clone().unwrap_or_default());
@@ -138,6 +142,7 @@ impl Forwarder {
                 by_pkid: HashMap::new(),
                 cursor: 0,
                 connected: false,
+                max_packet: None,
             };
             let lost = loop {
                 tokio::select! {
@@ -159,7 +164,8 @@ impl Forwarder {
                         }
                     }
                     event = events.poll() => match event {
-                        Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                            conn.max_packet = ack.properties.and_then(|p| p.max_packet_size);
                             backoff.reset();
                             Metrics::add(&self.metrics.upstream_connects, 1);
                             tracing::info!(
@@ -184,7 +190,7 @@ impl Forwarder {
                                     PubAckReason::Success | PubAckReason::NoMatchingSubscribers => {
                                         acked.push((r.seq, r.size));
                                     }
-                                    reason => self.reject(r, reason).await,
+                                    reason => self.reject(r, &format!("upstream refused: {reason:?}")).await,
                                 }
                             }
                             if acked.len() >= DELETE_BATCH {
@@ -229,6 +235,24 @@ impl Forwarder {
                 return;
             }
             for r in records {
+                if let Some(max) = conn.max_packet
+                    && self.packet_size(&r) > max as usize
+                {
+                    // It can never be sent to this broker: retrying would
+                    // block everything behind it.
+                    conn.cursor = r.seq;
+                    let why =
+                        format!("larger than the upstream's maximum packet size ({max} bytes)");
+                    self.reject(
+                        InFlight {
+                            seq: r.seq,
+                            size: r.size(),
+                        },
+                        &why,
+                    )
+                    .await;
+                    continue;
+                }
                 if !self.publish(conn, &r) {
                     return;
                 }
@@ -238,6 +262,17 @@ impl Forwarder {
                 *sent_before = (*sent_before).max(r.seq);
             }
         }
+    }
+
+    /// An upper bound of the PUBLISH packet size for `r`.
+    fn packet_size(&self, r: &Record) -> usize {
+        // Fixed header (≤ 5), topic length (2), packet id (2), properties
+        // (length ≤ 4, user property: 1 + 2 + key + 2 + value ≤ 64).
+        self.config.topic_prefix.len()
+            + r.topic.len()
+            + r.payload.len()
+            + 80
+            + self.gateway_id.len()
     }
 
     fn publish(&self, conn: &mut Connection, r: &Record) -> bool {
@@ -289,14 +324,14 @@ impl Forwarder {
         }
     }
 
-    async fn reject(&self, r: InFlight, reason: PubAckReason) {
+    async fn reject(&self, r: InFlight, why: &str) {
         Metrics::add(&self.metrics.upstream_rejected, 1);
         tracing::error!(
             seq = r.seq,
-            ?reason,
-            "the upstream broker refused a record; moved to the dead letters"
+            reason = why,
+            "a record cannot be delivered upstream; moved to the dead letters"
         );
-        let why = format!("upstream refused: {reason:?}");
+        let why = why.to_owned();
         if let Err(e) = self
             .blocking(move |rd| rd.reject(r.seq, r.size, &why))
             .await

@@ -1,5 +1,6 @@
 //! The `edgefn` binary: parse the command line, set up logging, hand over.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -18,6 +19,8 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
         )
         .with_writer(std::io::stderr)
+        // No colour codes in the journal or a log file.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     match edgefn::cli::run(cli) {
         Ok(code) => code,

@@ -435,6 +435,22 @@ impl Writer {
         self.shared.bytes.load(Ordering::Relaxed)
     }
 
+    /// Caps the database at its current size, so the next growth fails as
+    /// on a full disk (SQLITE_FULL); `None` lifts the cap.
+    #[cfg(test)]
+    fn fill_disk(&self, full: bool) {
+        let pages: i64 = if full {
+            self.conn
+                .pragma_query_value(None, "page_count", |r| r.get(0))
+                .unwrap()
+        } else {
+            1 << 30
+        };
+        self.conn
+            .pragma_update(None, "max_page_count", pages)
+            .unwrap();
+    }
+
     /// A durable counter's value (0 if never set).
     pub fn counter(&self, name: &str) -> Result<i64, StoreError> {
         self.conn
@@ -774,6 +790,27 @@ mod tests {
         let d = dead_letters(dir.path()).unwrap();
         assert_eq!(d.len(), 1);
         assert_eq!((d[0].kind, d[0].attempts), ("trap", 2));
+    }
+
+    #[test]
+    fn a_full_disk_fails_the_commit_whole_and_it_succeeds_once_there_is_room() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, r) = open(
+            dir.path(),
+            Durability::Full,
+            1 << 30,
+            FullPolicy::Backpressure,
+        )
+        .unwrap();
+        w.fill_disk(true);
+        let big = outcomes((0..200).map(|i| rec("t", &format!("{i:0>2000}"))).collect());
+        let err = w.commit(&[&big], NEVER).unwrap_err();
+        assert!(err.to_string().contains("full"), "{err}");
+        assert_eq!(r.pending().unwrap(), 0);
+        assert_eq!(w.outbox_bytes(), 0);
+        w.fill_disk(false);
+        assert_eq!(w.commit(&[&big], NEVER).unwrap().unwrap().records, 200);
+        assert_eq!(r.pending().unwrap(), 200);
     }
 
     #[test]

@@ -253,3 +253,37 @@ async fn an_oversized_message_is_refused_and_the_rest_flows() {
     assert_eq!(seen[0].json()["seq"], 1);
     daemon.wait_for_log("refused a message larger than local.max_message_size");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drops_by_a_stock_mosquitto_are_reported() {
+    // A stock Mosquitto queues at most 1000 messages for an offline
+    // session (max_queued_messages); the rest are dropped although the
+    // device got a PUBACK for each. edgefn cannot prevent that, but says so.
+    let local = Mosquitto::start_with_extra("sys_interval 1\n");
+    let cloud = Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = standard_config(dir.path(), &local.url(), cloud.port);
+    let upstream = Upstream::subscribe(cloud.port, "site/#").await;
+    let mut daemon = Daemon::start(&config);
+    daemon.wait_for_log("subscribed");
+    assert!(daemon.terminate().success());
+
+    let mut dev = Device::connect("device-e", local.port).await;
+    for i in 0..1100u64 {
+        assert!(
+            dev.publish_acked("sensors/d1/temperature", reading(i, 20.0), PATIENCE)
+                .await
+        );
+    }
+    let daemon = Daemon::start(&config);
+    // Reported as drops since the broker started, or as an increase if the
+    // broker's retained counter was not yet updated when edgefn subscribed.
+    daemon.wait_for_log("dropped=100");
+    assert!(
+        daemon.log().contains("the local broker"),
+        "{}",
+        daemon.log()
+    );
+    // The 1000 it did queue all arrive.
+    let _ = upstream.wait_for(1000).await;
+}

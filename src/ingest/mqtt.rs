@@ -40,6 +40,11 @@ pub const SYS_DROPPED: &str = "$SYS/broker/publish/messages/dropped";
 /// largest payload, so a payload of exactly `max_message_size` fits.
 const PACKET_OVERHEAD: usize = 64 * 1024 + 16;
 
+/// The MQTT Maximum Packet Size for payloads up to `max_message_size`.
+pub fn packet_limit(max_message_size: usize) -> u32 {
+    u32::try_from(max_message_size.saturating_add(PACKET_OVERHEAD)).unwrap_or(u32::MAX)
+}
+
 /// What the ingest task needs.
 pub struct MqttIngest {
     /// The broker and session settings.
@@ -67,7 +72,7 @@ impl MqttIngest {
                 b.session_expiry.as_secs().min(u32::MAX as u64) as u32
             ))
             .set_receive_maximum(Some(b.in_flight))
-            .set_max_packet_size(Some((self.max_message_size + PACKET_OVERHEAD) as u32))
+            .set_max_packet_size(Some(packet_limit(self.max_message_size)))
             .set_manual_acks(true)
             .set_keep_alive(b.keep_alive);
         if let Some(user) = &b.username {
@@ -221,28 +226,85 @@ impl MqttIngest {
     }
 
     fn on_sys_dropped(&self, payload: &[u8], last: &mut Option<u64>) {
-        let Some(now) = std::str::from_utf8(payload)
-            .ok()
-            .and_then(|s| s.trim().parse::<u64>().ok())
-        else {
-            return;
-        };
-        match *last {
-            None if now > 0 => tracing::warn!(
-                dropped = now,
+        match sys_dropped(payload, last) {
+            SysDropped::SinceStart(n) => tracing::warn!(
+                dropped = n,
                 "the local broker has dropped messages since it started (all clients); \
                  see docs/DELIVERY.md for the mosquitto.conf settings that prevent this"
             ),
-            Some(before) if now > before => {
-                Metrics::add(&self.metrics.broker_dropped, now - before);
+            SysDropped::Increase { by, total } => {
+                Metrics::add(&self.metrics.broker_dropped, by);
                 tracing::warn!(
-                    dropped = now - before,
-                    total = now,
+                    dropped = by,
+                    total,
                     "the local broker dropped messages before edgefn could receive them"
                 );
             }
-            _ => {}
+            SysDropped::Nothing => {}
         }
-        *last = Some(now);
+    }
+}
+
+/// What a `$SYS/broker/publish/messages/dropped` value means.
+#[derive(Debug, PartialEq, Eq)]
+enum SysDropped {
+    /// Not a number, or no change.
+    Nothing,
+    /// First value seen this run, non-zero: drops before edgefn connected
+    /// (or by other clients) since the broker started.
+    SinceStart(u64),
+    /// The counter grew while edgefn was watching.
+    Increase {
+        /// By how much.
+        by: u64,
+        /// Its new value.
+        total: u64,
+    },
+}
+
+/// Interprets one `$SYS` dropped-counter message, given the last value.
+/// A smaller value means the broker restarted: it becomes the new baseline.
+fn sys_dropped(payload: &[u8], last: &mut Option<u64>) -> SysDropped {
+    let Some(now) = std::str::from_utf8(payload)
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+    else {
+        return SysDropped::Nothing;
+    };
+    let seen = match *last {
+        None if now > 0 => SysDropped::SinceStart(now),
+        Some(before) if now > before => SysDropped::Increase {
+            by: now - before,
+            total: now,
+        },
+        _ => SysDropped::Nothing,
+    };
+    *last = Some(now);
+    seen
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broker_drops_are_reported_once_each() {
+        let mut last = None;
+        assert_eq!(sys_dropped(b"0", &mut last), SysDropped::Nothing);
+        assert_eq!(sys_dropped(b"0", &mut last), SysDropped::Nothing);
+        assert_eq!(
+            sys_dropped(b"12", &mut last),
+            SysDropped::Increase { by: 12, total: 12 }
+        );
+        assert_eq!(sys_dropped(b"12", &mut last), SysDropped::Nothing);
+        assert_eq!(sys_dropped(b"garbage", &mut last), SysDropped::Nothing);
+        // The broker restarted: a new baseline, nothing invented.
+        assert_eq!(sys_dropped(b"3", &mut last), SysDropped::Nothing);
+        assert_eq!(
+            sys_dropped(b"5", &mut last),
+            SysDropped::Increase { by: 2, total: 5 }
+        );
+        let mut fresh = None;
+        assert_eq!(sys_dropped(b"40", &mut fresh), SysDropped::SinceStart(40));
     }
 }

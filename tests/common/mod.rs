@@ -72,6 +72,8 @@ pub struct Mosquitto {
     child: Option<Child>,
     /// Whether it persists sessions to its directory.
     persistent: bool,
+    /// Extra configuration lines.
+    extra: String,
 }
 
 impl Mosquitto {
@@ -87,12 +89,26 @@ impl Mosquitto {
         Self::start_with(true)
     }
 
+    /// Starts one with extra mosquitto.conf lines.
+    pub fn start_with_extra(extra: &str) -> Mosquitto {
+        let mut m = Mosquitto {
+            port: free_port(),
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+            persistent: false,
+            extra: extra.to_owned(),
+        };
+        m.restart();
+        m
+    }
+
     fn start_with(persistent: bool) -> Mosquitto {
         let mut m = Mosquitto {
             port: free_port(),
             dir: tempfile::tempdir().unwrap(),
             child: None,
             persistent,
+            extra: String::new(),
         };
         m.restart();
         m
@@ -125,9 +141,10 @@ impl Mosquitto {
             format!(
                 "listener {} 127.0.0.1\nallow_anonymous true\n{persistence}log_dest file {}\n\
                  # As root, stay root: the files are in the test's private directory.\n\
-                 user root\n",
+                 user root\n{}",
                 self.port,
-                self.dir.path().join("mosquitto.log").display()
+                self.dir.path().join("mosquitto.log").display(),
+                self.extra
             ),
         )
         .unwrap();

@@ -1,0 +1,59 @@
+//! Warm-invocation microbenchmarks: the cost of one call into a warm
+//! instance, host side included (input copy, guest call, emitted record).
+//!
+//! `cargo bench --bench invoke` (build the functions first: functions/build.sh).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use edgefn::runtime::{FunctionSpec, Runtime, Target};
+
+fn spec() -> FunctionSpec {
+    FunctionSpec {
+        name: "bench".into(),
+        env: vec![("UNIT".into(), "F".into())],
+        memory_limit: 16 << 20,
+        timeout: Duration::from_secs(1),
+        max_record_size: 1 << 20,
+    }
+}
+
+fn warm(c: &mut Criterion) {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let echo = wat::parse_file(root.join("functions/wat-example/echo.wat")).expect("echo.wat");
+    let clean = std::fs::read(root.join("functions/dist/clean_temperature.wasm"))
+        .expect("functions/dist/clean_temperature.wasm (run functions/build.sh)");
+    let payload = br#"{"seq":12345,"temp_c":21.5,"ts_us":1764000000000000}"#;
+    for (target, label) in [(Target::Native, "cranelift"), (Target::Pulley, "pulley")] {
+        let rt = Runtime::new(target).unwrap();
+        let f = rt.load("echo.wat", &echo, spec()).unwrap();
+        let mut i = f.new_instance().unwrap();
+        c.bench_function(
+            &format!("warm invocation, trivial (echo.wat), {label}"),
+            |b| b.iter(|| i.invoke("sensors/d1/temperature", payload).unwrap()),
+        );
+        let f = rt.load("clean_temperature.wasm", &clean, spec()).unwrap();
+        let mut i = f.new_instance().unwrap();
+        c.bench_function(
+            &format!("warm invocation, clean-temperature, {label}"),
+            |b| b.iter(|| i.invoke("sensors/d1/temperature", payload).unwrap()),
+        );
+    }
+    let rt = Runtime::new(Target::Native).unwrap();
+    let f = rt.load("clean_temperature.wasm", &clean, spec()).unwrap();
+    c.bench_function(
+        "fresh instance + invocation, clean-temperature, cranelift",
+        |b| {
+            b.iter(|| {
+                f.new_instance()
+                    .unwrap()
+                    .invoke("sensors/d1/temperature", payload)
+                    .unwrap()
+            })
+        },
+    );
+}
+
+criterion_group!(benches, warm);
+criterion_main!(benches);

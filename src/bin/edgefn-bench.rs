@@ -1,0 +1,557 @@
+//! End-to-end benchmark: devices → broker → edgefn (clean-temperature,
+//! durable buffer) → cloud broker, against Mosquitto's own bridge between
+//! the same two brokers as the reference (no processing, no durable buffer).
+//!
+//! ```sh
+//! functions/build.sh && cargo build --release --bins
+//! target/release/edgefn-bench --messages 20000 --devices 10
+//! ```
+//!
+//! Each scenario runs on fresh private Mosquitto instances (stock config) on
+//! free loopback ports: a throughput run (every device publishes QoS 1 as
+//! fast as its client's in-flight window allows; rate = messages / time
+//! from first publish to last arrival) and a latency run (a fixed total
+//! rate; latency = arrival time − the `ts_us` the device put in the payload).
+//! For edgefn it also reads the daemon's peak RSS (`VmHWM`) and the bytes it
+//! wrote to disk (`write_bytes` in /proc/PID/io) per message.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::Packet;
+use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+
+/// End-to-end benchmark of edgefn against Mosquitto's bridge.
+#[derive(Debug, Parser)]
+struct Args {
+    /// Messages in each throughput run.
+    #[arg(long, default_value_t = 20_000)]
+    messages: u64,
+    /// Simulated devices (connections) in the multi-device scenarios.
+    #[arg(long, default_value_t = 10)]
+    devices: usize,
+    /// Total publish rate of the latency runs, messages per second.
+    #[arg(long, default_value_t = 2000)]
+    rate: u64,
+    /// Length of each latency run.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    latency_for: Duration,
+    /// Scenarios to run (bridge, edgefn, embedded-1, embedded-n); default all.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Give the device-side Mosquitto `max_queued_messages 0` (as
+    /// docs/DELIVERY.md recommends) instead of its stock limit of 1000.
+    #[arg(long)]
+    unbounded_queues: bool,
+    /// `durability` for edgefn's buffer: full or relaxed.
+    #[arg(long, default_value = "full")]
+    durability: String,
+}
+
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_for_port(port: u16) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            bail!("nothing listens on port {port}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// A directory under the system temp dir, removed on drop.
+struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    fn new(tag: &str) -> anyhow::Result<ScratchDir> {
+        let p = std::env::temp_dir().join(format!("edgefn-bench-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p)?;
+        Ok(ScratchDir(p))
+    }
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A child process killed on drop.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts Mosquitto on `port` with `extra` config lines.
+fn mosquitto(dir: &Path, port: u16, extra: &str) -> anyhow::Result<Proc> {
+    let conf = dir.join(format!("mosquitto-{port}.conf"));
+    std::fs::write(
+        &conf,
+        format!("listener {port} 127.0.0.1\nallow_anonymous true\nuser root\n{extra}"),
+    )?;
+    let child = Command::new("mosquitto")
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("start mosquitto (apt-get install mosquitto)")?;
+    wait_for_port(port)?;
+    Ok(Proc(child))
+}
+
+/// Arrivals at the cloud broker.
+#[derive(Default)]
+struct Arrivals {
+    /// Messages received.
+    count: AtomicU64,
+    /// `(arrival time, latency µs)`, for the current run.
+    samples: Mutex<Vec<(Instant, u64)>>,
+}
+
+/// Subscribes to `site/#` on the cloud broker; returns once subscribed.
+async fn cloud_subscriber(port: u16, arrivals: Arc<Arrivals>) -> tokio::task::JoinHandle<()> {
+    let mut o = MqttOptions::new(format!("bench-cloud-{port}"), "127.0.0.1", port);
+    o.set_keep_alive(Duration::from_secs(60));
+    o.set_max_packet_size(Some(1 << 20));
+    let (client, mut events) = AsyncClient::new(o, 100);
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(async move {
+        let mut ready = Some(ready_tx);
+        loop {
+            match events.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    let _ = client.subscribe("site/#", QoS::AtLeastOnce).await;
+                }
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    if let Some(r) = ready.take() {
+                        let _ = r.send(());
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let now = now_us();
+                    let ts = ts_of(&p.payload);
+                    arrivals.count.fetch_add(1, Ordering::Relaxed);
+                    arrivals
+                        .samples
+                        .lock()
+                        .unwrap()
+                        .push((Instant::now(), now.saturating_sub(ts)));
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    });
+    let _ = tokio::time::timeout(Duration::from_secs(30), ready_rx).await;
+    task
+}
+
+/// The `ts_us` field of a payload (0 if absent).
+fn ts_of(payload: &[u8]) -> u64 {
+    let text = std::str::from_utf8(payload).unwrap_or("");
+    text.split("\"ts_us\":")
+        .nth(1)
+        .and_then(|rest| {
+            rest.split(|c: char| !c.is_ascii_digit())
+                .next()
+                .and_then(|n| n.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Publishes `total` readings from `devices` connections to `port`, at
+/// `rate` msg/s in total (0 = as fast as possible). Returns when all are
+/// handed to the clients.
+async fn load(port: u16, devices: usize, total: u64, rate: u64, tag: &str) -> anyhow::Result<()> {
+    let per = total / devices as u64;
+    let mut tasks = Vec::new();
+    for d in 0..devices {
+        let mut o = MqttOptions::new(format!("bench-{tag}-{d}"), "127.0.0.1", port);
+        o.set_keep_alive(Duration::from_secs(60));
+        let (client, mut events) = AsyncClient::new(o, 1000);
+        let poller = tokio::spawn(async move {
+            loop {
+                if events.poll().await.is_err() {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        });
+        tasks.push(tokio::spawn(async move {
+            let topic = format!("sensors/dev{d}/temperature");
+            let mut tick = (rate > 0).then(|| {
+                tokio::time::interval(Duration::from_secs_f64(devices as f64 / rate as f64))
+            });
+            for i in 0..per {
+                if let Some(t) = tick.as_mut() {
+                    t.tick().await;
+                }
+                let payload = format!(
+                    r#"{{"seq":{i},"temp_c":{:.2},"ts_us":{}}}"#,
+                    20.0 + (i % 100) as f64 / 10.0,
+                    now_us()
+                );
+                client
+                    .publish(topic.clone(), QoS::AtLeastOnce, false, payload)
+                    .await
+                    .unwrap();
+            }
+            (client, poller)
+        }));
+    }
+    let mut keep = VecDeque::new();
+    for t in tasks {
+        keep.push_back(t.await?);
+    }
+    // Keep the clients alive until the caller has seen every arrival.
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        drop(keep);
+    });
+    Ok(())
+}
+
+/// How long arrivals may stall before a run is declared over with losses
+/// (a stock Mosquitto drops what exceeds its queues).
+const STALL: Duration = Duration::from_secs(5);
+
+/// Waits until `n` arrivals in total, or until none came for [`STALL`];
+/// returns the time of the last arrival.
+async fn arrived(a: &Arrivals, n: u64) -> Instant {
+    let mut last_count = 0;
+    let mut last_change = Instant::now();
+    loop {
+        let c = a.count.load(Ordering::Relaxed);
+        if c >= n {
+            break;
+        }
+        if c != last_count {
+            (last_count, last_change) = (c, Instant::now());
+        } else if last_change.elapsed() > STALL {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    a.samples
+        .lock()
+        .unwrap()
+        .last()
+        .map_or(Instant::now(), |s| s.0)
+}
+
+/// One scenario's figures.
+#[derive(Debug, Default)]
+struct Figures {
+    name: String,
+    sent: u64,
+    delivered: u64,
+    rate: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    latency_rate: f64,
+    rss_mb: Option<f64>,
+    bytes_per_msg: Option<f64>,
+}
+
+fn percentile(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i] as f64 / 1000.0
+}
+
+fn proc_value(pid: u32, file: &str, key: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/{file}")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+/// Runs the throughput and latency runs against `device_port`, arrivals
+/// counted on `cloud_port`.
+async fn measure(
+    args: &Args,
+    name: &str,
+    device_port: u16,
+    cloud_port: u16,
+    devices: usize,
+    edgefn_pid: Option<u32>,
+) -> anyhow::Result<Figures> {
+    let arrivals = Arc::new(Arrivals::default());
+    let sub = cloud_subscriber(cloud_port, arrivals.clone()).await;
+    let written_before = edgefn_pid.and_then(|p| proc_value(p, "io", "write_bytes:"));
+
+    let n = args.messages / devices as u64 * devices as u64;
+    let start = Instant::now();
+    load(device_port, devices, n, 0, "tput").await?;
+    let last = arrived(&arrivals, n).await;
+    let delivered = arrivals.count.load(Ordering::Relaxed);
+    let rate = delivered as f64 / (last - start).as_secs_f64();
+
+    arrivals.samples.lock().unwrap().clear();
+    let m = (args.rate as f64 * args.latency_for.as_secs_f64()) as u64 / devices as u64
+        * devices as u64;
+    let started = Instant::now();
+    load(device_port, devices, m, args.rate, "lat").await?;
+    let last = arrived(&arrivals, delivered + m).await;
+    let delivered_lat = arrivals.count.load(Ordering::Relaxed) - delivered;
+    let latency_rate = delivered_lat as f64 / (last - started).as_secs_f64();
+    let mut lat: Vec<u64> = arrivals
+        .samples
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|s| s.1)
+        .collect();
+    lat.sort_unstable();
+
+    let (rss_mb, bytes_per_msg) = match edgefn_pid {
+        Some(pid) => (
+            proc_value(pid, "status", "VmHWM:").map(|kb| kb as f64 / 1024.0),
+            proc_value(pid, "io", "write_bytes:")
+                .zip(written_before)
+                .map(|(after, before)| (after - before) as f64 / (n + m) as f64),
+        ),
+        None => (None, None),
+    };
+    sub.abort();
+    Ok(Figures {
+        name: name.to_owned(),
+        sent: n + m,
+        delivered: delivered + delivered_lat,
+        rate,
+        p50_ms: percentile(&lat, 0.50),
+        p99_ms: percentile(&lat, 0.99),
+        latency_rate,
+        rss_mb,
+        bytes_per_msg,
+    })
+}
+
+fn edgefn_config(
+    dir: &Path,
+    local: &str,
+    cloud_port: u16,
+    module: &Path,
+    durability: &str,
+) -> PathBuf {
+    let path = dir.join("edgefn.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"[gateway]
+id = "bench"
+data_dir = "{data}"
+
+[local]
+{local}
+
+[upstream]
+url = "mqtt://127.0.0.1:{cloud_port}"
+topic_prefix = "site/bench/"
+
+[buffer]
+durability = "{durability}"
+
+[[functions]]
+name = "clean-temperature"
+module = "{module}"
+triggers = ["sensors/+/temperature"]
+env = {{ UNIT = "F" }}
+timeout = "100ms"
+concurrency = 2
+"#,
+            data = dir.join("data").display(),
+            module = module.display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn start_edgefn(config: &Path) -> anyhow::Result<Proc> {
+    let exe = std::env::current_exe()?.with_file_name("edgefn");
+    let child = Command::new(&exe)
+        .args(["run", "--config"])
+        .arg(config)
+        .env(
+            "EDGEFN_LOG",
+            "warn,edgefn::runtime::host=error,rmqtt=error,rmqtt_net=error",
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("start {}", exe.display()))?;
+    Ok(Proc(child))
+}
+
+/// Device-side Mosquitto queue settings.
+fn queues(args: &Args) -> &'static str {
+    if args.unbounded_queues {
+        "max_queued_messages 0\n"
+    } else {
+        ""
+    }
+}
+
+async fn scenario(args: &Args, which: &str, module: &Path) -> anyhow::Result<Figures> {
+    let dir = ScratchDir::new(which)?;
+    let cloud_port = free_port();
+    let _cloud = mosquitto(dir.path(), cloud_port, "")?;
+    match which {
+        "bridge" => {
+            let local_port = free_port();
+            let bridge = format!(
+                "{}connection bench-bridge\naddress 127.0.0.1:{cloud_port}\n\
+                 topic sensors/# out 1 \"\" site/bridge/\ncleansession true\n",
+                queues(args)
+            );
+            let _local = mosquitto(dir.path(), local_port, &bridge)?;
+            // Let the bridge connect before the clock starts.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            measure(
+                args,
+                "Mosquitto bridge (reference)",
+                local_port,
+                cloud_port,
+                args.devices,
+                None,
+            )
+            .await
+        }
+        "edgefn" => {
+            let local_port = free_port();
+            let _local = mosquitto(dir.path(), local_port, queues(args))?;
+            let config = edgefn_config(
+                dir.path(),
+                &format!("url = \"mqtt://127.0.0.1:{local_port}\""),
+                cloud_port,
+                module,
+                &args.durability,
+            );
+            let e = start_edgefn(&config)?;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            measure(
+                args,
+                "edgefn via Mosquitto",
+                local_port,
+                cloud_port,
+                args.devices,
+                Some(e.0.id()),
+            )
+            .await
+        }
+        "embedded-1" | "embedded-n" => {
+            let port = free_port();
+            let config = edgefn_config(
+                dir.path(),
+                &format!("embedded = true\nlisten = \"127.0.0.1:{port}\""),
+                cloud_port,
+                module,
+                &args.durability,
+            );
+            let e = start_edgefn(&config)?;
+            wait_for_port(port)?;
+            let devices = if which == "embedded-1" {
+                1
+            } else {
+                args.devices
+            };
+            let name = format!("edgefn embedded broker, {devices} device(s)");
+            measure(args, &name, port, cloud_port, devices, Some(e.0.id())).await
+        }
+        other => bail!("unknown scenario {other}"),
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let module =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("functions/dist/clean_temperature.wasm");
+    anyhow::ensure!(
+        module.exists(),
+        "{} missing: run functions/build.sh",
+        module.display()
+    );
+    let all = ["bridge", "edgefn", "embedded-1", "embedded-n"];
+    let chosen: Vec<&str> = if args.only.is_empty() {
+        all.to_vec()
+    } else {
+        args.only.iter().map(String::as_str).collect()
+    };
+    let mut results = Vec::new();
+    for which in chosen {
+        eprintln!("running {which} ...");
+        let f = scenario(&args, which, &module).await?;
+        eprintln!("  {f:?}");
+        results.push(f);
+    }
+    let bridge = results
+        .iter()
+        .find(|f| f.name.contains("bridge"))
+        .map(|f| f.rate);
+    println!(
+        "\n{} messages per throughput run, {} devices, latency at {} msg/s for {:?}, durability {}, device-side Mosquitto queues {}\n",
+        args.messages,
+        args.devices,
+        args.rate,
+        args.latency_for,
+        args.durability,
+        if args.unbounded_queues {
+            "unbounded (max_queued_messages 0)"
+        } else {
+            "stock (1000)"
+        }
+    );
+    println!(
+        "| scenario | delivered / sent | msg/s | vs bridge | p50 ms | p99 ms | achieved msg/s in latency run | peak RSS MB | disk bytes/msg |"
+    );
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for f in &results {
+        println!(
+            "| {} | {} / {} | {:.0} | {} | {:.2} | {:.2} | {:.0} | {} | {} |",
+            f.name,
+            f.delivered,
+            f.sent,
+            f.rate,
+            bridge.map_or("".into(), |b| format!("{:.0} %", 100.0 * f.rate / b)),
+            f.p50_ms,
+            f.p99_ms,
+            f.latency_rate,
+            f.rss_mb.map_or("".into(), |v| format!("{v:.1}")),
+            f.bytes_per_msg.map_or("".into(), |v| format!("{v:.0}")),
+        );
+    }
+    Ok(())
+}
