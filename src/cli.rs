@@ -172,7 +172,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 /// `edgefn check`: every problem in the config, then every module.
 fn check(path: &std::path::Path) -> anyhow::Result<ExitCode> {
     let config = Config::load(path)?;
-    let runtime = Runtime::new(Target::Native)?;
+    let runtime = Runtime::new(Target::for_host())?;
     let mut failed = 0;
     println!(
         "gateway  {} (data in {})",

@@ -83,7 +83,7 @@ impl Gateway {
             "buffer opened"
         );
 
-        let runtime = Arc::new(Runtime::new(Target::Native)?);
+        let runtime = Arc::new(Runtime::new(Target::for_host())?);
         let mut pools = Vec::new();
         for f in &config.functions {
             let rt = runtime.clone();

@@ -35,7 +35,7 @@ pub fn invoke(req: &InvokeRequest) -> anyhow::Result<Report> {
     let runtime = Runtime::new(if req.pulley {
         Target::Pulley
     } else {
-        Target::Native
+        Target::for_host()
     })?;
     let spec = FunctionSpec {
         name: "invoke".into(),

@@ -55,6 +55,24 @@ pub enum Target {
     Pulley,
 }
 
+impl Target {
+    /// What this host runs functions on: native code where Cranelift has a
+    /// backend (x86_64, aarch64, riscv64, s390x), the Pulley interpreter
+    /// elsewhere — notably 32-bit ARM (Pi Zero, 32-bit Raspberry Pi OS).
+    pub fn for_host() -> Target {
+        if cfg!(any(
+            target_arch = "x86_64",
+            target_arch = "aarch64",
+            target_arch = "riscv64",
+            target_arch = "s390x"
+        )) {
+            Target::Native
+        } else {
+            Target::Pulley
+        }
+    }
+}
+
 /// Why a module cannot be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
