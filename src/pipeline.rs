@@ -322,3 +322,97 @@ fn commit_loop(
     }
     writer
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Durability, FullPolicy};
+    use crate::route::TopicFilter;
+    use crate::runtime::{FunctionSpec, Runtime, Target};
+
+    /// Emits every payload to `echo`.
+    const ECHO: &str = r#"(module
+      (import "edgefn" "emit" (func $emit (param i32 i32 i32 i32) (result i32)))
+      (memory (export "memory") 2)
+      (data (i32.const 0) "echo")
+      (func (export "edgefn_abi_version") (result i32) (i32.const 1))
+      (func (export "edgefn_alloc") (param i32) (result i32) (i32.const 1024))
+      (func (export "edgefn_on_message") (param i32 i32 i32 i32) (result i32)
+        (drop (call $emit (i32.const 0) (i32.const 4) (local.get 2) (local.get 3)))
+        (i32.const 0)))"#;
+
+    async fn until(what: &str, pred: impl Fn() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !pred() {
+            assert!(std::time::Instant::now() < deadline, "never: {what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failing_commit_is_retried_and_nothing_is_acked_before_it_succeeds() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut writer, reader) = crate::store::open(
+            dir.path(),
+            Durability::Full,
+            1 << 30,
+            FullPolicy::Backpressure,
+        )
+        .unwrap();
+        let disk_full = writer.disk_full_switch();
+        disk_full.store(true, Ordering::Relaxed);
+
+        let rt = Runtime::new(Target::Native).unwrap();
+        let spec = FunctionSpec {
+            name: "echo".into(),
+            env: vec![],
+            memory_limit: 1 << 20,
+            timeout: Duration::from_secs(1),
+            max_record_size: 1 << 20,
+        };
+        let f = rt
+            .load("echo", &wat::parse_str(ECHO).unwrap(), spec)
+            .unwrap();
+        let triggers = [TopicFilter::new("#").unwrap()];
+        let metrics = Arc::new(Metrics::default());
+        let (tx, rx) = mpsc::channel(16);
+        let running = Pipeline {
+            router: Arc::new(Router::new([triggers.as_slice()])),
+            pools: Arc::new(vec![Pool::start(Arc::new(f), 1, 0).unwrap()]),
+            names: Arc::new(vec!["echo".into()]),
+            writer,
+            max_batch: 16,
+            max_message_size: 1 << 20,
+            metrics: metrics.clone(),
+            committed: Arc::new(Notify::new()),
+            local_publish: None,
+        }
+        .start(rx);
+
+        // Large enough that the database must grow to hold it.
+        let (ack, mut waiter) = Ack::waiter();
+        let payload = Bytes::from(vec![b'x'; 64 * 1024]);
+        tx.send(Delivery {
+            topic: "t".into(),
+            payload,
+            ack,
+        })
+        .await
+        .unwrap();
+
+        until("two failed commits", || {
+            metrics.commit_failures.load(Ordering::Relaxed) >= 2
+        })
+        .await;
+        assert_eq!(waiter.try_get(), None, "acknowledged before the commit");
+        assert_eq!(reader.pending().unwrap(), 0);
+
+        // Room again: the retry goes through, then (only then) the ack.
+        disk_full.store(false, Ordering::Relaxed);
+        assert_eq!(waiter.await, Ok(()));
+        assert_eq!(reader.pending().unwrap(), 1);
+        assert_eq!(metrics.committed.load(Ordering::Relaxed), 1);
+        drop(tx);
+        running.drain(Duration::from_secs(5)).await;
+    }
+}

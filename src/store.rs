@@ -254,6 +254,8 @@ pub fn open(
             shared,
             max_size,
             policy,
+            #[cfg(test)]
+            disk_full: Arc::default(),
         },
         reader,
     ))
@@ -297,6 +299,9 @@ pub struct Writer {
     max_size: u64,
     /// `[buffer] full_policy`.
     policy: FullPolicy,
+    /// See [`Writer::disk_full_switch`].
+    #[cfg(test)]
+    disk_full: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// One input's outcomes, as committed.
@@ -329,6 +334,8 @@ impl Writer {
         batch: &[&Outcomes],
         give_up: &dyn Fn() -> bool,
     ) -> Result<Option<Committed>, StoreError> {
+        #[cfg(test)]
+        self.fill_disk(self.disk_full.load(Ordering::Relaxed));
         let incoming: u64 = batch.iter().map(|o| o.bytes()).sum();
         if self.policy == FullPolicy::Backpressure && !self.wait_for_room(incoming, give_up) {
             return Ok(None);
@@ -435,8 +442,15 @@ impl Writer {
         self.shared.bytes.load(Ordering::Relaxed)
     }
 
-    /// Caps the database at its current size, so the next growth fails as
-    /// on a full disk (SQLITE_FULL); `None` lifts the cap.
+    /// A switch that, while on, caps the database at its current size
+    /// before each commit, so growth fails as on a full disk (SQLITE_FULL).
+    /// For tests of the layers above, which own the writer on their thread.
+    #[cfg(test)]
+    pub(crate) fn disk_full_switch(&mut self) -> Arc<std::sync::atomic::AtomicBool> {
+        self.disk_full.clone()
+    }
+
+    /// Caps the database at its current size (`full`), or lifts the cap.
     #[cfg(test)]
     fn fill_disk(&self, full: bool) {
         let pages: i64 = if full {
@@ -802,13 +816,14 @@ mod tests {
             FullPolicy::Backpressure,
         )
         .unwrap();
-        w.fill_disk(true);
+        let full = w.disk_full_switch();
+        full.store(true, Ordering::Relaxed);
         let big = outcomes((0..200).map(|i| rec("t", &format!("{i:0>2000}"))).collect());
         let err = w.commit(&[&big], NEVER).unwrap_err();
         assert!(err.to_string().contains("full"), "{err}");
         assert_eq!(r.pending().unwrap(), 0);
         assert_eq!(w.outbox_bytes(), 0);
-        w.fill_disk(false);
+        full.store(false, Ordering::Relaxed);
         assert_eq!(w.commit(&[&big], NEVER).unwrap().unwrap().records, 200);
         assert_eq!(r.pending().unwrap(), 200);
     }

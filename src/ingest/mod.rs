@@ -71,6 +71,17 @@ impl Future for AckWaiter {
     }
 }
 
+impl AckWaiter {
+    /// The outcome if it is already known, without waiting.
+    pub fn try_get(&mut self) -> Option<Result<(), Dropped>> {
+        match self.0.try_recv() {
+            Ok(()) => Some(Ok(())),
+            Err(oneshot::error::TryRecvError::Empty) => None,
+            Err(oneshot::error::TryRecvError::Closed) => Some(Err(Dropped)),
+        }
+    }
+}
+
 impl Ack {
     /// An ack with nothing behind it.
     pub fn nothing() -> Ack {
