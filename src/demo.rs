@@ -65,6 +65,8 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     })?;
     std::fs::create_dir_all(&opts.data_dir)?;
     let data_dir = std::fs::canonicalize(&opts.data_dir)?;
+    // Each demo starts from an empty buffer, so its counts add up.
+    let _ = std::fs::remove_dir_all(data_dir.join("data"));
 
     let mut cloud = start_cloud("127.0.0.1:0".parse()?).await?;
     let cloud_addr = cloud.local_addr();
