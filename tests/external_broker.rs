@@ -287,3 +287,40 @@ async fn drops_by_a_stock_mosquitto_are_reported() {
     // The 1000 it did queue all arrive.
     let _ = upstream.wait_for(1000).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_too_large_for_the_upstream_goes_to_the_dead_letters_and_the_rest_flows() {
+    let local = Mosquitto::start();
+    // The cloud announces a Maximum Packet Size of 2000 bytes (MQTT 5 CONNACK).
+    let cloud = Mosquitto::start_with_extra("max_packet_size 2000\n");
+    let dir = tempfile::tempdir().unwrap();
+    let config = standard_config(dir.path(), &local.url(), cloud.port);
+    let upstream = Upstream::subscribe(cloud.port, "site/#").await;
+    let mut daemon = Daemon::start(&config);
+    daemon.wait_for_log("subscribed");
+    let mut dev = Device::connect("device-f", local.port).await;
+    // chaos echoes plain payloads to echo/<topic>: 3000 bytes cannot go up.
+    assert!(
+        dev.publish_acked("chaos/big", "x".repeat(3000), PATIENCE)
+            .await
+    );
+    assert!(dev.publish_acked("chaos/small", "fits", PATIENCE).await);
+    let seen = upstream.wait_for(1).await;
+    assert_eq!(
+        (seen[0].topic.as_str(), seen[0].payload.as_str()),
+        ("site/pi-01/echo/chaos/small", "fits")
+    );
+    assert!(daemon.terminate().success());
+    let dead = edgefn::store::dead_letters(&dir.path().join("data")).unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(
+        (dead[0].function.as_str(), dead[0].kind),
+        ("upstream", "rejected")
+    );
+    assert_eq!(dead[0].topic, "echo/chaos/big");
+    assert!(
+        dead[0].error.contains("maximum packet size"),
+        "{}",
+        dead[0].error
+    );
+}
