@@ -282,7 +282,12 @@ async fn status_loop(metrics: Arc<Metrics>, pools: Arc<Vec<Pool>>, names: Vec<St
             buffered = m.records_buffered,
             forwarded = m.forwarded,
             dead_letters = m.dead_letters,
-            dropped = m.dropped_records + m.broker_dropped,
+            dropped = m.dropped_records,
+            broker_dropped = m.broker_dropped,
+            refused_too_large = m.refused_too_large,
+            commit_failures = m.commit_failures,
+            upstream_rejected = m.upstream_rejected,
+            resent = m.resent,
             "status"
         );
         for (name, p) in names.iter().zip(pools.iter()) {
