@@ -50,6 +50,9 @@ struct Args {
     /// docs/DELIVERY.md recommends) instead of its stock limit of 1000.
     #[arg(long)]
     unbounded_queues: bool,
+    /// How long arrivals may stall before a run is declared over.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    stall: Duration,
     /// `durability` for edgefn's buffer: full or relaxed.
     #[arg(long, default_value = "full")]
     durability: String,
@@ -241,10 +244,10 @@ async fn load(port: u16, devices: usize, total: u64, rate: u64, tag: &str) -> an
 }
 
 /// How long arrivals may stall before a run is declared over with losses
-/// (a stock Mosquitto drops what exceeds its queues).
-const STALL: Duration = Duration::from_secs(5);
+/// (a stock Mosquitto drops what exceeds its queues); `--stall`.
+static STALL_MS: AtomicU64 = AtomicU64::new(5000);
 
-/// Waits until `n` arrivals in total, or until none came for [`STALL`];
+/// Waits until `n` arrivals in total, or until none came for [`STALL_MS`];
 /// returns the time of the last arrival.
 async fn arrived(a: &Arrivals, n: u64) -> Instant {
     let mut last_count = 0;
@@ -256,7 +259,7 @@ async fn arrived(a: &Arrivals, n: u64) -> Instant {
         }
         if c != last_count {
             (last_count, last_change) = (c, Instant::now());
-        } else if last_change.elapsed() > STALL {
+        } else if last_change.elapsed() > Duration::from_millis(STALL_MS.load(Ordering::Relaxed)) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -497,6 +500,7 @@ async fn scenario(args: &Args, which: &str, module: &Path) -> anyhow::Result<Fig
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    STALL_MS.store(args.stall.as_millis() as u64, Ordering::Relaxed);
     let module =
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("functions/dist/clean_temperature.wasm");
     anyhow::ensure!(
