@@ -12,6 +12,7 @@
 //! fast as its client's in-flight window allows; rate = messages / time
 //! from first publish to last arrival) and a latency run (a fixed total
 //! rate; latency = arrival time − the `ts_us` the device put in the payload).
+//! `EDGEFN_BENCH_LOG` sets the daemon's log filter (default: warnings).
 //! For edgefn it also reads the daemon's peak RSS (`VmHWM`) and the bytes it
 //! wrote to disk (`write_bytes` in /proc/PID/io) per message.
 
@@ -46,10 +47,10 @@ struct Args {
     /// Scenarios to run (bridge, edgefn, embedded-1, embedded-n); default all.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
-    /// Give the device-side Mosquitto `max_queued_messages 0` (as
-    /// docs/DELIVERY.md recommends) instead of its stock limit of 1000.
+    /// Give the device-side Mosquitto `max_queued_messages N` instead of
+    /// its stock limit of 1000 (0 means no limit in Mosquitto's terms).
     #[arg(long)]
-    unbounded_queues: bool,
+    max_queued_messages: Option<u64>,
     /// How long arrivals may stall before a run is declared over.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     stall: Duration,
@@ -419,12 +420,10 @@ fn start_edgefn(config: &Path) -> anyhow::Result<Proc> {
 }
 
 /// Device-side Mosquitto queue settings.
-fn queues(args: &Args) -> &'static str {
-    if args.unbounded_queues {
-        "max_queued_messages 0\n"
-    } else {
-        ""
-    }
+fn queues(args: &Args) -> String {
+    args.max_queued_messages
+        .map(|n| format!("max_queued_messages {n}\n"))
+        .unwrap_or_default()
 }
 
 async fn scenario(args: &Args, which: &str, module: &Path) -> anyhow::Result<Figures> {
@@ -454,7 +453,7 @@ async fn scenario(args: &Args, which: &str, module: &Path) -> anyhow::Result<Fig
         }
         "edgefn" => {
             let local_port = free_port();
-            let _local = mosquitto(dir.path(), local_port, queues(args))?;
+            let _local = mosquitto(dir.path(), local_port, &queues(args))?;
             let config = edgefn_config(
                 dir.path(),
                 &format!("url = \"mqtt://127.0.0.1:{local_port}\""),
@@ -532,11 +531,10 @@ async fn main() -> anyhow::Result<()> {
         args.rate,
         args.latency_for,
         args.durability,
-        if args.unbounded_queues {
-            "unbounded (max_queued_messages 0)"
-        } else {
-            "stock (1000)"
-        }
+        args.max_queued_messages
+            .map_or("stock (max_queued_messages 1000)".to_owned(), |n| {
+                format!("max_queued_messages {n}")
+            })
     );
     println!(
         "| scenario | delivered / sent | msg/s | vs bridge | p50 ms | p99 ms | achieved msg/s in latency run | peak RSS MB | disk bytes/msg |"
