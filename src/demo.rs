@@ -120,7 +120,6 @@ concurrency = 2
     println!("  Ctrl-C to stop\n");
 
     let counts = Arc::new(Counts::default());
-    let (_stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut tasks = Vec::new();
     tasks.push(tokio::spawn(cloud_subscriber(cloud_addr, counts.clone())));
     for d in 0..opts.devices {
@@ -129,7 +128,6 @@ concurrency = 2
             device_addr,
             opts.rate,
             counts.clone(),
-            stop_rx.clone(),
         )));
     }
 
@@ -155,7 +153,7 @@ concurrency = 2
             && t < after + opts.outage_for
         {
             cloud.shutdown().await;
-            cloud = dead_cloud();
+            cloud = Cloud::Down;
             cloud_down_since = Some(Instant::now());
             println!(
                 "       -- the cloud broker goes away; edgefn keeps acknowledging devices and buffers --"
@@ -205,10 +203,6 @@ enum Cloud {
     Down,
 }
 
-fn dead_cloud() -> Cloud {
-    Cloud::Down
-}
-
 impl Cloud {
     fn local_addr(&self) -> SocketAddr {
         match self {
@@ -256,13 +250,7 @@ async fn cloud_subscriber(addr: SocketAddr, counts: Arc<Counts>) {
 }
 
 /// One simulated device: publishes readings at `rate`, QoS 1.
-async fn device(
-    n: usize,
-    addr: SocketAddr,
-    rate: f64,
-    counts: Arc<Counts>,
-    _stop: tokio::sync::watch::Receiver<bool>,
-) {
+async fn device(n: usize, addr: SocketAddr, rate: f64, counts: Arc<Counts>) {
     let id = format!("sensor-{n:02}");
     let mut o = MqttOptions::new(&id, addr.ip().to_string(), addr.port());
     o.set_keep_alive(Duration::from_secs(30));

@@ -99,7 +99,8 @@ impl Gateway {
         let router = Arc::new(Router::new(
             config.functions.iter().map(|f| f.triggers.as_slice()),
         ));
-        let names = Arc::new(config.functions.iter().map(|f| f.name.clone()).collect());
+        let names: Arc<Vec<String>> =
+            Arc::new(config.functions.iter().map(|f| f.name.clone()).collect());
 
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (drained, drained_rx) = watch::channel(false);
@@ -114,7 +115,7 @@ impl Gateway {
         let pipeline = Pipeline {
             router: router.clone(),
             pools: pools.clone(),
-            names,
+            names: names.clone(),
             writer,
             max_batch: config.buffer.max_batch,
             max_message_size: config.local.max_message_size,
@@ -180,11 +181,7 @@ impl Gateway {
             }
         }
 
-        let status = tokio::spawn(status_loop(
-            metrics.clone(),
-            pools.clone(),
-            names_of(&config),
-        ));
+        let status = tokio::spawn(status_loop(metrics.clone(), pools.clone(), names));
 
         Ok(Gateway {
             shutdown,
@@ -265,11 +262,7 @@ async fn forward_local_publishes(
     }
 }
 
-fn names_of(config: &Config) -> Vec<String> {
-    config.functions.iter().map(|f| f.name.clone()).collect()
-}
-
-async fn status_loop(metrics: Arc<Metrics>, pools: Arc<Vec<Pool>>, names: Vec<String>) {
+async fn status_loop(metrics: Arc<Metrics>, pools: Arc<Vec<Pool>>, names: Arc<Vec<String>>) {
     use std::sync::atomic::Ordering::Relaxed;
     let mut tick = tokio::time::interval(STATUS_INTERVAL);
     tick.tick().await;

@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::time::Duration;
 
-use crate::runtime::{Failure, FunctionSpec, GuestLog, LogLevel, Report, Runtime, Target};
+use crate::runtime::{FunctionSpec, GuestLog, LogLevel, Report, Runtime, Target};
 
 /// What `edgefn invoke` runs.
 #[derive(Debug, Clone)]
@@ -115,14 +115,5 @@ pub fn render(module: &Path, report: &Report) -> String {
 
 /// Exit status for a report: 0 ok, 1 failed invocation.
 pub fn exit_code(report: &Report) -> i32 {
-    match report.result {
-        Ok(_) => 0,
-        Err(
-            Failure::Returned { .. }
-            | Failure::Timeout(_)
-            | Failure::Trap(_)
-            | Failure::Exit(_)
-            | Failure::Start(_),
-        ) => 1,
-    }
+    i32::from(report.result.is_err())
 }
