@@ -137,8 +137,57 @@ async fn records_wait_in_the_buffer_while_upstream_is_down() {
     cloud.stop_gracefully();
     let mut dev = Device::connect("device-b", local.port).await;
     let n = 200u64;
+    publish_round_robin(&mut dev, &["d1", "d2"], n).await;
+    // Everything is committed to the outbox while the cloud is away.
+    let db = dir.path().join("data/edgefn.db");
+    wait_for_outbox(&db, n).await;
+
+    cloud.restart();
+    expect_round_robin(&upstream, &["d1", "d2"], n).await;
+    // Delivered records leave the buffer.
+    wait_for_outbox(&db, 0).await;
+    assert!(daemon.terminate().success());
+}
+
+/// A device-side Mosquitto (with `local_extra` mosquitto.conf lines) that
+/// holds edgefn's persistent session while the daemon is stopped, so it
+/// queues what devices publish; a cloud broker with a subscriber on it.
+struct SessionWithoutDaemon {
+    local: Mosquitto,
+    _cloud: Mosquitto,
+    _dir: tempfile::TempDir,
+    /// The standard config plus `local_keys` in `[local]`.
+    config: std::path::PathBuf,
+    upstream: Upstream,
+}
+
+async fn session_without_daemon(local_extra: &str, local_keys: &str) -> SessionWithoutDaemon {
+    let local = Mosquitto::start_with_extra(local_extra);
+    let cloud = Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = standard_config(dir.path(), &local.url(), cloud.port);
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("[local]\n", &format!("[local]\n{local_keys}"));
+    std::fs::write(&config, text).unwrap();
+    let upstream = Upstream::subscribe(cloud.port, "site/#").await;
+    let mut daemon = Daemon::start(&config);
+    daemon.wait_for_log("subscribed");
+    assert!(daemon.terminate().success());
+    SessionWithoutDaemon {
+        local,
+        _cloud: cloud,
+        _dir: dir,
+        config,
+        upstream,
+    }
+}
+
+/// Publishes readings `0..n`, reading `i` from `devices[i % devices.len()]`,
+/// each after the previous one's PUBACK.
+async fn publish_round_robin(dev: &mut Device, devices: &[&str], n: u64) {
     for i in 0..n {
-        let d = ["d1", "d2"][i as usize % 2];
+        let d = devices[i as usize % devices.len()];
         assert!(
             dev.publish_acked(
                 &format!("sensors/{d}/temperature"),
@@ -148,22 +197,21 @@ async fn records_wait_in_the_buffer_while_upstream_is_down() {
             .await
         );
     }
-    // Everything is committed to the outbox while the cloud is away.
-    let db = dir.path().join("data/edgefn.db");
-    wait_for_outbox(&db, n).await;
+}
 
-    cloud.restart();
+/// Waits until all `n` readings of [`publish_round_robin`] arrived
+/// upstream, and checks that each device's arrived in order.
+async fn expect_round_robin(upstream: &Upstream, devices: &[&str], n: u64) {
     let seen = upstream
-        .wait_until("all buffered records", |s| {
+        .wait_until("every reading", |s| {
             Upstream::distinct(s).len() >= n as usize
         })
         .await;
     let by_device = seqs_by_device(&seen);
-    assert_eq!(by_device["d1"], (0..n).step_by(2).collect::<Vec<_>>());
-    assert_eq!(by_device["d2"], (1..n).step_by(2).collect::<Vec<_>>());
-    // Delivered records leave the buffer.
-    wait_for_outbox(&db, 0).await;
-    assert!(daemon.terminate().success());
+    for (k, d) in devices.iter().enumerate() {
+        let want: Vec<u64> = (k as u64..n).step_by(devices.len()).collect();
+        assert_eq!(by_device[*d], want, "device {d}");
+    }
 }
 
 /// Waits until the outbox holds exactly `n` rows.
@@ -259,14 +307,8 @@ async fn drops_by_a_stock_mosquitto_are_reported() {
     // A stock Mosquitto queues at most 1000 messages for an offline
     // session (max_queued_messages); the rest are dropped although the
     // device got a PUBACK for each. edgefn cannot prevent that, but says so.
-    let local = Mosquitto::start_with_extra("sys_interval 1\n");
-    let cloud = Mosquitto::start();
-    let dir = tempfile::tempdir().unwrap();
-    let config = standard_config(dir.path(), &local.url(), cloud.port);
-    let upstream = Upstream::subscribe(cloud.port, "site/#").await;
-    let mut daemon = Daemon::start(&config);
-    daemon.wait_for_log("subscribed");
-    assert!(daemon.terminate().success());
+    let away = session_without_daemon("sys_interval 1\n", "").await;
+    let (local, config, upstream) = (&away.local, &away.config, &away.upstream);
 
     let mut dev = Device::connect("device-e", local.port).await;
     for i in 0..1100u64 {
@@ -275,7 +317,7 @@ async fn drops_by_a_stock_mosquitto_are_reported() {
                 .await
         );
     }
-    let daemon = Daemon::start(&config);
+    let daemon = Daemon::start(config);
     // Reported as drops since the broker started, or as an increase if the
     // broker's retained counter was not yet updated when edgefn subscribed.
     daemon.wait_for_log("dropped=100");
@@ -323,4 +365,23 @@ async fn a_record_too_large_for_the_upstream_goes_to_the_dead_letters_and_the_re
         "{}",
         dead[0].error
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deep_backlog_on_the_broker_all_arrives() {
+    // With the queue limit lifted as docs/DELIVERY.md recommends, Mosquitto
+    // 2.0 keeps a backlog for edgefn while it is down. When edgefn comes
+    // back, Mosquitto sends more unacknowledged messages than edgefn's
+    // Receive Maximum allows (each PUBACK releases up to a window more);
+    // every one must still be acknowledged, or Mosquitto holds it forever.
+    // A small window makes the broker overshoot it many times over.
+    let away = session_without_daemon("max_queued_messages 0\n", "in_flight = 16\n").await;
+    let (local, config, upstream) = (&away.local, &away.config, &away.upstream);
+
+    let n = 3000u64;
+    let mut dev = Device::connect("device-g", local.port).await;
+    publish_round_robin(&mut dev, &["d1", "d2", "d3"], n).await;
+    let mut daemon = Daemon::start(config);
+    expect_round_robin(upstream, &["d1", "d2", "d3"], n).await;
+    assert!(daemon.terminate().success());
 }

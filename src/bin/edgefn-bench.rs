@@ -13,6 +13,8 @@
 //! from first publish to last arrival) and a latency run (a fixed total
 //! rate; latency = arrival time − the `ts_us` the device put in the payload).
 //! `EDGEFN_BENCH_LOG` sets the daemon's log filter (default: warnings).
+//! `EDGEFN_BENCH_LOCAL_CONF` adds mosquitto.conf lines to the device-side
+//! broker, `\n`-separated (e.g. `log_dest file /tmp/local.log\nlog_type all`).
 //! For edgefn it also reads the daemon's peak RSS (`VmHWM`) and the bytes it
 //! wrote to disk (`write_bytes` in /proc/PID/io) per message.
 
@@ -421,9 +423,17 @@ fn start_edgefn(config: &Path) -> anyhow::Result<Proc> {
 
 /// Device-side Mosquitto queue settings.
 fn queues(args: &Args) -> String {
-    args.max_queued_messages
+    let mut lines = args
+        .max_queued_messages
         .map(|n| format!("max_queued_messages {n}\n"))
-        .unwrap_or_default()
+        .unwrap_or_default();
+    // Extra mosquitto.conf lines for the device side, for diagnosis
+    // (e.g. `log_dest file /tmp/local.log` and `log_type all`).
+    if let Ok(extra) = std::env::var("EDGEFN_BENCH_LOCAL_CONF") {
+        lines.push_str(&extra.replace("\\n", "\n"));
+        lines.push('\n');
+    }
+    lines
 }
 
 async fn scenario(args: &Args, which: &str, module: &Path) -> anyhow::Result<Figures> {

@@ -38,16 +38,17 @@ pub struct Ack(AckKind);
 enum AckKind {
     /// Nothing to acknowledge (QoS 0, tests).
     Nothing,
-    /// A PUBACK to send on the connection the message came on. The client
-    /// belongs to that connection only: once the connection is gone its
-    /// request channel is closed and the ack is discarded (the broker
-    /// redelivers), so it can never acknowledge another message that
-    /// reuses the packet id on a later connection.
+    /// A PUBACK to send on the connection the message came on. The channel
+    /// belongs to that connection only: once the connection is gone it is
+    /// closed and the ack is discarded (the broker redelivers), so it can
+    /// never acknowledge another message that reuses the packet id on a
+    /// later connection.
     Mqtt {
-        /// The connection's client handle.
-        client: rumqttc::v5::AsyncClient,
-        /// The message (its packet id).
-        publish: Box<rumqttc::v5::mqttbytes::v5::Publish>,
+        /// To the ingest task of that connection, which hands acks to the
+        /// MQTT client as it has room (see [`mqtt`]).
+        acks: tokio::sync::mpsc::UnboundedSender<mqtt::PendingAck>,
+        /// The message's packet id and QoS.
+        ack: mqtt::PendingAck,
     },
     /// Someone awaits the commit (the embedded broker's publish hook).
     Waiter(oneshot::Sender<()>),
@@ -88,15 +89,12 @@ impl Ack {
         Ack(AckKind::Nothing)
     }
 
-    /// An ack that sends a PUBACK for `publish` through `client`.
+    /// An ack that has the ingest task behind `acks` send a PUBACK.
     pub(crate) fn mqtt(
-        client: rumqttc::v5::AsyncClient,
-        publish: rumqttc::v5::mqttbytes::v5::Publish,
+        acks: tokio::sync::mpsc::UnboundedSender<mqtt::PendingAck>,
+        ack: mqtt::PendingAck,
     ) -> Ack {
-        Ack(AckKind::Mqtt {
-            client,
-            publish: Box::new(publish),
-        })
+        Ack(AckKind::Mqtt { acks, ack })
     }
 
     /// An ack whose completion someone awaits.
@@ -110,11 +108,11 @@ impl Ack {
     pub fn complete(self) {
         match self.0 {
             AckKind::Nothing => {}
-            AckKind::Mqtt { client, publish } => {
-                // Fails only if the connection is gone (then the broker
-                // redelivers) — the channel is sized to hold every ack.
-                if let Err(e) = client.try_ack(&publish) {
-                    tracing::debug!(error = %e, pkid = publish.pkid, "ack for a closed connection discarded");
+            AckKind::Mqtt { acks, ack } => {
+                // Fails only if the connection is gone; then the broker
+                // redelivers the message on the next one.
+                if acks.send(ack).is_err() {
+                    tracing::debug!(pkid = ack.pkid, "ack for a closed connection discarded");
                 }
             }
             AckKind::Waiter(tx) => {

@@ -11,14 +11,27 @@
 //!   connection, so a commit that fails is retried by the pipeline, never
 //!   acked early.
 //! - **One client per connection**: every (re)connect builds a fresh
-//!   `AsyncClient`/`EventLoop` pair. Acks hold the client of the connection
-//!   their message came on; when that connection is gone its channel is
-//!   closed and late acks are discarded, so a packet id reused by the broker
-//!   on the new connection can never be acknowledged by mistake.
+//!   `AsyncClient`/`EventLoop` pair and a fresh ack channel. Acks go back
+//!   through the channel of the connection their message came on; when that
+//!   connection is gone the channel is closed and late acks are discarded,
+//!   so a packet id reused by the broker on the new connection can never be
+//!   acknowledged by mistake.
+//! - **No ack is ever dropped on a live connection**: the broker may send
+//!   more unacknowledged messages than Receive Maximum allows (Mosquitto
+//!   2.0.11 does, by thousands, while it holds a backlog: each PUBACK
+//!   releases up to a window more, `db__message_delete_outgoing` in its
+//!   `src/database.c`). rumqttc's request channel is bounded and its event
+//!   loop takes one request per turn against up to ten incoming packets, so
+//!   acks can outrun it. The ingest task therefore keeps acks the client
+//!   has no room for in its own queue (two bytes and a QoS each) and hands
+//!   them over, in commit order, as the event loop drains. An ack lost here
+//!   would leave the message in the broker's in-flight window for the life
+//!   of the connection, and a broker that never resends stalls behind it.
 //! - **Broker drops are reported**: Mosquitto's
 //!   `$SYS/broker/publish/messages/dropped` is watched and every increase is
 //!   logged and counted.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -43,6 +56,55 @@ const PACKET_OVERHEAD: usize = 64 * 1024 + 16;
 /// The MQTT Maximum Packet Size for payloads up to `max_message_size`.
 pub fn packet_limit(max_message_size: usize) -> u32 {
     u32::try_from(max_message_size.saturating_add(PACKET_OVERHEAD)).unwrap_or(u32::MAX)
+}
+
+/// An acknowledgement the pipeline released and the ingest task has not
+/// yet handed to the MQTT client.
+#[derive(Debug, Clone, Copy)]
+pub struct PendingAck {
+    /// The packet id of the message.
+    pub pkid: u16,
+    /// Its QoS (what kind of ack it takes).
+    qos: QoS,
+}
+
+/// Acks released by the pipeline for one connection, handed to its client
+/// in order as the client's bounded request channel has room.
+struct AckQueue {
+    /// Where completed [`Ack`]s arrive; closed when the connection ends.
+    rx: mpsc::UnboundedReceiver<PendingAck>,
+    /// Cloned into every [`Ack`] made on this connection.
+    tx: mpsc::UnboundedSender<PendingAck>,
+    /// Released acks the client had no room for yet, oldest first.
+    waiting: VecDeque<PendingAck>,
+}
+
+impl AckQueue {
+    fn new() -> AckQueue {
+        let (tx, rx) = mpsc::unbounded_channel();
+        AckQueue {
+            rx,
+            tx,
+            waiting: VecDeque::new(),
+        }
+    }
+
+    /// Moves every released ack into the client, until it is full.
+    fn hand_over(&mut self, client: &AsyncClient) {
+        while let Ok(a) = self.rx.try_recv() {
+            self.waiting.push_back(a);
+        }
+        while let Some(a) = self.waiting.front() {
+            let mut stub = Publish::new("", a.qos, Bytes::new(), None);
+            stub.pkid = a.pkid;
+            if client.try_ack(&stub).is_err() {
+                // Full (the event loop takes them as it turns) or closed
+                // (the connection is gone and the broker redelivers).
+                break;
+            }
+            self.waiting.pop_front();
+        }
+    }
 }
 
 /// What the ingest task needs.
@@ -100,11 +162,18 @@ impl MqttIngest {
             if self.deliveries.is_none() {
                 return;
             }
-            // Capacity for every ack the broker lets us owe, plus publishes.
+            // Room for a window of acks plus publishes; more wait in `acks`.
             let cap = usize::from(self.broker.in_flight) + 64;
             let (client, mut events) = AsyncClient::new(self.options(), cap);
+            let mut acks = AckQueue::new();
+            // A function's publish the client had no room for yet.
+            let mut held: Option<Emitted> = None;
             let mut draining = false;
             loop {
+                acks.hand_over(&client);
+                if let Some(p) = held.take() {
+                    held = self.publish_locally(&client, p);
+                }
                 tokio::select! {
                     changed = shutdown.changed(), if !draining => {
                         if changed.is_err() || *shutdown.borrow() {
@@ -113,19 +182,28 @@ impl MqttIngest {
                         }
                     }
                     _ = crate::ingest::stopped(&mut drained), if draining => {
-                        let _ = client.try_disconnect();
-                        // Let the event loop write the queued acks and DISCONNECT.
+                        // Let the event loop write every ack, then DISCONNECT.
                         let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                            loop {
+                                acks.hand_over(&client);
+                                if acks.waiting.is_empty() {
+                                    break;
+                                }
+                                if events.poll().await.is_err() {
+                                    return;
+                                }
+                            }
+                            let _ = client.try_disconnect();
                             while events.poll().await.is_ok() {}
                         })
                         .await;
                         return;
                     }
-                    Some(p) = self.publishes.recv(), if !draining => {
-                        if let Err(e) = client.try_publish(p.topic, QoS::AtLeastOnce, false, p.payload) {
-                            tracing::warn!(error = %e, "could not publish to the local broker");
-                        }
+                    Some(p) = self.publishes.recv(), if !draining && held.is_none() => {
+                        held = self.publish_locally(&client, p);
                     }
+                    // Wakes the loop to hand acks over as they are released.
+                    Some(a) = acks.rx.recv() => acks.waiting.push_back(a),
                     event = events.poll() => match event {
                         Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                             backoff.reset();
@@ -162,7 +240,7 @@ impl MqttIngest {
                                 // Not acked: the broker keeps it for the next run.
                                 continue;
                             }
-                            self.on_publish(&client, p, &mut sys_dropped).await;
+                            self.on_publish(&acks.tx, p, &mut sys_dropped).await;
                         }
                         Ok(Event::Incoming(Packet::Disconnect(d))) => {
                             tracing::warn!(reason = ?d.reason_code, "the local broker disconnected us");
@@ -187,7 +265,22 @@ impl MqttIngest {
         }
     }
 
-    async fn on_publish(&self, client: &AsyncClient, p: Publish, sys_dropped: &mut Option<u64>) {
+    /// Hands a function's publish to the client; gives it back if the
+    /// client has no room (the caller holds it and tries again after the
+    /// event loop turns, taking no new publishes meanwhile).
+    fn publish_locally(&self, client: &AsyncClient, p: Emitted) -> Option<Emitted> {
+        match client.try_publish(p.topic.clone(), QoS::AtLeastOnce, false, p.payload.clone()) {
+            Ok(()) => None,
+            Err(_) => Some(p),
+        }
+    }
+
+    async fn on_publish(
+        &self,
+        acks: &mpsc::UnboundedSender<PendingAck>,
+        p: Publish,
+        sys_dropped: &mut Option<u64>,
+    ) {
         if p.topic.as_ref() == SYS_DROPPED.as_bytes() {
             self.on_sys_dropped(&p.payload, sys_dropped);
             return;
@@ -200,14 +293,26 @@ impl MqttIngest {
                 // message acked so it does not come back forever.
                 tracing::warn!("dropped a message whose topic is not UTF-8");
                 if needs_ack {
-                    let _ = client.try_ack(&p);
+                    Ack::mqtt(
+                        acks.clone(),
+                        PendingAck {
+                            pkid: p.pkid,
+                            qos: p.qos,
+                        },
+                    )
+                    .complete();
                 }
                 return;
             }
         };
-        let payload: Bytes = p.payload.clone();
         let ack = if needs_ack {
-            Ack::mqtt(client.clone(), p)
+            Ack::mqtt(
+                acks.clone(),
+                PendingAck {
+                    pkid: p.pkid,
+                    qos: p.qos,
+                },
+            )
         } else {
             Ack::nothing()
         };
@@ -218,7 +323,7 @@ impl MqttIngest {
             let _ = deliveries
                 .send(Delivery {
                     topic,
-                    payload,
+                    payload: p.payload,
                     ack,
                 })
                 .await;
