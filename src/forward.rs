@@ -8,6 +8,9 @@
 //! - publishes records in `seq` order at QoS 1 with at most `in_flight`
 //!   awaiting their PUBACK, each with the MQTT 5 user property
 //!   `edgefn-id = <gateway id>:<seq>` so the cloud side can drop duplicates;
+//! - takes records from the store's in-memory recent tail while it keeps
+//!   up, and reads SQLite only to catch up (after a reconnect, a restart or
+//!   an overflow of the tail), in batches of at least half a window;
 //! - learns each record's packet id from the `Outgoing::Publish` events,
 //!   which come in the order the publishes were queued, and keeps the
 //!   `pkid → record` map for the current connection only;
@@ -33,7 +36,7 @@ use tokio::sync::{Notify, watch};
 use crate::config::UpstreamConfig;
 use crate::ingest::Backoff;
 use crate::metrics::Metrics;
-use crate::store::{Reader, Record};
+use crate::store::{Reader, Recent, Record};
 
 /// Acknowledged records are deleted once this many have gathered, or at
 /// the next [`FLUSH_INTERVAL`] tick, whichever comes first: one delete
@@ -65,6 +68,8 @@ pub struct Forwarder {
     pub gateway_id: String,
     /// The outbox (blocking calls run on the blocking pool).
     pub reader: Arc<Mutex<Reader>>,
+    /// Records just committed, in memory.
+    pub recent: Recent,
     /// Woken after commits that added records.
     pub committed: Arc<Notify>,
     /// Gateway counters.
@@ -223,12 +228,22 @@ impl Forwarder {
             if room == 0 {
                 return;
             }
-            let after = conn.cursor;
-            let records = match self.blocking(move |r| r.after(after, room)).await {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot read the outbox");
-                    return;
+            let records = match self.recent.take(conn.cursor, room) {
+                Some(records) => records,
+                None => {
+                    // Catching up from SQLite: a query per half window,
+                    // not per PUBACK.
+                    if conn.in_flight() > 0 && room < window.div_ceil(2) {
+                        return;
+                    }
+                    let after = conn.cursor;
+                    match self.blocking(move |r| r.after(after, room)).await {
+                        Ok(r) => r,
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot read the outbox");
+                            return;
+                        }
+                    }
                 }
             };
             if records.is_empty() {
@@ -253,13 +268,14 @@ impl Forwarder {
                     .await;
                     continue;
                 }
-                if !self.publish(conn, &r) {
+                let seq = r.seq;
+                if !self.publish(conn, r) {
                     return;
                 }
-                if r.seq <= *sent_before {
+                if seq <= *sent_before {
                     Metrics::add(&self.metrics.resent, 1);
                 }
-                *sent_before = (*sent_before).max(r.seq);
+                *sent_before = (*sent_before).max(seq);
             }
         }
     }
@@ -275,7 +291,9 @@ impl Forwarder {
             + self.gateway_id.len()
     }
 
-    fn publish(&self, conn: &mut Connection, r: &Record) -> bool {
+    /// Queues `r` on the connection; false if the client has no room (it
+    /// stays in the outbox and is read again from there).
+    fn publish(&self, conn: &mut Connection, r: Record) -> bool {
         let topic = format!("{}{}", self.config.topic_prefix, r.topic);
         let props = PublishProperties {
             user_properties: vec![(
@@ -284,18 +302,19 @@ impl Forwarder {
             )],
             ..Default::default()
         };
+        let in_flight = InFlight {
+            seq: r.seq,
+            size: r.size(),
+        };
         match conn.client.try_publish_with_properties(
             topic,
             QoS::AtLeastOnce,
             false,
-            r.payload.clone(),
+            r.payload,
             props,
         ) {
             Ok(()) => {
-                conn.unnumbered.push_back(InFlight {
-                    seq: r.seq,
-                    size: r.size(),
-                });
+                conn.unnumbered.push_back(in_flight);
                 conn.cursor = r.seq;
                 true
             }

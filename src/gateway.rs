@@ -130,6 +130,7 @@ impl Gateway {
                 Forwarder {
                     config: upstream,
                     gateway_id: config.gateway.id.clone(),
+                    recent: reader.recent(),
                     reader: Arc::new(Mutex::new(reader)),
                     committed,
                     metrics: metrics.clone(),

@@ -271,10 +271,10 @@ fn commit_loop(
                 Err(_) => break,
             }
         }
-        let outcomes: Vec<&Outcomes> = batch.iter().map(|r| &r.outcomes).collect();
+        let mut outcomes: Vec<&mut Outcomes> = batch.iter_mut().map(|r| &mut r.outcomes).collect();
         let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
         let done = loop {
-            match writer.commit(&outcomes, &stop) {
+            match writer.commit(&mut outcomes, &stop) {
                 Ok(done) => break done,
                 Err(e) => {
                     Metrics::add(&metrics.commit_failures, 1);
@@ -282,7 +282,7 @@ fn commit_loop(
                     tracing::error!(
                         error = %e,
                         retry_in = ?delay,
-                        held = batch.len(),
+                        held = outcomes.len(),
                         "commit failed; the messages stay unacknowledged and the commit is retried"
                     );
                     if stop() {

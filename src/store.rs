@@ -36,12 +36,25 @@
 //! Later schema versions append to [`MIGRATIONS`]; a database newer than
 //! this binary is refused rather than misread.
 //!
+//! # The recent tail (memory)
+//!
+//! After each commit the writer also keeps the new records in memory, so
+//! the forwarder need not read back what was just written: [`Recent`]
+//! holds every committed record with `seq > from`, oldest first, up to
+//! [`TAIL_RECORDS`] records and [`TAIL_BYTES`] bytes. When it overflows,
+//! or the forwarder takes records out, `from` moves up; records at or
+//! below `from` are read from SQLite ([`Reader::after`]). The tail is a
+//! copy, never the truth: a record leaves it when it is published, and it
+//! stays in the outbox until its PUBACK (invariant 2). Records dropped by
+//! `drop_oldest` leave the tail too.
+//!
 //! # Size bound
 //!
 //! The bound (`[buffer] max_size`) is on the bytes of buffered topics and
 //! payloads, tracked in memory ([`Writer::outbox_bytes`]) and recomputed at
 //! open; SQLite's own overhead (pages, indexes, WAL) comes on top.
 
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -77,6 +90,13 @@ const MIGRATIONS: &[&str] = &["
         value INTEGER NOT NULL
     ) WITHOUT ROWID;
 "];
+
+/// Most records the recent tail holds: a few upstream windows, so the
+/// forwarder reads from memory while it keeps up.
+pub const TAIL_RECORDS: usize = 4096;
+
+/// Most bytes (topics + payloads) the recent tail holds.
+pub const TAIL_BYTES: usize = 4 << 20;
 
 /// How long SQLite waits for the other connection's lock before failing.
 /// Writers are short (one group commit), so this is only ever reached when
@@ -173,6 +193,35 @@ impl Record {
     }
 }
 
+/// Recently committed records; see the module doc.
+#[derive(Debug, Default)]
+struct Tail {
+    /// Every committed record with `seq > from`, oldest first.
+    records: VecDeque<Record>,
+    /// Bytes of topics and payloads in `records`.
+    bytes: usize,
+    /// Records at or below this seq are only in SQLite.
+    from: i64,
+}
+
+impl Tail {
+    /// Removes the oldest record, moving `from` past it.
+    fn pop(&mut self) -> Option<Record> {
+        let r = self.records.pop_front()?;
+        self.bytes -= r.size() as usize;
+        self.from = self.from.max(r.seq);
+        Some(r)
+    }
+
+    /// Forgets records at or below `seq`.
+    fn forget_through(&mut self, seq: i64) {
+        while self.records.front().is_some_and(|r| r.seq <= seq) {
+            self.pop();
+        }
+        self.from = self.from.max(seq);
+    }
+}
+
 /// State shared by the writer and the reader.
 #[derive(Debug, Default)]
 struct Shared {
@@ -182,6 +231,8 @@ struct Shared {
     last_seq: AtomicU64,
     /// Signalled when the reader deletes rows (a full buffer has room).
     room: (Mutex<()>, Condvar),
+    /// Recently committed records.
+    tail: Mutex<Tail>,
 }
 
 fn now_ms() -> i64 {
@@ -242,6 +293,8 @@ pub fn open(
     shared
         .last_seq
         .store(last.unwrap_or(0) as u64, Ordering::Relaxed);
+    // What is buffered already is read from SQLite.
+    shared.tail.lock().expect("tail lock").from = last.unwrap_or(0);
     let reader = Reader {
         conn: open_connection(&path, "NORMAL")?,
         path: path.clone(),
@@ -329,9 +382,12 @@ impl Writer {
     /// the forwarder makes room (or `give_up` returns true, then it returns
     /// `Ok(None)` having written nothing). Fails on any SQLite error, having
     /// written nothing; the caller retries and must not acknowledge.
+    ///
+    /// After a successful commit the records are moved out of `batch` into
+    /// the recent tail (dead letters stay).
     pub fn commit(
         &mut self,
-        batch: &[&Outcomes],
+        batch: &mut [&mut Outcomes],
         give_up: &dyn Fn() -> bool,
     ) -> Result<Option<Committed>, StoreError> {
         #[cfg(test)]
@@ -348,13 +404,15 @@ impl Writer {
         let now = now_ms();
         let mut done = Committed::default();
         let mut freed = 0;
+        let mut dropped_through = None;
+        let mut seqs = Vec::with_capacity(batch.len());
         let tx = self.conn.transaction().map_err(err)?;
         {
             if self.policy == FullPolicy::DropOldest {
                 let over = (self.shared.bytes.load(Ordering::Relaxed) + incoming)
                     .saturating_sub(self.max_size);
                 if over > 0 {
-                    (done.dropped, freed) = drop_oldest(&tx, over).map_err(err)?;
+                    (done.dropped, freed, dropped_through) = drop_oldest(&tx, over).map_err(err)?;
                 }
             }
             let mut insert = tx
@@ -362,24 +420,23 @@ impl Writer {
                     "INSERT INTO outbox (topic, payload, created_ms) VALUES (?1, ?2, ?3)",
                 )
                 .map_err(err)?;
-            for outcome in batch {
+            for outcome in batch.iter() {
                 for r in &outcome.records {
                     insert
                         .execute(params![r.topic, r.payload, now])
                         .map_err(err)?;
-                    done.records += 1;
+                    seqs.push(tx.last_insert_rowid());
                 }
             }
-            if done.records > 0 {
-                done.last_seq = Some(tx.last_insert_rowid());
-            }
+            done.records = seqs.len() as u64;
+            done.last_seq = seqs.last().copied();
             let mut dead = tx
                 .prepare_cached(
                     "INSERT INTO dead_letters (function, topic, payload, kind, error, attempts, created_ms)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 )
                 .map_err(err)?;
-            for outcome in batch {
+            for outcome in batch.iter() {
                 for d in &outcome.dead_letters {
                     dead.execute(params![
                         d.function, d.topic, d.payload, d.kind, d.error, d.attempts, now
@@ -401,10 +458,32 @@ impl Writer {
         let b = &self.shared.bytes;
         b.fetch_add(incoming, Ordering::Relaxed);
         b.fetch_sub(freed.min(b.load(Ordering::Relaxed)), Ordering::Relaxed);
+        self.keep_recent(batch, &seqs, dropped_through);
         if let Some(seq) = done.last_seq {
             self.shared.last_seq.store(seq as u64, Ordering::Release);
         }
         Ok(Some(done))
+    }
+
+    /// Moves the records just committed as `seqs` into the recent tail.
+    fn keep_recent(&self, batch: &mut [&mut Outcomes], seqs: &[i64], dropped: Option<i64>) {
+        let mut tail = self.shared.tail.lock().expect("tail lock");
+        if let Some(seq) = dropped {
+            tail.forget_through(seq);
+        }
+        let records = batch.iter_mut().flat_map(|o| o.records.drain(..));
+        for (r, &seq) in records.zip(seqs) {
+            let r = Record {
+                seq,
+                topic: r.topic,
+                payload: r.payload,
+            };
+            tail.bytes += r.size() as usize;
+            tail.records.push_back(r);
+        }
+        while tail.records.len() > TAIL_RECORDS || tail.bytes > TAIL_BYTES {
+            tail.pop();
+        }
     }
 
     /// Waits until `incoming` bytes fit. Returns false if `give_up` said so.
@@ -481,8 +560,11 @@ impl Writer {
 }
 
 /// Deletes the oldest records until at least `need` bytes are freed.
-/// Returns (rows, bytes) deleted.
-fn drop_oldest(tx: &rusqlite::Transaction<'_>, need: u64) -> rusqlite::Result<(u64, u64)> {
+/// Returns (rows, bytes, the last seq) deleted.
+fn drop_oldest(
+    tx: &rusqlite::Transaction<'_>,
+    need: u64,
+) -> rusqlite::Result<(u64, u64, Option<i64>)> {
     let mut rows = 0;
     let mut freed = 0;
     let mut last = None;
@@ -507,7 +589,7 @@ fn drop_oldest(tx: &rusqlite::Transaction<'_>, need: u64) -> rusqlite::Result<(u
             "buffer full: dropped the oldest records (drop_oldest policy)"
         );
     }
-    Ok((rows, freed))
+    Ok((rows, freed, last))
 }
 
 /// The forwarder's connection: reads records in order, deletes acknowledged ones.
@@ -615,6 +697,11 @@ impl Reader {
             .map_err(self.err())
     }
 
+    /// A handle on the recent tail, usable without this reader's lock.
+    pub fn recent(&self) -> Recent {
+        Recent(self.shared.clone())
+    }
+
     /// Highest committed seq so far (0 if none).
     pub fn last_seq(&self) -> i64 {
         self.shared.last_seq.load(Ordering::Acquire) as i64
@@ -623,6 +710,25 @@ impl Reader {
     /// Bytes of topics and payloads in the outbox.
     pub fn outbox_bytes(&self) -> u64 {
         self.shared.bytes.load(Ordering::Relaxed)
+    }
+}
+
+/// The recent tail, for the forwarder; see the module doc.
+#[derive(Debug, Clone)]
+pub struct Recent(Arc<Shared>);
+
+impl Recent {
+    /// Takes up to `limit` records with `seq > after` out of memory, in
+    /// order, if memory holds all of them; `None` if some are only in
+    /// SQLite (read them with [`Reader::after`]). Never blocks on I/O.
+    pub fn take(&self, after: i64, limit: usize) -> Option<Vec<Record>> {
+        let mut tail = self.0.tail.lock().expect("tail lock");
+        if after < tail.from {
+            return None;
+        }
+        tail.forget_through(after);
+        let n = limit.min(tail.records.len());
+        Some((0..n).filter_map(|_| tail.pop()).collect())
     }
 }
 
@@ -692,9 +798,9 @@ mod tests {
             FullPolicy::Backpressure,
         )
         .unwrap();
-        let a = outcomes(vec![rec("t/1", "a"), rec("t/2", "b")]);
-        let b = outcomes(vec![rec("t/3", "c")]);
-        let done = w.commit(&[&a, &b], NEVER).unwrap().unwrap();
+        let mut a = outcomes(vec![rec("t/1", "a"), rec("t/2", "b")]);
+        let mut b = outcomes(vec![rec("t/3", "c")]);
+        let done = w.commit(&mut [&mut a, &mut b], NEVER).unwrap().unwrap();
         assert_eq!(done.records, 3);
         assert_eq!(r.last_seq(), done.last_seq.unwrap());
         let got = r.after(0, 10).unwrap();
@@ -718,8 +824,8 @@ mod tests {
                 FullPolicy::Backpressure,
             )
             .unwrap();
-            let a = outcomes(vec![rec("t", "1"), rec("t", "2")]);
-            w.commit(&[&a], NEVER).unwrap();
+            let mut a = outcomes(vec![rec("t", "1"), rec("t", "2")]);
+            w.commit(&mut [&mut a], NEVER).unwrap();
             let all = r.after(0, 10).unwrap();
             r.delete(&[(all[1].seq, all[1].size())]).unwrap();
             all[1].seq
@@ -734,7 +840,7 @@ mod tests {
         assert_eq!(r.after(0, 10).unwrap().len(), 1);
         assert_eq!(w.outbox_bytes(), 2);
         let done = w
-            .commit(&[&outcomes(vec![rec("t", "3")])], NEVER)
+            .commit(&mut [&mut outcomes(vec![rec("t", "3")])], NEVER)
             .unwrap()
             .unwrap();
         assert!(done.last_seq.unwrap() > last);
@@ -746,14 +852,66 @@ mod tests {
         let (mut w, r) = open(dir.path(), Durability::Relaxed, 10, FullPolicy::DropOldest).unwrap();
         for i in 0..5 {
             // 5 bytes each: "t" + 4-byte payload
-            w.commit(&[&outcomes(vec![rec("t", &format!("{i:04}"))])], NEVER)
-                .unwrap();
+            w.commit(
+                &mut [&mut outcomes(vec![rec("t", &format!("{i:04}"))])],
+                NEVER,
+            )
+            .unwrap();
         }
         let left: Vec<_> = r.after(0, 10).unwrap();
         assert_eq!(left.len(), 2);
         assert_eq!(left[1].payload, b"0004");
         assert_eq!(w.counter("dropped_records").unwrap(), 3);
         assert!(w.outbox_bytes() <= 10);
+        // Dropped records left the recent tail too.
+        let recent = r.recent();
+        assert_eq!(recent.take(0, 10), None);
+        assert_eq!(recent.take(left[0].seq - 1, 10), Some(left));
+    }
+
+    #[test]
+    fn the_recent_tail_serves_new_records_and_sends_the_rest_to_sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = || {
+            open(
+                dir.path(),
+                Durability::Full,
+                1 << 30,
+                FullPolicy::Backpressure,
+            )
+        };
+        let (mut w, r) = open().unwrap();
+        let recent = r.recent();
+        let mut a = outcomes(vec![rec("t", "1"), rec("t", "2"), rec("t", "3")]);
+        w.commit(&mut [&mut a], NEVER).unwrap().unwrap();
+        let all = r.after(0, 10).unwrap();
+        // From memory, in order, as many as asked.
+        assert_eq!(recent.take(0, 2), Some(all[..2].to_vec()));
+        assert_eq!(recent.take(2, 2), Some(all[2..].to_vec()));
+        assert_eq!(recent.take(3, 2), Some(vec![]));
+        // Taken is not delivered: after a reconnect the forwarder starts
+        // again from the oldest, which only SQLite has.
+        assert_eq!(recent.take(0, 10), None);
+        assert_eq!(r.after(0, 10).unwrap(), all);
+
+        // An overflow leaves the oldest to SQLite and keeps the newest.
+        let mut many = outcomes(
+            (0..TAIL_RECORDS + 10)
+                .map(|i| rec("t", &i.to_string()))
+                .collect(),
+        );
+        w.commit(&mut [&mut many], NEVER).unwrap().unwrap();
+        assert_eq!(recent.take(3, 1), None);
+        let first_kept = 3 + 10;
+        let kept = recent.take(first_kept, 1).unwrap();
+        assert_eq!(kept[0].seq, first_kept + 1);
+        assert_eq!(kept[0].payload, b"10");
+        drop((w, r));
+
+        // After a restart everything buffered comes from SQLite.
+        let (_w, r) = open().unwrap();
+        assert_eq!(r.recent().take(0, 10), None);
+        assert_eq!(r.after(0, 3).unwrap(), all);
     }
 
     #[test]
@@ -761,17 +919,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (mut w, mut r) =
             open(dir.path(), Durability::Full, 5, FullPolicy::Backpressure).unwrap();
-        w.commit(&[&outcomes(vec![rec("t", "0000")])], NEVER)
+        w.commit(&mut [&mut outcomes(vec![rec("t", "0000")])], NEVER)
             .unwrap();
         // Full: a commit that may give up does so without writing.
-        let second = outcomes(vec![rec("t", "0001")]);
-        assert_eq!(w.commit(&[&second], &|| true).unwrap(), None);
+        let mut second = outcomes(vec![rec("t", "0001")]);
+        assert_eq!(w.commit(&mut [&mut second], &|| true).unwrap(), None);
         assert_eq!(r.pending().unwrap(), 1);
         // The forwarder drains the first record from another thread; the
         // blocked commit then goes through.
         let first = r.after(0, 1).unwrap().remove(0);
         let t = std::thread::spawn(move || {
-            w.commit(&[&second], NEVER).unwrap().unwrap();
+            w.commit(&mut [&mut second], NEVER).unwrap().unwrap();
             w
         });
         r.delete(&[(first.seq, first.size())]).unwrap();
@@ -789,7 +947,7 @@ mod tests {
             FullPolicy::Backpressure,
         )
         .unwrap();
-        let o = Outcomes {
+        let mut o = Outcomes {
             records: vec![],
             dead_letters: vec![DeadLetter {
                 function: "f".into(),
@@ -800,7 +958,13 @@ mod tests {
                 attempts: 2,
             }],
         };
-        assert_eq!(w.commit(&[&o], NEVER).unwrap().unwrap().dead_letters, 1);
+        assert_eq!(
+            w.commit(&mut [&mut o], NEVER)
+                .unwrap()
+                .unwrap()
+                .dead_letters,
+            1
+        );
         let d = dead_letters(dir.path()).unwrap();
         assert_eq!(d.len(), 1);
         assert_eq!((d[0].kind, d[0].attempts), ("trap", 2));
@@ -818,13 +982,16 @@ mod tests {
         .unwrap();
         let full = w.disk_full_switch();
         full.store(true, Ordering::Relaxed);
-        let big = outcomes((0..200).map(|i| rec("t", &format!("{i:0>2000}"))).collect());
-        let err = w.commit(&[&big], NEVER).unwrap_err();
+        let mut big = outcomes((0..200).map(|i| rec("t", &format!("{i:0>2000}"))).collect());
+        let err = w.commit(&mut [&mut big], NEVER).unwrap_err();
         assert!(err.to_string().contains("full"), "{err}");
         assert_eq!(r.pending().unwrap(), 0);
         assert_eq!(w.outbox_bytes(), 0);
         full.store(false, Ordering::Relaxed);
-        assert_eq!(w.commit(&[&big], NEVER).unwrap().unwrap().records, 200);
+        assert_eq!(
+            w.commit(&mut [&mut big], NEVER).unwrap().unwrap().records,
+            200
+        );
         assert_eq!(r.pending().unwrap(), 200);
     }
 
