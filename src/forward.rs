@@ -14,7 +14,8 @@
 //! - learns each record's packet id from the `Outgoing::Publish` events,
 //!   which come in the order the publishes were queued, and keeps the
 //!   `pkid → record` map for the current connection only;
-//! - deletes a record only after its PUBACK (in batches);
+//! - reports a record for deletion only after its PUBACK, in batches; the
+//!   store's writer deletes them in its next transaction;
 //! - builds a fresh client for every connection and, after every CONNACK,
 //!   publishes again every record still in the outbox, from the oldest.
 //!   Records sent before but not acknowledged are counted as `resent`
@@ -36,11 +37,12 @@ use tokio::sync::{Notify, watch};
 use crate::config::UpstreamConfig;
 use crate::ingest::Backoff;
 use crate::metrics::Metrics;
-use crate::store::{Reader, Recent, Record};
+use crate::store::{Outbox, Reader, Record};
 
-/// Acknowledged records are deleted once this many have gathered, or at
-/// the next [`FLUSH_INTERVAL`] tick, whichever comes first: one delete
-/// transaction per batch instead of per record saves flash writes.
+/// Acknowledged records are reported for deletion once this many have
+/// gathered, or at the next [`FLUSH_INTERVAL`] tick, whichever comes first:
+/// while devices are quiet, each report costs the writer a transaction, so
+/// batching them saves flash writes.
 const DELETE_BATCH: usize = 256;
 
 /// How often acknowledged records are deleted when fewer than
@@ -68,8 +70,8 @@ pub struct Forwarder {
     pub gateway_id: String,
     /// The outbox (blocking calls run on the blocking pool).
     pub reader: Arc<Mutex<Reader>>,
-    /// Records just committed, in memory.
-    pub recent: Recent,
+    /// Records just committed (in memory), and where PUBACKed ones go.
+    pub outbox: Outbox,
     /// Woken after commits that added records.
     pub committed: Arc<Notify>,
     /// Gateway counters.
@@ -137,7 +139,7 @@ impl Forwarder {
         let window = usize::from(self.config.broker.in_flight);
         loop {
             if *shutdown.borrow() {
-                self.flush(&mut acked).await;
+                self.flush(&mut acked);
                 return;
             }
             let (client, mut events) = AsyncClient::new(self.options(), window + 16);
@@ -152,7 +154,7 @@ impl Forwarder {
             let lost = loop {
                 tokio::select! {
                     _ = crate::ingest::stopped(&mut shutdown) => {
-                        self.flush(&mut acked).await;
+                        self.flush(&mut acked);
                         let _ = conn.client.try_disconnect();
                         let _ = tokio::time::timeout(Duration::from_secs(1), async {
                             while events.poll().await.is_ok() {}
@@ -163,7 +165,7 @@ impl Forwarder {
                         self.fill(&mut conn, window, &mut sent_before).await;
                     }
                     _ = tick.tick() => {
-                        self.flush(&mut acked).await;
+                        self.flush(&mut acked);
                         if conn.connected {
                             self.fill(&mut conn, window, &mut sent_before).await;
                         }
@@ -180,7 +182,7 @@ impl Forwarder {
                             );
                             // Delete what was acknowledged before
                             // republishing from the oldest record.
-                            self.flush(&mut acked).await;
+                            self.flush(&mut acked);
                             conn.connected = true;
                             self.fill(&mut conn, window, &mut sent_before).await;
                         }
@@ -199,7 +201,7 @@ impl Forwarder {
                                 }
                             }
                             if acked.len() >= DELETE_BATCH {
-                                self.flush(&mut acked).await;
+                                self.flush(&mut acked);
                             }
                             self.fill(&mut conn, window, &mut sent_before).await;
                         }
@@ -228,7 +230,7 @@ impl Forwarder {
             if room == 0 {
                 return;
             }
-            let records = match self.recent.take(conn.cursor, room) {
+            let records = match self.outbox.take(conn.cursor, room) {
                 Some(records) => records,
                 None => {
                     // Catching up from SQLite: a query per half window,
@@ -325,22 +327,14 @@ impl Forwarder {
         }
     }
 
-    async fn flush(&self, acked: &mut Vec<(i64, u64)>) {
+    /// Reports acknowledged records to the store for deletion.
+    fn flush(&self, acked: &mut Vec<(i64, u64)>) {
         if acked.is_empty() {
             return;
         }
-        let batch = std::mem::take(acked);
-        let n = batch.len() as u64;
-        match self
-            .blocking(move |r| r.delete(&batch).map(|_| batch))
-            .await
-        {
-            Ok(_) => Metrics::add(&self.metrics.forwarded, n),
-            Err(e) => {
-                // Left in the outbox: sent again later, a counted duplicate.
-                tracing::error!(error = %e, "cannot delete acknowledged records");
-            }
-        }
+        self.outbox.acknowledged(acked);
+        Metrics::add(&self.metrics.forwarded, acked.len() as u64);
+        acked.clear();
     }
 
     async fn reject(&self, r: InFlight, why: &str) {

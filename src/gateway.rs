@@ -130,7 +130,7 @@ impl Gateway {
                 Forwarder {
                     config: upstream,
                     gateway_id: config.gateway.id.clone(),
-                    recent: reader.recent(),
+                    outbox: reader.outbox(),
                     reader: Arc::new(Mutex::new(reader)),
                     committed,
                     metrics: metrics.clone(),
@@ -227,13 +227,18 @@ impl Gateway {
         if let Some(b) = broker {
             b.shutdown().await;
         }
-        let _writer = self.pipeline.drain(DRAIN_GRACE).await;
+        let mut writer = self.pipeline.drain(DRAIN_GRACE).await;
         let _ = self.drained.send(true);
         for i in self.ingest {
             let _ = i.await;
         }
         if let Some(f) = self.forward {
             let _ = f.await;
+        }
+        // Delete what the upstream acknowledged since the last commit.
+        let deleted = tokio::task::spawn_blocking(move || writer.commit(&mut [], &|| true)).await;
+        if let Ok(Err(e)) = deleted {
+            tracing::warn!(error = %e, "could not delete delivered records; they will be sent again");
         }
         self.status.abort();
         let _ = self.status.await;

@@ -17,7 +17,9 @@
 //!   is ready (up to `max_batch`) and commits it in one transaction; while
 //!   it is fsyncing, the next batch gathers (group commit). Only after the
 //!   commit does it complete the acks. A failed commit is retried with
-//!   backoff; nothing is acknowledged meanwhile.
+//!   backoff; nothing is acknowledged meanwhile. The same transactions
+//!   delete the records the forwarder reports delivered; while no input
+//!   comes, it wakes for those alone.
 //!
 //! Every channel is bounded, so a slow stage pushes back to ingest, which
 //! stops acknowledging, which makes the broker stop sending.
@@ -118,7 +120,8 @@ impl Running {
 }
 
 impl Pipeline {
-    /// Starts the stages, reading `deliveries` until it is closed.
+    /// Starts the stages, reading `deliveries` until it is closed. Call
+    /// from within the tokio runtime (the commit thread waits through it).
     pub fn start(self, deliveries: mpsc::Receiver<Delivery>) -> Running {
         let (pending_tx, pending_rx) = mpsc::channel(self.max_batch.max(64) * 2);
         let (ready_tx, ready_rx) = mpsc::channel(self.max_batch * 2);
@@ -134,19 +137,10 @@ impl Pipeline {
         let collect = tokio::spawn(collect(pending_rx, self.names.clone(), ready_tx));
         let commit = {
             let give_up = give_up.clone();
+            let rt = tokio::runtime::Handle::current();
             std::thread::Builder::new()
                 .name("edgefn-commit".into())
-                .spawn(move || {
-                    commit_loop(
-                        self.writer,
-                        ready_rx,
-                        self.max_batch,
-                        &self.metrics,
-                        &self.committed,
-                        self.local_publish.as_ref(),
-                        &give_up,
-                    )
-                })
+                .spawn(move || commit_loop(self, ready_rx, &give_up, &rt))
                 .expect("spawn commit thread")
         };
         Running {
@@ -253,18 +247,42 @@ async fn collect(
 }
 
 fn commit_loop(
-    mut writer: Writer,
+    pipeline: Pipeline,
     mut ready: mpsc::Receiver<Ready>,
-    max_batch: usize,
-    metrics: &Metrics,
-    committed: &Notify,
-    local_publish: Option<&mpsc::Sender<Emitted>>,
     give_up: &AtomicBool,
+    rt: &tokio::runtime::Handle,
 ) -> Writer {
+    let Pipeline {
+        mut writer,
+        max_batch,
+        metrics,
+        committed,
+        local_publish,
+        ..
+    } = pipeline;
     let mut batch: Vec<Ready> = Vec::with_capacity(max_batch);
     let stop = || give_up.load(Ordering::Relaxed);
-    while let Some(first) = ready.blocking_recv() {
-        batch.push(first);
+    loop {
+        // Wait for input, or for delivered records to delete while devices
+        // are quiet (otherwise the deletes ride along with the next commit).
+        match ready.try_recv() {
+            Ok(r) => batch.push(r),
+            Err(mpsc::error::TryRecvError::Disconnected) => break,
+            Err(mpsc::error::TryRecvError::Empty) if !writer.has_acknowledged() => {
+                let next = rt.block_on(async {
+                    tokio::select! {
+                        r = ready.recv() => Some(r),
+                        _ = writer.acknowledgements() => None,
+                    }
+                });
+                match next {
+                    Some(Some(r)) => batch.push(r),
+                    Some(None) => break,
+                    None => {}
+                }
+            }
+            Err(mpsc::error::TryRecvError::Empty) => {}
+        }
         while batch.len() < max_batch {
             match ready.try_recv() {
                 Ok(r) => batch.push(r),
@@ -298,7 +316,9 @@ fn commit_loop(
             batch.clear();
             continue;
         };
-        Metrics::add(&metrics.commit_batches, 1);
+        if !batch.is_empty() {
+            Metrics::add(&metrics.commit_batches, 1);
+        }
         Metrics::add(&metrics.committed, batch.len() as u64);
         Metrics::add(&metrics.records_buffered, done.records);
         Metrics::add(&metrics.dead_letters, done.dead_letters);
@@ -309,7 +329,7 @@ fn commit_loop(
         for r in batch.drain(..) {
             r.ack.complete();
             for p in r.publishes {
-                if let Some(tx) = local_publish {
+                if let Some(tx) = &local_publish {
                     Metrics::add(&metrics.local_publishes, 1);
                     if tx.try_send(p).is_err() {
                         tracing::warn!(

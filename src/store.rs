@@ -8,15 +8,18 @@
 //!    acknowledged only after that transaction commits. Many inputs share
 //!    one transaction (group commit).
 //! 2. **Delete after upstream ack.** An outbox row is deleted only after the
-//!    upstream broker's PUBACK for it ([`Reader::delete`]), or when the
-//!    `drop_oldest` policy makes room, which is counted in `counters`
-//!    (`dropped_records`) and logged.
+//!    upstream broker's PUBACK for it, or when the `drop_oldest` policy makes
+//!    room, which is counted in `counters` (`dropped_records`) and logged.
+//!    The forwarder reports PUBACKed records ([`Outbox::acknowledged`]) and
+//!    the writer deletes them in its next transaction, so there is one
+//!    writing connection and no lock to wait for; when no input arrives,
+//!    the commit thread wakes for them ([`Writer::acknowledgements`]).
 //! 3. **On disk when acknowledged.** With `durability = "full"` (default)
 //!    the database runs in WAL mode with `synchronous = FULL`: each commit
 //!    fsyncs the WAL, so a power cut loses nothing acknowledged. `"relaxed"`
 //!    (`synchronous = NORMAL`) survives a crash of the process, not a power
-//!    cut. Deletes by the forwarder use `NORMAL` either way: losing one to a
-//!    power cut only re-sends a record (a counted duplicate), never loses one.
+//!    cut. A delete lost to a power cut only re-sends a record (a counted
+//!    duplicate), never loses one.
 //! 4. **Order.** `outbox.seq` is `AUTOINCREMENT`: strictly increasing, never
 //!    reused, even after deletes. Records are forwarded in `seq` order, and
 //!    `seq` order is commit order, which is ingest order.
@@ -39,7 +42,7 @@
 //! # The recent tail (memory)
 //!
 //! After each commit the writer also keeps the new records in memory, so
-//! the forwarder need not read back what was just written: [`Recent`]
+//! the forwarder need not read back what was just written: [`Outbox`]
 //! holds every committed record with `seq > from`, oldest first, up to
 //! [`TAIL_RECORDS`] records and [`TAIL_BYTES`] bytes. When it overflows,
 //! or the forwarder takes records out, `from` moves up; records at or
@@ -171,6 +174,8 @@ pub struct Committed {
     pub dead_letters: u64,
     /// Old records deleted to make room (`drop_oldest`).
     pub dropped: u64,
+    /// Acknowledged records deleted (some may have been dropped already).
+    pub deleted: u64,
     /// The highest `seq` written, if any.
     pub last_seq: Option<i64>,
 }
@@ -222,15 +227,44 @@ impl Tail {
     }
 }
 
-/// State shared by the writer and the reader.
+/// Acknowledged records on their way out of the outbox.
+#[derive(Debug, Default)]
+struct Acked {
+    /// `(seq, size)` reported by the forwarder, for the next transaction.
+    waiting: Vec<(i64, u64)>,
+    /// Seqs the writer is deleting in a transaction that has not committed.
+    deleting: Vec<i64>,
+}
+
+impl Acked {
+    /// Takes the waiting records for a transaction.
+    fn start(&mut self) -> Vec<(i64, u64)> {
+        let taken = std::mem::take(&mut self.waiting);
+        self.deleting.extend(taken.iter().map(|(seq, _)| *seq));
+        taken
+    }
+
+    /// After the transaction: committed, or (`failed`) back to waiting.
+    fn finish(&mut self, taken: Vec<(i64, u64)>, failed: bool) {
+        self.deleting.clear();
+        if failed {
+            self.waiting.extend(taken);
+        }
+    }
+}
+
+/// State shared by the writer, the reader and the forwarder's [`Outbox`].
 #[derive(Debug, Default)]
 struct Shared {
     /// Bytes of topics + payloads in the outbox.
     bytes: AtomicU64,
     /// Highest committed seq (for waking the forwarder).
     last_seq: AtomicU64,
-    /// Signalled when the reader deletes rows (a full buffer has room).
-    room: (Mutex<()>, Condvar),
+    /// Records the upstream acknowledged, not yet deleted; the condvar
+    /// wakes a writer waiting for room.
+    acked: (Mutex<Acked>, Condvar),
+    /// Wakes an idle commit thread when `acked` gains entries.
+    acked_ready: tokio::sync::Notify,
     /// Recently committed records.
     tail: Mutex<Tail>,
 }
@@ -383,6 +417,10 @@ impl Writer {
     /// `Ok(None)` having written nothing). Fails on any SQLite error, having
     /// written nothing; the caller retries and must not acknowledge.
     ///
+    /// The same transaction deletes the records the upstream acknowledged
+    /// since the last commit ([`Outbox::acknowledged`]); an empty `batch`
+    /// commits only those (nothing at all if there are none).
+    ///
     /// After a successful commit the records are moved out of `batch` into
     /// the recent tail (dead letters stay).
     pub fn commit(
@@ -393,9 +431,32 @@ impl Writer {
         #[cfg(test)]
         self.fill_disk(self.disk_full.load(Ordering::Relaxed));
         let incoming: u64 = batch.iter().map(|o| o.bytes()).sum();
-        if self.policy == FullPolicy::Backpressure && !self.wait_for_room(incoming, give_up) {
+        if self.policy == FullPolicy::Backpressure && !self.wait_for_room(incoming, give_up)? {
             return Ok(None);
         }
+        let acked = self.shared.acked.0.lock().expect("acked lock").start();
+        if batch.is_empty() && acked.is_empty() {
+            return Ok(Some(Committed::default()));
+        }
+        let result = self.write(batch, incoming, &acked);
+        // If it failed, they are deleted next time.
+        self.shared
+            .acked
+            .0
+            .lock()
+            .expect("acked lock")
+            .finish(acked, result.is_err());
+        result.map(Some)
+    }
+
+    /// One transaction: deletes `acked`, makes room (`drop_oldest`), writes
+    /// `batch`.
+    fn write(
+        &mut self,
+        batch: &mut [&mut Outcomes],
+        incoming: u64,
+        acked: &[(i64, u64)],
+    ) -> Result<Committed, StoreError> {
         let path = self.path.clone();
         let err = |source| StoreError::Sqlite {
             path: path.clone(),
@@ -403,16 +464,20 @@ impl Writer {
         };
         let now = now_ms();
         let mut done = Committed::default();
-        let mut freed = 0;
         let mut dropped_through = None;
         let mut seqs = Vec::with_capacity(batch.len());
         let tx = self.conn.transaction().map_err(err)?;
+        let mut freed = delete(&tx, acked).map_err(err)?;
+        done.deleted = acked.len() as u64;
         {
             if self.policy == FullPolicy::DropOldest {
-                let over = (self.shared.bytes.load(Ordering::Relaxed) + incoming)
-                    .saturating_sub(self.max_size);
+                let used = self.shared.bytes.load(Ordering::Relaxed);
+                let over = (used.saturating_sub(freed) + incoming).saturating_sub(self.max_size);
                 if over > 0 {
-                    (done.dropped, freed, dropped_through) = drop_oldest(&tx, over).map_err(err)?;
+                    let dropped_bytes;
+                    (done.dropped, dropped_bytes, dropped_through) =
+                        drop_oldest(&tx, over).map_err(err)?;
+                    freed += dropped_bytes;
                 }
             }
             let mut insert = tx
@@ -462,7 +527,27 @@ impl Writer {
         if let Some(seq) = done.last_seq {
             self.shared.last_seq.store(seq as u64, Ordering::Release);
         }
-        Ok(Some(done))
+        Ok(done)
+    }
+
+    /// Resolves when the forwarder has reported acknowledged records since
+    /// the last call (immediately if it did while nobody waited). The commit
+    /// thread waits on this and on new input; then [`Writer::commit`] with
+    /// an empty batch deletes them.
+    pub fn acknowledgements(&self) -> impl std::future::Future<Output = ()> + '_ {
+        self.shared.acked_ready.notified()
+    }
+
+    /// Whether acknowledged records are waiting to be deleted.
+    pub fn has_acknowledged(&self) -> bool {
+        !self
+            .shared
+            .acked
+            .0
+            .lock()
+            .expect("acked lock")
+            .waiting
+            .is_empty()
     }
 
     /// Moves the records just committed as `seqs` into the recent tail.
@@ -486,34 +571,57 @@ impl Writer {
         }
     }
 
-    /// Waits until `incoming` bytes fit. Returns false if `give_up` said so.
-    fn wait_for_room(&self, incoming: u64, give_up: &dyn Fn() -> bool) -> bool {
-        let fits = || {
-            let used = self.shared.bytes.load(Ordering::Relaxed);
+    /// Waits until `incoming` bytes fit, deleting what the upstream
+    /// acknowledges meanwhile. Returns false if `give_up` said so; fails if
+    /// a delete fails.
+    fn wait_for_room(
+        &mut self,
+        incoming: u64,
+        give_up: &dyn Fn() -> bool,
+    ) -> Result<bool, StoreError> {
+        let max_size = self.max_size;
+        let fits = move |shared: &Shared| {
+            let used = shared.bytes.load(Ordering::Relaxed);
             // An empty buffer always takes the batch, however large, so one
             // oversized batch cannot wedge the gateway.
-            used == 0 || used + incoming <= self.max_size
+            used == 0 || used + incoming <= max_size
         };
-        if fits() {
-            return true;
+        if fits(&self.shared) {
+            return Ok(true);
         }
         tracing::warn!(
             used = self.shared.bytes.load(Ordering::Relaxed),
             max_size = self.max_size,
             "buffer full: devices are not acknowledged until the upstream drains it"
         );
-        let (lock, cvar) = &self.shared.room;
-        let mut guard = lock.lock().expect("room lock");
-        while !fits() {
-            if give_up() {
-                return false;
+        loop {
+            let acked = {
+                let (lock, cvar) = &self.shared.acked;
+                let mut acked = lock.lock().expect("acked lock");
+                while acked.waiting.is_empty() {
+                    if give_up() {
+                        return Ok(false);
+                    }
+                    acked = cvar
+                        .wait_timeout(acked, Duration::from_millis(200))
+                        .expect("acked lock")
+                        .0;
+                }
+                acked.start()
+            };
+            let result = self.write(&mut [], 0, &acked);
+            let failed = result.is_err();
+            self.shared
+                .acked
+                .0
+                .lock()
+                .expect("acked lock")
+                .finish(acked, failed);
+            result?;
+            if fits(&self.shared) {
+                return Ok(true);
             }
-            guard = cvar
-                .wait_timeout(guard, Duration::from_millis(200))
-                .expect("room lock")
-                .0;
         }
-        true
     }
 
     /// Bytes of topics and payloads in the outbox.
@@ -557,6 +665,22 @@ impl Writer {
                 source,
             })
     }
+}
+
+/// Deletes acknowledged records `(seq, size)`; returns the bytes freed.
+fn delete(tx: &rusqlite::Transaction<'_>, acked: &[(i64, u64)]) -> rusqlite::Result<u64> {
+    let mut freed = 0;
+    if acked.is_empty() {
+        return Ok(0);
+    }
+    let mut stmt = tx.prepare_cached("DELETE FROM outbox WHERE seq = ?1")?;
+    for (seq, size) in acked {
+        // A row already dropped by `drop_oldest` frees nothing twice.
+        if stmt.execute([seq])? > 0 {
+            freed += size;
+        }
+    }
+    Ok(freed)
 }
 
 /// Deletes the oldest records until at least `need` bytes are freed.
@@ -610,8 +734,20 @@ impl Reader {
         }
     }
 
-    /// Up to `limit` records with `seq > after`, in order.
+    /// Up to `limit` records with `seq > after`, in order, except those
+    /// acknowledged but not yet deleted (which are never sent again).
     pub fn after(&self, after: i64, limit: usize) -> Result<Vec<Record>, StoreError> {
+        // Taken before the query: a delete that commits after this point is
+        // filtered here, one that committed before is not in the snapshot.
+        let gone: std::collections::HashSet<i64> = {
+            let acked = self.shared.acked.0.lock().expect("acked lock");
+            acked
+                .waiting
+                .iter()
+                .map(|(seq, _)| *seq)
+                .chain(acked.deleting.iter().copied())
+                .collect()
+        };
         let mut stmt = self
             .conn
             .prepare_cached(
@@ -627,40 +763,14 @@ impl Reader {
                 })
             })
             .map_err(self.err())?;
-        rows.collect::<Result<_, _>>().map_err(self.err())
-    }
-
-    /// Deletes acknowledged records `(seq, size)` in one transaction
-    /// (invariant 2) and wakes a writer waiting for room.
-    pub fn delete(&mut self, acked: &[(i64, u64)]) -> Result<(), StoreError> {
-        if acked.is_empty() {
-            return Ok(());
-        }
-        let path = self.path.clone();
-        let err = |source| StoreError::Sqlite {
-            path: path.clone(),
-            source,
-        };
-        let tx = self.conn.transaction().map_err(err)?;
-        let mut freed = 0;
-        {
-            let mut stmt = tx
-                .prepare_cached("DELETE FROM outbox WHERE seq = ?1")
-                .map_err(err)?;
-            for (seq, size) in acked {
-                // A row already dropped by `drop_oldest` frees nothing twice.
-                if stmt.execute([seq]).map_err(err)? > 0 {
-                    freed += size;
-                }
+        let mut records = Vec::with_capacity(limit.min(256));
+        for r in rows {
+            let r = r.map_err(self.err())?;
+            if !gone.contains(&r.seq) {
+                records.push(r);
             }
         }
-        tx.commit().map_err(err)?;
-        let b = &self.shared.bytes;
-        b.fetch_sub(freed.min(b.load(Ordering::Relaxed)), Ordering::Relaxed);
-        let (lock, cvar) = &self.shared.room;
-        drop(lock.lock().expect("room lock"));
-        cvar.notify_all();
-        Ok(())
+        Ok(records)
     }
 
     /// Moves a record the upstream refused to the dead letters (function
@@ -697,9 +807,9 @@ impl Reader {
             .map_err(self.err())
     }
 
-    /// A handle on the recent tail, usable without this reader's lock.
-    pub fn recent(&self) -> Recent {
-        Recent(self.shared.clone())
+    /// The forwarder's handle, usable without this reader's lock.
+    pub fn outbox(&self) -> Outbox {
+        Outbox(self.shared.clone())
     }
 
     /// Highest committed seq so far (0 if none).
@@ -713,11 +823,27 @@ impl Reader {
     }
 }
 
-/// The recent tail, for the forwarder; see the module doc.
+/// The forwarder's side of the outbox that never waits for I/O: it takes
+/// records from the recent tail and reports acknowledged ones.
 #[derive(Debug, Clone)]
-pub struct Recent(Arc<Shared>);
+pub struct Outbox(Arc<Shared>);
 
-impl Recent {
+impl Outbox {
+    /// Reports records `(seq, size)` the upstream acknowledged; the writer
+    /// deletes them in its next transaction (invariant 2).
+    pub fn acknowledged(&self, acked: &[(i64, u64)]) {
+        if acked.is_empty() {
+            return;
+        }
+        let (lock, cvar) = &self.0.acked;
+        lock.lock()
+            .expect("acked lock")
+            .waiting
+            .extend_from_slice(acked);
+        cvar.notify_all();
+        self.0.acked_ready.notify_one();
+    }
+
     /// Takes up to `limit` records with `seq > after` out of memory, in
     /// order, if memory holds all of them; `None` if some are only in
     /// SQLite (read them with [`Reader::after`]). Never blocks on I/O.
@@ -791,7 +917,7 @@ mod tests {
     #[test]
     fn records_come_back_in_commit_order_and_go_on_delete() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut w, mut r) = open(
+        let (mut w, r) = open(
             dir.path(),
             Durability::Full,
             1 << 20,
@@ -807,7 +933,11 @@ mod tests {
         let topics: Vec<_> = got.iter().map(|r| r.topic.as_str()).collect();
         assert_eq!(topics, ["t/1", "t/2", "t/3"]);
         assert_eq!(w.outbox_bytes(), 3 * 4);
-        r.delete(&[(got[0].seq, got[0].size())]).unwrap();
+        r.outbox().acknowledged(&[(got[0].seq, got[0].size())]);
+        // Not sent again while its delete waits for the next transaction.
+        assert_eq!(r.after(0, 10).unwrap(), got[1..]);
+        assert_eq!(r.pending().unwrap(), 3);
+        assert_eq!(w.commit(&mut [], NEVER).unwrap().unwrap().deleted, 1);
         assert_eq!(r.after(0, 10).unwrap(), got[1..]);
         assert_eq!(r.pending().unwrap(), 2);
         assert_eq!(w.outbox_bytes(), 2 * 4);
@@ -817,7 +947,7 @@ mod tests {
     fn records_survive_reopening_and_seq_is_never_reused() {
         let dir = tempfile::tempdir().unwrap();
         let last = {
-            let (mut w, mut r) = open(
+            let (mut w, r) = open(
                 dir.path(),
                 Durability::Full,
                 1 << 20,
@@ -827,7 +957,8 @@ mod tests {
             let mut a = outcomes(vec![rec("t", "1"), rec("t", "2")]);
             w.commit(&mut [&mut a], NEVER).unwrap();
             let all = r.after(0, 10).unwrap();
-            r.delete(&[(all[1].seq, all[1].size())]).unwrap();
+            r.outbox().acknowledged(&[(all[1].seq, all[1].size())]);
+            w.commit(&mut [], NEVER).unwrap();
             all[1].seq
         };
         let (mut w, r) = open(
@@ -864,7 +995,7 @@ mod tests {
         assert_eq!(w.counter("dropped_records").unwrap(), 3);
         assert!(w.outbox_bytes() <= 10);
         // Dropped records left the recent tail too.
-        let recent = r.recent();
+        let recent = r.outbox();
         assert_eq!(recent.take(0, 10), None);
         assert_eq!(recent.take(left[0].seq - 1, 10), Some(left));
     }
@@ -881,7 +1012,7 @@ mod tests {
             )
         };
         let (mut w, r) = open().unwrap();
-        let recent = r.recent();
+        let recent = r.outbox();
         let mut a = outcomes(vec![rec("t", "1"), rec("t", "2"), rec("t", "3")]);
         w.commit(&mut [&mut a], NEVER).unwrap().unwrap();
         let all = r.after(0, 10).unwrap();
@@ -910,30 +1041,31 @@ mod tests {
 
         // After a restart everything buffered comes from SQLite.
         let (_w, r) = open().unwrap();
-        assert_eq!(r.recent().take(0, 10), None);
+        assert_eq!(r.outbox().take(0, 10), None);
         assert_eq!(r.after(0, 3).unwrap(), all);
     }
 
     #[test]
     fn backpressure_waits_for_room() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut w, mut r) =
-            open(dir.path(), Durability::Full, 5, FullPolicy::Backpressure).unwrap();
+        let (mut w, r) = open(dir.path(), Durability::Full, 5, FullPolicy::Backpressure).unwrap();
         w.commit(&mut [&mut outcomes(vec![rec("t", "0000")])], NEVER)
             .unwrap();
         // Full: a commit that may give up does so without writing.
         let mut second = outcomes(vec![rec("t", "0001")]);
         assert_eq!(w.commit(&mut [&mut second], &|| true).unwrap(), None);
         assert_eq!(r.pending().unwrap(), 1);
-        // The forwarder drains the first record from another thread; the
-        // blocked commit then goes through.
+        // The forwarder reports the first record delivered from another
+        // thread; the blocked commit deletes it and then goes through.
         let first = r.after(0, 1).unwrap().remove(0);
         let t = std::thread::spawn(move || {
-            w.commit(&mut [&mut second], NEVER).unwrap().unwrap();
+            let done = w.commit(&mut [&mut second], NEVER).unwrap().unwrap();
+            assert_eq!(done.records, 1);
             w
         });
-        r.delete(&[(first.seq, first.size())]).unwrap();
+        r.outbox().acknowledged(&[(first.seq, first.size())]);
         t.join().unwrap();
+        assert_eq!(r.pending().unwrap(), 1);
         assert_eq!(r.after(0, 10).unwrap()[0].payload, b"0001");
     }
 

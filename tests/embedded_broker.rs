@@ -49,7 +49,7 @@ async fn a_puback_from_the_embedded_broker_means_the_reading_is_committed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_embedded_broker_is_a_broker_and_functions_reach_devices() {
-    let cloud = Mosquitto::start();
+    let cloud = Mosquitto::cloud();
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let config = standard_config(dir.path(), &format!("embedded:{port}"), cloud.port);
@@ -91,7 +91,7 @@ async fn the_embedded_broker_is_a_broker_and_functions_reach_devices() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_daemon_loses_no_reading_a_device_got_a_puback_for() {
-    let cloud = Mosquitto::start();
+    let cloud = Mosquitto::cloud();
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let config = standard_config(dir.path(), &format!("embedded:{port}"), cloud.port);

@@ -35,7 +35,7 @@ fn seqs_by_device(seen: &[Seen]) -> BTreeMap<String, Vec<u64>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readings_are_cleaned_and_arrive_upstream_exactly() {
     let local = Mosquitto::start();
-    let cloud = Mosquitto::start();
+    let cloud = Mosquitto::cloud();
     let dir = tempfile::tempdir().unwrap();
     let config = standard_config(dir.path(), &local.url(), cloud.port);
     let upstream = Upstream::subscribe(cloud.port, "site/#").await;
@@ -126,7 +126,7 @@ async fn readings_are_cleaned_and_arrive_upstream_exactly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_wait_in_the_buffer_while_upstream_is_down() {
     let local = Mosquitto::start();
-    let mut cloud = Mosquitto::start_persistent();
+    let mut cloud = Mosquitto::cloud_persistent();
     let dir = tempfile::tempdir().unwrap();
     let config = standard_config(dir.path(), &local.url(), cloud.port);
     let upstream = Upstream::subscribe(cloud.port, "site/#").await;
@@ -149,6 +149,37 @@ async fn records_wait_in_the_buffer_while_upstream_is_down() {
     assert!(daemon.terminate().success());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_leaves_the_buffer_only_after_the_upstream_acknowledges_it() {
+    let local = Mosquitto::start();
+    let cloud = Mosquitto::cloud();
+    let dir = tempfile::tempdir().unwrap();
+    let config = standard_config(dir.path(), &local.url(), cloud.port);
+    let upstream = Upstream::subscribe(cloud.port, "site/#").await;
+    let mut daemon = Daemon::start(&config);
+    daemon.wait_for_log("subscribed");
+    daemon.wait_for_log("connected upstream");
+
+    // The cloud hangs with the connection open: edgefn publishes into the
+    // socket as usual, and no PUBACK ever comes.
+    cloud.freeze();
+    let n = 50u64;
+    let mut dev = Device::connect("device-h", local.port).await;
+    publish_round_robin(&mut dev, &["d1"], n).await;
+    let db = dir.path().join("data/edgefn.db");
+    wait_for_outbox(&db, n).await;
+    // A clean stop deletes everything acknowledged: here, nothing.
+    assert!(daemon.terminate().success());
+    wait_for_outbox(&db, n).await;
+
+    // Once the cloud answers again, all of it arrives after a restart.
+    cloud.thaw();
+    let mut daemon = Daemon::start(&config);
+    expect_round_robin(&upstream, &["d1"], n).await;
+    wait_for_outbox(&db, 0).await;
+    assert!(daemon.terminate().success());
+}
+
 /// A device-side Mosquitto (with `local_extra` mosquitto.conf lines) that
 /// holds edgefn's persistent session while the daemon is stopped, so it
 /// queues what devices publish; a cloud broker with a subscriber on it.
@@ -163,7 +194,7 @@ struct SessionWithoutDaemon {
 
 async fn session_without_daemon(local_extra: &str, local_keys: &str) -> SessionWithoutDaemon {
     let local = Mosquitto::start_with_extra(local_extra);
-    let cloud = Mosquitto::start();
+    let cloud = Mosquitto::cloud();
     let dir = tempfile::tempdir().unwrap();
     let config = standard_config(dir.path(), &local.url(), cloud.port);
     let text = std::fs::read_to_string(&config)
@@ -235,7 +266,7 @@ async fn wait_for_outbox(db: &std::path::Path, n: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_daemon_loses_no_acknowledged_reading() {
     let local = Mosquitto::start();
-    let cloud = Mosquitto::start();
+    let cloud = Mosquitto::cloud();
     let dir = tempfile::tempdir().unwrap();
     let config = standard_config(dir.path(), &local.url(), cloud.port);
     let upstream = Upstream::subscribe(cloud.port, "site/#").await;
@@ -281,7 +312,7 @@ async fn a_killed_daemon_loses_no_acknowledged_reading() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversized_message_is_refused_and_the_rest_flows() {
     let local = Mosquitto::start();
-    let cloud = Mosquitto::start();
+    let cloud = Mosquitto::cloud();
     let dir = tempfile::tempdir().unwrap();
     let config = standard_config(dir.path(), &local.url(), cloud.port);
     let upstream = Upstream::subscribe(cloud.port, "site/#").await;
@@ -334,7 +365,7 @@ async fn drops_by_a_stock_mosquitto_are_reported() {
 async fn a_record_too_large_for_the_upstream_goes_to_the_dead_letters_and_the_rest_flows() {
     let local = Mosquitto::start();
     // The cloud announces a Maximum Packet Size of 2000 bytes (MQTT 5 CONNACK).
-    let cloud = Mosquitto::start_with_extra("max_packet_size 2000\n");
+    let cloud = Mosquitto::cloud_with_extra("max_packet_size 2000\n");
     let dir = tempfile::tempdir().unwrap();
     let config = standard_config(dir.path(), &local.url(), cloud.port);
     let upstream = Upstream::subscribe(cloud.port, "site/#").await;

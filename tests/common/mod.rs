@@ -61,8 +61,9 @@ pub fn wait_for_port(port: u16) {
     }
 }
 
-/// A private Mosquitto with a stock configuration (no raised in-flight or
-/// queue limits), on its own port.
+/// A private Mosquitto on its own port: with a stock configuration (no
+/// raised in-flight or queue limits) on the device side, or standing in for
+/// the cloud.
 pub struct Mosquitto {
     /// Its port.
     pub port: u16,
@@ -76,39 +77,47 @@ pub struct Mosquitto {
     extra: String,
 }
 
-impl Mosquitto {
-    /// Starts one on a free port.
-    pub fn start() -> Mosquitto {
-        Self::start_with(false)
-    }
+/// What a stand-in cloud broker adds to a stock config: a cloud broker
+/// does not drop messages because a test's subscriber falls behind a burst
+/// (a stock Mosquitto queues at most 1000 for it).
+const CLOUD: &str = "max_queued_messages 0\n";
 
-    /// Starts one that keeps sessions and queued messages across a
-    /// graceful restart ([`Mosquitto::stop_gracefully`]), so a subscriber
-    /// standing in for the cloud misses nothing while it reconnects.
-    pub fn start_persistent() -> Mosquitto {
-        Self::start_with(true)
+impl Mosquitto {
+    /// Starts one with a stock configuration on a free port (device side).
+    pub fn start() -> Mosquitto {
+        Self::start_with(false, "")
     }
 
     /// Starts one with extra mosquitto.conf lines.
     pub fn start_with_extra(extra: &str) -> Mosquitto {
-        let mut m = Mosquitto {
-            port: free_port(),
-            dir: tempfile::tempdir().unwrap(),
-            child: None,
-            persistent: false,
-            extra: extra.to_owned(),
-        };
-        m.restart();
-        m
+        Self::start_with(false, extra)
     }
 
-    fn start_with(persistent: bool) -> Mosquitto {
+    /// Starts a stand-in for the cloud broker.
+    pub fn cloud() -> Mosquitto {
+        Self::start_with(false, CLOUD)
+    }
+
+    /// Starts a stand-in for the cloud broker with extra lines.
+    pub fn cloud_with_extra(extra: &str) -> Mosquitto {
+        Self::start_with(false, &format!("{CLOUD}{extra}"))
+    }
+
+    /// Starts a stand-in for the cloud broker that keeps sessions and
+    /// queued messages across a graceful restart
+    /// ([`Mosquitto::stop_gracefully`]), so a subscriber standing in for
+    /// the cloud misses nothing while it reconnects.
+    pub fn cloud_persistent() -> Mosquitto {
+        Self::start_with(true, CLOUD)
+    }
+
+    fn start_with(persistent: bool, extra: &str) -> Mosquitto {
         let mut m = Mosquitto {
             port: free_port(),
             dir: tempfile::tempdir().unwrap(),
             child: None,
             persistent,
-            extra: String::new(),
+            extra: extra.to_owned(),
         };
         m.restart();
         m
@@ -166,6 +175,27 @@ impl Mosquitto {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// SIGSTOP: the broker hangs with its connections open; what is sent
+    /// to it waits in its socket buffers, unacknowledged.
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT after [`Mosquitto::freeze`].
+    pub fn thaw(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let c = self.child.as_ref().expect("running");
+        let ok = Command::new("kill")
+            .args([sig, &c.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig}");
     }
 
     /// `mqtt://127.0.0.1:PORT`
