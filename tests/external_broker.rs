@@ -125,14 +125,14 @@ async fn readings_are_cleaned_and_arrive_upstream_exactly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_wait_in_the_buffer_while_upstream_is_down() {
-    let local = Mosquitto::start();
-    let mut cloud = Mosquitto::cloud_persistent();
-    let dir = tempfile::tempdir().unwrap();
-    let config = standard_config(dir.path(), &local.url(), cloud.port);
-    let upstream = Upstream::subscribe(cloud.port, "site/#").await;
-    let mut daemon = Daemon::start(&config);
-    daemon.wait_for_log("subscribed");
-    daemon.wait_for_log("connected upstream");
+    let Connected {
+        local,
+        mut cloud,
+        dir,
+        upstream,
+        mut daemon,
+        ..
+    } = connected(Mosquitto::cloud_persistent()).await;
 
     cloud.stop_gracefully();
     let mut dev = Device::connect("device-b", local.port).await;
@@ -151,14 +151,14 @@ async fn records_wait_in_the_buffer_while_upstream_is_down() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_record_leaves_the_buffer_only_after_the_upstream_acknowledges_it() {
-    let local = Mosquitto::start();
-    let cloud = Mosquitto::cloud();
-    let dir = tempfile::tempdir().unwrap();
-    let config = standard_config(dir.path(), &local.url(), cloud.port);
-    let upstream = Upstream::subscribe(cloud.port, "site/#").await;
-    let mut daemon = Daemon::start(&config);
-    daemon.wait_for_log("subscribed");
-    daemon.wait_for_log("connected upstream");
+    let Connected {
+        local,
+        cloud,
+        dir,
+        config,
+        upstream,
+        mut daemon,
+    } = connected(Mosquitto::cloud()).await;
 
     // The cloud hangs with the connection open: edgefn publishes into the
     // socket as usual, and no PUBACK ever comes.
@@ -178,6 +178,35 @@ async fn a_record_leaves_the_buffer_only_after_the_upstream_acknowledges_it() {
     expect_round_robin(&upstream, &["d1"], n).await;
     wait_for_outbox(&db, 0).await;
     assert!(daemon.terminate().success());
+}
+
+/// A stock device-side Mosquitto, `cloud`, a subscriber on the cloud, and
+/// the daemon connected to both.
+struct Connected {
+    local: Mosquitto,
+    cloud: Mosquitto,
+    dir: tempfile::TempDir,
+    config: std::path::PathBuf,
+    upstream: Upstream,
+    daemon: Daemon,
+}
+
+async fn connected(cloud: Mosquitto) -> Connected {
+    let local = Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = standard_config(dir.path(), &local.url(), cloud.port);
+    let upstream = Upstream::subscribe(cloud.port, "site/#").await;
+    let daemon = Daemon::start(&config);
+    daemon.wait_for_log("subscribed");
+    daemon.wait_for_log("connected upstream");
+    Connected {
+        local,
+        cloud,
+        dir,
+        config,
+        upstream,
+        daemon,
+    }
 }
 
 /// A device-side Mosquitto (with `local_extra` mosquitto.conf lines) that
