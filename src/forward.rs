@@ -130,7 +130,7 @@ impl Forwarder {
     /// Runs until `shutdown` turns true.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
-        let mut acked: Vec<(i64, u64)> = Vec::new();
+        let mut acked: Vec<i64> = Vec::new();
         // Highest seq ever handed to a client: records at or below it that
         // are sent again may be duplicates upstream.
         let mut sent_before: i64 = 0;
@@ -195,7 +195,7 @@ impl Forwarder {
                             if let Some(r) = conn.by_pkid.remove(&ack.pkid) {
                                 match ack.reason {
                                     PubAckReason::Success | PubAckReason::NoMatchingSubscribers => {
-                                        acked.push((r.seq, r.size));
+                                        acked.push(r.seq);
                                     }
                                     reason => self.reject(r, &format!("upstream refused: {reason:?}")).await,
                                 }
@@ -328,7 +328,7 @@ impl Forwarder {
     }
 
     /// Reports acknowledged records to the store for deletion.
-    fn flush(&self, acked: &mut Vec<(i64, u64)>) {
+    fn flush(&self, acked: &mut Vec<i64>) {
         if acked.is_empty() {
             return;
         }

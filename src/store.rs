@@ -230,22 +230,22 @@ impl Tail {
 /// Acknowledged records on their way out of the outbox.
 #[derive(Debug, Default)]
 struct Acked {
-    /// `(seq, size)` reported by the forwarder, for the next transaction.
-    waiting: Vec<(i64, u64)>,
+    /// Seqs reported by the forwarder, for the next transaction.
+    waiting: Vec<i64>,
     /// Seqs the writer is deleting in a transaction that has not committed.
     deleting: Vec<i64>,
 }
 
 impl Acked {
     /// Takes the waiting records for a transaction.
-    fn start(&mut self) -> Vec<(i64, u64)> {
+    fn start(&mut self) -> Vec<i64> {
         let taken = std::mem::take(&mut self.waiting);
-        self.deleting.extend(taken.iter().map(|(seq, _)| *seq));
+        self.deleting.extend_from_slice(&taken);
         taken
     }
 
     /// After the transaction: committed, or (`failed`) back to waiting.
-    fn finish(&mut self, taken: Vec<(i64, u64)>, failed: bool) {
+    fn finish(&mut self, taken: Vec<i64>, failed: bool) {
         self.deleting.clear();
         if failed {
             self.waiting.extend(taken);
@@ -455,7 +455,7 @@ impl Writer {
         &mut self,
         batch: &mut [&mut Outcomes],
         incoming: u64,
-        acked: &[(i64, u64)],
+        acked: &[i64],
     ) -> Result<Committed, StoreError> {
         let path = self.path.clone();
         let err = |source| StoreError::Sqlite {
@@ -667,18 +667,35 @@ impl Writer {
     }
 }
 
-/// Deletes acknowledged records `(seq, size)`; returns the bytes freed.
-fn delete(tx: &rusqlite::Transaction<'_>, acked: &[(i64, u64)]) -> rusqlite::Result<u64> {
-    let mut freed = 0;
+/// Deletes acknowledged records by seq; returns the bytes freed.
+fn delete(tx: &rusqlite::Transaction<'_>, acked: &[i64]) -> rusqlite::Result<u64> {
     if acked.is_empty() {
         return Ok(0);
     }
-    let mut stmt = tx.prepare_cached("DELETE FROM outbox WHERE seq = ?1")?;
-    for (seq, size) in acked {
-        // A row already dropped by `drop_oldest` frees nothing twice.
-        if stmt.execute([seq])? > 0 {
-            freed += size;
+    let mut seqs = acked.to_vec();
+    seqs.sort_unstable();
+    seqs.dedup();
+    // Acknowledgements come in seq order, so they form a few contiguous
+    // runs: one range delete per run instead of one statement per row
+    // (hundreds of single deletes made every tenth commit a millisecond
+    // longer). The bytes freed are what was there: a row already dropped by
+    // `drop_oldest` frees nothing twice.
+    let mut stmt = tx.prepare_cached(
+        "DELETE FROM outbox WHERE seq BETWEEN ?1 AND ?2
+         RETURNING length(CAST(topic AS BLOB)) + length(payload)",
+    )?;
+    let mut freed = 0;
+    let mut start = 0;
+    while start < seqs.len() {
+        let mut end = start;
+        while end + 1 < seqs.len() && seqs[end + 1] == seqs[end] + 1 {
+            end += 1;
         }
+        let mut rows = stmt.query([seqs[start], seqs[end]])?;
+        while let Some(row) = rows.next()? {
+            freed += row.get::<_, i64>(0)? as u64;
+        }
+        start = end + 1;
     }
     Ok(freed)
 }
@@ -744,8 +761,8 @@ impl Reader {
             acked
                 .waiting
                 .iter()
-                .map(|(seq, _)| *seq)
-                .chain(acked.deleting.iter().copied())
+                .chain(&acked.deleting)
+                .copied()
                 .collect()
         };
         let mut stmt = self
@@ -829,9 +846,9 @@ impl Reader {
 pub struct Outbox(Arc<Shared>);
 
 impl Outbox {
-    /// Reports records `(seq, size)` the upstream acknowledged; the writer
+    /// Reports the seqs of records the upstream acknowledged; the writer
     /// deletes them in its next transaction (invariant 2).
-    pub fn acknowledged(&self, acked: &[(i64, u64)]) {
+    pub fn acknowledged(&self, acked: &[i64]) {
         if acked.is_empty() {
             return;
         }
@@ -933,7 +950,7 @@ mod tests {
         let topics: Vec<_> = got.iter().map(|r| r.topic.as_str()).collect();
         assert_eq!(topics, ["t/1", "t/2", "t/3"]);
         assert_eq!(w.outbox_bytes(), 3 * 4);
-        r.outbox().acknowledged(&[(got[0].seq, got[0].size())]);
+        r.outbox().acknowledged(&[got[0].seq]);
         // Not sent again while its delete waits for the next transaction.
         assert_eq!(r.after(0, 10).unwrap(), got[1..]);
         assert_eq!(r.pending().unwrap(), 3);
@@ -957,7 +974,7 @@ mod tests {
             let mut a = outcomes(vec![rec("t", "1"), rec("t", "2")]);
             w.commit(&mut [&mut a], NEVER).unwrap();
             let all = r.after(0, 10).unwrap();
-            r.outbox().acknowledged(&[(all[1].seq, all[1].size())]);
+            r.outbox().acknowledged(&[all[1].seq]);
             w.commit(&mut [], NEVER).unwrap();
             all[1].seq
         };
@@ -1063,7 +1080,7 @@ mod tests {
             assert_eq!(done.records, 1);
             w
         });
-        r.outbox().acknowledged(&[(first.seq, first.size())]);
+        r.outbox().acknowledged(&[first.seq]);
         t.join().unwrap();
         assert_eq!(r.pending().unwrap(), 1);
         assert_eq!(r.after(0, 10).unwrap()[0].payload, b"0001");
