@@ -9,7 +9,7 @@
 //!
 //! - **dispatch** routes each delivery and submits it to every matching
 //!   function's pool (waiting while a pool is busy: backpressure), then
-//!   queues a [`Pending`] holding the outcome receivers *in ingest order*.
+//!   queues a `Pending` holding the outcome receivers *in ingest order*.
 //! - **collect** awaits each pending's outcomes in that order, so commits —
 //!   and therefore outbox `seq`s and upstream order — follow ingest order
 //!   even when invocations run in parallel.

@@ -36,7 +36,7 @@
 //! - `counters(name TEXT PRIMARY KEY, value INTEGER)`: totals that must
 //!   survive restarts (`dropped_records`).
 //!
-//! Later schema versions append to [`MIGRATIONS`]; a database newer than
+//! Later schema versions append to `MIGRATIONS`; a database newer than
 //! this binary is refused rather than misread.
 //!
 //! # The recent tail (memory)
@@ -733,7 +733,8 @@ fn drop_oldest(
     Ok((rows, freed, last))
 }
 
-/// The forwarder's connection: reads records in order, deletes acknowledged ones.
+/// The forwarder's connection: reads records in order to catch up, moves refused
+/// ones to the dead letters. Acknowledged records go through [`Outbox`].
 pub struct Reader {
     /// A second connection (WAL lets it read while the writer writes).
     conn: Connection,

@@ -1,4 +1,4 @@
-//! Ingest source [B]: an MQTT broker (rmqtt 0.24, library mode) inside the edgefn process.
+//! Ingest source \[B\]: an MQTT broker (rmqtt 0.24, library mode) inside the edgefn process.
 //!
 //! Devices connect to this broker instead of an external Mosquitto. Every PUBLISH whose topic
 //! matches a function's trigger becomes a [`Delivery`], and the device's acknowledgement
@@ -604,7 +604,7 @@ async fn relay_chained(inner: Arc<Inner>, mut queue: mpsc::Receiver<Chained>) {
     }
 }
 
-/// The broker running in this process (ingest source [B]).
+/// The broker running in this process (ingest source \[B\]).
 pub struct EmbeddedBroker {
     /// Publishes edgefn's own messages; also holds rmqtt's server context and the shared state.
     publisher: BrokerPublisher,
