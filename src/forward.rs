@@ -107,6 +107,7 @@ impl Forwarder {
         // The outbox, not the broker session, holds what is unacknowledged.
         o.set_clean_start(true)
             .set_keep_alive(b.keep_alive)
+            .set_network_options(crate::ingest::mqtt::network_options())
             .set_max_packet_size(Some(crate::ingest::mqtt::packet_limit(
                 self.config.max_message_size,
             )))

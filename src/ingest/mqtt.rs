@@ -107,6 +107,16 @@ impl AckQueue {
     }
 }
 
+/// Socket options for edgefn's MQTT connections (ingest and upstream).
+/// `TCP_NODELAY`: a PUBACK or PUBLISH goes out when it is written, instead
+/// of waiting under Nagle's algorithm for the previous segment's TCP ack
+/// (rumqttc leaves Nagle on by default).
+pub fn network_options() -> rumqttc::NetworkOptions {
+    let mut n = rumqttc::NetworkOptions::new();
+    n.set_tcp_nodelay(true);
+    n
+}
+
 /// What the ingest task needs.
 pub struct MqttIngest {
     /// The broker and session settings.
@@ -136,7 +146,8 @@ impl MqttIngest {
             .set_receive_maximum(Some(b.in_flight))
             .set_max_packet_size(Some(packet_limit(self.max_message_size)))
             .set_manual_acks(true)
-            .set_keep_alive(b.keep_alive);
+            .set_keep_alive(b.keep_alive)
+            .set_network_options(network_options());
         if let Some(user) = &b.username {
             o.set_credentials(user, b.password.clone().unwrap_or_default());
         }
