@@ -20,21 +20,30 @@
 //!    (`synchronous = NORMAL`) survives a crash of the process, not a power
 //!    cut. A delete lost to a power cut only re-sends a record (a counted
 //!    duplicate), never loses one.
-//! 4. **Order.** `outbox.seq` is `AUTOINCREMENT`: strictly increasing, never
-//!    reused, even after deletes. Records are forwarded in `seq` order, and
-//!    `seq` order is commit order, which is ingest order.
+//! 4. **Order.** `outbox.seq` is strictly increasing and never reused, even
+//!    after deletes and restarts (with gaps after a restart). Records are
+//!    forwarded in `seq` order, and `seq` order is commit order, which is
+//!    ingest order. The writer hands out seqs itself and reserves them in
+//!    blocks of [`SEQ_BLOCK`] in `counters` (`seq_reserved`, written in the
+//!    same transaction as the first record of a block); at open it goes on
+//!    after both the highest seq in the outbox and the reservation. SQLite's
+//!    `AUTOINCREMENT` would do the same by rewriting `sqlite_sequence` in
+//!    every transaction: one more 4 KiB WAL page per commit, measured
+//!    2.33 instead of 1.33 pages for a one-record commit.
 //!
-//! # Schema (version 1, in `PRAGMA user_version`)
+//! # Schema (version 2, in `PRAGMA user_version`)
 //!
-//! - `outbox(seq INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT, payload BLOB,
+//! - `outbox(seq INTEGER PRIMARY KEY, topic TEXT, payload BLOB,
 //!   created_ms INTEGER)`: records waiting for upstream. `topic` is what the
 //!   function emitted, without the upstream prefix (the prefix may change
-//!   between runs). A record's stable id is `<gateway id>:<seq>`.
+//!   between runs). A record's stable id is `<gateway id>:<seq>`. (Version
+//!   1 had `AUTOINCREMENT` here; migration 2 copies the rows and carries
+//!   the sequence over as `seq_reserved`.)
 //! - `dead_letters(id INTEGER PRIMARY KEY AUTOINCREMENT, function TEXT,
 //!   topic TEXT, payload BLOB, kind TEXT, error TEXT, attempts INTEGER,
 //!   created_ms INTEGER)`: inputs whose every attempt failed.
 //! - `counters(name TEXT PRIMARY KEY, value INTEGER)`: totals that must
-//!   survive restarts (`dropped_records`).
+//!   survive restarts (`dropped_records`, `seq_reserved`).
 //!
 //! Later schema versions append to `MIGRATIONS`; a database newer than
 //! this binary is refused rather than misread.
@@ -71,7 +80,8 @@ use crate::config::{Durability, FullPolicy};
 pub const DB_FILE: &str = "edgefn.db";
 
 /// Schema migrations; entry `i` moves `user_version` from `i` to `i + 1`.
-const MIGRATIONS: &[&str] = &["
+const MIGRATIONS: &[&str] = &[
+    "
     CREATE TABLE outbox (
         seq        INTEGER PRIMARY KEY AUTOINCREMENT,
         topic      TEXT    NOT NULL,
@@ -92,7 +102,25 @@ const MIGRATIONS: &[&str] = &["
         name  TEXT PRIMARY KEY,
         value INTEGER NOT NULL
     ) WITHOUT ROWID;
-"];
+",
+    "
+    CREATE TABLE outbox_v2 (
+        seq        INTEGER PRIMARY KEY,
+        topic      TEXT    NOT NULL,
+        payload    BLOB    NOT NULL,
+        created_ms INTEGER NOT NULL
+    );
+    INSERT INTO outbox_v2 SELECT seq, topic, payload, created_ms FROM outbox;
+    INSERT INTO counters (name, value)
+        SELECT 'seq_reserved', seq FROM sqlite_sequence WHERE name = 'outbox';
+    DROP TABLE outbox;
+    ALTER TABLE outbox_v2 RENAME TO outbox;
+",
+];
+
+/// Seqs reserved at a time (see invariant 4): one `counters` write per
+/// this many records, and the most a restart skips.
+pub const SEQ_BLOCK: i64 = 4096;
 
 /// Most records the recent tail holds: a few upstream windows, so the
 /// forwarder reads from memory while it keeps up.
@@ -322,6 +350,15 @@ pub fn open(
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
         .map_err(err)?;
+    let reserved: i64 = conn
+        .query_row(
+            "SELECT COALESCE(MAX(value), 0) FROM counters WHERE name = 'seq_reserved'",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(err)?;
+    // Seqs up to the reservation may have been handed out before a crash.
+    let next_seq = last.unwrap_or(0).max(reserved) + 1;
     let shared = Arc::new(Shared::default());
     shared.bytes.store(bytes as u64, Ordering::Relaxed);
     shared
@@ -341,6 +378,8 @@ pub fn open(
             shared,
             max_size,
             policy,
+            next_seq,
+            reserved: next_seq - 1,
             #[cfg(test)]
             disk_full: Arc::default(),
         },
@@ -386,6 +425,10 @@ pub struct Writer {
     max_size: u64,
     /// `[buffer] full_policy`.
     policy: FullPolicy,
+    /// The seq the next record gets.
+    next_seq: i64,
+    /// The highest seq reserved in `counters` (`seq_reserved`).
+    reserved: i64,
     /// See [`Writer::disk_full_switch`].
     #[cfg(test)]
     disk_full: Arc<std::sync::atomic::AtomicBool>,
@@ -466,6 +509,7 @@ impl Writer {
         let mut done = Committed::default();
         let mut dropped_through = None;
         let mut seqs = Vec::with_capacity(batch.len());
+        let mut reserved = self.reserved;
         let tx = self.conn.transaction().map_err(err)?;
         let mut freed = delete(&tx, acked).map_err(err)?;
         done.deleted = acked.len() as u64;
@@ -482,16 +526,27 @@ impl Writer {
             }
             let mut insert = tx
                 .prepare_cached(
-                    "INSERT INTO outbox (topic, payload, created_ms) VALUES (?1, ?2, ?3)",
+                    "INSERT INTO outbox (seq, topic, payload, created_ms) VALUES (?1, ?2, ?3, ?4)",
                 )
                 .map_err(err)?;
+            let mut next = self.next_seq;
             for outcome in batch.iter() {
                 for r in &outcome.records {
                     insert
-                        .execute(params![r.topic, r.payload, now])
+                        .execute(params![next, r.topic, r.payload, now])
                         .map_err(err)?;
-                    seqs.push(tx.last_insert_rowid());
+                    seqs.push(next);
+                    next += 1;
                 }
+            }
+            if next - 1 > reserved {
+                reserved = next - 1 + SEQ_BLOCK;
+                tx.execute(
+                    "INSERT INTO counters (name, value) VALUES ('seq_reserved', ?1)
+                     ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+                    [reserved],
+                )
+                .map_err(err)?;
             }
             done.records = seqs.len() as u64;
             done.last_seq = seqs.last().copied();
@@ -520,6 +575,10 @@ impl Writer {
             }
         }
         tx.commit().map_err(err)?;
+        if let Some(&last) = seqs.last() {
+            self.next_seq = last + 1;
+        }
+        self.reserved = reserved;
         let b = &self.shared.bytes;
         b.fetch_add(incoming, Ordering::Relaxed);
         b.fetch_sub(freed.min(b.load(Ordering::Relaxed)), Ordering::Relaxed);
@@ -993,6 +1052,45 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(done.last_seq.unwrap() > last);
+    }
+
+    #[test]
+    fn a_version_1_database_keeps_its_records_and_its_sequence() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let c = Connection::open(dir.path().join(DB_FILE)).unwrap();
+            c.execute_batch(MIGRATIONS[0]).unwrap();
+            c.pragma_update(None, "user_version", 1).unwrap();
+            for p in ["a", "b", "c"] {
+                c.execute(
+                    "INSERT INTO outbox (topic, payload, created_ms) VALUES ('t', ?1, 0)",
+                    [p.as_bytes()],
+                )
+                .unwrap();
+            }
+            // The newest was delivered: AUTOINCREMENT remembers seq 3.
+            c.execute("DELETE FROM outbox WHERE seq = 3", []).unwrap();
+        }
+        let (mut w, r) = open(
+            dir.path(),
+            Durability::Full,
+            1 << 20,
+            FullPolicy::Backpressure,
+        )
+        .unwrap();
+        let kept: Vec<(i64, Vec<u8>)> = r
+            .after(0, 10)
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.seq, r.payload))
+            .collect();
+        assert_eq!(kept, [(1, b"a".to_vec()), (2, b"b".to_vec())]);
+        assert_eq!(w.outbox_bytes(), 4);
+        let done = w
+            .commit(&mut [&mut outcomes(vec![rec("t", "d")])], NEVER)
+            .unwrap()
+            .unwrap();
+        assert_eq!(done.last_seq, Some(4));
     }
 
     #[test]
