@@ -991,16 +991,15 @@ mod tests {
 
     const NEVER: &dyn Fn() -> bool = &|| false;
 
+    /// A durable store of 1 MiB with backpressure.
+    fn open_plain(dir: &Path) -> (Writer, Reader) {
+        open(dir, Durability::Full, 1 << 20, FullPolicy::Backpressure).unwrap()
+    }
+
     #[test]
     fn records_come_back_in_commit_order_and_go_on_delete() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut w, r) = open(
-            dir.path(),
-            Durability::Full,
-            1 << 20,
-            FullPolicy::Backpressure,
-        )
-        .unwrap();
+        let (mut w, r) = open_plain(dir.path());
         let mut a = outcomes(vec![rec("t/1", "a"), rec("t/2", "b")]);
         let mut b = outcomes(vec![rec("t/3", "c")]);
         let done = w.commit(&mut [&mut a, &mut b], NEVER).unwrap().unwrap();
@@ -1024,13 +1023,7 @@ mod tests {
     fn records_survive_reopening_and_seq_is_never_reused() {
         let dir = tempfile::tempdir().unwrap();
         let last = {
-            let (mut w, r) = open(
-                dir.path(),
-                Durability::Full,
-                1 << 20,
-                FullPolicy::Backpressure,
-            )
-            .unwrap();
+            let (mut w, r) = open_plain(dir.path());
             let mut a = outcomes(vec![rec("t", "1"), rec("t", "2")]);
             w.commit(&mut [&mut a], NEVER).unwrap();
             let all = r.after(0, 10).unwrap();
@@ -1038,13 +1031,7 @@ mod tests {
             w.commit(&mut [], NEVER).unwrap();
             all[1].seq
         };
-        let (mut w, r) = open(
-            dir.path(),
-            Durability::Full,
-            1 << 20,
-            FullPolicy::Backpressure,
-        )
-        .unwrap();
+        let (mut w, r) = open_plain(dir.path());
         assert_eq!(r.after(0, 10).unwrap().len(), 1);
         assert_eq!(w.outbox_bytes(), 2);
         let done = w
@@ -1071,13 +1058,7 @@ mod tests {
             // The newest was delivered: AUTOINCREMENT remembers seq 3.
             c.execute("DELETE FROM outbox WHERE seq = 3", []).unwrap();
         }
-        let (mut w, r) = open(
-            dir.path(),
-            Durability::Full,
-            1 << 20,
-            FullPolicy::Backpressure,
-        )
-        .unwrap();
+        let (mut w, r) = open_plain(dir.path());
         let kept: Vec<(i64, Vec<u8>)> = r
             .after(0, 10)
             .unwrap()
@@ -1188,13 +1169,7 @@ mod tests {
     #[test]
     fn dead_letters_are_kept() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut w, _r) = open(
-            dir.path(),
-            Durability::Full,
-            1 << 20,
-            FullPolicy::Backpressure,
-        )
-        .unwrap();
+        let (mut w, _r) = open_plain(dir.path());
         let mut o = Outcomes {
             records: vec![],
             dead_letters: vec![DeadLetter {
