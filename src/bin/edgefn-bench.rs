@@ -56,6 +56,10 @@ struct Args {
     /// How long arrivals may stall before a run is declared over.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     stall: Duration,
+    /// Leave the device-side Mosquitto's `set_tcp_nodelay` at its default
+    /// (false) instead of the recommended true.
+    #[arg(long)]
+    nagle: bool,
     /// `durability` for edgefn's buffer: full or relaxed.
     #[arg(long, default_value = "full")]
     durability: String,
@@ -421,12 +425,19 @@ fn start_edgefn(config: &Path) -> anyhow::Result<Proc> {
     Ok(Proc(child))
 }
 
-/// Device-side Mosquitto queue settings.
+/// Device-side Mosquitto settings: the queue limit asked for, and
+/// `set_tcp_nodelay true` as docs/DELIVERY.md recommends (without it,
+/// Mosquitto's sends to edgefn wait under Nagle's algorithm for the TCP ack
+/// of the previous one, which edgefn's PUBACK carries only after the
+/// commit); `--nagle` leaves Mosquitto's default.
 fn queues(args: &Args) -> String {
     let mut lines = args
         .max_queued_messages
         .map(|n| format!("max_queued_messages {n}\n"))
         .unwrap_or_default();
+    if !args.nagle {
+        lines.push_str("set_tcp_nodelay true\n");
+    }
     // Extra mosquitto.conf lines for the device side, for diagnosis
     // (e.g. `log_dest file /tmp/local.log` and `log_type all`).
     if let Ok(extra) = std::env::var("EDGEFN_BENCH_LOCAL_CONF") {
@@ -538,7 +549,7 @@ async fn main() -> anyhow::Result<()> {
         .find(|f| f.name.contains("bridge"))
         .map(|f| f.rate);
     println!(
-        "\n{} messages per throughput run, {} devices, latency at {} msg/s for {:?}, durability {}, device-side Mosquitto queues {}\n",
+        "\n{} messages per throughput run, {} devices, latency at {} msg/s for {:?}, durability {}, device-side Mosquitto queues {}, set_tcp_nodelay {}\n",
         args.messages,
         args.devices,
         args.rate,
@@ -547,7 +558,8 @@ async fn main() -> anyhow::Result<()> {
         args.max_queued_messages
             .map_or("stock (max_queued_messages 1000)".to_owned(), |n| {
                 format!("max_queued_messages {n}")
-            })
+            }),
+        !args.nagle
     );
     println!(
         "| scenario | delivered / sent | msg/s | vs bridge | p50 ms | p99 ms | achieved msg/s in latency run | peak RSS MB | disk bytes/msg |"
