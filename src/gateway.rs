@@ -173,6 +173,7 @@ impl Gateway {
                 ingest.push(tokio::spawn(forward_local_publishes(
                     b.publisher(),
                     publish_rx,
+                    metrics.clone(),
                 )));
                 broker = Some(b);
             }
@@ -260,9 +261,11 @@ impl Gateway {
 async fn forward_local_publishes(
     broker: crate::ingest::embedded::BrokerPublisher,
     mut publishes: mpsc::Receiver<crate::runtime::Emitted>,
+    metrics: Arc<Metrics>,
 ) {
     while let Some(p) = publishes.recv().await {
         if let Err(e) = broker.publish(&p.topic, p.payload.into()).await {
+            Metrics::add(&metrics.local_publishes_dropped, 1);
             tracing::warn!(error = %e, topic = p.topic, "could not publish to the embedded broker");
         }
     }
@@ -283,6 +286,7 @@ async fn status_loop(metrics: Arc<Metrics>, pools: Arc<Vec<Pool>>, names: Arc<Ve
             dead_letters = m.dead_letters,
             dropped = m.dropped_records,
             broker_dropped = m.broker_dropped,
+            local_publishes_dropped = m.local_publishes_dropped,
             refused_too_large = m.refused_too_large,
             commit_failures = m.commit_failures,
             upstream_rejected = m.upstream_rejected,

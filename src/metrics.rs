@@ -55,7 +55,10 @@ counters! {
     dropped_records,
     /// Messages functions published to the local broker.
     local_publishes,
-    /// Records the upstream acknowledged (and that were then deleted).
+    /// Of those, lost: the queue to the local broker was full, or the
+    /// embedded broker refused them (local publishes are at most once).
+    local_publishes_dropped,
+    /// Records the upstream acknowledged (then deleted by the writer).
     forwarded,
     /// Records sent again after a reconnect: possible duplicates upstream.
     resent,

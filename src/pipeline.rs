@@ -332,6 +332,7 @@ fn commit_loop(
                 if let Some(tx) = &local_publish {
                     Metrics::add(&metrics.local_publishes, 1);
                     if tx.try_send(p).is_err() {
+                        Metrics::add(&metrics.local_publishes_dropped, 1);
                         tracing::warn!(
                             "local publish queue full; a function's publish was dropped"
                         );
@@ -361,6 +362,86 @@ mod tests {
         (drop (call $emit (i32.const 0) (i32.const 4) (local.get 2) (local.get 3)))
         (i32.const 0)))"#;
 
+    /// Publishes every payload to the local topic `cmd`.
+    const PUBLISHER: &str = r#"(module
+      (import "edgefn" "publish" (func $publish (param i32 i32 i32 i32) (result i32)))
+      (memory (export "memory") 2)
+      (data (i32.const 0) "cmd")
+      (func (export "edgefn_abi_version") (result i32) (i32.const 1))
+      (func (export "edgefn_alloc") (param i32) (result i32) (i32.const 1024))
+      (func (export "edgefn_on_message") (param i32 i32 i32 i32) (result i32)
+        (drop (call $publish (i32.const 0) (i32.const 3) (local.get 2) (local.get 3)))
+        (i32.const 0)))"#;
+
+    /// A pipeline running `wat` on every topic, committing with `writer`.
+    fn start(
+        wat: &str,
+        writer: Writer,
+        metrics: &Arc<Metrics>,
+        local_publish: Option<mpsc::Sender<Emitted>>,
+    ) -> (mpsc::Sender<Delivery>, Running) {
+        let rt = Runtime::new(Target::Native).unwrap();
+        let spec = FunctionSpec {
+            name: "f".into(),
+            env: vec![],
+            memory_limit: 1 << 20,
+            timeout: Duration::from_secs(1),
+            max_record_size: 1 << 20,
+        };
+        let f = rt.load("f", &wat::parse_str(wat).unwrap(), spec).unwrap();
+        let triggers = [TopicFilter::new("#").unwrap()];
+        let (tx, rx) = mpsc::channel(16);
+        let running = Pipeline {
+            router: Arc::new(Router::new([triggers.as_slice()])),
+            pools: Arc::new(vec![Pool::start(Arc::new(f), 1, 0).unwrap()]),
+            names: Arc::new(vec!["f".into()]),
+            writer,
+            max_batch: 16,
+            max_message_size: 1 << 20,
+            metrics: metrics.clone(),
+            committed: Arc::new(Notify::new()),
+            local_publish,
+        }
+        .start(rx);
+        (tx, running)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn local_publishes_that_find_the_queue_full_are_counted_and_acks_go_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let (writer, _reader) = crate::store::open(
+            dir.path(),
+            Durability::Relaxed,
+            1 << 30,
+            FullPolicy::Backpressure,
+        )
+        .unwrap();
+        let metrics = Arc::new(Metrics::default());
+        // Room for one publish, and nobody taking it.
+        let (publish_tx, mut publish_rx) = mpsc::channel(1);
+        let (tx, running) = start(PUBLISHER, writer, &metrics, Some(publish_tx));
+        for i in 0..3 {
+            let (ack, waiter) = Ack::waiter();
+            tx.send(Delivery {
+                topic: "t".into(),
+                payload: Bytes::from(format!("go {i}")),
+                ack,
+            })
+            .await
+            .unwrap();
+            assert_eq!(waiter.await, Ok(()));
+        }
+        // Acks go out first, then the publishes.
+        until("three publishes tried", || {
+            metrics.local_publishes.load(Ordering::Relaxed) == 3
+        })
+        .await;
+        assert_eq!(metrics.local_publishes_dropped.load(Ordering::Relaxed), 2);
+        assert_eq!(publish_rx.recv().await.unwrap().payload, b"go 0");
+        drop(tx);
+        running.drain(Duration::from_secs(5)).await;
+    }
+
     async fn until(what: &str, pred: impl Fn() -> bool) {
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         while !pred() {
@@ -381,33 +462,8 @@ mod tests {
         .unwrap();
         let disk_full = writer.disk_full_switch();
         disk_full.store(true, Ordering::Relaxed);
-
-        let rt = Runtime::new(Target::Native).unwrap();
-        let spec = FunctionSpec {
-            name: "echo".into(),
-            env: vec![],
-            memory_limit: 1 << 20,
-            timeout: Duration::from_secs(1),
-            max_record_size: 1 << 20,
-        };
-        let f = rt
-            .load("echo", &wat::parse_str(ECHO).unwrap(), spec)
-            .unwrap();
-        let triggers = [TopicFilter::new("#").unwrap()];
         let metrics = Arc::new(Metrics::default());
-        let (tx, rx) = mpsc::channel(16);
-        let running = Pipeline {
-            router: Arc::new(Router::new([triggers.as_slice()])),
-            pools: Arc::new(vec![Pool::start(Arc::new(f), 1, 0).unwrap()]),
-            names: Arc::new(vec!["echo".into()]),
-            writer,
-            max_batch: 16,
-            max_message_size: 1 << 20,
-            metrics: metrics.clone(),
-            committed: Arc::new(Notify::new()),
-            local_publish: None,
-        }
-        .start(rx);
+        let (tx, running) = start(ECHO, writer, &metrics, None);
 
         // Large enough that the database must grow to hold it.
         let (ack, mut waiter) = Ack::waiter();
