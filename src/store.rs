@@ -1219,6 +1219,32 @@ mod tests {
     }
 
     #[test]
+    fn deletes_in_a_failed_commit_are_done_by_the_next_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, r) = open_plain(dir.path());
+        w.commit(
+            &mut [&mut outcomes(vec![rec("t", "1"), rec("t", "2")])],
+            NEVER,
+        )
+        .unwrap();
+        let sent = r.after(0, 10).unwrap();
+        r.outbox().acknowledged(&[sent[0].seq]);
+        // The transaction that carries the delete fails whole.
+        let full = w.disk_full_switch();
+        full.store(true, Ordering::Relaxed);
+        let mut big = outcomes((0..200).map(|i| rec("t", &format!("{i:0>2000}"))).collect());
+        assert!(w.commit(&mut [&mut big], NEVER).is_err());
+        assert_eq!(r.pending().unwrap(), 2);
+        // Still gone for the forwarder, and deleted by the next commit.
+        assert_eq!(r.after(0, 10).unwrap(), sent[1..]);
+        assert!(w.has_acknowledged());
+        full.store(false, Ordering::Relaxed);
+        assert_eq!(w.commit(&mut [], NEVER).unwrap().unwrap().deleted, 1);
+        assert_eq!(r.pending().unwrap(), 1);
+        assert!(!w.has_acknowledged());
+    }
+
+    #[test]
     fn a_newer_schema_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         {
