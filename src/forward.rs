@@ -45,7 +45,7 @@ use crate::store::{Outbox, Reader, Record};
 /// batching them saves flash writes.
 const DELETE_BATCH: usize = 256;
 
-/// How often acknowledged records are deleted when fewer than
+/// How often acknowledged records are reported when fewer than
 /// [`DELETE_BATCH`] gathered, and how often the outbox is polled as a
 /// fallback to the commit notification.
 const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
@@ -181,8 +181,8 @@ impl Forwarder {
                                 port = self.config.broker.port,
                                 "connected upstream"
                             );
-                            // Delete what was acknowledged before
-                            // republishing from the oldest record.
+                            // Report what was acknowledged, so that
+                            // republishing from the oldest record skips it.
                             self.flush(&mut acked);
                             conn.connected = true;
                             self.fill(&mut conn, window, &mut sent_before).await;

@@ -481,15 +481,26 @@ impl Writer {
         if batch.is_empty() && acked.is_empty() {
             return Ok(Some(Committed::default()));
         }
+        self.write_acked(batch, incoming, acked).map(Some)
+    }
+
+    /// [`Writer::write`] with `acked` taken by [`Acked::start`], handed
+    /// back with [`Acked::finish`]: if the transaction failed, they are
+    /// deleted next time.
+    fn write_acked(
+        &mut self,
+        batch: &mut [&mut Outcomes],
+        incoming: u64,
+        acked: Vec<i64>,
+    ) -> Result<Committed, StoreError> {
         let result = self.write(batch, incoming, &acked);
-        // If it failed, they are deleted next time.
         self.shared
             .acked
             .0
             .lock()
             .expect("acked lock")
             .finish(acked, result.is_err());
-        result.map(Some)
+        result
     }
 
     /// One transaction: deletes `acked`, makes room (`drop_oldest`), writes
@@ -508,7 +519,8 @@ impl Writer {
         let now = now_ms();
         let mut done = Committed::default();
         let mut dropped_through = None;
-        let mut seqs = Vec::with_capacity(batch.len());
+        let first = self.next_seq;
+        let mut next = first;
         let mut reserved = self.reserved;
         let tx = self.conn.transaction().map_err(err)?;
         let mut freed = delete(&tx, acked).map_err(err)?;
@@ -529,13 +541,11 @@ impl Writer {
                     "INSERT INTO outbox (seq, topic, payload, created_ms) VALUES (?1, ?2, ?3, ?4)",
                 )
                 .map_err(err)?;
-            let mut next = self.next_seq;
             for outcome in batch.iter() {
                 for r in &outcome.records {
                     insert
                         .execute(params![next, r.topic, r.payload, now])
                         .map_err(err)?;
-                    seqs.push(next);
                     next += 1;
                 }
             }
@@ -548,8 +558,8 @@ impl Writer {
                 )
                 .map_err(err)?;
             }
-            done.records = seqs.len() as u64;
-            done.last_seq = seqs.last().copied();
+            done.records = (next - first) as u64;
+            done.last_seq = (next > first).then_some(next - 1);
             let mut dead = tx
                 .prepare_cached(
                     "INSERT INTO dead_letters (function, topic, payload, kind, error, attempts, created_ms)
@@ -575,14 +585,12 @@ impl Writer {
             }
         }
         tx.commit().map_err(err)?;
-        if let Some(&last) = seqs.last() {
-            self.next_seq = last + 1;
-        }
+        self.next_seq = next;
         self.reserved = reserved;
         let b = &self.shared.bytes;
         b.fetch_add(incoming, Ordering::Relaxed);
         b.fetch_sub(freed.min(b.load(Ordering::Relaxed)), Ordering::Relaxed);
-        self.keep_recent(batch, &seqs, dropped_through);
+        self.keep_recent(batch, first, dropped_through);
         if let Some(seq) = done.last_seq {
             self.shared.last_seq.store(seq as u64, Ordering::Release);
         }
@@ -609,14 +617,15 @@ impl Writer {
             .is_empty()
     }
 
-    /// Moves the records just committed as `seqs` into the recent tail.
-    fn keep_recent(&self, batch: &mut [&mut Outcomes], seqs: &[i64], dropped: Option<i64>) {
+    /// Moves the records just committed, with seqs from `first` on, into
+    /// the recent tail.
+    fn keep_recent(&self, batch: &mut [&mut Outcomes], first: i64, dropped: Option<i64>) {
         let mut tail = self.shared.tail.lock().expect("tail lock");
         if let Some(seq) = dropped {
             tail.forget_through(seq);
         }
         let records = batch.iter_mut().flat_map(|o| o.records.drain(..));
-        for (r, &seq) in records.zip(seqs) {
+        for (r, seq) in records.zip(first..) {
             let r = Record {
                 seq,
                 topic: r.topic,
@@ -668,15 +677,7 @@ impl Writer {
                 }
                 acked.start()
             };
-            let result = self.write(&mut [], 0, &acked);
-            let failed = result.is_err();
-            self.shared
-                .acked
-                .0
-                .lock()
-                .expect("acked lock")
-                .finish(acked, failed);
-            result?;
+            self.write_acked(&mut [], 0, acked)?;
             if fits(&self.shared) {
                 return Ok(true);
             }

@@ -430,7 +430,7 @@ fn start_edgefn(config: &Path) -> anyhow::Result<Proc> {
 /// Mosquitto's sends to edgefn wait under Nagle's algorithm for the TCP ack
 /// of the previous one, which edgefn's PUBACK carries only after the
 /// commit); `--nagle` leaves Mosquitto's default.
-fn queues(args: &Args) -> String {
+fn device_side_conf(args: &Args) -> String {
     let mut lines = args
         .max_queued_messages
         .map(|n| format!("max_queued_messages {n}\n"))
@@ -460,7 +460,7 @@ async fn scenario(args: &Args, which: &str, module: &Path) -> anyhow::Result<Fig
             let bridge = format!(
                 "{}connection bench-bridge\naddress 127.0.0.1:{cloud_port}\n\
                  topic sensors/# out 1 \"\" site/bridge/\ncleansession true\n",
-                queues(args)
+                device_side_conf(args)
             );
             let _local = mosquitto(dir.path(), local_port, &bridge)?;
             // Let the bridge connect before the clock starts.
@@ -477,7 +477,7 @@ async fn scenario(args: &Args, which: &str, module: &Path) -> anyhow::Result<Fig
         }
         "edgefn" => {
             let local_port = free_port();
-            let _local = mosquitto(dir.path(), local_port, &queues(args))?;
+            let _local = mosquitto(dir.path(), local_port, &device_side_conf(args))?;
             let config = edgefn_config(
                 dir.path(),
                 &format!("url = \"mqtt://127.0.0.1:{local_port}\""),

@@ -117,6 +117,23 @@ pub fn network_options() -> rumqttc::NetworkOptions {
     n
 }
 
+/// A function's publish on its way to the local broker.
+struct LocalPublish {
+    /// Topic as the function gave it.
+    topic: String,
+    /// Payload, shared between attempts.
+    payload: Bytes,
+}
+
+impl From<Emitted> for LocalPublish {
+    fn from(e: Emitted) -> LocalPublish {
+        LocalPublish {
+            topic: e.topic,
+            payload: e.payload.into(),
+        }
+    }
+}
+
 /// What the ingest task needs.
 pub struct MqttIngest {
     /// The broker and session settings.
@@ -178,7 +195,7 @@ impl MqttIngest {
             let (client, mut events) = AsyncClient::new(self.options(), cap);
             let mut acks = AckQueue::new();
             // A function's publish the client had no room for yet.
-            let mut held: Option<Emitted> = None;
+            let mut held: Option<LocalPublish> = None;
             let mut draining = false;
             loop {
                 acks.hand_over(&client);
@@ -211,7 +228,7 @@ impl MqttIngest {
                         return;
                     }
                     Some(p) = self.publishes.recv(), if !draining && held.is_none() => {
-                        held = self.publish_locally(&client, p);
+                        held = self.publish_locally(&client, LocalPublish::from(p));
                     }
                     // Wakes the loop to hand acks over as they are released.
                     Some(a) = acks.rx.recv() => acks.waiting.push_back(a),
@@ -279,7 +296,8 @@ impl MqttIngest {
     /// Hands a function's publish to the client; gives it back if the
     /// client has no room (the caller holds it and tries again after the
     /// event loop turns, taking no new publishes meanwhile).
-    fn publish_locally(&self, client: &AsyncClient, p: Emitted) -> Option<Emitted> {
+    fn publish_locally(&self, client: &AsyncClient, p: LocalPublish) -> Option<LocalPublish> {
+        // The payload is shared, not copied, between attempts.
         match client.try_publish(p.topic.clone(), QoS::AtLeastOnce, false, p.payload.clone()) {
             Ok(()) => None,
             Err(_) => Some(p),
