@@ -1,29 +1,33 @@
 //! The middle of the data flow: route → invoke → commit → ack.
 //!
 //! ```text
-//! deliveries ─▶ dispatch ─(ordered, bounded)─▶ collect ─(bounded)─▶ commit thread ─▶ ack
-//!                  │ submit to each matching          awaits outcomes      group commit,
-//!                  ▼ function's pool                  in ingest order      then acks
+//! deliveries ─▶ dispatch ─(ordered, bounded)─▶ commit thread ─▶ ack
+//!                  │ submit to each matching    settles outcomes in ingest
+//!                  ▼ function's pool            order, group commit, then acks
 //!               pools (worker threads, warm instances)
 //! ```
 //!
 //! - **dispatch** routes each delivery and submits it to every matching
 //!   function's pool (waiting while a pool is busy: backpressure), then
 //!   queues a `Pending` holding the outcome receivers *in ingest order*.
-//! - **collect** awaits each pending's outcomes in that order, so commits —
-//!   and therefore outbox `seq`s and upstream order — follow ingest order
-//!   even when invocations run in parallel.
-//! - the **commit thread** owns the SQLite writer. It takes everything that
-//!   is ready (up to `max_batch`) and commits it in one transaction; while
-//!   it is fsyncing, the next batch gathers (group commit). Only after the
-//!   commit does it complete the acks. A failed commit is retried with
-//!   backoff; nothing is acknowledged meanwhile. The same transactions
-//!   delete the records the forwarder reports delivered; while no input
-//!   comes, it wakes for those alone.
+//! - the **commit thread** owns the SQLite writer. It takes pendings in that
+//!   order, so commits — and therefore outbox `seq`s and upstream order —
+//!   follow ingest order even when invocations run in parallel. It takes
+//!   every pending whose outcomes are all in (up to `max_batch`) and commits
+//!   them in one transaction; while it is fsyncing, the next batch runs in
+//!   the pools (group commit). Only after the commit does it complete the
+//!   acks. A failed commit is retried with backoff; nothing is acknowledged
+//!   meanwhile. The same transactions delete the records the forwarder
+//!   reports delivered; while no input comes, it wakes for those alone.
+//!
+//! The pools' workers wake the commit thread directly when an outcome is in:
+//! no task sits between them, because every thread hop on this path is
+//! latency a device waits for (docs/PERFORMANCE.md).
 //!
 //! Every channel is bounded, so a slow stage pushes back to ingest, which
 //! stops acknowledging, which makes the broker stop sending.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -46,8 +50,71 @@ struct Pending {
     topic: Arc<str>,
     /// The input, kept for dead letters.
     payload: Bytes,
-    /// `(function index, outcome)` per matching function.
-    parts: Vec<(usize, oneshot::Receiver<Outcome>)>,
+    /// `(function index, outcome)` per matching function whose outcome is
+    /// not yet taken, in match order.
+    running: VecDeque<(usize, oneshot::Receiver<Outcome>)>,
+    /// `(function index, outcome)` taken so far, in match order; `None` if
+    /// the pool shut down before running it.
+    settled: Vec<(usize, Option<Outcome>)>,
+}
+
+impl Pending {
+    /// Takes the outcomes that are in, without waiting; true when all are.
+    fn poll(&mut self) -> bool {
+        while let Some((f, rx)) = self.running.front_mut() {
+            let outcome = match rx.try_recv() {
+                Ok(o) => Some(o),
+                Err(oneshot::error::TryRecvError::Empty) => return false,
+                Err(oneshot::error::TryRecvError::Closed) => None,
+            };
+            let f = *f;
+            self.running.pop_front();
+            self.settled.push((f, outcome));
+        }
+        true
+    }
+
+    /// Waits for every outcome.
+    async fn settle(&mut self) {
+        while let Some((f, rx)) = self.running.pop_front() {
+            self.settled.push((f, rx.await.ok()));
+        }
+    }
+
+    /// What to commit, once settled; `None` if a pool shut down before
+    /// running its part: the delivery is then dropped unacknowledged and
+    /// comes again.
+    fn into_ready(self, names: &[String]) -> Option<Ready> {
+        debug_assert!(self.running.is_empty());
+        let mut outcomes = Outcomes::default();
+        let mut publishes = Vec::new();
+        for (f, outcome) in self.settled {
+            match outcome? {
+                Outcome::Ok(out) => {
+                    outcomes
+                        .records
+                        .extend(out.records.into_iter().map(|e| NewRecord {
+                            topic: e.topic,
+                            payload: e.payload,
+                        }));
+                    publishes.extend(out.publishes);
+                }
+                Outcome::Failed { attempts, failure } => outcomes.dead_letters.push(DeadLetter {
+                    function: names[f].clone(),
+                    topic: self.topic.to_string(),
+                    payload: self.payload.to_vec(),
+                    kind: failure.kind(),
+                    error: failure.to_string(),
+                    attempts,
+                }),
+            }
+        }
+        Some(Ready {
+            outcomes,
+            publishes,
+            ack: self.ack,
+        })
+    }
 }
 
 /// A delivery ready to commit.
@@ -87,8 +154,6 @@ pub struct Pipeline {
 pub struct Running {
     /// Finishes when the dispatcher has handed everything on.
     dispatch: tokio::task::JoinHandle<()>,
-    /// Finishes when everything dispatched was handed to the commit thread.
-    collect: tokio::task::JoinHandle<()>,
     /// Finishes when everything collected was committed (or given up).
     commit: std::thread::JoinHandle<Writer>,
     /// Tells a commit thread stuck on a full buffer or a failing disk to
@@ -108,7 +173,6 @@ impl Running {
             give_up.store(true, Ordering::Relaxed);
         });
         let _ = self.dispatch.await;
-        let _ = self.collect.await;
         let commit = self.commit;
         let writer = tokio::task::spawn_blocking(move || commit.join())
             .await
@@ -124,7 +188,6 @@ impl Pipeline {
     /// from within the tokio runtime (the commit thread waits through it).
     pub fn start(self, deliveries: mpsc::Receiver<Delivery>) -> Running {
         let (pending_tx, pending_rx) = mpsc::channel(self.max_batch.max(64) * 2);
-        let (ready_tx, ready_rx) = mpsc::channel(self.max_batch * 2);
         let give_up = Arc::new(AtomicBool::new(false));
         let dispatch = tokio::spawn(dispatch(
             deliveries,
@@ -134,18 +197,16 @@ impl Pipeline {
             self.metrics.clone(),
             pending_tx,
         ));
-        let collect = tokio::spawn(collect(pending_rx, self.names.clone(), ready_tx));
         let commit = {
             let give_up = give_up.clone();
             let rt = tokio::runtime::Handle::current();
             std::thread::Builder::new()
                 .name("edgefn-commit".into())
-                .spawn(move || commit_loop(self, ready_rx, &give_up, &rt))
+                .spawn(move || commit_loop(self, pending_rx, &give_up, &rt))
                 .expect("spawn commit thread")
         };
         Running {
             dispatch,
-            collect,
             commit,
             give_up,
         }
@@ -181,15 +242,16 @@ async fn dispatch(
             continue;
         }
         let topic: Arc<str> = d.topic.into();
-        let mut parts = Vec::with_capacity(matched.len());
+        let mut running = VecDeque::with_capacity(matched.len());
         for &f in &matched {
-            parts.push((f, pools[f].submit(topic.clone(), d.payload.clone()).await));
+            running.push_back((f, pools[f].submit(topic.clone(), d.payload.clone()).await));
         }
         let p = Pending {
             ack: d.ack,
             topic,
             payload: d.payload,
-            parts,
+            settled: Vec::with_capacity(running.len()),
+            running,
         };
         if pending.send(p).await.is_err() {
             return;
@@ -197,96 +259,63 @@ async fn dispatch(
     }
 }
 
-async fn collect(
-    mut pending: mpsc::Receiver<Pending>,
-    names: Arc<Vec<String>>,
-    ready: mpsc::Sender<Ready>,
-) {
-    while let Some(p) = pending.recv().await {
-        let mut outcomes = Outcomes::default();
-        let mut publishes = Vec::new();
-        let mut complete = true;
-        for (f, rx) in p.parts {
-            match rx.await {
-                Ok(Outcome::Ok(out)) => {
-                    outcomes
-                        .records
-                        .extend(out.records.into_iter().map(|e| NewRecord {
-                            topic: e.topic,
-                            payload: e.payload,
-                        }));
-                    publishes.extend(out.publishes);
-                }
-                Ok(Outcome::Failed { attempts, failure }) => {
-                    outcomes.dead_letters.push(DeadLetter {
-                        function: names[f].clone(),
-                        topic: p.topic.to_string(),
-                        payload: p.payload.to_vec(),
-                        kind: failure.kind(),
-                        error: failure.to_string(),
-                        attempts,
-                    })
-                }
-                // The pool shut down before running it: the delivery is
-                // dropped unacknowledged and comes again.
-                Err(_) => complete = false,
-            }
-        }
-        if !complete {
-            continue;
-        }
-        let r = Ready {
-            outcomes,
-            publishes,
-            ack: p.ack,
-        };
-        if ready.send(r).await.is_err() {
-            return;
-        }
-    }
-}
-
 fn commit_loop(
     pipeline: Pipeline,
-    mut ready: mpsc::Receiver<Ready>,
+    mut pending: mpsc::Receiver<Pending>,
     give_up: &AtomicBool,
     rt: &tokio::runtime::Handle,
 ) -> Writer {
     let Pipeline {
         mut writer,
         max_batch,
+        names,
         metrics,
         committed,
         local_publish,
         ..
     } = pipeline;
     let mut batch: Vec<Ready> = Vec::with_capacity(max_batch);
+    // The next delivery in order, taken but with outcomes still to come.
+    let mut held: Option<Pending> = None;
     let stop = || give_up.load(Ordering::Relaxed);
     loop {
         // Wait for input, or for delivered records to delete while devices
         // are quiet (otherwise the deletes ride along with the next commit).
-        match ready.try_recv() {
-            Ok(r) => batch.push(r),
-            Err(mpsc::error::TryRecvError::Disconnected) => break,
-            Err(mpsc::error::TryRecvError::Empty) if !writer.has_acknowledged() => {
-                let next = rt.block_on(async {
-                    tokio::select! {
-                        r = ready.recv() => Some(r),
-                        _ = writer.acknowledgements() => None,
+        let first = match held.take() {
+            Some(p) => Some(p),
+            None => match pending.try_recv() {
+                Ok(p) => Some(p),
+                Err(mpsc::error::TryRecvError::Disconnected) => break,
+                Err(mpsc::error::TryRecvError::Empty) if !writer.has_acknowledged() => {
+                    let next = rt.block_on(async {
+                        tokio::select! {
+                            p = pending.recv() => Some(p),
+                            _ = writer.acknowledgements() => None,
+                        }
+                    });
+                    match next {
+                        Some(Some(p)) => Some(p),
+                        Some(None) => break,
+                        None => None,
                     }
-                });
-                match next {
-                    Some(Some(r)) => batch.push(r),
-                    Some(None) => break,
-                    None => {}
                 }
+                Err(mpsc::error::TryRecvError::Empty) => None,
+            },
+        };
+        if let Some(mut p) = first {
+            if !p.poll() {
+                rt.block_on(p.settle());
             }
-            Err(mpsc::error::TryRecvError::Empty) => {}
+            batch.extend(p.into_ready(&names));
         }
+        // Then everything else that is ready, in order.
         while batch.len() < max_batch {
-            match ready.try_recv() {
-                Ok(r) => batch.push(r),
-                Err(_) => break,
+            let Ok(mut p) = pending.try_recv() else { break };
+            if p.poll() {
+                batch.extend(p.into_ready(&names));
+            } else {
+                held = Some(p);
+                break;
             }
         }
         let mut outcomes: Vec<&mut Outcomes> = batch.iter_mut().map(|r| &mut r.outcomes).collect();
