@@ -11,6 +11,7 @@ use edgefn::runtime::{FunctionSpec, Runtime, Target};
 
 fn spec() -> FunctionSpec {
     FunctionSpec {
+        fuel: None,
         name: "bench".into(),
         env: vec![("UNIT".into(), "F".into())],
         memory_limit: 16 << 20,
@@ -41,6 +42,16 @@ fn warm(c: &mut Criterion) {
         );
     }
     let rt = Runtime::new(Target::Native).unwrap();
+    let metered = FunctionSpec {
+        fuel: Some(10_000_000),
+        ..spec()
+    };
+    let f = rt.load("clean_temperature.wasm", &clean, metered).unwrap();
+    let mut i = f.new_instance().unwrap();
+    c.bench_function(
+        "warm invocation, clean-temperature, cranelift, with a fuel budget",
+        |b| b.iter(|| i.invoke("sensors/d1/temperature", payload).unwrap()),
+    );
     let f = rt.load("clean_temperature.wasm", &clean, spec()).unwrap();
     c.bench_function(
         "fresh instance + invocation, clean-temperature, cranelift",

@@ -92,6 +92,10 @@ pub enum Command {
         /// Run on wasmtime's Pulley interpreter (as on 32-bit ARM).
         #[arg(long)]
         pulley: bool,
+        /// Fuel budget (WebAssembly operations), as `fuel` in the config.
+        /// Without it, the fuel used is shown but not limited.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        fuel: Option<u64>,
     },
 }
 
@@ -147,6 +151,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             memory_limit,
             timeout,
             pulley,
+            fuel,
         } => {
             let payload = match payload.strip_prefix('@') {
                 Some(file) => std::fs::read(file)
@@ -161,9 +166,10 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 memory_limit: memory_limit.as_u64() as usize,
                 timeout,
                 pulley,
+                fuel,
             };
             let report = crate::invoke::invoke(&req)?;
-            print!("{}", crate::invoke::render(&req.module, &report));
+            print!("{}", crate::invoke::render(&req.module, &report, fuel));
             Ok(ExitCode::from(crate::invoke::exit_code(&report) as u8))
         }
     }

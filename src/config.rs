@@ -151,6 +151,7 @@ struct RawFunction {
     timeout: Option<String>,
     concurrency: Option<i64>,
     retries: Option<i64>,
+    fuel: Option<i64>,
     max_record_size: Option<String>,
 }
 
@@ -298,6 +299,9 @@ pub struct FunctionConfig {
     pub retries: u32,
     /// Largest payload of one emitted or published record.
     pub max_record_size: usize,
+    /// WebAssembly operations one invocation may execute, if the function
+    /// wants a deterministic budget besides its wall-clock `timeout`.
+    pub fuel: Option<u64>,
 }
 
 /// Default `[gateway] data_dir`.
@@ -823,6 +827,9 @@ fn check_function(p: &mut Checker, key: &str, raw: RawFunction, base: &Path) -> 
     );
     let concurrency = p.int(&format!("{key}.concurrency"), raw.concurrency, 1, (1, 64)) as usize;
     let retries = p.int(&format!("{key}.retries"), raw.retries, 0, (0, 10)) as u32;
+    let fuel = raw
+        .fuel
+        .map(|v| p.int(&format!("{key}.fuel"), Some(v), 1, (1, i64::MAX)) as u64);
     let max_record_size = p.size(
         &format!("{key}.max_record_size"),
         raw.max_record_size.as_deref(),
@@ -838,6 +845,7 @@ fn check_function(p: &mut Checker, key: &str, raw: RawFunction, base: &Path) -> 
         concurrency,
         retries,
         max_record_size,
+        fuel,
     }
 }
 
@@ -903,6 +911,16 @@ concurrency = 2
     }
 
     #[test]
+    fn a_fuel_budget_is_optional_and_read_as_an_integer() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Config::load(&write(dir.path(), EXAMPLE)).unwrap();
+        assert_eq!(c.functions[0].fuel, None);
+        let text = EXAMPLE.replace("concurrency = 2", "concurrency = 2\nfuel = 5_000_000");
+        let c = Config::load(&write(dir.path(), &text)).unwrap();
+        assert_eq!(c.functions[0].fuel, Some(5_000_000));
+    }
+
+    #[test]
     fn an_unknown_key_is_named() {
         let dir = tempfile::tempdir().unwrap();
         let text = EXAMPLE.replace("max_size = \"256MiB\"", "max_sise = \"256MiB\"");
@@ -926,7 +944,7 @@ concurrency = 2
             .replace("\"100ms\"", "\"soon\"")
             .replace("\"16MiB\"", "\"lots\"")
             .replace("sensors/+/temperature", "sensors/#/temperature")
-            .replace("concurrency = 2", "concurrency = 0")
+            .replace("concurrency = 2", "concurrency = 0\nfuel = 0")
             .replace(
                 "max_size = \"256MiB\"",
                 "max_size = \"256MiB\"\nfull_policy = \"panic\"",
@@ -944,6 +962,7 @@ concurrency = 2
                 "functions[0].memory_limit",
                 "functions[0].timeout",
                 "functions[0].concurrency",
+                "functions[0].fuel",
             ]
         );
         assert!(problems[3].message.contains("\"soon\""));

@@ -300,6 +300,7 @@ async fn status_loop(metrics: Arc<Metrics>, pools: Arc<Vec<Pool>>, names: Arc<Ve
                 invocations = f.invocations.load(Relaxed),
                 failures = f.failures.load(Relaxed),
                 timeouts = f.timeouts.load(Relaxed),
+                out_of_fuel = f.out_of_fuel.load(Relaxed),
                 "function status"
             );
         }

@@ -25,6 +25,9 @@ pub struct InvokeRequest {
     pub timeout: Duration,
     /// Run on the Pulley interpreter instead of native code.
     pub pulley: bool,
+    /// Fuel budget; without one the fuel used is still counted and shown,
+    /// so an author can choose a budget.
+    pub fuel: Option<u64>,
 }
 
 /// Loads the module and runs the event once on a fresh instance.
@@ -43,6 +46,7 @@ pub fn invoke(req: &InvokeRequest) -> anyhow::Result<Report> {
         memory_limit: req.memory_limit,
         timeout: req.timeout,
         max_record_size: usize::MAX,
+        fuel: Some(req.fuel.unwrap_or(u64::MAX)),
     };
     let function = runtime.load_file(&req.module, spec)?;
     let mut instance = function
@@ -65,8 +69,9 @@ pub fn show_payload(payload: &[u8]) -> String {
     }
 }
 
-/// Renders a report as the CLI prints it.
-pub fn render(module: &Path, report: &Report) -> String {
+/// Renders a report as the CLI prints it; `budget` is the fuel budget
+/// asked for, if any.
+pub fn render(module: &Path, report: &Report, budget: Option<u64>) -> String {
     let mut out = String::new();
     let level = |l: LogLevel| match l {
         LogLevel::Trace => "TRACE",
@@ -83,14 +88,25 @@ pub fn render(module: &Path, report: &Report) -> String {
     {
         let _ = writeln!(out, "log     {:5} [{stream}] {message}", level(*l));
     }
+    if let Ok(output) = &report.result {
+        for e in &output.records {
+            let _ = writeln!(out, "emit    {} {}", e.topic, show_payload(&e.payload));
+        }
+        for p in &output.publishes {
+            let _ = writeln!(out, "publish {} {}", p.topic, show_payload(&p.payload));
+        }
+    }
+    if let Some(used) = report.fuel_used {
+        let _ = match budget {
+            Some(b) => writeln!(out, "fuel    {used} of a budget of {b}"),
+            None => writeln!(
+                out,
+                "fuel    {used} (set a budget with --fuel, or fuel = N)"
+            ),
+        };
+    }
     match &report.result {
         Ok(output) => {
-            for e in &output.records {
-                let _ = writeln!(out, "emit    {} {}", e.topic, show_payload(&e.payload));
-            }
-            for p in &output.publishes {
-                let _ = writeln!(out, "publish {} {}", p.topic, show_payload(&p.payload));
-            }
             let _ = writeln!(
                 out,
                 "ok      {} record(s), {} publish(es) in {:.3} ms ({})",

@@ -416,6 +416,7 @@ mod tests {
             memory_limit: 1 << 20,
             timeout: Duration::from_secs(1),
             max_record_size: 1 << 20,
+            fuel: None,
         };
         let f = rt.load("f", &wat::parse_str(wat).unwrap(), spec).unwrap();
         let triggers = [TopicFilter::new("#").unwrap()];

@@ -959,6 +959,7 @@ pub fn dead_letters(data_dir: &Path) -> Result<Vec<DeadLetter>, StoreError> {
                 kind: match kind.as_str() {
                     "error" => "error",
                     "timeout" => "timeout",
+                    "fuel" => "fuel",
                     "trap" => "trap",
                     "exit" => "exit",
                     "rejected" => "rejected",

@@ -230,22 +230,27 @@ fn invoke_reads_a_payload_file_and_shows_logs() {
 #[test]
 fn invoke_reports_a_failing_function_with_a_non_zero_exit() {
     let m = module("chaos");
-    for (payload, expect) in [
-        ("trap", "trapped"),
-        ("spin", "timed out"),
-        ("badptr", "out-of-bounds"),
-        ("fail", "returned 1: asked to fail"),
+    let short: &[&str] = &["--timeout", "100ms"];
+    // A fuel budget stops a runaway loop, deterministically, long before
+    // its (here absurd) timeout.
+    let fuel: &[&str] = &["--timeout", "1h", "--fuel", "1000000"];
+    for (payload, limits, expect) in [
+        ("trap", short, "trapped"),
+        ("spin", short, "timed out"),
+        ("spin", fuel, "ran out of fuel (budget is 1000000)"),
+        ("badptr", short, "out-of-bounds"),
+        ("fail", short, "returned 1: asked to fail"),
     ] {
-        let out = edgefn(&[
+        let mut args = vec![
             "invoke",
             m.to_str().unwrap(),
             "--topic",
             "chaos/t",
             "--payload",
             payload,
-            "--timeout",
-            "100ms",
-        ]);
+        ];
+        args.extend_from_slice(limits);
+        let out = edgefn(&args);
         let t = text(&out);
         assert_eq!(out.status.code(), Some(1), "{payload}: {t}");
         assert!(
@@ -270,4 +275,47 @@ fn invoke_runs_on_the_pulley_interpreter_too() {
     let t = text(&out);
     assert!(out.status.success(), "{t}");
     assert!(t.contains(r#"{"temp_c":-5,"device":"pz"}"#), "{t}");
+}
+
+#[test]
+fn invoke_shows_the_fuel_used_and_that_budget_is_exactly_enough() {
+    let m = module("clean_temperature");
+    let run = |fuel: Option<u64>| {
+        let mut args = vec![
+            "invoke".to_owned(),
+            m.to_str().unwrap().to_owned(),
+            "--topic".into(),
+            "sensors/pi-7/temperature".into(),
+            "--payload".into(),
+            r#"{"temp_c":25}"#.into(),
+        ];
+        if let Some(f) = fuel {
+            args.extend(["--fuel".to_owned(), f.to_string()]);
+        }
+        let out = edgefn(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        (out.status.code(), text(&out))
+    };
+    let (code, t) = run(None);
+    assert_eq!(code, Some(0), "{t}");
+    let used: u64 = t
+        .lines()
+        .find_map(|l| l.strip_prefix("fuel    "))
+        .and_then(|l| l.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no fuel line: {t}"));
+    assert!(used > 0, "{t}");
+
+    let (code, t) = run(Some(used));
+    assert_eq!(code, Some(0), "{t}");
+    assert!(
+        t.contains(&format!("fuel    {used} of a budget of {used}")),
+        "{t}"
+    );
+
+    let (code, t) = run(Some(used - 1));
+    assert_eq!(code, Some(1), "{t}");
+    assert!(
+        t.contains(&format!("ran out of fuel (budget is {})", used - 1)),
+        "{t}"
+    );
 }

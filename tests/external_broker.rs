@@ -63,6 +63,10 @@ async fn readings_are_cleaned_and_arrive_upstream_exactly() {
             };
             assert!(dev.publish_acked(&topic, payload, PATIENCE).await);
         }
+        if i == 50 {
+            // Runs until its fuel budget is spent, well before its timeout.
+            assert!(dev.publish_acked("chaos/spin", "spin", PATIENCE).await);
+        }
         if i % 25 == 0 {
             assert!(dev.publish_acked("chaos/boom", "trap", PATIENCE).await);
             assert!(
@@ -108,19 +112,18 @@ async fn readings_are_cleaned_and_arrive_upstream_exactly() {
         .collect();
     assert_eq!(echoes, ["hello 0", "hello 25", "hello 50", "hello 75"]);
 
-    // A clean stop; the traps are in the dead letters, one per input,
-    // after the configured retry.
+    // A clean stop; the traps and the spin are in the dead letters, one
+    // per input, after the configured retry.
     assert!(daemon.terminate().success());
     let dead = edgefn::store::dead_letters(&dir.path().join("data")).unwrap();
-    assert_eq!(dead.len(), 4);
-    for d in &dead {
-        assert_eq!(
-            (d.function.as_str(), d.topic.as_str(), d.kind),
-            ("chaos", "chaos/boom", "trap")
-        );
-        assert_eq!(d.attempts, 2);
-        assert_eq!(d.payload, b"trap");
-    }
+    let kinds: Vec<_> = dead
+        .iter()
+        .map(|d| (d.function.as_str(), d.topic.as_str(), d.kind))
+        .collect();
+    let trap = ("chaos", "chaos/boom", "trap");
+    let fuel = ("chaos", "chaos/spin", "fuel");
+    assert_eq!(kinds, [trap, trap, fuel, trap, trap]);
+    assert!(dead.iter().all(|d| d.attempts == 2));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

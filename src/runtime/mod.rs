@@ -1,4 +1,4 @@
-//! The WebAssembly runtime: one engine, modules compiled once, warm instances.
+//! The WebAssembly runtime: modules compiled once, warm instances.
 //!
 //! A function is a core module speaking ABI v1 (docs/ABI.md). This module
 //! owns the wasmtime [`Engine`] and [`Linker`], checks a module's exports and
@@ -8,8 +8,13 @@
 //!
 //! Limits: linear memory is capped by a [`wasmtime::StoreLimits`] in each
 //! store (growth beyond it fails inside the guest), and wall-clock time by
-//! epoch interruption: a ticker thread advances the engine's epoch every
-//! [`EPOCH_TICK`], and each invocation gets a deadline in ticks. Guest code
+//! epoch interruption: a ticker thread advances the engines' epoch every
+//! [`EPOCH_TICK`], and each invocation gets a deadline in ticks. A function
+//! may also ask for a *fuel* budget ([`FunctionSpec::fuel`]): a count of
+//! executed WebAssembly operations, so the same input stops at the same
+//! point on a Pi Zero and on a server. Counting costs run time, so such
+//! functions are compiled by a second engine with fuel metering on, and the
+//! others pay nothing for it. Guest code
 //! is synchronous CPU work: callers run [`Instance::invoke`] on their own
 //! threads (see [`pool`]), never on an async reactor.
 
@@ -128,6 +133,9 @@ pub enum Failure {
     /// pointer passed to a host import).
     #[error("trapped: {0}")]
     Trap(String),
+    /// The invocation used up the function's fuel budget (the limit).
+    #[error("ran out of fuel (budget is {0})")]
+    OutOfFuel(u64),
     /// The guest called WASI `proc_exit`.
     #[error("exited with status {0}")]
     Exit(i32),
@@ -142,6 +150,7 @@ impl Failure {
         match self {
             Failure::Returned { .. } => "error",
             Failure::Timeout(_) => "timeout",
+            Failure::OutOfFuel(_) => "fuel",
             Failure::Trap(_) => "trap",
             Failure::Exit(_) => "exit",
             Failure::Start(_) => "start",
@@ -171,6 +180,10 @@ pub struct FunctionSpec {
     pub timeout: Duration,
     /// Largest payload of one emitted/published record.
     pub max_record_size: usize,
+    /// WebAssembly operations one invocation may execute (wasmtime fuel),
+    /// if the function wants a deterministic budget besides its timeout.
+    /// `_initialize` and `edgefn_init` get the same budget each.
+    pub fuel: Option<u64>,
 }
 
 impl FunctionSpec {
@@ -182,18 +195,60 @@ impl FunctionSpec {
             memory_limit: f.memory_limit,
             timeout: f.timeout,
             max_record_size: f.max_record_size,
+            fuel: f.fuel,
         }
     }
 }
 
-/// The engine and linker shared by every function.
+/// The engines and linkers shared by every function.
 pub struct Runtime {
-    /// Compiles and runs all modules.
+    /// Compiles and runs modules without a fuel budget.
+    plain: Flavor,
+    /// Compiles and runs modules with one: the same, plus fuel metering.
+    metered: Flavor,
+    /// Advances the epoch while this runtime or any function it loaded lives.
+    ticker: Arc<Ticker>,
+}
+
+/// An engine and the linker built for it.
+struct Flavor {
+    /// Compiles and runs modules.
     engine: Engine,
     /// The `edgefn` and WASI preview 1 imports.
     linker: Arc<Linker<HostState>>,
-    /// Advances the epoch while this runtime or any function it loaded lives.
-    ticker: Arc<Ticker>,
+}
+
+impl Flavor {
+    /// An engine for `target`, metering fuel if `fuel`, and its linker.
+    fn new(target: Target, fuel: bool) -> anyhow::Result<Flavor> {
+        let mut config = wasmtime::Config::new();
+        config.epoch_interruption(true);
+        config.consume_fuel(fuel);
+        config.cranelift_opt_level(wasmtime::OptLevel::Speed);
+        if target == Target::Pulley {
+            let name = if cfg!(target_pointer_width = "64") {
+                "pulley64"
+            } else {
+                "pulley32"
+            };
+            config.target(name).map_err(wasm_err)?;
+        }
+        if cfg!(target_pointer_width = "32") {
+            // A 32-bit host cannot reserve 4 GiB per memory: reserve only
+            // what a limit allows and bounds-check explicitly.
+            config.memory_reservation(0);
+            config.memory_guard_size(0);
+        }
+        let engine = Engine::new(&config).map_err(wasm_err)?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |s: &mut HostState| &mut s.wasi)
+            .map_err(wasm_err)?;
+        host::add_to_linker(&mut linker).map_err(wasm_err)?;
+        Ok(Flavor {
+            engine,
+            linker: Arc::new(linker),
+        })
+    }
 }
 
 /// The thread that advances the epoch; stopped when the last holder
@@ -215,49 +270,30 @@ impl Drop for Ticker {
 }
 
 impl Runtime {
-    /// Creates the engine for `target` and starts the epoch ticker.
+    /// Creates the engines for `target` and starts the epoch ticker.
     ///
     /// Fails if wasmtime cannot be configured for the target on this host.
     pub fn new(target: Target) -> anyhow::Result<Runtime> {
-        let mut config = wasmtime::Config::new();
-        config.epoch_interruption(true);
-        config.cranelift_opt_level(wasmtime::OptLevel::Speed);
-        if target == Target::Pulley {
-            let name = if cfg!(target_pointer_width = "64") {
-                "pulley64"
-            } else {
-                "pulley32"
-            };
-            config.target(name).map_err(wasm_err)?;
-        }
-        if cfg!(target_pointer_width = "32") {
-            // A 32-bit host cannot reserve 4 GiB per memory: reserve only
-            // what a limit allows and bounds-check explicitly.
-            config.memory_reservation(0);
-            config.memory_guard_size(0);
-        }
-        let engine = Engine::new(&config).map_err(wasm_err)?;
-        let mut linker = Linker::new(&engine);
-        wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |s: &mut HostState| &mut s.wasi)
-            .map_err(wasm_err)?;
-        host::add_to_linker(&mut linker).map_err(wasm_err)?;
-
+        let plain = Flavor::new(target, false)?;
+        let metered = Flavor::new(target, true)?;
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
-            let engine = engine.clone();
+            let engines = [plain.engine.clone(), metered.engine.clone()];
             let stop = stop.clone();
             std::thread::Builder::new()
                 .name("edgefn-epoch".into())
                 .spawn(move || {
                     while !stop.load(Ordering::Relaxed) {
                         std::thread::sleep(EPOCH_TICK);
-                        engine.increment_epoch();
+                        for e in &engines {
+                            e.increment_epoch();
+                        }
                     }
                 })?
         };
         Ok(Runtime {
-            engine,
-            linker: Arc::new(linker),
+            plain,
+            metered,
             ticker: Arc::new(Ticker {
                 stop,
                 thread: Some(thread),
@@ -295,7 +331,12 @@ impl Runtime {
                 reason: "it does not start with the WebAssembly magic bytes \\0asm".into(),
             });
         }
-        let module = Module::new(&self.engine, bytes).map_err(|e| LoadError::NotWasm {
+        let flavor = if spec.fuel.is_some() {
+            &self.metered
+        } else {
+            &self.plain
+        };
+        let module = Module::new(&flavor.engine, bytes).map_err(|e| LoadError::NotWasm {
             path: origin.to_owned(),
             reason: format!("{e:#}"),
         })?;
@@ -303,7 +344,7 @@ impl Runtime {
             path: origin.to_owned(),
             reason,
         })?;
-        let pre = self
+        let pre = flavor
             .linker
             .instantiate_pre(&module)
             .map_err(|e| LoadError::Abi {
@@ -312,7 +353,7 @@ impl Runtime {
             })?;
         let function = Function {
             spec: Arc::new(spec),
-            engine: self.engine.clone(),
+            engine: flavor.engine.clone(),
             pre,
             origin: origin.to_owned(),
             _ticker: self.ticker.clone(),
@@ -474,6 +515,7 @@ impl Function {
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
         store.set_epoch_deadline(deadline_ticks(self.spec.timeout));
+        refuel(&mut store, self.spec.fuel);
         let instance = self
             .pre
             .instantiate(&mut store)
@@ -497,6 +539,7 @@ impl Function {
         }
         if let Some(init) = typed(&mut store, "edgefn_init") {
             store.set_epoch_deadline(deadline_ticks(self.spec.timeout));
+            refuel(&mut store, self.spec.fuel);
             let status = init
                 .call(&mut store, ())
                 .map_err(|e| other("edgefn_init trapped", e))?;
@@ -519,6 +562,25 @@ impl Function {
             invocations: 0,
         })
     }
+}
+
+/// Gives a store a fresh fuel budget, if its function has one.
+///
+/// wasmtime traps when the fuel left reaches zero, so it gets one unit more
+/// than the budget: a budget of N lets an invocation use exactly N.
+fn refuel(store: &mut Store<HostState>, budget: Option<u64>) {
+    if let Some(fuel) = budget {
+        store
+            .set_fuel(fuel.saturating_add(1))
+            .expect("fuel budgets only on metering engines");
+    }
+}
+
+/// Fuel used since [`refuel`] with `budget`, at most the budget.
+fn fuel_used(store: &Store<HostState>, budget: Option<u64>) -> Option<u64> {
+    let budget = budget?;
+    let left = store.get_fuel().unwrap_or(0);
+    Some(budget.saturating_add(1).saturating_sub(left).min(budget))
 }
 
 /// Epoch ticks for a timeout: rounded up, plus one because the current tick
@@ -551,14 +613,20 @@ pub struct Report {
     pub logs: Vec<GuestLog>,
     /// Wall-clock time of the invocation.
     pub elapsed: Duration,
+    /// Fuel the invocation used, if the function has a budget.
+    pub fuel_used: Option<u64>,
 }
 
 impl Instance {
     /// Runs the handler on one message. On `Err` the instance must be
     /// dropped: its memory may be in any state.
     pub fn invoke(&mut self, topic: &str, payload: &[u8]) -> Result<Output, Failure> {
-        let timeout = self.store.data().spec.timeout;
+        let (timeout, fuel) = {
+            let spec = &self.store.data().spec;
+            (spec.timeout, spec.fuel)
+        };
         self.store.set_epoch_deadline(deadline_ticks(timeout));
+        refuel(&mut self.store, fuel);
         self.store.data_mut().begin();
         let result = self.call(topic, payload);
         let state = self.store.data_mut();
@@ -572,7 +640,7 @@ impl Instance {
                 code,
                 message: state.error.take(),
             }),
-            Err(e) => Err(classify(e, timeout)),
+            Err(e) => Err(classify(e, timeout, fuel)),
         }
     }
 
@@ -581,6 +649,7 @@ impl Instance {
         let started = Instant::now();
         let result = self.invoke(topic, payload);
         let elapsed = started.elapsed();
+        let fuel_used = fuel_used(&self.store, self.store.data().spec.fuel);
         let logs = match &mut self.store.data_mut().sink {
             LogSink::Collect(v) => std::mem::take(v),
             LogSink::Tracing => Vec::new(),
@@ -589,6 +658,7 @@ impl Instance {
             result,
             logs,
             elapsed,
+            fuel_used,
         }
     }
 
@@ -620,13 +690,16 @@ impl Instance {
 }
 
 /// Turns a wasmtime error into a [`Failure`].
-fn classify(e: wasmtime::Error, timeout: Duration) -> Failure {
+fn classify(e: wasmtime::Error, timeout: Duration, fuel: Option<u64>) -> Failure {
     if let Some(exit) = e.downcast_ref::<wasmtime_wasi::I32Exit>() {
         return Failure::Exit(exit.0);
     }
     if let Some(trap) = e.downcast_ref::<Trap>() {
         if *trap == Trap::Interrupt {
             return Failure::Timeout(timeout);
+        }
+        if let (Trap::OutOfFuel, Some(budget)) = (trap, fuel) {
+            return Failure::OutOfFuel(budget);
         }
         return Failure::Trap(trap.to_string());
     }

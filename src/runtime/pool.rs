@@ -48,6 +48,8 @@ pub struct FunctionMetrics {
     pub failures: AtomicU64,
     /// Attempts that failed by timing out.
     pub timeouts: AtomicU64,
+    /// Attempts that failed by using up their fuel budget.
+    pub out_of_fuel: AtomicU64,
     /// Jobs that failed every attempt.
     pub dead_letters: AtomicU64,
     /// Fresh instances started (the first, and after each failure).
@@ -183,8 +185,13 @@ impl Worker {
                 Err(failure) => {
                     self.instance = None;
                     self.metrics.failures.fetch_add(1, Ordering::Relaxed);
-                    if matches!(failure, Failure::Timeout(_)) {
-                        self.metrics.timeouts.fetch_add(1, Ordering::Relaxed);
+                    let limit = match failure {
+                        Failure::Timeout(_) => Some(&self.metrics.timeouts),
+                        Failure::OutOfFuel(_) => Some(&self.metrics.out_of_fuel),
+                        _ => None,
+                    };
+                    if let Some(counter) = limit {
+                        counter.fetch_add(1, Ordering::Relaxed);
                     }
                     tracing::warn!(
                         function = name,

@@ -38,6 +38,7 @@ fn spec(timeout_ms: u64) -> FunctionSpec {
         memory_limit: 1 << 20,
         timeout: Duration::from_millis(timeout_ms),
         max_record_size: 1024,
+        fuel: None,
     }
 }
 
@@ -191,6 +192,60 @@ fn a_runaway_loop_times_out() {
         .unwrap();
     let err = f.new_instance().unwrap().invoke("t", b"").unwrap_err();
     assert!(matches!(err, Failure::Timeout(_)), "{err}");
+}
+
+/// Loops once per payload byte, then returns 0.
+const LOOP_PER_BYTE: &str = "(block $done (loop $l
+      (br_if $done (i32.eqz (local.get $pl)))
+      (local.set $pl (i32.sub (local.get $pl) (i32.const 1)))
+      (br $l)))
+    (i32.const 0)";
+
+/// A function running `body` with a fuel budget and a generous timeout.
+fn with_fuel(body: &str, fuel: u64) -> Function {
+    let spec = FunctionSpec {
+        fuel: Some(fuel),
+        ..spec(10_000)
+    };
+    Runtime::new(Target::Native)
+        .unwrap()
+        .load("fuel.wasm", &module(body, ""), spec)
+        .unwrap()
+}
+
+#[test]
+fn a_fuel_budget_stops_a_runaway_loop_long_before_its_timeout() {
+    let f = with_fuel("(loop $l (br $l)) (i32.const 0)", 100_000);
+    let started = Instant::now();
+    let err = f.new_instance().unwrap().invoke("t", b"").unwrap_err();
+    assert_eq!(err, Failure::OutOfFuel(100_000));
+    assert_eq!(err.kind(), "fuel");
+    // Stopped by the budget, not the 10 s timeout.
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+#[test]
+fn fuel_use_is_the_same_for_the_same_input_and_the_budget_is_per_invocation() {
+    let f = with_fuel(LOOP_PER_BYTE, 10_000);
+    let mut i = f.new_capturing_instance().unwrap();
+    let used = |i: &mut Instance, payload: &[u8]| {
+        let r = i.invoke_report("t", payload);
+        assert!(r.result.is_ok(), "{:?}", r.result);
+        r.fuel_used.unwrap()
+    };
+    let short = used(&mut i, &[0; 10]);
+    assert_eq!(used(&mut i, &[0; 10]), short);
+    let long = used(&mut i, &[0; 100]);
+    assert!(long > short, "{long} <= {short}");
+    // Many invocations in a row each get the whole budget again.
+    for _ in 0..100 {
+        assert_eq!(used(&mut i, &[0; 100]), long);
+    }
+    // An input that needs more than the budget fails, deterministically.
+    for _ in 0..2 {
+        let err = f.new_instance().unwrap().invoke("t", &[0; 10_000]);
+        assert_eq!(err.unwrap_err(), Failure::OutOfFuel(10_000));
+    }
 }
 
 #[test]

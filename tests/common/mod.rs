@@ -501,7 +501,8 @@ pub fn write_config(dir: &Path, text: &str) -> PathBuf {
 }
 
 /// The standard test config: clean-temperature (UNIT=F) on
-/// `sensors/+/temperature` and chaos on `chaos/#`, local broker `local`
+/// `sensors/+/temperature` and chaos (with a fuel budget) on `chaos/#`,
+/// local broker `local`
 /// (a URL, or `embedded` for the built-in broker on `embedded_port`),
 /// upstream at `upstream_port` with prefix `site/pi-01/`.
 pub fn standard_config(dir: &Path, local: &str, upstream_port: u16) -> PathBuf {
@@ -547,6 +548,7 @@ module = "{chaos}"
 triggers = ["chaos/#"]
 env = {{ GREETING = "hi" }}
 timeout = "200ms"
+fuel = 5_000_000
 retries = 1
 "#,
             data = dir.join("data").display(),
