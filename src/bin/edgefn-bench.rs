@@ -16,7 +16,11 @@
 //! `EDGEFN_BENCH_LOCAL_CONF` adds mosquitto.conf lines to the device-side
 //! broker, `\n`-separated (e.g. `log_dest file /tmp/local.log\nlog_type all`).
 //! For edgefn it also reads the daemon's peak RSS (`VmHWM`) and the bytes it
-//! wrote to disk (`write_bytes` in /proc/PID/io) per message.
+//! wrote to disk (`write_bytes` in /proc/PID/io) per message, and, over
+//! the throughput run, its CPU time and context switches per message
+//! (summed over its threads from /proc/PID/task/*/schedstat and status):
+//! these two vary far less between runs than msg/s on a shared machine, so
+//! they are the figures to compare when changing edgefn's hot path.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -290,6 +294,11 @@ struct Figures {
     latency_rate: f64,
     rss_mb: Option<f64>,
     bytes_per_msg: Option<f64>,
+    /// edgefn's CPU time per message in the throughput run, µs: a figure
+    /// far less noisy than msg/s on a shared machine.
+    cpu_us_per_msg: Option<f64>,
+    /// edgefn's context switches per message in the throughput run.
+    switches_per_msg: Option<f64>,
 }
 
 fn percentile(sorted: &[u64], p: f64) -> f64 {
@@ -300,8 +309,28 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
     sorted[i] as f64 / 1000.0
 }
 
+/// `(CPU time in ns, context switches)` summed over a process's threads.
+fn threads_usage(pid: u32) -> Option<(u64, u64)> {
+    let mut cpu = 0;
+    let mut switches = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let tid: u32 = task.ok()?.file_name().to_str()?.parse().ok()?;
+        let path = format!("{pid}/task/{tid}");
+        let sched = std::fs::read_to_string(format!("/proc/{path}/schedstat")).ok()?;
+        cpu += sched.split_whitespace().next()?.parse::<u64>().ok()?;
+        switches += proc_value_at(&path, "status", "voluntary_ctxt_switches:")?;
+        switches += proc_value_at(&path, "status", "nonvoluntary_ctxt_switches:")?;
+    }
+    Some((cpu, switches))
+}
+
 fn proc_value(pid: u32, file: &str, key: &str) -> Option<u64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/{file}")).ok()?;
+    proc_value_at(&pid.to_string(), file, key)
+}
+
+/// A number from `/proc/{path}/{file}`'s line starting with `key`.
+fn proc_value_at(path: &str, file: &str, key: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{path}/{file}")).ok()?;
     text.lines()
         .find_map(|l| l.strip_prefix(key))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
@@ -322,11 +351,22 @@ async fn measure(
     let written_before = edgefn_pid.and_then(|p| proc_value(p, "io", "write_bytes:"));
 
     let n = args.messages / devices as u64 * devices as u64;
+    let usage_before = edgefn_pid.and_then(threads_usage);
     let start = Instant::now();
     load(device_port, devices, n, 0, "tput").await?;
     let last = arrived(&arrivals, n).await;
     let delivered = arrivals.count.load(Ordering::Relaxed);
     let rate = delivered as f64 / (last - start).as_secs_f64();
+    let usage =
+        edgefn_pid
+            .and_then(threads_usage)
+            .zip(usage_before)
+            .map(|((cpu, sw), (cpu0, sw0))| {
+                (
+                    (cpu - cpu0) as f64 / 1000.0 / delivered as f64,
+                    (sw - sw0) as f64 / delivered as f64,
+                )
+            });
 
     arrivals.samples.lock().unwrap().clear();
     let m = (args.rate as f64 * args.latency_for.as_secs_f64()) as u64 / devices as u64
@@ -365,6 +405,8 @@ async fn measure(
         latency_rate,
         rss_mb,
         bytes_per_msg,
+        cpu_us_per_msg: usage.map(|u| u.0),
+        switches_per_msg: usage.map(|u| u.1),
     })
 }
 
@@ -562,12 +604,12 @@ async fn main() -> anyhow::Result<()> {
         !args.nagle
     );
     println!(
-        "| scenario | delivered / sent | msg/s | vs bridge | p50 ms | p99 ms | achieved msg/s in latency run | peak RSS MB | disk bytes/msg |"
+        "| scenario | delivered / sent | msg/s | vs bridge | p50 ms | p99 ms | achieved msg/s in latency run | peak RSS MB | disk bytes/msg | CPU µs/msg | switches/msg |"
     );
-    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for f in &results {
         println!(
-            "| {} | {} / {} | {:.0} | {} | {:.2} | {:.2} | {:.0} | {} | {} |",
+            "| {} | {} / {} | {:.0} | {} | {:.2} | {:.2} | {:.0} | {} | {} | {} | {} |",
             f.name,
             f.delivered,
             f.sent,
@@ -578,6 +620,8 @@ async fn main() -> anyhow::Result<()> {
             f.latency_rate,
             f.rss_mb.map_or("".into(), |v| format!("{v:.1}")),
             f.bytes_per_msg.map_or("".into(), |v| format!("{v:.0}")),
+            f.cpu_us_per_msg.map_or("".into(), |v| format!("{v:.1}")),
+            f.switches_per_msg.map_or("".into(), |v| format!("{v:.2}")),
         );
     }
     Ok(())
