@@ -201,16 +201,26 @@ fn check(path: &std::path::Path) -> anyhow::Result<ExitCode> {
     }
     for f in &config.functions {
         match runtime.load_file(&f.module, FunctionSpec::from_config(f)) {
-            Ok(_) => println!(
-                "function {} ok: {} <- {}",
-                f.name,
-                f.module.display(),
-                f.triggers
-                    .iter()
-                    .map(|t| t.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
+            Ok(_) => {
+                println!(
+                    "function {} ok: {} <- {}",
+                    f.name,
+                    f.module.display(),
+                    f.triggers
+                        .iter()
+                        .map(|t| t.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+                println!(
+                    "         memory {}, timeout {}, concurrency {}, retries {}, fuel {}",
+                    bytesize::ByteSize(f.memory_limit as u64),
+                    humantime::format_duration(f.timeout),
+                    f.concurrency,
+                    f.retries,
+                    f.fuel.map_or("unlimited".to_owned(), |n| n.to_string())
+                );
+            }
             Err(e) => {
                 failed += 1;
                 eprintln!("error: function {:?}: {e}", f.name);

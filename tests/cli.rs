@@ -57,6 +57,15 @@ fn check_accepts_a_good_config_and_summarises_it() {
     assert!(out.status.success(), "{t}");
     assert!(t.contains("function clean-temperature ok"), "{t}");
     assert!(t.contains("function chaos ok"), "{t}");
+    // Each function's limits, as configured or defaulted.
+    assert!(
+        t.contains("memory 16.0 MiB, timeout 100ms, concurrency 2, retries 0, fuel unlimited"),
+        "{t}"
+    );
+    assert!(
+        t.contains("timeout 200ms, concurrency 1, retries 1, fuel 5000000"),
+        "{t}"
+    );
     assert!(t.contains("upstream mqtt://127.0.0.1:1884"), "{t}");
 }
 
