@@ -63,7 +63,7 @@ fn check_accepts_a_good_config_and_summarises_it() {
         "{t}"
     );
     assert!(
-        t.contains("timeout 200ms, concurrency 1, retries 1, fuel 5000000"),
+        t.contains("timeout 200ms, concurrency 1, retries 1, fuel 2000000"),
         "{t}"
     );
     assert!(t.contains("upstream mqtt://127.0.0.1:1884"), "{t}");

@@ -18,7 +18,8 @@
 //! For edgefn it also reads the daemon's peak RSS (`VmHWM`) and the bytes it
 //! wrote to disk (`write_bytes` in /proc/PID/io) per message, and, over
 //! the throughput run, its CPU time and context switches per message
-//! (summed over its threads from /proc/PID/task/*/schedstat and status):
+//! (from /proc/PID/stat, and summed over its threads from
+//! /proc/PID/task/*/status):
 //! these two vary far less between runs than msg/s on a shared machine, so
 //! they are the figures to compare when changing edgefn's hot path.
 
@@ -309,19 +310,62 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
     sorted[i] as f64 / 1000.0
 }
 
-/// `(CPU time in ns, context switches)` summed over a process's threads.
-fn threads_usage(pid: u32) -> Option<(u64, u64)> {
-    let mut cpu = 0;
-    let mut switches = 0;
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
-        let tid: u32 = task.ok()?.file_name().to_str()?.parse().ok()?;
-        let path = format!("{pid}/task/{tid}");
-        let sched = std::fs::read_to_string(format!("/proc/{path}/schedstat")).ok()?;
-        cpu += sched.split_whitespace().next()?.parse::<u64>().ok()?;
-        switches += proc_value_at(&path, "status", "voluntary_ctxt_switches:")?;
-        switches += proc_value_at(&path, "status", "nonvoluntary_ctxt_switches:")?;
+/// A process's CPU time and its threads' context switches at one moment.
+struct Usage {
+    /// User + system time in clock ticks (`/proc/PID/stat`), threads that
+    /// have exited included.
+    cpu_ticks: u64,
+    /// Context switches (voluntary + not) per live thread id.
+    switches: std::collections::HashMap<u32, u64>,
+}
+
+/// Linux reports CPU times in units of `USER_HZ`, 100 on every
+/// architecture it runs on.
+const TICKS_PER_SECOND: f64 = 100.0;
+
+impl Usage {
+    fn of(pid: u32) -> Option<Usage> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // After the command name (which may hold spaces) come the fields
+        // from `state` (field 3) on; utime and stime are fields 14 and 15.
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        let cpu_ticks =
+            fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+        let mut switches = std::collections::HashMap::new();
+        for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+            .ok()?
+            .flatten()
+        {
+            let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) else {
+                continue;
+            };
+            let path = format!("{pid}/task/{tid}");
+            // A thread may end between listing and reading: skip it.
+            let count = |key| proc_value_at(&path, "status", key);
+            if let (Some(v), Some(n)) = (
+                count("voluntary_ctxt_switches:"),
+                count("nonvoluntary_ctxt_switches:"),
+            ) {
+                switches.insert(tid, v + n);
+            }
+        }
+        Some(Usage {
+            cpu_ticks,
+            switches,
+        })
     }
-    Some((cpu, switches))
+
+    /// `(CPU µs, context switches)` since `before`; switches only of the
+    /// threads alive at both moments (edgefn's long-lived ones).
+    fn since(&self, before: &Usage) -> (f64, u64) {
+        let cpu = self.cpu_ticks.saturating_sub(before.cpu_ticks) as f64 / TICKS_PER_SECOND * 1e6;
+        let switches = self
+            .switches
+            .iter()
+            .filter_map(|(tid, n)| Some(n.saturating_sub(*before.switches.get(tid)?)))
+            .sum();
+        (cpu, switches)
+    }
 }
 
 fn proc_value(pid: u32, file: &str, key: &str) -> Option<u64> {
@@ -351,22 +395,23 @@ async fn measure(
     let written_before = edgefn_pid.and_then(|p| proc_value(p, "io", "write_bytes:"));
 
     let n = args.messages / devices as u64 * devices as u64;
-    let usage_before = edgefn_pid.and_then(threads_usage);
+    let usage_before = edgefn_pid.and_then(Usage::of);
     let start = Instant::now();
     load(device_port, devices, n, 0, "tput").await?;
     let last = arrived(&arrivals, n).await;
     let delivered = arrivals.count.load(Ordering::Relaxed);
     let rate = delivered as f64 / (last - start).as_secs_f64();
-    let usage =
-        edgefn_pid
-            .and_then(threads_usage)
-            .zip(usage_before)
-            .map(|((cpu, sw), (cpu0, sw0))| {
-                (
-                    (cpu - cpu0) as f64 / 1000.0 / delivered as f64,
-                    (sw - sw0) as f64 / delivered as f64,
-                )
-            });
+    let usage = edgefn_pid
+        .and_then(Usage::of)
+        .zip(usage_before)
+        .filter(|_| delivered > 0)
+        .map(|(after, before)| {
+            let (cpu_us, switches) = after.since(&before);
+            (
+                cpu_us / delivered as f64,
+                switches as f64 / delivered as f64,
+            )
+        });
 
     arrivals.samples.lock().unwrap().clear();
     let m = (args.rate as f64 * args.latency_for.as_secs_f64()) as u64 / devices as u64

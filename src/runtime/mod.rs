@@ -182,7 +182,8 @@ pub struct FunctionSpec {
     pub max_record_size: usize,
     /// WebAssembly operations one invocation may execute (wasmtime fuel),
     /// if the function wants a deterministic budget besides its timeout.
-    /// `_initialize` and `edgefn_init` get the same budget each.
+    /// Starting an instance gets it twice more: once for `_initialize` (with
+    /// the start function and `edgefn_abi_version`), once for `edgefn_init`.
     pub fuel: Option<u64>,
 }
 

@@ -216,12 +216,10 @@ fn with_fuel(body: &str, fuel: u64) -> Function {
 #[test]
 fn a_fuel_budget_stops_a_runaway_loop_long_before_its_timeout() {
     let f = with_fuel("(loop $l (br $l)) (i32.const 0)", 100_000);
-    let started = Instant::now();
     let err = f.new_instance().unwrap().invoke("t", b"").unwrap_err();
+    // Stopped by the budget, not the 10 s timeout.
     assert_eq!(err, Failure::OutOfFuel(100_000));
     assert_eq!(err.kind(), "fuel");
-    // Stopped by the budget, not the 10 s timeout.
-    assert!(started.elapsed() < Duration::from_secs(10));
 }
 
 #[test]

@@ -548,7 +548,7 @@ module = "{chaos}"
 triggers = ["chaos/#"]
 env = {{ GREETING = "hi" }}
 timeout = "200ms"
-fuel = 5_000_000
+fuel = 2_000_000
 retries = 1
 "#,
             data = dir.join("data").display(),
