@@ -402,12 +402,34 @@ mod tests {
         (drop (call $publish (i32.const 0) (i32.const 3) (local.get 2) (local.get 3)))
         (i32.const 0)))"#;
 
-    /// A pipeline running `wat` on every topic, committing with `writer`.
+    /// Emits every payload to `echo`, after a long busy loop if the payload
+    /// starts with `s` (slow).
+    const SLOW_ON_S: &str = r#"(module
+      (import "edgefn" "emit" (func $emit (param i32 i32 i32 i32) (result i32)))
+      (memory (export "memory") 2)
+      (data (i32.const 0) "echo")
+      (func (export "edgefn_abi_version") (result i32) (i32.const 1))
+      (func (export "edgefn_alloc") (param i32) (result i32) (i32.const 1024))
+      (func (export "edgefn_on_message") (param i32 i32 i32 i32) (result i32)
+        (local $n i32)
+        (if (i32.eq (i32.load8_u (local.get 2)) (i32.const 115))
+          (then
+            (local.set $n (i32.const 50000000))
+            (block $done (loop $l
+              (br_if $done (i32.eqz (local.get $n)))
+              (local.set $n (i32.sub (local.get $n) (i32.const 1)))
+              (br $l)))))
+        (drop (call $emit (i32.const 0) (i32.const 4) (local.get 2) (local.get 3)))
+        (i32.const 0)))"#;
+
+    /// A pipeline running `wat` on every topic with `concurrency` warm
+    /// instances, committing with `writer`.
     fn start(
         wat: &str,
         writer: Writer,
         metrics: &Arc<Metrics>,
         local_publish: Option<mpsc::Sender<Emitted>>,
+        concurrency: usize,
     ) -> (mpsc::Sender<Delivery>, Running) {
         let rt = Runtime::new(Target::Native).unwrap();
         let spec = FunctionSpec {
@@ -423,7 +445,7 @@ mod tests {
         let (tx, rx) = mpsc::channel(16);
         let running = Pipeline {
             router: Arc::new(Router::new([triggers.as_slice()])),
-            pools: Arc::new(vec![Pool::start(Arc::new(f), 1, 0).unwrap()]),
+            pools: Arc::new(vec![Pool::start(Arc::new(f), concurrency, 0).unwrap()]),
             names: Arc::new(vec!["f".into()]),
             writer,
             max_batch: 16,
@@ -449,7 +471,7 @@ mod tests {
         let metrics = Arc::new(Metrics::default());
         // Room for one publish, and nobody taking it.
         let (publish_tx, mut publish_rx) = mpsc::channel(1);
-        let (tx, running) = start(PUBLISHER, writer, &metrics, Some(publish_tx));
+        let (tx, running) = start(PUBLISHER, writer, &metrics, Some(publish_tx), 1);
         for i in 0..3 {
             let (ack, waiter) = Ack::waiter();
             tx.send(Delivery {
@@ -468,6 +490,51 @@ mod tests {
         .await;
         assert_eq!(metrics.local_publishes_dropped.load(Ordering::Relaxed), 2);
         assert_eq!(publish_rx.recv().await.unwrap().payload, b"go 0");
+        drop(tx);
+        running.drain(Duration::from_secs(5)).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_slow_message_holds_back_the_commit_and_ack_of_a_faster_later_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (writer, reader) = crate::store::open(
+            dir.path(),
+            Durability::Relaxed,
+            1 << 30,
+            FullPolicy::Backpressure,
+        )
+        .unwrap();
+        let metrics = Arc::new(Metrics::default());
+        // Two instances: the second message runs, and finishes, while the
+        // first is still busy.
+        let (tx, running) = start(SLOW_ON_S, writer, &metrics, None, 2);
+        let (slow_ack, mut slow) = Ack::waiter();
+        let (fast_ack, fast) = Ack::waiter();
+        for (payload, ack) in [("slow", slow_ack), ("fast", fast_ack)] {
+            let payload = Bytes::from(payload);
+            let topic = "t".into();
+            tx.send(Delivery {
+                topic,
+                payload,
+                ack,
+            })
+            .await
+            .unwrap();
+        }
+        assert_eq!(fast.await, Ok(()));
+        // Commits (and so acks and outbox order) follow ingest order.
+        assert_eq!(
+            slow.try_get(),
+            Some(Ok(())),
+            "the later message was acked first"
+        );
+        let order: Vec<Vec<u8>> = reader
+            .after(0, 10)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.payload)
+            .collect();
+        assert_eq!(order, [b"slow".to_vec(), b"fast".to_vec()]);
         drop(tx);
         running.drain(Duration::from_secs(5)).await;
     }
@@ -493,7 +560,7 @@ mod tests {
         let disk_full = writer.disk_full_switch();
         disk_full.store(true, Ordering::Relaxed);
         let metrics = Arc::new(Metrics::default());
-        let (tx, running) = start(ECHO, writer, &metrics, None);
+        let (tx, running) = start(ECHO, writer, &metrics, None, 1);
 
         // Large enough that the database must grow to hold it.
         let (ack, mut waiter) = Ack::waiter();
