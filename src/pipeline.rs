@@ -422,6 +422,11 @@ mod tests {
         (drop (call $emit (i32.const 0) (i32.const 4) (local.get 2) (local.get 3)))
         (i32.const 0)))"#;
 
+    /// A store in `dir` with room to spare.
+    fn open_store(dir: &std::path::Path, durability: Durability) -> (Writer, crate::store::Reader) {
+        crate::store::open(dir, durability, 1 << 30, FullPolicy::Backpressure).unwrap()
+    }
+
     /// A pipeline running `wat` on every topic with `concurrency` warm
     /// instances, committing with `writer`.
     fn start(
@@ -461,13 +466,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn local_publishes_that_find_the_queue_full_are_counted_and_acks_go_on() {
         let dir = tempfile::tempdir().unwrap();
-        let (writer, _reader) = crate::store::open(
-            dir.path(),
-            Durability::Relaxed,
-            1 << 30,
-            FullPolicy::Backpressure,
-        )
-        .unwrap();
+        let (writer, _reader) = open_store(dir.path(), Durability::Relaxed);
         let metrics = Arc::new(Metrics::default());
         // Room for one publish, and nobody taking it.
         let (publish_tx, mut publish_rx) = mpsc::channel(1);
@@ -497,13 +496,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_slow_message_holds_back_the_commit_and_ack_of_a_faster_later_one() {
         let dir = tempfile::tempdir().unwrap();
-        let (writer, reader) = crate::store::open(
-            dir.path(),
-            Durability::Relaxed,
-            1 << 30,
-            FullPolicy::Backpressure,
-        )
-        .unwrap();
+        let (writer, reader) = open_store(dir.path(), Durability::Relaxed);
         let metrics = Arc::new(Metrics::default());
         // Two instances: the second message runs, and finishes, while the
         // first is still busy.
@@ -550,13 +543,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failing_commit_is_retried_and_nothing_is_acked_before_it_succeeds() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut writer, reader) = crate::store::open(
-            dir.path(),
-            Durability::Full,
-            1 << 30,
-            FullPolicy::Backpressure,
-        )
-        .unwrap();
+        let (mut writer, reader) = open_store(dir.path(), Durability::Full);
         let disk_full = writer.disk_full_switch();
         disk_full.store(true, Ordering::Relaxed);
         let metrics = Arc::new(Metrics::default());
