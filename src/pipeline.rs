@@ -30,7 +30,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::{Notify, mpsc, oneshot};
@@ -41,6 +41,11 @@ use crate::route::Router;
 use crate::runtime::Emitted;
 use crate::runtime::pool::{Outcome, Pool};
 use crate::store::{DeadLetter, NewRecord, Outcomes, Writer};
+
+/// A commit that takes this long is logged: on a healthy SD card a commit
+/// takes a few milliseconds, so this means storage trouble that devices
+/// feel (each message in the commit waited for it).
+const SLOW_COMMIT: Duration = Duration::from_millis(100);
 
 /// A delivery whose invocations are under way.
 struct Pending {
@@ -321,8 +326,21 @@ fn commit_loop(
         let mut outcomes: Vec<&mut Outcomes> = batch.iter_mut().map(|r| &mut r.outcomes).collect();
         let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
         let done = loop {
+            let started = Instant::now();
             match writer.commit(&mut outcomes, &stop) {
-                Ok(done) => break done,
+                Ok(done) => {
+                    let took = started.elapsed();
+                    if took >= SLOW_COMMIT {
+                        tracing::warn!(
+                            took = ?took,
+                            deliveries = outcomes.len(),
+                            records = done.as_ref().map_or(0, |d| d.records),
+                            "a commit took long; every message in it waited for it \
+                             (slow or busy storage, a WAL checkpoint, or a full buffer)"
+                        );
+                    }
+                    break done;
+                }
                 Err(e) => {
                     Metrics::add(&metrics.commit_failures, 1);
                     let delay = backoff.next_delay();
