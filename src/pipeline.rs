@@ -398,47 +398,51 @@ mod tests {
     use crate::route::TopicFilter;
     use crate::runtime::{FunctionSpec, Runtime, Target};
 
-    /// Emits every payload to `echo`.
-    const ECHO: &str = r#"(module
-      (import "edgefn" "emit" (func $emit (param i32 i32 i32 i32) (result i32)))
+    /// An ABI v1 module that runs `body` on each message, then passes the
+    /// payload to the host import `edgefn.<import>` under the topic `topic`,
+    /// and succeeds. `body` may use the local `$n`.
+    fn guest(import: &str, topic: &str, body: &str) -> String {
+        let len = topic.len();
+        format!(
+            r#"(module
+      (import "edgefn" "{import}" (func $host (param i32 i32 i32 i32) (result i32)))
       (memory (export "memory") 2)
-      (data (i32.const 0) "echo")
-      (func (export "edgefn_abi_version") (result i32) (i32.const 1))
-      (func (export "edgefn_alloc") (param i32) (result i32) (i32.const 1024))
-      (func (export "edgefn_on_message") (param i32 i32 i32 i32) (result i32)
-        (drop (call $emit (i32.const 0) (i32.const 4) (local.get 2) (local.get 3)))
-        (i32.const 0)))"#;
-
-    /// Publishes every payload to the local topic `cmd`.
-    const PUBLISHER: &str = r#"(module
-      (import "edgefn" "publish" (func $publish (param i32 i32 i32 i32) (result i32)))
-      (memory (export "memory") 2)
-      (data (i32.const 0) "cmd")
-      (func (export "edgefn_abi_version") (result i32) (i32.const 1))
-      (func (export "edgefn_alloc") (param i32) (result i32) (i32.const 1024))
-      (func (export "edgefn_on_message") (param i32 i32 i32 i32) (result i32)
-        (drop (call $publish (i32.const 0) (i32.const 3) (local.get 2) (local.get 3)))
-        (i32.const 0)))"#;
-
-    /// Emits every payload to `echo`, after a long busy loop if the payload
-    /// starts with `s` (slow).
-    const SLOW_ON_S: &str = r#"(module
-      (import "edgefn" "emit" (func $emit (param i32 i32 i32 i32) (result i32)))
-      (memory (export "memory") 2)
-      (data (i32.const 0) "echo")
+      (data (i32.const 0) "{topic}")
       (func (export "edgefn_abi_version") (result i32) (i32.const 1))
       (func (export "edgefn_alloc") (param i32) (result i32) (i32.const 1024))
       (func (export "edgefn_on_message") (param i32 i32 i32 i32) (result i32)
         (local $n i32)
-        (if (i32.eq (i32.load8_u (local.get 2)) (i32.const 115))
+        {body}
+        (drop (call $host (i32.const 0) (i32.const {len}) (local.get 2) (local.get 3)))
+        (i32.const 0)))"#
+        )
+    }
+
+    /// Emits every payload to `echo`.
+    fn echo() -> String {
+        guest("emit", "echo", "")
+    }
+
+    /// Publishes every payload to the local topic `cmd`.
+    fn publisher() -> String {
+        guest("publish", "cmd", "")
+    }
+
+    /// Emits every payload to `echo`, after a long busy loop if the payload
+    /// starts with `s` (slow).
+    fn slow_on_s() -> String {
+        guest(
+            "emit",
+            "echo",
+            "(if (i32.eq (i32.load8_u (local.get 2)) (i32.const 115))
           (then
             (local.set $n (i32.const 50000000))
             (block $done (loop $l
               (br_if $done (i32.eqz (local.get $n)))
               (local.set $n (i32.sub (local.get $n) (i32.const 1)))
-              (br $l)))))
-        (drop (call $emit (i32.const 0) (i32.const 4) (local.get 2) (local.get 3)))
-        (i32.const 0)))"#;
+              (br $l)))))",
+        )
+    }
 
     /// A store in `dir` with room to spare.
     fn open_store(dir: &std::path::Path, durability: Durability) -> (Writer, crate::store::Reader) {
@@ -488,7 +492,7 @@ mod tests {
         let metrics = Arc::new(Metrics::default());
         // Room for one publish, and nobody taking it.
         let (publish_tx, mut publish_rx) = mpsc::channel(1);
-        let (tx, running) = start(PUBLISHER, writer, &metrics, Some(publish_tx), 1);
+        let (tx, running) = start(&publisher(), writer, &metrics, Some(publish_tx), 1);
         for i in 0..3 {
             let (ack, waiter) = Ack::waiter();
             tx.send(Delivery {
@@ -518,7 +522,7 @@ mod tests {
         let metrics = Arc::new(Metrics::default());
         // Two instances: the second message runs, and finishes, while the
         // first is still busy.
-        let (tx, running) = start(SLOW_ON_S, writer, &metrics, None, 2);
+        let (tx, running) = start(&slow_on_s(), writer, &metrics, None, 2);
         let (slow_ack, mut slow) = Ack::waiter();
         let (fast_ack, fast) = Ack::waiter();
         for (payload, ack) in [("slow", slow_ack), ("fast", fast_ack)] {
@@ -565,7 +569,7 @@ mod tests {
         let disk_full = writer.disk_full_switch();
         disk_full.store(true, Ordering::Relaxed);
         let metrics = Arc::new(Metrics::default());
-        let (tx, running) = start(ECHO, writer, &metrics, None, 1);
+        let (tx, running) = start(&echo(), writer, &metrics, None, 1);
 
         // Large enough that the database must grow to hold it.
         let (ack, mut waiter) = Ack::waiter();

@@ -34,13 +34,14 @@ fn seqs_by_device(seen: &[Seen]) -> BTreeMap<String, Vec<u64>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readings_are_cleaned_and_arrive_upstream_exactly() {
-    let local = Mosquitto::start();
-    let cloud = Mosquitto::cloud();
-    let dir = tempfile::tempdir().unwrap();
-    let config = standard_config(dir.path(), &local.url(), cloud.port);
-    let upstream = Upstream::subscribe(cloud.port, "site/#").await;
-    let mut daemon = Daemon::start(&config);
-    daemon.wait_for_log("subscribed");
+    let Connected {
+        local,
+        cloud: _cloud,
+        dir,
+        upstream,
+        mut daemon,
+        ..
+    } = connected(Mosquitto::cloud()).await;
 
     // 3 devices × 100 messages: every 10th is not JSON, then out of range,
     // then without temp_c, then not even UTF-8; the rest are good. Between
@@ -184,7 +185,8 @@ async fn a_record_leaves_the_buffer_only_after_the_upstream_acknowledges_it() {
 }
 
 /// A stock device-side Mosquitto, `cloud`, a subscriber on the cloud, and
-/// the daemon connected to both.
+/// the daemon connected to both. Destructure it binding every field that
+/// must live (the brokers, `dir`): fields left to `..` are dropped at once.
 struct Connected {
     local: Mosquitto,
     cloud: Mosquitto,
@@ -343,13 +345,14 @@ async fn a_killed_daemon_loses_no_acknowledged_reading() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversized_message_is_refused_and_the_rest_flows() {
-    let local = Mosquitto::start();
-    let cloud = Mosquitto::cloud();
-    let dir = tempfile::tempdir().unwrap();
-    let config = standard_config(dir.path(), &local.url(), cloud.port);
-    let upstream = Upstream::subscribe(cloud.port, "site/#").await;
-    let daemon = Daemon::start(&config);
-    daemon.wait_for_log("subscribed");
+    let Connected {
+        local,
+        cloud: _cloud,
+        dir: _dir,
+        upstream,
+        daemon,
+        ..
+    } = connected(Mosquitto::cloud()).await;
     let mut dev = Device::connect("device-d", local.port).await;
     let big = format!(r#"{{"seq":0,"temp_c":20,"pad":"{}"}}"#, "x".repeat(5000));
     assert!(
@@ -395,14 +398,15 @@ async fn drops_by_a_stock_mosquitto_are_reported() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_record_too_large_for_the_upstream_goes_to_the_dead_letters_and_the_rest_flows() {
-    let local = Mosquitto::start();
     // The cloud announces a Maximum Packet Size of 2000 bytes (MQTT 5 CONNACK).
-    let cloud = Mosquitto::cloud_with_extra("max_packet_size 2000\n");
-    let dir = tempfile::tempdir().unwrap();
-    let config = standard_config(dir.path(), &local.url(), cloud.port);
-    let upstream = Upstream::subscribe(cloud.port, "site/#").await;
-    let mut daemon = Daemon::start(&config);
-    daemon.wait_for_log("subscribed");
+    let Connected {
+        local,
+        cloud: _cloud,
+        dir,
+        upstream,
+        mut daemon,
+        ..
+    } = connected(Mosquitto::cloud_with_extra("max_packet_size 2000\n")).await;
     let mut dev = Device::connect("device-f", local.port).await;
     // chaos echoes plain payloads to echo/<topic>: 3000 bytes cannot go up.
     assert!(
