@@ -93,6 +93,14 @@ impl Mosquitto {
         Self::start_with(false, extra)
     }
 
+    /// Starts one on the device side that keeps sessions and queued
+    /// messages across a graceful restart ([`Mosquitto::stop_gracefully`]),
+    /// as Debian's and Raspberry Pi OS's stock `/etc/mosquitto/mosquitto.conf`
+    /// does (`persistence true`).
+    pub fn start_persistent() -> Mosquitto {
+        Self::start_with(true, "")
+    }
+
     /// Starts a stand-in for the cloud broker.
     pub fn cloud() -> Mosquitto {
         Self::start_with(false, CLOUD)
@@ -603,11 +611,16 @@ impl Daemon {
 
     /// Waits until the log contains `text`.
     pub fn wait_for_log(&self, text: &str) {
+        self.wait_for_log_times(text, 1);
+    }
+
+    /// Waits until the log contains `text` at least `times` times.
+    pub fn wait_for_log_times(&self, text: &str, times: usize) {
         let deadline = Instant::now() + PATIENCE;
-        while !self.log().contains(text) {
+        while self.log().matches(text).count() < times {
             assert!(
                 Instant::now() < deadline,
-                "log never said {text:?}:\n{}",
+                "log never said {text:?} {times} times:\n{}",
                 self.log()
             );
             std::thread::sleep(Duration::from_millis(20));
