@@ -102,19 +102,10 @@ impl Connection {
 
 impl Forwarder {
     fn options(&self) -> MqttOptions {
-        let b = &self.config.broker;
-        let mut o = MqttOptions::new(&b.client_id, &b.host, b.port);
+        let mut o =
+            crate::ingest::mqtt::client_options(&self.config.broker, self.config.max_message_size);
         // The outbox, not the broker session, holds what is unacknowledged.
-        o.set_clean_start(true)
-            .set_keep_alive(b.keep_alive)
-            .set_network_options(crate::ingest::mqtt::network_options())
-            .set_max_packet_size(Some(crate::ingest::mqtt::packet_limit(
-                self.config.max_message_size,
-            )))
-            .set_outgoing_inflight_upper_limit(b.in_flight);
-        if let Some(user) = &b.username {
-            o.set_credentials(user, b.password.clone().unwrap_or_default());
-        }
+        o.set_clean_start(true);
         o
     }
 

@@ -108,10 +108,30 @@ impl AckQueue {
 }
 
 /// Socket options for edgefn's MQTT connections (ingest and upstream).
+/// What edgefn's two MQTT clients (ingest and the forwarder) share: the
+/// broker `b`, its credentials, keep-alive, `TCP_NODELAY`, a Maximum
+/// Packet Size for payloads up to `max_message_size`, and at most
+/// `b.in_flight` unacknowledged QoS 1 publishes of its own.
+///
+/// The last matters for memory too: rumqttc allocates a slot per packet id
+/// up to that limit when the client is created, and without one it takes
+/// all 65,535 (13.8 MB, a third of edgefn's resident memory).
+pub fn client_options(b: &BrokerClientConfig, max_message_size: usize) -> MqttOptions {
+    let mut o = MqttOptions::new(&b.client_id, &b.host, b.port);
+    o.set_keep_alive(b.keep_alive)
+        .set_network_options(network_options())
+        .set_max_packet_size(Some(packet_limit(max_message_size)))
+        .set_outgoing_inflight_upper_limit(b.in_flight);
+    if let Some(user) = &b.username {
+        o.set_credentials(user, b.password.clone().unwrap_or_default());
+    }
+    o
+}
+
 /// `TCP_NODELAY`: a PUBACK or PUBLISH goes out when it is written, instead
 /// of waiting under Nagle's algorithm for the previous segment's TCP ack
 /// (rumqttc leaves Nagle on by default).
-pub fn network_options() -> rumqttc::NetworkOptions {
+fn network_options() -> rumqttc::NetworkOptions {
     let mut n = rumqttc::NetworkOptions::new();
     n.set_tcp_nodelay(true);
     n
@@ -155,19 +175,13 @@ pub struct MqttIngest {
 impl MqttIngest {
     fn options(&self) -> MqttOptions {
         let b = &self.broker;
-        let mut o = MqttOptions::new(&b.client_id, &b.host, b.port);
+        let mut o = client_options(b, self.max_message_size);
         o.set_clean_start(false)
             .set_session_expiry_interval(Some(
                 b.session_expiry.as_secs().min(u32::MAX as u64) as u32
             ))
             .set_receive_maximum(Some(b.in_flight))
-            .set_max_packet_size(Some(packet_limit(self.max_message_size)))
-            .set_manual_acks(true)
-            .set_keep_alive(b.keep_alive)
-            .set_network_options(network_options());
-        if let Some(user) = &b.username {
-            o.set_credentials(user, b.password.clone().unwrap_or_default());
-        }
+            .set_manual_acks(true);
         o
     }
 
@@ -420,6 +434,25 @@ fn sys_dropped(payload: &[u8], last: &mut Option<u64>) -> SysDropped {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_client_bounds_its_own_unacknowledged_publishes_to_its_window() {
+        // Unbounded, rumqttc allocates 65,535 in-flight slots per client.
+        let b = BrokerClientConfig {
+            host: "127.0.0.1".into(),
+            port: 1883,
+            client_id: "edgefn-pi-01".into(),
+            username: None,
+            password: None,
+            in_flight: 256,
+            session_expiry: Duration::from_secs(3600),
+            keep_alive: Duration::from_secs(30),
+        };
+        let o = client_options(&b, 4096);
+        assert_eq!(o.get_outgoing_inflight_upper_limit(), Some(256));
+        assert_eq!(o.keep_alive(), Duration::from_secs(30));
+        assert_eq!(o.client_id(), "edgefn-pi-01");
+    }
 
     #[test]
     fn broker_drops_are_reported_once_each() {
