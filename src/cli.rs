@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
-use crate::config::{Config, LocalSource};
+use crate::config::{BrokerClientConfig, Config, LocalSource};
 use crate::invoke::InvokeRequest;
 use crate::runtime::{FunctionSpec, Runtime, Target};
 
@@ -185,17 +185,29 @@ fn check(path: &std::path::Path) -> anyhow::Result<ExitCode> {
         config.gateway.id,
         config.gateway.data_dir.display()
     );
+    // `, TLS, CA /etc/edgefn/ca.pem, client certificate …` for mqtts://.
+    let tls = |b: &BrokerClientConfig| {
+        b.tls
+            .as_ref()
+            .map(|t| format!(", {}", t.summary))
+            .unwrap_or_default()
+    };
     match &config.local.source {
         LocalSource::Broker(b) => println!(
-            "local    mqtt://{}:{} as {:?}, {} in flight",
-            b.host, b.port, b.client_id, b.in_flight
+            "local    {} as {:?}, {} in flight{}",
+            b.url(),
+            b.client_id,
+            b.in_flight,
+            tls(b)
         ),
         LocalSource::Embedded { listen } => println!("local    embedded broker on {listen}"),
     }
     match &config.upstream {
         Some(u) => println!(
-            "upstream mqtt://{}:{} prefix {:?}",
-            u.broker.host, u.broker.port, u.topic_prefix
+            "upstream {} prefix {:?}{}",
+            u.broker.url(),
+            u.topic_prefix,
+            tls(&u.broker)
         ),
         None => println!("upstream none (records stay buffered)"),
     }

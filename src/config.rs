@@ -114,6 +114,9 @@ struct RawLocal {
     session_expiry: Option<String>,
     keep_alive: Option<String>,
     max_message_size: Option<String>,
+    ca_file: Option<String>,
+    cert_file: Option<String>,
+    key_file: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -127,6 +130,9 @@ struct RawUpstream {
     in_flight: Option<i64>,
     keep_alive: Option<String>,
     max_message_size: Option<String>,
+    ca_file: Option<String>,
+    cert_file: Option<String>,
+    key_file: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -230,6 +236,20 @@ pub struct BrokerClientConfig {
     pub session_expiry: Duration,
     /// MQTT keep-alive interval.
     pub keep_alive: Duration,
+    /// TLS, for an `mqtts://` URL.
+    pub tls: Option<crate::tls::Tls>,
+}
+
+impl BrokerClientConfig {
+    /// `mqtt://HOST:PORT` or `mqtts://HOST:PORT`, as for a user.
+    pub fn url(&self) -> String {
+        let scheme = if self.tls.is_some() { "mqtts" } else { "mqtt" };
+        if self.host.contains(':') {
+            format!("{scheme}://[{}]:{}", self.host, self.port)
+        } else {
+            format!("{scheme}://{}:{}", self.host, self.port)
+        }
+    }
 }
 
 /// `[upstream]`: the cloud broker records are forwarded to.
@@ -438,8 +458,8 @@ impl Config {
                 .unwrap_or(default_data_dir()),
         );
 
-        let local = check_local(&mut p, raw.local, &id);
-        let upstream = raw.upstream.map(|u| check_upstream(&mut p, u, &id));
+        let local = check_local(&mut p, raw.local, &id, base);
+        let upstream = raw.upstream.map(|u| check_upstream(&mut p, u, &id, base));
         let buffer = check_buffer(&mut p, raw.buffer);
 
         let mut names = BTreeSet::new();
@@ -483,6 +503,16 @@ impl Checker {
             key: key.into(),
             message: message.into(),
         });
+    }
+
+    /// Records `message` for each key of `section` that is set although it
+    /// does not apply.
+    fn not_applicable(&mut self, section: &str, keys: &[(&str, bool)], message: &str) {
+        for (key, set) in keys {
+            if *set {
+                self.push(format!("{section}.{key}"), message);
+            }
+        }
     }
 
     /// Parses a human size like `"64MiB"`; on error records it and returns
@@ -532,12 +562,27 @@ impl Checker {
     }
 }
 
-/// Parses `mqtt://host:port`.
-fn parse_mqtt_url(p: &mut Checker, key: &str, url: &str) -> Option<(String, u16)> {
-    let Some(rest) = url.strip_prefix("mqtt://") else {
+/// A broker URL, parsed.
+struct BrokerUrl {
+    host: String,
+    port: u16,
+    /// `mqtts://`
+    tls: bool,
+}
+
+/// Parses `mqtt://HOST[:PORT]` (default port 1883) or `mqtts://HOST[:PORT]`
+/// (TLS, default port 8883).
+fn parse_mqtt_url(p: &mut Checker, key: &str, url: &str) -> Option<BrokerUrl> {
+    let (rest, tls, default_port) = if let Some(rest) = url.strip_prefix("mqtt://") {
+        (rest, false, 1883)
+    } else if let Some(rest) = url.strip_prefix("mqtts://") {
+        (rest, true, 8883)
+    } else {
         p.push(
             key,
-            format!("{url:?} is not supported; expected \"mqtt://HOST:PORT\""),
+            format!(
+                "{url:?} is not supported; expected \"mqtt://HOST:PORT\" or \"mqtts://HOST:PORT\" (TLS)"
+            ),
         );
         return None;
     };
@@ -555,17 +600,59 @@ fn parse_mqtt_url(p: &mut Checker, key: &str, url: &str) -> Option<(String, u16)
                 return None;
             }
         },
-        None => (rest, 1883),
+        None => (rest, default_port),
     };
     let host = host.trim_start_matches('[').trim_end_matches(']');
     if host.is_empty() {
         p.push(key, format!("{url:?} has no host"));
         return None;
     }
-    Some((host.to_owned(), port))
+    Some(BrokerUrl {
+        host: host.to_owned(),
+        port,
+        tls,
+    })
 }
 
-fn check_local(p: &mut Checker, raw: RawLocal, id: &str) -> Option<LocalConfig> {
+/// Checks `section`'s TLS files against its URL: loaded for `mqtts://`,
+/// refused for `mqtt://`. Relative paths are resolved against `base`.
+fn check_tls(
+    p: &mut Checker,
+    section: &str,
+    url: &BrokerUrl,
+    files: [Option<String>; 3],
+    base: &Path,
+) -> Option<crate::tls::Tls> {
+    let [ca_file, cert_file, key_file] = files.map(|f| f.map(|f| base.join(f)));
+    let files = crate::tls::TlsFiles {
+        ca_file,
+        cert_file,
+        key_file,
+    };
+    if !url.tls {
+        p.not_applicable(
+            section,
+            &[
+                ("ca_file", files.ca_file.is_some()),
+                ("cert_file", files.cert_file.is_some()),
+                ("key_file", files.key_file.is_some()),
+            ],
+            "only applies to TLS: use an mqtts:// URL",
+        );
+        return None;
+    }
+    match files.load() {
+        Ok(tls) => Some(tls),
+        Err(problems) => {
+            for problem in problems {
+                p.push(format!("{section}.{}", problem.key), problem.message);
+            }
+            None
+        }
+    }
+}
+
+fn check_local(p: &mut Checker, raw: RawLocal, id: &str, base: &Path) -> Option<LocalConfig> {
     let max_message_size = p.size(
         "local.max_message_size",
         raw.max_message_size.as_deref(),
@@ -614,21 +701,21 @@ fn check_local(p: &mut Checker, raw: RawLocal, id: &str) -> Option<LocalConfig> 
                 "cannot be set together with embedded = true: choose one",
             );
         }
-        for (key, set) in [
-            ("client_id", raw.client_id.is_some()),
-            ("username", raw.username.is_some()),
-            ("password", raw.password.is_some()),
-            ("in_flight", raw.in_flight.is_some()),
-            ("session_expiry", raw.session_expiry.is_some()),
-            ("keep_alive", raw.keep_alive.is_some()),
-        ] {
-            if set {
-                p.push(
-                    format!("local.{key}"),
-                    "only applies to an external broker (url = ...), not with embedded = true",
-                );
-            }
-        }
+        p.not_applicable(
+            "local",
+            &[
+                ("client_id", raw.client_id.is_some()),
+                ("username", raw.username.is_some()),
+                ("password", raw.password.is_some()),
+                ("in_flight", raw.in_flight.is_some()),
+                ("session_expiry", raw.session_expiry.is_some()),
+                ("keep_alive", raw.keep_alive.is_some()),
+                ("ca_file", raw.ca_file.is_some()),
+                ("cert_file", raw.cert_file.is_some()),
+                ("key_file", raw.key_file.is_some()),
+            ],
+            "only applies to an external broker (url = ...), not with embedded = true",
+        );
         if !cfg!(feature = "embedded-broker") {
             p.push(
                 "local.embedded",
@@ -657,16 +744,19 @@ fn check_local(p: &mut Checker, raw: RawLocal, id: &str) -> Option<LocalConfig> 
             );
             return None;
         };
-        let (host, port) = parse_mqtt_url(p, "local.url", url)?;
+        let url = parse_mqtt_url(p, "local.url", url)?;
+        let files = [raw.ca_file, raw.cert_file, raw.key_file];
+        let tls = check_tls(p, "local", &url, files, base);
         Some(LocalSource::Broker(BrokerClientConfig {
-            host,
-            port,
+            host: url.host,
+            port: url.port,
             client_id: raw.client_id.unwrap_or_else(|| format!("edgefn-{id}")),
             username: raw.username,
             password: raw.password,
             in_flight,
             session_expiry,
             keep_alive,
+            tls,
         }))
     };
     Some(LocalConfig {
@@ -675,7 +765,12 @@ fn check_local(p: &mut Checker, raw: RawLocal, id: &str) -> Option<LocalConfig> 
     })
 }
 
-fn check_upstream(p: &mut Checker, raw: RawUpstream, id: &str) -> Option<UpstreamConfig> {
+fn check_upstream(
+    p: &mut Checker,
+    raw: RawUpstream,
+    id: &str,
+    base: &Path,
+) -> Option<UpstreamConfig> {
     let in_flight = p.int(
         "upstream.in_flight",
         raw.in_flight,
@@ -712,11 +807,13 @@ fn check_upstream(p: &mut Checker, raw: RawUpstream, id: &str) -> Option<Upstrea
             format!("{topic_prefix:?} must not contain '+', '#' or NUL"),
         );
     }
-    let (host, port) = parse_mqtt_url(p, "upstream.url", &raw.url)?;
+    let url = parse_mqtt_url(p, "upstream.url", &raw.url)?;
+    let files = [raw.ca_file, raw.cert_file, raw.key_file];
+    let tls = check_tls(p, "upstream", &url, files, base);
     Some(UpstreamConfig {
         broker: BrokerClientConfig {
-            host,
-            port,
+            host: url.host,
+            port: url.port,
             client_id: raw
                 .client_id
                 .unwrap_or_else(|| format!("edgefn-{id}-upstream")),
@@ -725,6 +822,7 @@ fn check_upstream(p: &mut Checker, raw: RawUpstream, id: &str) -> Option<Upstrea
             in_flight,
             session_expiry: Duration::from_secs(0),
             keep_alive,
+            tls,
         },
         topic_prefix,
         max_message_size,
@@ -1021,21 +1119,74 @@ concurrency = 2
     #[test]
     fn urls_are_parsed() {
         let mut p = Checker::default();
+        let mut parse =
+            |url: &str| parse_mqtt_url(&mut p, "k", url).map(|u| (u.host, u.port, u.tls));
         assert_eq!(
-            parse_mqtt_url(&mut p, "k", "mqtt://broker.local"),
-            Some(("broker.local".into(), 1883))
+            parse("mqtt://broker.local"),
+            Some(("broker.local".into(), 1883, false))
         );
         assert_eq!(
-            parse_mqtt_url(&mut p, "k", "mqtt://[::1]:1884"),
-            Some(("::1".into(), 1884))
+            parse("mqtt://[::1]:1884"),
+            Some(("::1".into(), 1884, false))
+        );
+        assert_eq!(parse("mqtt://[::1]"), Some(("::1".into(), 1883, false)));
+        assert_eq!(
+            parse("mqtts://cloud.example"),
+            Some(("cloud.example".into(), 8883, true))
         );
         assert_eq!(
-            parse_mqtt_url(&mut p, "k", "mqtt://[::1]"),
-            Some(("::1".into(), 1883))
+            parse("mqtts://cloud.example:443"),
+            Some(("cloud.example".into(), 443, true))
         );
-        assert!(p.problems.is_empty());
-        assert_eq!(parse_mqtt_url(&mut p, "k", "http://x:1"), None);
-        assert_eq!(parse_mqtt_url(&mut p, "k", "mqtt://x:0"), None);
+        assert_eq!(parse("http://x:1"), None);
+        assert_eq!(parse("mqtt://x:0"), None);
         assert_eq!(p.problems.len(), 2);
+    }
+
+    #[test]
+    fn tls_files_belong_to_mqtts_urls_and_are_checked_at_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let module = dir.path().join("f.wasm");
+        std::fs::write(&module, b"").unwrap();
+        let load = |upstream: &str, local: &str| {
+            let path = write(
+                dir.path(),
+                &format!(
+                    "[gateway]\nid = \"pi-01\"\n[local]\n{local}\n[upstream]\n{upstream}\n\
+                     [[functions]]\nname = \"f\"\nmodule = \"f.wasm\"\ntriggers = [\"a/#\"]\n"
+                ),
+            );
+            Config::load(&path)
+        };
+        // TLS files with a plain URL, or with the embedded broker.
+        let err = load(
+            "url = \"mqtt://cloud:1883\"\nca_file = \"ca.pem\"",
+            "embedded = true\ncert_file = \"c.pem\"",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("upstream.ca_file: only applies to TLS: use an mqtts:// URL"),
+            "{err}"
+        );
+        assert!(
+            err.contains("local.cert_file: only applies to an external broker"),
+            "{err}"
+        );
+        // Missing files are named with their key and resolved path.
+        let err = load(
+            "url = \"mqtts://cloud\"\nca_file = \"ca.pem\"\ncert_file = \"c.pem\"\nkey_file = \"c.key\"",
+            "url = \"mqtts://127.0.0.1\"\nkey_file = \"k.pem\"",
+        )
+        .unwrap_err()
+        .to_string();
+        for needle in [
+            format!("upstream.ca_file: {}", dir.path().join("ca.pem").display()),
+            format!("upstream.cert_file: {}", dir.path().join("c.pem").display()),
+            format!("upstream.key_file: {}", dir.path().join("c.key").display()),
+            "local.cert_file: is missing".to_owned(),
+        ] {
+            assert!(err.contains(&needle), "{needle:?} not in {err}");
+        }
     }
 }

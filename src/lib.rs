@@ -22,6 +22,7 @@
 //! - [`forward`] — the outbox to the upstream broker, delete on PUBACK.
 //! - [`gateway`] — builds and wires the stages; startup and shutdown order.
 //! - [`metrics`] — counters for status lines and tests.
+//! - [`tls`] — `mqtts://`: CA and client certificate files → rustls.
 //! - [`invoke`] — `edgefn invoke`, the runtime without a broker.
 //! - `demo` — `edgefn demo`: gateway, devices and a stand-in cloud in one process.
 //! - [`cli`] — subcommands → library calls.
@@ -39,3 +40,4 @@ pub mod pipeline;
 pub mod route;
 pub mod runtime;
 pub mod store;
+pub mod tls;

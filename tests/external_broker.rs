@@ -241,6 +241,74 @@ async fn a_local_broker_restarted_mid_stream_loses_nothing_it_acknowledged() {
     assert!(daemon.terminate().success());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_reach_a_cloud_broker_over_tls_with_a_client_certificate() {
+    // The cloud takes edgefn on a TLS listener that wants a client
+    // certificate; the test's subscriber uses its plain one.
+    let pki = Pki::new();
+    let tls_port = free_port();
+    let local = Mosquitto::start();
+    let _cloud = Mosquitto::cloud_with_extra(&pki.mosquitto_listener(tls_port));
+    let dir = tempfile::tempdir().unwrap();
+    let config = standard_config(dir.path(), &local.url(), _cloud.port);
+    let upstream = Upstream::subscribe(_cloud.port, "site/#").await;
+
+    // First with a CA the broker's certificate does not chain to: nothing
+    // goes up, and nothing is lost.
+    let stranger = Pki::new();
+    upstream_over_tls(&config, tls_port, &stranger.file("ca.pem"), &pki);
+    let mut daemon = Daemon::start(&config);
+    daemon.wait_for_log(SUBSCRIBED);
+    let n = 20u64;
+    let mut dev = Device::connect("device-k", local.port).await;
+    publish_round_robin(&mut dev, &["d1"], n).await;
+    wait_for_outbox(&dir.path().join("data/edgefn.db"), n).await;
+    daemon.wait_for_log(
+        "upstream connection lost error=TLS: I/O: invalid peer certificate: UnknownIssuer",
+    );
+    assert!(daemon.terminate().success());
+
+    // With the right CA, everything arrives.
+    upstream_over_tls(&config, tls_port, &pki.file("ca.pem"), &pki);
+    let check = std::process::Command::new(env!("CARGO_BIN_EXE_edgefn"))
+        .args(["check", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let summary = String::from_utf8_lossy(&check.stdout);
+    assert!(check.status.success(), "{summary}");
+    let want = format!(
+        "upstream mqtts://127.0.0.1:{tls_port} prefix \"site/pi-01/\", TLS, CA {}, client certificate {}",
+        pki.file("ca.pem").display(),
+        pki.file("client.pem").display()
+    );
+    assert!(summary.contains(&want), "{want:?} not in {summary}");
+    let mut daemon = Daemon::start(&config);
+    expect_round_robin(&upstream, &["d1"], n).await;
+    wait_for_outbox(&dir.path().join("data/edgefn.db"), 0).await;
+    assert!(daemon.terminate().success());
+}
+
+/// Points `config`'s upstream to the cloud's TLS
+/// listener on `tls_port`, trusting `ca` and showing the client
+/// certificate of `pki`.
+fn upstream_over_tls(config: &std::path::Path, tls_port: u16, ca: &std::path::Path, pki: &Pki) {
+    let text = std::fs::read_to_string(config).unwrap();
+    let start = text.find("[upstream]\n").unwrap() + "[upstream]\n".len();
+    let end = start + text[start..].find("topic_prefix").unwrap();
+    let upstream = format!(
+        "url = \"mqtts://127.0.0.1:{tls_port}\"\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+        ca.display(),
+        pki.file("client.pem").display(),
+        pki.file("client.key").display(),
+    );
+    std::fs::write(
+        config,
+        format!("{}{upstream}{}", &text[..start], &text[end..]),
+    )
+    .unwrap();
+}
+
 /// A stock device-side Mosquitto, `cloud`, a subscriber on the cloud, and
 /// the daemon connected to both. Destructure it binding every field that
 /// must live (the brokers, `dir`): fields left to `..` are dropped at once.

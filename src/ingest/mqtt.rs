@@ -109,7 +109,7 @@ impl AckQueue {
 
 /// Socket options for edgefn's MQTT connections (ingest and upstream).
 /// What edgefn's two MQTT clients (ingest and the forwarder) share: the
-/// broker `b`, its credentials, keep-alive, `TCP_NODELAY`, a Maximum
+/// broker `b`, its credentials and TLS, keep-alive, `TCP_NODELAY`, a Maximum
 /// Packet Size for payloads up to `max_message_size`, and at most
 /// `b.in_flight` unacknowledged QoS 1 publishes of its own.
 ///
@@ -122,6 +122,11 @@ pub fn client_options(b: &BrokerClientConfig, max_message_size: usize) -> MqttOp
         .set_network_options(network_options())
         .set_max_packet_size(Some(packet_limit(max_message_size)))
         .set_outgoing_inflight_upper_limit(b.in_flight);
+    if let Some(tls) = &b.tls {
+        o.set_transport(rumqttc::Transport::Tls(rumqttc::TlsConfiguration::Rustls(
+            tls.config.clone(),
+        )));
+    }
     if let Some(user) = &b.username {
         o.set_credentials(user, b.password.clone().unwrap_or_default());
     }
@@ -447,6 +452,7 @@ mod tests {
             in_flight: 256,
             session_expiry: Duration::from_secs(3600),
             keep_alive: Duration::from_secs(30),
+            tls: None,
         };
         let o = client_options(&b, 4096);
         assert_eq!(o.get_outgoing_inflight_upper_limit(), Some(256));

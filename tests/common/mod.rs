@@ -236,6 +236,60 @@ fn mosquitto_binary() -> PathBuf {
     "mosquitto".into()
 }
 
+/// A private PKI in a temporary directory: a CA, a certificate it signed
+/// for a broker on 127.0.0.1, and one for edgefn as a client, each with its
+/// key, as PEM files.
+pub struct Pki {
+    /// Holds the files.
+    pub dir: tempfile::TempDir,
+}
+
+impl Pki {
+    /// Generates one.
+    pub fn new() -> Pki {
+        let dir = tempfile::tempdir().unwrap();
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        // Named after its directory: two test CAs are never taken for each other.
+        let name = format!("edgefn test CA {}", dir.path().display());
+        ca.distinguished_name.push(rcgen::DnType::CommonName, name);
+        std::fs::write(
+            dir.path().join("ca.pem"),
+            ca.self_signed(&ca_key).unwrap().pem(),
+        )
+        .unwrap();
+        let issuer = rcgen::Issuer::new(ca, ca_key);
+        for (name, san) in [("broker", "127.0.0.1"), ("client", "pi-01")] {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let cert = rcgen::CertificateParams::new(vec![san.to_owned()])
+                .unwrap()
+                .signed_by(&key, &issuer)
+                .unwrap();
+            std::fs::write(dir.path().join(format!("{name}.pem")), cert.pem()).unwrap();
+            std::fs::write(dir.path().join(format!("{name}.key")), key.serialize_pem()).unwrap();
+        }
+        Pki { dir }
+    }
+
+    /// A file of it: `ca.pem`, `broker.pem`, `broker.key`, `client.pem`,
+    /// `client.key`.
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// mosquitto.conf lines for a TLS listener on `port` that wants a
+    /// client certificate signed by this CA.
+    pub fn mosquitto_listener(&self, port: u16) -> String {
+        format!(
+            "listener {port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\n",
+            self.file("ca.pem").display(),
+            self.file("broker.pem").display(),
+            self.file("broker.key").display(),
+        )
+    }
+}
+
 /// A message seen by an [`Upstream`] subscriber.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Seen {
