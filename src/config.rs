@@ -394,8 +394,9 @@ impl Config {
     ///
     /// Fails with [`ConfigError::Structure`] on unreadable or malformed files
     /// and unknown keys, and with [`ConfigError::Invalid`] listing every
-    /// semantic problem otherwise. Module files are not opened here; see
-    /// `edgefn check`.
+    /// semantic problem otherwise. The TLS files of `mqtts://` URLs (and,
+    /// without a `ca_file`, the system's CA certificates) are read here;
+    /// module files are not opened here, see `edgefn check`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let raw = Self::load_raw(path)?;
         let base = path.parent().unwrap_or(Path::new("."));
@@ -564,7 +565,9 @@ impl Checker {
 
 /// A broker URL, parsed.
 struct BrokerUrl {
+    /// A host name or an IP address (IPv6 without its brackets).
     host: String,
+    /// The port, or the scheme's default.
     port: u16,
     /// `mqtts://`
     tls: bool,
@@ -615,11 +618,13 @@ fn parse_mqtt_url(p: &mut Checker, key: &str, url: &str) -> Option<BrokerUrl> {
 }
 
 /// Checks `section`'s TLS files against its URL: loaded for `mqtts://`,
-/// refused for `mqtt://`. Relative paths are resolved against `base`.
+/// refused for `mqtt://`; loaded too when the URL itself was wrong (`None`),
+/// so their problems are reported with the URL's. Relative paths are
+/// resolved against `base`.
 fn check_tls(
     p: &mut Checker,
     section: &str,
-    url: &BrokerUrl,
+    url: Option<&BrokerUrl>,
     files: [Option<String>; 3],
     base: &Path,
 ) -> Option<crate::tls::Tls> {
@@ -629,6 +634,26 @@ fn check_tls(
         cert_file,
         key_file,
     };
+    let Some(url) = url else {
+        if files.any() {
+            // Only to report what is wrong with them.
+            if let Err(problems) = files.load() {
+                for problem in problems {
+                    p.push(format!("{section}.{}", problem.key), problem.message);
+                }
+            }
+        }
+        return None;
+    };
+    if url.tls && rustls::pki_types::ServerName::try_from(url.host.as_str()).is_err() {
+        p.push(
+            format!("{section}.url"),
+            format!(
+                "{:?} cannot be checked against a TLS certificate; expected a DNS name or an IP address",
+                url.host
+            ),
+        );
+    }
     if !url.tls {
         p.not_applicable(
             section,
@@ -744,9 +769,10 @@ fn check_local(p: &mut Checker, raw: RawLocal, id: &str, base: &Path) -> Option<
             );
             return None;
         };
-        let url = parse_mqtt_url(p, "local.url", url)?;
+        let url = parse_mqtt_url(p, "local.url", url);
         let files = [raw.ca_file, raw.cert_file, raw.key_file];
-        let tls = check_tls(p, "local", &url, files, base);
+        let tls = check_tls(p, "local", url.as_ref(), files, base);
+        let url = url?;
         Some(LocalSource::Broker(BrokerClientConfig {
             host: url.host,
             port: url.port,
@@ -807,9 +833,10 @@ fn check_upstream(
             format!("{topic_prefix:?} must not contain '+', '#' or NUL"),
         );
     }
-    let url = parse_mqtt_url(p, "upstream.url", &raw.url)?;
+    let url = parse_mqtt_url(p, "upstream.url", &raw.url);
     let files = [raw.ca_file, raw.cert_file, raw.key_file];
-    let tls = check_tls(p, "upstream", &url, files, base);
+    let tls = check_tls(p, "upstream", url.as_ref(), files, base);
+    let url = url?;
     Some(UpstreamConfig {
         broker: BrokerClientConfig {
             host: url.host,
@@ -1173,6 +1200,21 @@ concurrency = 2
             err.contains("local.cert_file: only applies to an external broker"),
             "{err}"
         );
+        // A URL that is wrong does not hide the files' problems; a host
+        // that no certificate can name is refused.
+        let err = load(
+            "url = \"mqtts://cloud:0\"\nca_file = \"ca.pem\"",
+            "url = \"mqtts://[fe80::1%eth0]\"",
+        )
+        .unwrap_err()
+        .to_string();
+        for needle in [
+            "upstream.url: \"mqtts://cloud:0\" has an invalid port",
+            "upstream.ca_file: ",
+            "local.url: \"fe80::1%eth0\" cannot be checked against a TLS certificate",
+        ] {
+            assert!(err.contains(needle), "{needle:?} not in {err}");
+        }
         // Missing files are named with their key and resolved path.
         let err = load(
             "url = \"mqtts://cloud\"\nca_file = \"ca.pem\"\ncert_file = \"c.pem\"\nkey_file = \"c.key\"",

@@ -103,7 +103,7 @@ impl Connection {
 impl Forwarder {
     fn options(&self) -> MqttOptions {
         let mut o =
-            crate::ingest::mqtt::client_options(&self.config.broker, self.config.max_message_size);
+            crate::broker_client::options(&self.config.broker, self.config.max_message_size);
         // The outbox, not the broker session, holds what is unacknowledged.
         o.set_clean_start(true);
         o

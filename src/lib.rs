@@ -22,11 +22,13 @@
 //! - [`forward`] — the outbox to the upstream broker, delete on PUBACK.
 //! - [`gateway`] — builds and wires the stages; startup and shutdown order.
 //! - [`metrics`] — counters for status lines and tests.
-//! - [`tls`] — `mqtts://`: CA and client certificate files → rustls.
+//! - [`broker_client`] and [`tls`] — what edgefn's two MQTT client connections
+//!   share: options, and `mqtts://` (CA and client certificate files → rustls).
 //! - [`invoke`] — `edgefn invoke`, the runtime without a broker.
 //! - `demo` — `edgefn demo`: gateway, devices and a stand-in cloud in one process.
 //! - [`cli`] — subcommands → library calls.
 
+pub mod broker_client;
 pub mod cli;
 pub mod config;
 #[cfg(feature = "embedded-broker")]

@@ -70,7 +70,9 @@ impl TlsFiles {
         self.ca_file.is_some() || self.cert_file.is_some() || self.key_file.is_some()
     }
 
-    /// Reads the files and builds the client setup, reporting every problem.
+    /// Reads the files and builds the client setup. Every file that cannot
+    /// be read or holds nothing usable is reported; whether the key belongs
+    /// to the certificate is checked once both could be read.
     pub fn load(&self) -> Result<Tls, Vec<TlsProblem>> {
         let mut problems = Vec::new();
         let mut summary = String::from("TLS");
@@ -94,11 +96,18 @@ impl TlsFiles {
                 let found = rustls_native_certs::load_native_certs();
                 let (added, _ignored) = roots.add_parsable_certificates(found.certs);
                 if added == 0 {
+                    let why = found
+                        .errors
+                        .first()
+                        .map(|e| format!(" ({e})"))
+                        .unwrap_or_default();
                     problems.push(TlsProblem::new(
                         "ca_file",
-                        "is not set and no system CA certificates were found \
-                         (apt-get install ca-certificates, or set ca_file to the \
-                         broker's CA in PEM)",
+                        format!(
+                            "is not set and no system CA certificates were found{why}: \
+                             apt-get install ca-certificates, or set ca_file to the \
+                             broker's CA in PEM"
+                        ),
                     ));
                 }
                 summary.push_str(&format!(", {added} system CA certificates"));
@@ -124,10 +133,17 @@ impl TlsFiles {
             (Some(cert), Some(key)) => {
                 let chain = certificates("cert_file", cert).map_err(|p| problems.push(p));
                 let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| {
-                    problems.push(TlsProblem::new(
-                        "key_file",
-                        format!("{}: {}", key.display(), pem_error(&e)),
-                    ))
+                    let encrypted = std::fs::read_to_string(key)
+                        .is_ok_and(|text| text.contains("-----BEGIN ENCRYPTED PRIVATE KEY-----"));
+                    let why = if encrypted {
+                        "an encrypted private key, which edgefn cannot use: store it \
+                         decrypted (openssl pkey -in KEY -out KEY.plain), readable by \
+                         edgefn only"
+                            .to_owned()
+                    } else {
+                        pem_error(&e, "no PEM private key in it (expected e.g. \"-----BEGIN PRIVATE KEY-----\")")
+                    };
+                    problems.push(TlsProblem::new("key_file", format!("{}: {why}", key.display())))
                 });
                 summary.push_str(&format!(", client certificate {}", cert.display()));
                 chain.ok().zip(key_der.ok())
@@ -167,30 +183,34 @@ fn certificates(
     key: &'static str,
     path: &Path,
 ) -> Result<Vec<CertificateDer<'static>>, TlsProblem> {
+    const NONE: &str = "no PEM certificate in it (expected \"-----BEGIN CERTIFICATE-----\")";
     let certs = CertificateDer::pem_file_iter(path)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| TlsProblem::new(key, format!("{}: {}", path.display(), pem_error(&e))))?;
+        .map_err(|e| {
+            TlsProblem::new(key, format!("{}: {}", path.display(), pem_error(&e, NONE)))
+        })?;
     if certs.is_empty() {
-        return Err(TlsProblem::new(
-            key,
-            format!(
-                "{}: no PEM certificate in it (expected \"-----BEGIN CERTIFICATE-----\")",
-                path.display()
-            ),
-        ));
+        return Err(TlsProblem::new(key, format!("{}: {NONE}", path.display())));
     }
     Ok(certs)
 }
 
-/// A PEM reading error in words.
-fn pem_error(e: &rustls::pki_types::pem::Error) -> String {
+/// A PEM reading error in words; `none` when the file holds nothing of the
+/// kind wanted.
+fn pem_error(e: &rustls::pki_types::pem::Error, none: &str) -> String {
     use rustls::pki_types::pem::Error;
     match e {
         Error::Io(io) => io.to_string(),
-        Error::NoItemsFound => {
-            "no PEM private key in it (expected e.g. \"-----BEGIN PRIVATE KEY-----\")".into()
-        }
-        other => format!("not valid PEM: {other:?}"),
+        Error::NoItemsFound => none.to_owned(),
+        Error::MissingSectionEnd { end_marker } => format!(
+            "not valid PEM: its \"-----END {}-----\" line is missing (cut short?)",
+            String::from_utf8_lossy(end_marker)
+        ),
+        Error::IllegalSectionStart { line } => format!(
+            "not valid PEM: {:?} does not start a section",
+            String::from_utf8_lossy(line)
+        ),
+        other => format!("not valid PEM: {other}"),
     }
 }
 
@@ -266,6 +286,34 @@ mod tests {
             key_file: None,
         };
         assert_eq!(keys(only_cert.load()), ["key_file"]);
+
+        // An encrypted key, and a certificate cut short.
+        let encrypted = dir.path().join("encrypted.key");
+        std::fs::write(
+            &encrypted,
+            "-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIIB\n-----END ENCRYPTED PRIVATE KEY-----\n",
+        )
+        .unwrap();
+        let cut = dir.path().join("cut.pem");
+        let text = std::fs::read_to_string(&cert).unwrap();
+        std::fs::write(&cut, &text[..text.len() / 2]).unwrap();
+        let p = TlsFiles {
+            ca_file: Some(cut),
+            cert_file: Some(cert.clone()),
+            key_file: Some(encrypted),
+        }
+        .load()
+        .err()
+        .unwrap();
+        assert_eq!(p[0].key, "ca_file");
+        assert!(
+            p[0].message.ends_with(
+                "not valid PEM: its \"-----END CERTIFICATE-----\" line is missing (cut short?)"
+            ),
+            "{p:?}"
+        );
+        assert_eq!(p[1].key, "key_file");
+        assert!(p[1].message.contains("an encrypted private key"), "{p:?}");
 
         // A key that is not the certificate's.
         let other = tempfile::tempdir().unwrap();

@@ -223,21 +223,27 @@ async fn a_local_broker_restarted_mid_stream_loses_nothing_it_acknowledged() {
         cloud: _cloud,
         dir: _dir,
         upstream,
-        mut daemon,
+        daemon,
         ..
     } = connected_to(Mosquitto::start_persistent(), Mosquitto::cloud()).await;
-    let n = 300u64;
     let mut dev = Device::connect("device-j", local.port).await;
-    publish_round_robin_from(&mut dev, &["d1"], 0..n / 2).await;
-    // Restarted while readings are on their way through edgefn.
+    publish_round_robin_from(&mut dev, &["d1"], 0..100).await;
+    // While edgefn hangs, the broker acknowledges 400 more: the first 256
+    // (edgefn's Receive Maximum) go into edgefn's socket, unacknowledged;
+    // the rest wait in the broker's queue for edgefn's session.
+    daemon.freeze();
+    publish_round_robin_from(&mut dev, &["d1"], 100..500).await;
     local.stop_gracefully();
     local.restart();
-    publish_round_robin_from(&mut dev, &["d1"], n / 2..n).await;
+    daemon.thaw();
+    publish_round_robin_from(&mut dev, &["d1"], 500..600).await;
 
-    // A reading edgefn committed but could not acknowledge before the
-    // broker went comes again; none is lost.
-    expect_at_least_once(&upstream, "d1", n).await;
-    daemon.wait_for_log_times("connected to the local broker", 2);
+    // What edgefn read from the old connection it commits, but its acks
+    // are for a connection that is gone: the broker sends those again (at
+    // least once). The queued ones come from the restored session.
+    expect_at_least_once(&upstream, "d1", 600).await;
+    daemon.wait_for_log("session_present=true");
+    let mut daemon = daemon;
     assert!(daemon.terminate().success());
 }
 
@@ -248,35 +254,43 @@ async fn records_reach_a_cloud_broker_over_tls_with_a_client_certificate() {
     let pki = Pki::new();
     let tls_port = free_port();
     let local = Mosquitto::start();
-    let _cloud = Mosquitto::cloud_with_extra(&pki.mosquitto_listener(tls_port));
+    let cloud = Mosquitto::cloud_with_extra(&pki.mosquitto_listener(tls_port));
     let dir = tempfile::tempdir().unwrap();
-    let config = standard_config(dir.path(), &local.url(), _cloud.port);
-    let upstream = Upstream::subscribe(_cloud.port, "site/#").await;
+    let config = standard_config(dir.path(), &local.url(), cloud.port);
+    let upstream = Upstream::subscribe(cloud.port, "site/#").await;
 
     // First with a CA the broker's certificate does not chain to: nothing
     // goes up, and nothing is lost.
     let stranger = Pki::new();
-    upstream_over_tls(&config, tls_port, &stranger.file("ca.pem"), &pki);
+    over_tls(
+        &config,
+        "upstream",
+        tls_port,
+        &stranger.file("ca.pem"),
+        &pki,
+    );
     let mut daemon = Daemon::start(&config);
     daemon.wait_for_log(SUBSCRIBED);
     let n = 20u64;
     let mut dev = Device::connect("device-k", local.port).await;
     publish_round_robin(&mut dev, &["d1"], n).await;
     wait_for_outbox(&dir.path().join("data/edgefn.db"), n).await;
-    daemon.wait_for_log(
-        "upstream connection lost error=TLS: I/O: invalid peer certificate: UnknownIssuer",
-    );
+    daemon.wait_for_log("UnknownIssuer");
     assert!(daemon.terminate().success());
 
     // With the right CA, everything arrives.
-    upstream_over_tls(&config, tls_port, &pki.file("ca.pem"), &pki);
+    over_tls(&config, "upstream", tls_port, &pki.file("ca.pem"), &pki);
     let check = std::process::Command::new(env!("CARGO_BIN_EXE_edgefn"))
         .args(["check", "--config"])
         .arg(&config)
         .output()
         .unwrap();
     let summary = String::from_utf8_lossy(&check.stdout);
-    assert!(check.status.success(), "{summary}");
+    assert!(
+        check.status.success(),
+        "{summary}{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
     let want = format!(
         "upstream mqtts://127.0.0.1:{tls_port} prefix \"site/pi-01/\", TLS, CA {}, client certificate {}",
         pki.file("ca.pem").display(),
@@ -289,24 +303,54 @@ async fn records_reach_a_cloud_broker_over_tls_with_a_client_certificate() {
     assert!(daemon.terminate().success());
 }
 
-/// Points `config`'s upstream to the cloud's TLS
+/// Points `config`'s `[section]` (`local` or `upstream`) to a broker's TLS
 /// listener on `tls_port`, trusting `ca` and showing the client
 /// certificate of `pki`.
-fn upstream_over_tls(config: &std::path::Path, tls_port: u16, ca: &std::path::Path, pki: &Pki) {
+fn over_tls(
+    config: &std::path::Path,
+    section: &str,
+    tls_port: u16,
+    ca: &std::path::Path,
+    pki: &Pki,
+) {
     let text = std::fs::read_to_string(config).unwrap();
-    let start = text.find("[upstream]\n").unwrap() + "[upstream]\n".len();
-    let end = start + text[start..].find("topic_prefix").unwrap();
-    let upstream = format!(
+    let header = format!("[{section}]\n");
+    let start = text.find(&header).unwrap() + header.len();
+    let url = start + text[start..].find("url = ").unwrap();
+    // The url line and the TLS lines an earlier call wrote after it.
+    let mut end = url + text[url..].find('\n').unwrap() + 1;
+    while ["ca_file", "cert_file", "key_file"]
+        .iter()
+        .any(|k| text[end..].starts_with(k))
+    {
+        end += text[end..].find('\n').unwrap() + 1;
+    }
+    let tls = format!(
         "url = \"mqtts://127.0.0.1:{tls_port}\"\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
         ca.display(),
         pki.file("client.pem").display(),
         pki.file("client.key").display(),
     );
-    std::fs::write(
-        config,
-        format!("{}{upstream}{}", &text[..start], &text[end..]),
-    )
-    .unwrap();
+    std::fs::write(config, format!("{}{tls}{}", &text[..url], &text[end..])).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readings_come_from_a_local_broker_over_tls() {
+    // Devices use the broker's plain listener, edgefn its TLS one.
+    let pki = Pki::new();
+    let tls_port = free_port();
+    let local = Mosquitto::start_with_extra(&pki.mosquitto_listener(tls_port));
+    let cloud = Mosquitto::cloud();
+    let dir = tempfile::tempdir().unwrap();
+    let config = standard_config(dir.path(), &local.url(), cloud.port);
+    over_tls(&config, "local", tls_port, &pki.file("ca.pem"), &pki);
+    let upstream = Upstream::subscribe(cloud.port, "site/#").await;
+    let mut daemon = Daemon::start(&config);
+    daemon.wait_for_log(SUBSCRIBED);
+    let mut dev = Device::connect("device-l", local.port).await;
+    publish_round_robin(&mut dev, &["d1", "d2"], 20).await;
+    expect_round_robin(&upstream, &["d1", "d2"], 20).await;
+    assert!(daemon.terminate().success());
 }
 
 /// A stock device-side Mosquitto, `cloud`, a subscriber on the cloud, and

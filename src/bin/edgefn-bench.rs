@@ -68,6 +68,12 @@ struct Args {
     /// `durability` for edgefn's buffer: full or relaxed.
     #[arg(long, default_value = "full")]
     durability: String,
+    /// Run the chosen scenarios this many times, interleaved, and print the
+    /// median of each figure (the rate as median, min–max; "vs bridge" as
+    /// the median of each round's ratio): one run varies by tens of percent
+    /// on a shared machine.
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
 }
 
 fn now_us() -> u64 {
@@ -624,19 +630,21 @@ async fn main() -> anyhow::Result<()> {
     } else {
         args.only.iter().map(String::as_str).collect()
     };
-    let mut results = Vec::new();
-    for which in chosen {
-        eprintln!("running {which} ...");
-        let f = scenario(&args, which, &module).await?;
-        eprintln!("  {f:?}");
-        results.push(f);
+    // rounds[r][s]: round r of scenario s.
+    let mut rounds: Vec<Vec<Figures>> = Vec::new();
+    for round in 1..=args.rounds.max(1) {
+        let mut results = Vec::new();
+        for which in &chosen {
+            eprintln!("round {round}: running {which} ...");
+            let f = scenario(&args, which, &module).await?;
+            eprintln!("  {f:?}");
+            results.push(f);
+        }
+        rounds.push(results);
     }
-    let bridge = results
-        .iter()
-        .find(|f| f.name.contains("bridge"))
-        .map(|f| f.rate);
+    let bridge = chosen.iter().position(|w| *w == "bridge");
     println!(
-        "\n{} messages per throughput run, {} devices, latency at {} msg/s for {:?}, durability {}, device-side Mosquitto queues {}, set_tcp_nodelay {}\n",
+        "\n{} messages per throughput run, {} devices, latency at {} msg/s for {:?}, durability {}, device-side Mosquitto queues {}, set_tcp_nodelay {}{}\n",
         args.messages,
         args.devices,
         args.rate,
@@ -646,28 +654,69 @@ async fn main() -> anyhow::Result<()> {
             .map_or("stock (max_queued_messages 1000)".to_owned(), |n| {
                 format!("max_queued_messages {n}")
             }),
-        !args.nagle
+        !args.nagle,
+        if rounds.len() > 1 {
+            format!(", median of {} interleaved rounds", rounds.len())
+        } else {
+            String::new()
+        }
     );
     println!(
         "| scenario | delivered / sent | msg/s | vs bridge | p50 ms | p99 ms | achieved msg/s in latency run | peak RSS MB | disk bytes/msg | CPU µs/msg | switches/msg |"
     );
     println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
-    for f in &results {
+    for s in 0..chosen.len() {
+        let runs: Vec<&Figures> = rounds.iter().map(|r| &r[s]).collect();
+        let med = |get: &dyn Fn(&Figures) -> Option<f64>| {
+            median(runs.iter().filter_map(|f| get(f)).collect())
+        };
+        let opt = |get: &dyn Fn(&Figures) -> Option<f64>, digits: usize| {
+            med(get).map_or(String::new(), |v| format!("{v:.digits$}"))
+        };
+        let rates: Vec<f64> = runs.iter().map(|f| f.rate).collect();
+        let rate = if runs.len() > 1 {
+            let lo = rates.iter().copied().fold(f64::INFINITY, f64::min);
+            let hi = rates.iter().copied().fold(0.0, f64::max);
+            format!(
+                "{:.0} ({lo:.0}–{hi:.0})",
+                med(&|f| Some(f.rate)).unwrap_or(0.0)
+            )
+        } else {
+            format!("{:.0}", rates[0])
+        };
+        // Each round's rate against that round's bridge: the machine's
+        // speed drifts between rounds, a pair of neighbouring runs less so.
+        let vs_bridge =
+            bridge.and_then(|b| median(rounds.iter().map(|r| r[s].rate / r[b].rate).collect()));
         println!(
-            "| {} | {} / {} | {:.0} | {} | {:.2} | {:.2} | {:.0} | {} | {} | {} | {} |",
-            f.name,
-            f.delivered,
-            f.sent,
-            f.rate,
-            bridge.map_or("".into(), |b| format!("{:.0} %", 100.0 * f.rate / b)),
-            f.p50_ms,
-            f.p99_ms,
-            f.latency_rate,
-            f.rss_mb.map_or("".into(), |v| format!("{v:.1}")),
-            f.bytes_per_msg.map_or("".into(), |v| format!("{v:.0}")),
-            f.cpu_us_per_msg.map_or("".into(), |v| format!("{v:.1}")),
-            f.switches_per_msg.map_or("".into(), |v| format!("{v:.2}")),
+            "| {} | {} / {} | {rate} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            runs[0].name,
+            runs.iter().map(|f| f.delivered).sum::<u64>(),
+            runs.iter().map(|f| f.sent).sum::<u64>(),
+            vs_bridge.map_or("".into(), |v| format!("{:.0} %", 100.0 * v)),
+            opt(&|f| Some(f.p50_ms), 2),
+            opt(&|f| Some(f.p99_ms), 2),
+            opt(&|f| Some(f.latency_rate), 0),
+            opt(&|f| f.rss_mb, 1),
+            opt(&|f| f.bytes_per_msg, 0),
+            opt(&|f| f.cpu_us_per_msg, 1),
+            opt(&|f| f.switches_per_msg, 2),
         );
     }
     Ok(())
+}
+
+/// The median (the mean of the middle two for an even count); `None` for
+/// no values.
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let m = v.len() / 2;
+    Some(if v.len() % 2 == 1 {
+        v[m]
+    } else {
+        (v[m - 1] + v[m]) / 2.0
+    })
 }

@@ -197,13 +197,7 @@ impl Mosquitto {
     }
 
     fn signal(&self, sig: &str) {
-        let c = self.child.as_ref().expect("running");
-        let ok = Command::new("kill")
-            .args([sig, &c.id().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill {sig}");
+        signal(self.child.as_ref().expect("running").id(), sig);
     }
 
     /// `mqtt://127.0.0.1:PORT`
@@ -221,6 +215,16 @@ impl Drop for Mosquitto {
             eprintln!("--- mosquitto on port {} ---\n{log}", self.port);
         }
     }
+}
+
+/// Sends `sig` (e.g. `-STOP`) to process `pid`.
+fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig} {pid}");
 }
 
 fn mosquitto_binary() -> PathBuf {
@@ -648,6 +652,17 @@ impl Daemon {
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// SIGSTOP: the daemon hangs with its connections open; what brokers
+    /// send it waits in its socket buffers.
+    pub fn freeze(&self) {
+        signal(self.child.id(), "-STOP");
+    }
+
+    /// SIGCONT after [`Daemon::freeze`].
+    pub fn thaw(&self) {
+        signal(self.child.id(), "-CONT");
     }
 
     /// SIGTERM and wait for a clean exit.
