@@ -262,13 +262,8 @@ async fn records_reach_a_cloud_broker_over_tls_with_a_client_certificate() {
     // First with a CA the broker's certificate does not chain to: nothing
     // goes up, and nothing is lost.
     let stranger = Pki::new();
-    over_tls(
-        &config,
-        "upstream",
-        tls_port,
-        &stranger.file("ca.pem"),
-        &pki,
-    );
+    let ca = stranger.file("ca.pem");
+    over_tls(&config, "upstream", "127.0.0.1", tls_port, &ca, &pki);
     let mut daemon = Daemon::start(&config);
     daemon.wait_for_log(SUBSCRIBED);
     let n = 20u64;
@@ -279,7 +274,14 @@ async fn records_reach_a_cloud_broker_over_tls_with_a_client_certificate() {
     assert!(daemon.terminate().success());
 
     // With the right CA, everything arrives.
-    over_tls(&config, "upstream", tls_port, &pki.file("ca.pem"), &pki);
+    over_tls(
+        &config,
+        "upstream",
+        "127.0.0.1",
+        tls_port,
+        &pki.file("ca.pem"),
+        &pki,
+    );
     let check = std::process::Command::new(env!("CARGO_BIN_EXE_edgefn"))
         .args(["check", "--config"])
         .arg(&config)
@@ -304,11 +306,12 @@ async fn records_reach_a_cloud_broker_over_tls_with_a_client_certificate() {
 }
 
 /// Points `config`'s `[section]` (`local` or `upstream`) to a broker's TLS
-/// listener on `tls_port`, trusting `ca` and showing the client
+/// listener at `host:tls_port`, trusting `ca` and showing the client
 /// certificate of `pki`.
 fn over_tls(
     config: &std::path::Path,
     section: &str,
+    host: &str,
     tls_port: u16,
     ca: &std::path::Path,
     pki: &Pki,
@@ -326,7 +329,7 @@ fn over_tls(
         end += text[end..].find('\n').unwrap() + 1;
     }
     let tls = format!(
-        "url = \"mqtts://127.0.0.1:{tls_port}\"\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+        "url = \"mqtts://{host}:{tls_port}\"\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
         ca.display(),
         pki.file("client.pem").display(),
         pki.file("client.key").display(),
@@ -336,14 +339,22 @@ fn over_tls(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readings_come_from_a_local_broker_over_tls() {
-    // Devices use the broker's plain listener, edgefn its TLS one.
+    // Devices use the broker's plain listener, edgefn its TLS one, by name
+    // (the certificate is checked against "localhost", sent as SNI).
     let pki = Pki::new();
     let tls_port = free_port();
     let local = Mosquitto::start_with_extra(&pki.mosquitto_listener(tls_port));
     let cloud = Mosquitto::cloud();
     let dir = tempfile::tempdir().unwrap();
     let config = standard_config(dir.path(), &local.url(), cloud.port);
-    over_tls(&config, "local", tls_port, &pki.file("ca.pem"), &pki);
+    over_tls(
+        &config,
+        "local",
+        "localhost",
+        tls_port,
+        &pki.file("ca.pem"),
+        &pki,
+    );
     let upstream = Upstream::subscribe(cloud.port, "site/#").await;
     let mut daemon = Daemon::start(&config);
     daemon.wait_for_log(SUBSCRIBED);

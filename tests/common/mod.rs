@@ -241,8 +241,8 @@ fn mosquitto_binary() -> PathBuf {
 }
 
 /// A private PKI in a temporary directory: a CA, a certificate it signed
-/// for a broker on 127.0.0.1, and one for edgefn as a client, each with its
-/// key, as PEM files.
+/// for a broker on this machine (`127.0.0.1` and `localhost`), and one for
+/// edgefn as a client, each with its key, as PEM files.
 pub struct Pki {
     /// Holds the files.
     pub dir: tempfile::TempDir,
@@ -264,9 +264,13 @@ impl Pki {
         )
         .unwrap();
         let issuer = rcgen::Issuer::new(ca, ca_key);
-        for (name, san) in [("broker", "127.0.0.1"), ("client", "pi-01")] {
+        for (name, names) in [
+            ("broker", &["127.0.0.1", "localhost"][..]),
+            ("client", &["pi-01"]),
+        ] {
             let key = rcgen::KeyPair::generate().unwrap();
-            let cert = rcgen::CertificateParams::new(vec![san.to_owned()])
+            let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+            let cert = rcgen::CertificateParams::new(names)
                 .unwrap()
                 .signed_by(&key, &issuer)
                 .unwrap();
