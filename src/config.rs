@@ -634,14 +634,20 @@ fn check_tls(
         cert_file,
         key_file,
     };
+    // Reads the files, recording their problems under `section`.
+    let load = |p: &mut Checker| match files.load() {
+        Ok(tls) => Some(tls),
+        Err(problems) => {
+            for problem in problems {
+                p.push(format!("{section}.{}", problem.key), problem.message);
+            }
+            None
+        }
+    };
     let Some(url) = url else {
         if files.any() {
             // Only to report what is wrong with them.
-            if let Err(problems) = files.load() {
-                for problem in problems {
-                    p.push(format!("{section}.{}", problem.key), problem.message);
-                }
-            }
+            load(p);
         }
         return None;
     };
@@ -666,15 +672,7 @@ fn check_tls(
         );
         return None;
     }
-    match files.load() {
-        Ok(tls) => Some(tls),
-        Err(problems) => {
-            for problem in problems {
-                p.push(format!("{section}.{}", problem.key), problem.message);
-            }
-            None
-        }
-    }
+    load(p)
 }
 
 fn check_local(p: &mut Checker, raw: RawLocal, id: &str, base: &Path) -> Option<LocalConfig> {
