@@ -211,6 +211,9 @@ fn check(path: &std::path::Path) -> anyhow::Result<ExitCode> {
         ),
         None => println!("upstream none (records stay buffered)"),
     }
+    for w in &config.warnings {
+        println!("warning: {w}");
+    }
     for f in &config.functions {
         match runtime.load_file(&f.module, FunctionSpec::from_config(f)) {
             Ok(_) => {

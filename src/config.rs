@@ -179,6 +179,10 @@ pub struct Config {
     pub buffer: BufferConfig,
     /// `[[functions]]`
     pub functions: Vec<FunctionConfig>,
+    /// Settings that work but are probably not what the operator wants
+    /// (a password sent unencrypted across the network): printed by
+    /// `edgefn check`, logged by `edgefn run`.
+    pub warnings: Vec<Problem>,
 }
 
 /// `[gateway]`: who this gateway is and where it keeps its data.
@@ -488,14 +492,16 @@ impl Config {
             upstream: upstream.map(|u| u.expect("checked")),
             buffer,
             functions,
+            warnings: p.warnings,
         })
     }
 }
 
-/// Collects problems while the check goes on.
+/// Collects problems (and warnings) while the check goes on.
 #[derive(Default)]
 struct Checker {
     problems: Vec<Problem>,
+    warnings: Vec<Problem>,
 }
 
 impl Checker {
@@ -617,15 +623,25 @@ fn parse_mqtt_url(p: &mut Checker, key: &str, url: &str) -> Option<BrokerUrl> {
     })
 }
 
+/// Whether `host` is this machine (`localhost` or a loopback address).
+fn is_loopback(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 /// Checks `section`'s TLS files against its URL: loaded for `mqtts://`,
 /// refused for `mqtt://`; loaded too when the URL itself was wrong (`None`),
 /// so their problems are reported with the URL's. Relative paths are
-/// resolved against `base`.
+/// resolved against `base`. Warns when credentials would cross the network
+/// unencrypted.
 fn check_tls(
     p: &mut Checker,
     section: &str,
     url: Option<&BrokerUrl>,
     files: [Option<String>; 3],
+    has_credentials: bool,
     base: &Path,
 ) -> Option<crate::tls::Tls> {
     let [ca_file, cert_file, key_file] = files.map(|f| f.map(|f| base.join(f)));
@@ -659,6 +675,15 @@ fn check_tls(
                 url.host
             ),
         );
+    }
+    if !url.tls && has_credentials && !is_loopback(&url.host) {
+        p.warnings.push(Problem {
+            key: format!("{section}.url"),
+            message: format!(
+                "the username and password go to {} unencrypted; use mqtts:// (TLS)",
+                url.host
+            ),
+        });
     }
     if !url.tls {
         p.not_applicable(
@@ -769,7 +794,8 @@ fn check_local(p: &mut Checker, raw: RawLocal, id: &str, base: &Path) -> Option<
         };
         let url = parse_mqtt_url(p, "local.url", url);
         let files = [raw.ca_file, raw.cert_file, raw.key_file];
-        let tls = check_tls(p, "local", url.as_ref(), files, base);
+        let has_credentials = raw.username.is_some();
+        let tls = check_tls(p, "local", url.as_ref(), files, has_credentials, base);
         let url = url?;
         Some(LocalSource::Broker(BrokerClientConfig {
             host: url.host,
@@ -833,7 +859,8 @@ fn check_upstream(
     }
     let url = parse_mqtt_url(p, "upstream.url", &raw.url);
     let files = [raw.ca_file, raw.cert_file, raw.key_file];
-    let tls = check_tls(p, "upstream", url.as_ref(), files, base);
+    let has_credentials = raw.username.is_some();
+    let tls = check_tls(p, "upstream", url.as_ref(), files, has_credentials, base);
     let url = url?;
     Some(UpstreamConfig {
         broker: BrokerClientConfig {
@@ -1166,6 +1193,29 @@ concurrency = 2
         assert_eq!(parse("http://x:1"), None);
         assert_eq!(parse("mqtt://x:0"), None);
         assert_eq!(p.problems.len(), 2);
+    }
+
+    #[test]
+    fn a_password_sent_unencrypted_across_the_network_is_warned_about() {
+        let dir = tempfile::tempdir().unwrap();
+        let load = |local: &str, upstream: &str| {
+            let text = EXAMPLE
+                .replace("url = \"mqtt://127.0.0.1:1883\"", local)
+                .replace("url = \"mqtt://127.0.0.1:1884\"", upstream);
+            Config::load(&write(dir.path(), &text)).unwrap().warnings
+        };
+        let warnings = load(
+            "url = \"mqtt://localhost:1883\"\nusername = \"edgefn\"",
+            "url = \"mqtt://cloud.example:1883\"\nusername = \"pi-01\"",
+        );
+        assert_eq!(
+            warnings.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            [
+                "upstream.url: the username and password go to cloud.example unencrypted; use mqtts:// (TLS)"
+            ]
+        );
+        // Without credentials there is nothing to leak.
+        assert!(load("url = \"mqtt://[::1]\"", "url = \"mqtt://cloud.example\"").is_empty());
     }
 
     #[test]

@@ -141,6 +141,9 @@ impl Gateway {
         if forward.is_none() {
             tracing::warn!("no [upstream] configured: records stay in the buffer");
         }
+        for w in &config.warnings {
+            tracing::warn!(key = w.key, "{}", w.message);
+        }
 
         let mut ingest = Vec::new();
         #[cfg(feature = "embedded-broker")]
