@@ -650,20 +650,22 @@ fn check_tls(
         cert_file,
         key_file,
     };
-    // Reads the files, recording their problems under `section`.
-    let load = |p: &mut Checker| match files.load() {
+    // Reads the files, recording their problems under `section` (with
+    // `url_ok` false, only those of the files themselves).
+    let load = |p: &mut Checker, url_ok: bool| match files.load() {
         Ok(tls) => Some(tls),
         Err(problems) => {
             for problem in problems {
-                p.push(format!("{section}.{}", problem.key), problem.message);
+                if url_ok || problem.key != "ca_file" || files.ca_file.is_some() {
+                    p.push(format!("{section}.{}", problem.key), problem.message);
+                }
             }
             None
         }
     };
     let Some(url) = url else {
         if files.any() {
-            // Only to report what is wrong with them.
-            load(p);
+            load(p, false);
         }
         return None;
     };
@@ -697,7 +699,7 @@ fn check_tls(
         );
         return None;
     }
-    load(p)
+    load(p, true)
 }
 
 fn check_local(p: &mut Checker, raw: RawLocal, id: &str, base: &Path) -> Option<LocalConfig> {

@@ -133,12 +133,15 @@ impl TlsFiles {
             (Some(cert), Some(key)) => {
                 let chain = certificates("cert_file", cert).map_err(|p| problems.push(p));
                 let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| {
-                    let encrypted = std::fs::read_to_string(key)
-                        .is_ok_and(|text| text.contains("-----BEGIN ENCRYPTED PRIVATE KEY-----"));
+                    // PKCS#8, or the older OpenSSL format with a Proc-Type header.
+                    let encrypted = std::fs::read_to_string(key).is_ok_and(|text| {
+                        text.contains("-----BEGIN ENCRYPTED PRIVATE KEY-----")
+                            || text.contains("Proc-Type: 4,ENCRYPTED")
+                    });
                     let why = if encrypted {
                         "an encrypted private key, which edgefn cannot use: store it \
                          decrypted (openssl pkey -in KEY -out KEY.plain), readable by \
-                         edgefn only"
+                         root and edgefn only"
                             .to_owned()
                     } else {
                         pem_error(&e, "no PEM private key in it (expected e.g. \"-----BEGIN PRIVATE KEY-----\")")
@@ -287,7 +290,25 @@ mod tests {
         };
         assert_eq!(keys(only_cert.load()), ["key_file"]);
 
-        // An encrypted key, and a certificate cut short.
+        // Encrypted keys (PKCS#8 and OpenSSL's older format), and a
+        // certificate cut short.
+        let legacy = dir.path().join("legacy.key");
+        std::fs::write(
+            &legacy,
+            "-----BEGIN RSA PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\n\
+             DEK-Info: AES-128-CBC,00000000000000000000000000000000\n\nMIIB\n\
+             -----END RSA PRIVATE KEY-----\n",
+        )
+        .unwrap();
+        let p = TlsFiles {
+            ca_file: Some(ca.clone()),
+            cert_file: Some(cert.clone()),
+            key_file: Some(legacy),
+        }
+        .load()
+        .err()
+        .unwrap();
+        assert!(p[0].message.contains("an encrypted private key"), "{p:?}");
         let encrypted = dir.path().join("encrypted.key");
         std::fs::write(
             &encrypted,

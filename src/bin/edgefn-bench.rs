@@ -706,9 +706,10 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The median (the mean of the middle two for an even count); `None` for
-/// no values.
+/// The median of the finite values (the mean of the middle two for an even
+/// count); `None` if there are none (a run without samples gives NaN).
 fn median(mut v: Vec<f64>) -> Option<f64> {
+    v.retain(|x| x.is_finite());
     if v.is_empty() {
         return None;
     }

@@ -241,16 +241,22 @@ fn mosquitto_binary() -> PathBuf {
 }
 
 /// A private PKI in a temporary directory: a CA, a certificate it signed
-/// for a broker on this machine (`127.0.0.1` and `localhost`), and one for
-/// edgefn as a client, each with its key, as PEM files.
+/// for a broker on this machine, and one for edgefn as a client, each with
+/// its key, as PEM files.
 pub struct Pki {
     /// Holds the files.
     pub dir: tempfile::TempDir,
 }
 
 impl Pki {
-    /// Generates one.
+    /// Generates one whose broker certificate names `127.0.0.1` and
+    /// `localhost`.
     pub fn new() -> Pki {
+        Self::with_broker_names(&["127.0.0.1", "localhost"])
+    }
+
+    /// Generates one whose broker certificate names only `names`.
+    pub fn with_broker_names(names: &[&str]) -> Pki {
         let dir = tempfile::tempdir().unwrap();
         let ca_key = rcgen::KeyPair::generate().unwrap();
         let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -264,10 +270,7 @@ impl Pki {
         )
         .unwrap();
         let issuer = rcgen::Issuer::new(ca, ca_key);
-        for (name, names) in [
-            ("broker", &["127.0.0.1", "localhost"][..]),
-            ("client", &["pi-01"]),
-        ] {
+        for (name, names) in [("broker", names), ("client", &["pi-01"])] {
             let key = rcgen::KeyPair::generate().unwrap();
             let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
             let cert = rcgen::CertificateParams::new(names)
