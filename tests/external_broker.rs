@@ -223,7 +223,7 @@ async fn a_local_broker_restarted_mid_stream_loses_nothing_it_acknowledged() {
         cloud: _cloud,
         dir: _dir,
         upstream,
-        daemon,
+        mut daemon,
         ..
     } = connected_to(Mosquitto::start_persistent(), Mosquitto::cloud()).await;
     let mut dev = Device::connect("device-j", local.port).await;
@@ -243,7 +243,6 @@ async fn a_local_broker_restarted_mid_stream_loses_nothing_it_acknowledged() {
     // least once). The queued ones come from the restored session.
     expect_at_least_once(&upstream, "d1", 600).await;
     daemon.wait_for_log("session_present=true");
-    let mut daemon = daemon;
     assert!(daemon.terminate().success());
 }
 
