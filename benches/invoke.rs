@@ -17,6 +17,9 @@ fn spec() -> FunctionSpec {
         memory_limit: 16 << 20,
         timeout: Duration::from_secs(1),
         max_record_size: 1 << 20,
+        max_emit_bytes: 1 << 20,
+        max_topic_len: edgefn::runtime::MAX_TOPIC_LEN,
+        log_rate_limit: 100,
     }
 }
 

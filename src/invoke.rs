@@ -28,6 +28,10 @@ pub struct InvokeRequest {
     /// Fuel budget; without one the fuel used is still counted and shown,
     /// so an author can choose a budget.
     pub fuel: Option<u64>,
+    /// Most bytes the invocation may emit (`max_emit_bytes`).
+    pub max_emit_bytes: usize,
+    /// Log lines per second (`log_rate_limit`).
+    pub log_rate_limit: u32,
 }
 
 /// Loads the module and runs the event once on a fresh instance.
@@ -46,6 +50,9 @@ pub fn invoke(req: &InvokeRequest) -> anyhow::Result<Report> {
         memory_limit: req.memory_limit,
         timeout: req.timeout,
         max_record_size: usize::MAX,
+        max_emit_bytes: req.max_emit_bytes,
+        max_topic_len: crate::runtime::MAX_TOPIC_LEN,
+        log_rate_limit: req.log_rate_limit,
         fuel: Some(req.fuel.unwrap_or(u64::MAX)),
     };
     let function = runtime.load_file(&req.module, spec)?;

@@ -1,13 +1,23 @@
-//! The host side of ABI v1: the `edgefn` imports and captured stdio.
+//! The host side of ABI v1: the `edgefn` imports, captured stdio, and the
+//! bounds on what one function can make the gateway hold or log.
 //!
 //! Every import reads guest memory through bounds-checked slices; a range
 //! outside memory is an error, which wasmtime turns into a trap that fails
 //! the invocation (and only it).
+//!
+//! Bounds: an invocation may emit (and, separately, publish) at most
+//! [`MAX_RECORDS_PER_INVOCATION`] records and `max_emit_bytes` of topics
+//! and payloads; a log line (from `log`, stdout or stderr) keeps at most
+//! [`MAX_LOG_LINE`] bytes; and a function's instances together log at most
+//! `log_rate_limit` lines per second (a token bucket holding one second's
+//! worth), the rest being counted and reported in one line.
 
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use wasmtime::{Caller, Linker, StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::WasiCtxBuilder;
@@ -22,7 +32,11 @@ pub(super) const IMPORTS: &[&str] = &["emit", "publish", "log", "set_error"];
 const MAX_ERROR_MESSAGE: usize = 1024;
 
 /// Longest topic MQTT allows.
-const MAX_TOPIC_LEN: usize = 65535;
+pub const MAX_TOPIC_LEN: usize = 65535;
+
+/// Most bytes of one log line kept (longer ones are cut, saying by how
+/// much): a journal line, not a payload dump.
+pub const MAX_LOG_LINE: usize = 4096;
 
 /// Return codes of `emit` and `publish` (docs/ABI.md).
 mod code {
@@ -34,6 +48,121 @@ mod code {
     pub const TOO_LARGE: i32 = -2;
     /// More than [`super::MAX_RECORDS_PER_INVOCATION`] in one invocation.
     pub const TOO_MANY: i32 = -3;
+    /// Past the function's `max_emit_bytes` in one invocation.
+    pub const TOO_MANY_BYTES: i32 = -4;
+}
+
+/// A function's allowance of log lines, shared by all its instances: a
+/// token bucket of `rate` lines refilled at `rate` per second.
+#[derive(Debug)]
+pub struct LogBudget {
+    /// Lines per second (and the bucket's size).
+    rate: u32,
+    /// The bucket.
+    state: Mutex<BucketState>,
+    /// Lines dropped so far, for metrics.
+    suppressed_total: AtomicU64,
+}
+
+/// The mutable part of a [`LogBudget`].
+#[derive(Debug)]
+struct BucketState {
+    /// Lines that may be logged now.
+    tokens: f64,
+    /// When `tokens` was last refilled.
+    refilled: Instant,
+    /// Lines dropped since the last notice.
+    suppressed: u64,
+    /// When the last "lines suppressed" notice went out.
+    noticed: Option<Instant>,
+}
+
+/// What [`LogBudget::admit`] decided about one line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Admit {
+    /// Log it.
+    Line,
+    /// Log a notice that this many lines were suppressed, then the line.
+    AfterSuppressed(u64),
+    /// Drop it (counted).
+    Suppressed,
+}
+
+impl LogBudget {
+    /// A full bucket of `rate` lines per second (at least 1).
+    pub fn new(rate: u32) -> LogBudget {
+        let rate = rate.max(1);
+        LogBudget {
+            rate,
+            state: Mutex::new(BucketState {
+                tokens: f64::from(rate),
+                refilled: Instant::now(),
+                suppressed: 0,
+                noticed: None,
+            }),
+            suppressed_total: AtomicU64::new(0),
+        }
+    }
+
+    /// Lines dropped so far by this budget.
+    pub fn suppressed(&self) -> u64 {
+        self.suppressed_total.load(Ordering::Relaxed)
+    }
+
+    /// Takes a token for one line, if there is one.
+    fn admit(&self) -> Admit {
+        let now = Instant::now();
+        let mut s = self.state.lock().expect("log budget lock");
+        let rate = f64::from(self.rate);
+        let elapsed = now.duration_since(s.refilled).as_secs_f64();
+        s.tokens = (s.tokens + elapsed * rate).min(rate);
+        s.refilled = now;
+        if s.tokens < 1.0 {
+            s.suppressed += 1;
+            self.suppressed_total.fetch_add(1, Ordering::Relaxed);
+            return Admit::Suppressed;
+        }
+        s.tokens -= 1.0;
+        match std::mem::take(&mut s.suppressed) {
+            0 => Admit::Line,
+            n => {
+                s.noticed = Some(now);
+                Admit::AfterSuppressed(n)
+            }
+        }
+    }
+
+    /// Lines suppressed since the last notice, if a notice is due: at most
+    /// one a second, so a function that floods and then goes quiet is
+    /// still reported without the notices becoming a flood of their own.
+    fn notice_due(&self) -> Option<u64> {
+        let now = Instant::now();
+        let mut s = self.state.lock().expect("log budget lock");
+        let due = s
+            .noticed
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1));
+        if s.suppressed == 0 || !due {
+            return None;
+        }
+        s.noticed = Some(now);
+        Some(std::mem::take(&mut s.suppressed))
+    }
+}
+
+/// `message` cut to [`MAX_LOG_LINE`] bytes (at a character boundary),
+/// saying how much was cut.
+fn cap_line(mut message: String) -> String {
+    if message.len() <= MAX_LOG_LINE {
+        return message;
+    }
+    let mut end = MAX_LOG_LINE;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    let cut = message.len() - end;
+    message.truncate(end);
+    message.push_str(&format!(" [{cut} more bytes cut]"));
+    message
 }
 
 /// One record a function emitted or published.
@@ -100,10 +229,16 @@ pub(super) struct HostState {
     pub(super) limits: StoreLimits,
     /// The function's name and limits.
     pub(super) spec: Arc<FunctionSpec>,
+    /// The function's log allowance, shared by its instances.
+    log_budget: Arc<LogBudget>,
     /// Emitted so far in this invocation.
     records: Vec<Emitted>,
+    /// Bytes (topics and payloads) of `records`.
+    record_bytes: usize,
     /// Published so far in this invocation.
     publishes: Vec<Emitted>,
+    /// Bytes (topics and payloads) of `publishes`.
+    publish_bytes: usize,
     /// Last `set_error` message.
     pub(super) error: Option<String>,
     /// Where logs go.
@@ -115,7 +250,7 @@ pub(super) struct HostState {
 }
 
 impl HostState {
-    pub(super) fn new(spec: Arc<FunctionSpec>) -> HostState {
+    pub(super) fn new(spec: Arc<FunctionSpec>, log_budget: Arc<LogBudget>) -> HostState {
         let stdout = Arc::new(Mutex::new(Vec::new()));
         let stderr = Arc::new(Mutex::new(Vec::new()));
         let wasi = WasiCtxBuilder::new()
@@ -134,8 +269,11 @@ impl HostState {
             wasi,
             limits,
             spec,
+            log_budget,
             records: Vec::new(),
+            record_bytes: 0,
             publishes: Vec::new(),
+            publish_bytes: 0,
             error: None,
             sink: LogSink::Tracing,
             stdout,
@@ -147,11 +285,15 @@ impl HostState {
     pub(super) fn begin(&mut self) {
         self.records.clear();
         self.publishes.clear();
+        self.record_bytes = 0;
+        self.publish_bytes = 0;
         self.error = None;
     }
 
     /// What a successful invocation produced.
     pub(super) fn take_output(&mut self) -> Output {
+        self.record_bytes = 0;
+        self.publish_bytes = 0;
         Output {
             records: std::mem::take(&mut self.records),
             publishes: std::mem::take(&mut self.publishes),
@@ -176,9 +318,32 @@ impl HostState {
                 self.log(level, stream, "[output truncated]".into());
             }
         }
+        if let Some(n) = self.log_budget.notice_due() {
+            self.suppressed_notice(n);
+        }
     }
 
+    /// Logs `message` within the line cap and the function's rate limit.
     fn log(&mut self, level: LogLevel, stream: &'static str, message: String) {
+        match self.log_budget.admit() {
+            Admit::Suppressed => return,
+            Admit::AfterSuppressed(n) => self.suppressed_notice(n),
+            Admit::Line => {}
+        }
+        self.write_log(level, stream, cap_line(message));
+    }
+
+    /// Says that `n` lines were not logged.
+    fn suppressed_notice(&mut self, n: u64) {
+        let rate = self.log_budget.rate;
+        self.write_log(
+            LogLevel::Warn,
+            "edgefn",
+            format!("{n} log lines suppressed (log_rate_limit is {rate} lines per second)"),
+        );
+    }
+
+    fn write_log(&mut self, level: LogLevel, stream: &'static str, message: String) {
         match &mut self.sink {
             LogSink::Collect(v) => v.push(GuestLog {
                 level,
@@ -284,9 +449,10 @@ fn read_guest(caller: &mut Caller<'_, HostState>, ptr: i32, len: i32) -> wasmtim
         })
 }
 
-/// Whether an emitted/published topic is a valid MQTT topic name.
-fn valid_topic(topic: &[u8]) -> Option<String> {
-    if topic.is_empty() || topic.len() > MAX_TOPIC_LEN {
+/// Whether an emitted/published topic is a valid MQTT topic name of at
+/// most `max_len` bytes.
+fn valid_topic(topic: &[u8], max_len: usize) -> Option<String> {
+    if topic.is_empty() || topic.len() > max_len {
         return None;
     }
     let s = std::str::from_utf8(topic).ok()?;
@@ -305,20 +471,33 @@ fn record(
     let topic = read_guest(caller, args.0, args.1)?;
     let payload = read_guest(caller, args.2, args.3)?;
     let state = caller.data_mut();
-    let Some(topic) = valid_topic(&topic) else {
+    // An emitted topic goes upstream behind the prefix; a published one
+    // stays local.
+    let max_topic = if publish {
+        MAX_TOPIC_LEN
+    } else {
+        state.spec.max_topic_len
+    };
+    let Some(topic) = valid_topic(&topic, max_topic) else {
         return Ok(code::INVALID_TOPIC);
     };
     if payload.len() > state.spec.max_record_size {
         return Ok(code::TOO_LARGE);
     }
-    let list = if publish {
-        &mut state.publishes
+    let max_bytes = state.spec.max_emit_bytes;
+    let (list, bytes) = if publish {
+        (&mut state.publishes, &mut state.publish_bytes)
     } else {
-        &mut state.records
+        (&mut state.records, &mut state.record_bytes)
     };
     if list.len() >= MAX_RECORDS_PER_INVOCATION {
         return Ok(code::TOO_MANY);
     }
+    let size = topic.len() + payload.len();
+    if *bytes + size > max_bytes {
+        return Ok(code::TOO_MANY_BYTES);
+    }
+    *bytes += size;
     list.push(Emitted { topic, payload });
     Ok(code::OK)
 }
@@ -368,11 +547,35 @@ mod tests {
 
     #[test]
     fn topics_are_checked() {
-        assert_eq!(valid_topic(b"a/b").as_deref(), Some("a/b"));
-        assert_eq!(valid_topic(b""), None);
-        assert_eq!(valid_topic(b"a/+"), None);
-        assert_eq!(valid_topic(b"a/#"), None);
-        assert_eq!(valid_topic(b"a\0"), None);
-        assert_eq!(valid_topic(&[0xff, 0xfe]), None);
+        let max = MAX_TOPIC_LEN;
+        assert_eq!(valid_topic(b"a/b", max).as_deref(), Some("a/b"));
+        assert_eq!(valid_topic(b"", max), None);
+        assert_eq!(valid_topic(b"a/+", max), None);
+        assert_eq!(valid_topic(b"a/#", max), None);
+        assert_eq!(valid_topic(b"a\0", max), None);
+        assert_eq!(valid_topic(&[0xff, 0xfe], max), None);
+        assert_eq!(valid_topic(b"abc", 2), None);
+    }
+
+    #[test]
+    fn long_log_lines_are_cut_at_a_character_boundary() {
+        let line = "é".repeat(MAX_LOG_LINE);
+        let cut = cap_line(line.clone());
+        assert!(cut.len() < MAX_LOG_LINE + 40, "{}", cut.len());
+        assert!(cut.starts_with(&line[..MAX_LOG_LINE]));
+        assert!(cut.ends_with(&format!(" [{} more bytes cut]", line.len() - MAX_LOG_LINE)));
+        assert_eq!(cap_line("short".into()), "short");
+    }
+
+    #[test]
+    fn a_log_budget_admits_its_rate_then_reports_what_it_dropped() {
+        let b = LogBudget::new(10);
+        let admitted = (0..25).filter(|_| b.admit() != Admit::Suppressed).count();
+        // A full bucket: ten at once (and at most one refilled meanwhile).
+        assert!((10..=11).contains(&admitted), "{admitted}");
+        assert_eq!(b.suppressed(), 25 - admitted as u64);
+        assert_eq!(b.notice_due(), Some(25 - admitted as u64));
+        // Reported once; nothing new since.
+        assert_eq!(b.notice_due(), None);
     }
 }

@@ -7,16 +7,31 @@
 //! invocations ("warm") until one fails.
 //!
 //! Limits: linear memory is capped by a [`wasmtime::StoreLimits`] in each
-//! store (growth beyond it fails inside the guest), and wall-clock time by
-//! epoch interruption: a ticker thread advances the engines' epoch every
-//! [`EPOCH_TICK`], and each invocation gets a deadline in ticks. A function
-//! may also ask for a *fuel* budget ([`FunctionSpec::fuel`]): a count of
-//! executed WebAssembly operations, so the same input stops at the same
-//! point on a Pi Zero and on a server. Counting costs run time, so such
+//! store (growth beyond it fails inside the guest). Wall-clock time is
+//! bounded twice over, because a guest spends it in two places:
+//!
+//! - running WebAssembly code: epoch interruption. A ticker thread advances
+//!   the engines' epoch every [`EPOCH_TICK`], and each call gets a deadline
+//!   in ticks; past it the guest traps;
+//! - waiting inside a WASI call (`poll_oneoff`, i.e. `sleep`, a clock
+//!   wait): every guest call is made with wasmtime's async API and WASI's
+//!   async implementation, on a small tokio runtime owned by the calling
+//!   thread, under a `tokio::time::timeout` of the same length. When it
+//!   fires, the call's future is dropped, which abandons the guest where it
+//!   waits; the instance is discarded like after any failure.
+//!
+//! Either way the invocation fails as [`Failure::Timeout`] at about its
+//! limit. Instantiation, `_initialize` and `edgefn_init` get the same limit.
+//!
+//! A function may also ask for a *fuel* budget ([`FunctionSpec::fuel`]): a
+//! count of executed WebAssembly operations, so the same input stops at the
+//! same point on a Pi Zero and on a server. Counting costs run time, so such
 //! functions are compiled by a second engine with fuel metering on, and the
-//! others pay nothing for it. Guest code
-//! is synchronous CPU work: callers run [`Instance::invoke`] on their own
-//! threads (see [`pool`]), never on an async reactor.
+//! others pay nothing for it.
+//!
+//! Guest code is CPU work: callers run [`Instance::invoke`] on their own
+//! threads (see [`pool`]), never on an async reactor; it blocks the calling
+//! thread until the invocation is over.
 
 mod host;
 pub mod pool;
@@ -30,7 +45,7 @@ use wasmtime::{
     Engine, ExternType, InstancePre, Linker, Memory, Module, Store, Trap, TypedFunc, ValType,
 };
 
-pub use host::{Emitted, GuestLog, LogLevel};
+pub use host::{Emitted, GuestLog, LogBudget, LogLevel, MAX_LOG_LINE, MAX_TOPIC_LEN};
 use host::{HostState, LogSink};
 
 /// The ABI version this runtime speaks (`edgefn_abi_version()` must return it).
@@ -180,6 +195,14 @@ pub struct FunctionSpec {
     pub timeout: Duration,
     /// Largest payload of one emitted/published record.
     pub max_record_size: usize,
+    /// Most bytes (topics and payloads) one invocation may emit, and
+    /// separately publish.
+    pub max_emit_bytes: usize,
+    /// Longest topic `emit` accepts: what MQTT allows less the upstream
+    /// topic prefix, which is prepended when the record is sent.
+    pub max_topic_len: usize,
+    /// Log lines per second the function's instances may write together.
+    pub log_rate_limit: u32,
     /// WebAssembly operations one invocation may execute (wasmtime fuel),
     /// if the function wants a deterministic budget besides its timeout.
     /// Starting an instance gets it twice more: once for `_initialize` (with
@@ -188,14 +211,18 @@ pub struct FunctionSpec {
 }
 
 impl FunctionSpec {
-    /// A spec from a `[[functions]]` table.
-    pub fn from_config(f: &crate::config::FunctionConfig) -> FunctionSpec {
+    /// A spec from a `[[functions]]` table, for a gateway whose upstream
+    /// topic prefix is `topic_prefix` (empty without an upstream).
+    pub fn from_config(f: &crate::config::FunctionConfig, topic_prefix: &str) -> FunctionSpec {
         FunctionSpec {
             name: f.name.as_str().into(),
             env: f.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
             memory_limit: f.memory_limit,
             timeout: f.timeout,
             max_record_size: f.max_record_size,
+            max_emit_bytes: f.max_emit_bytes,
+            max_topic_len: MAX_TOPIC_LEN.saturating_sub(topic_prefix.len()),
+            log_rate_limit: f.log_rate_limit,
             fuel: f.fuel,
         }
     }
@@ -242,7 +269,9 @@ impl Flavor {
         }
         let engine = Engine::new(&config).map_err(wasm_err)?;
         let mut linker = Linker::new(&engine);
-        wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |s: &mut HostState| &mut s.wasi)
+        // The async WASI: its waits are futures a timeout can drop (see the
+        // module doc); the sync one blocks the thread where nothing can.
+        wasmtime_wasi::p1::add_to_linker_async(&mut linker, |s: &mut HostState| &mut s.wasi)
             .map_err(wasm_err)?;
         host::add_to_linker(&mut linker).map_err(wasm_err)?;
         Ok(Flavor {
@@ -353,6 +382,7 @@ impl Runtime {
                 reason: format!("{e:#}"),
             })?;
         let function = Function {
+            log_budget: Arc::new(LogBudget::new(spec.log_rate_limit)),
             spec: Arc::new(spec),
             engine: flavor.engine.clone(),
             pre,
@@ -360,8 +390,14 @@ impl Runtime {
             _ticker: self.ticker.clone(),
         };
         // Prove it starts (and reports the right ABI version) before it is
-        // trusted with a device's message.
-        function.instantiate().map_err(|reason| match reason {
+        // trusted with a device's message. On a thread of its own: the
+        // caller may be an async task, where guest code must not run.
+        let started = std::thread::scope(|s| {
+            s.spawn(|| function.instantiate().map(drop))
+                .join()
+                .unwrap_or_else(|_| Err(StartError::Other("the start panicked".into())))
+        });
+        started.map_err(|reason| match reason {
             StartError::Version(v) => LoadError::Abi {
                 path: origin.to_owned(),
                 reason: format!(
@@ -463,6 +499,8 @@ pub struct Function {
     pre: InstancePre<HostState>,
     /// Where the module came from, for messages.
     origin: String,
+    /// Log lines its instances may write, shared by them.
+    log_budget: Arc<LogBudget>,
     /// Keeps timeouts enforced while the function lives.
     _ticker: Arc<Ticker>,
 }
@@ -495,6 +533,11 @@ impl Function {
         &self.origin
     }
 
+    /// Log lines dropped so far by the function's rate limit.
+    pub fn log_lines_suppressed(&self) -> u64 {
+        self.log_budget.suppressed()
+    }
+
     /// A fresh instance whose logs go to `tracing`.
     ///
     /// Fails if instantiation, `_initialize` or `edgefn_init` fails.
@@ -512,14 +555,16 @@ impl Function {
 
     fn instantiate(&self) -> Result<Instance, StartError> {
         let other = |what: &str, e: wasmtime::Error| StartError::Other(format!("{what}: {e:#}"));
-        let state = HostState::new(self.spec.clone());
+        let timeout = self.spec.timeout;
+        let timed_out =
+            |what: &str| StartError::Other(format!("{what} timed out (timeout is {timeout:?})"));
+        let state = HostState::new(self.spec.clone(), self.log_budget.clone());
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
-        store.set_epoch_deadline(deadline_ticks(self.spec.timeout));
+        store.set_epoch_deadline(deadline_ticks(timeout));
         refuel(&mut store, self.spec.fuel);
-        let instance = self
-            .pre
-            .instantiate(&mut store)
+        let instance = block_on_within(timeout, self.pre.instantiate_async(&mut store))
+            .ok_or_else(|| timed_out("instantiation"))?
             .map_err(|e| other("instantiation failed", e))?;
         let memory = instance
             .get_memory(&mut store, "memory")
@@ -528,21 +573,23 @@ impl Function {
             instance.get_typed_func::<(), i32>(store, name).ok()
         };
         if let Ok(init) = instance.get_typed_func::<(), ()>(&mut store, "_initialize") {
-            init.call(&mut store, ())
+            block_on_within(timeout, init.call_async(&mut store, ()))
+                .ok_or_else(|| timed_out("_initialize"))?
                 .map_err(|e| other("_initialize trapped", e))?;
         }
         let version = typed(&mut store, "edgefn_abi_version")
-            .ok_or_else(|| StartError::Other("no edgefn_abi_version".into()))?
-            .call(&mut store, ())
+            .ok_or_else(|| StartError::Other("no edgefn_abi_version".into()))?;
+        let version = block_on_within(timeout, version.call_async(&mut store, ()))
+            .ok_or_else(|| timed_out("edgefn_abi_version"))?
             .map_err(|e| other("edgefn_abi_version trapped", e))?;
         if version != ABI_VERSION {
             return Err(StartError::Version(version));
         }
         if let Some(init) = typed(&mut store, "edgefn_init") {
-            store.set_epoch_deadline(deadline_ticks(self.spec.timeout));
+            store.set_epoch_deadline(deadline_ticks(timeout));
             refuel(&mut store, self.spec.fuel);
-            let status = init
-                .call(&mut store, ())
+            let status = block_on_within(timeout, init.call_async(&mut store, ()))
+                .ok_or_else(|| timed_out("edgefn_init"))?
                 .map_err(|e| other("edgefn_init trapped", e))?;
             if status != 0 {
                 return Err(StartError::Other(format!("edgefn_init returned {status}")));
@@ -563,6 +610,28 @@ impl Function {
             invocations: 0,
         })
     }
+}
+
+thread_local! {
+    /// The calling thread's own runtime for guest calls (WASI's waits are
+    /// tokio timers): current-thread, timers only, made on first use.
+    static GUEST_RUNTIME: tokio::runtime::Runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("a current-thread tokio runtime");
+}
+
+/// Runs `call` to completion on this thread, or gives up after `limit`
+/// (`None`), dropping it wherever it waits.
+///
+/// Panics if called from within an async task (guest code must not run on
+/// a reactor thread).
+fn block_on_within<F: std::future::Future>(limit: Duration, call: F) -> Option<F::Output> {
+    // The timer is made inside `block_on`: it needs the runtime's context.
+    GUEST_RUNTIME.with(|rt| {
+        rt.block_on(async { tokio::time::timeout(limit, call).await })
+            .ok()
+    })
 }
 
 /// Gives a store a fresh fuel budget, if its function has one.
@@ -629,7 +698,8 @@ impl Instance {
         self.store.set_epoch_deadline(deadline_ticks(timeout));
         refuel(&mut self.store, fuel);
         self.store.data_mut().begin();
-        let result = self.call(topic, payload);
+        let result = block_on_within(timeout, self.call(topic, payload))
+            .unwrap_or_else(|| Err(wasmtime::Error::new(Trap::Interrupt)));
         let state = self.store.data_mut();
         state.flush_output();
         match result {
@@ -668,10 +738,10 @@ impl Instance {
         self.invocations
     }
 
-    fn call(&mut self, topic: &str, payload: &[u8]) -> wasmtime::Result<i32> {
+    async fn call(&mut self, topic: &str, payload: &[u8]) -> wasmtime::Result<i32> {
         let total = topic.len() + payload.len();
         let len = i32::try_from(total).map_err(|_| wasmtime::format_err!("message too large"))?;
-        let ptr = self.alloc.call(&mut self.store, len)?;
+        let ptr = self.alloc.call_async(&mut self.store, len).await?;
         if ptr == 0 && total > 0 {
             wasmtime::bail!("edgefn_alloc({total}) returned 0 (out of memory)");
         }
@@ -683,10 +753,12 @@ impl Instance {
         region[..topic.len()].copy_from_slice(topic.as_bytes());
         region[topic.len()..].copy_from_slice(payload);
         let tlen = topic.len() as i32;
-        self.on_message.call(
-            &mut self.store,
-            (ptr, tlen, ptr.wrapping_add(tlen), payload.len() as i32),
-        )
+        self.on_message
+            .call_async(
+                &mut self.store,
+                (ptr, tlen, ptr.wrapping_add(tlen), payload.len() as i32),
+            )
+            .await
     }
 }
 

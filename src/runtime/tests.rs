@@ -38,6 +38,9 @@ fn spec(timeout_ms: u64) -> FunctionSpec {
         memory_limit: 1 << 20,
         timeout: Duration::from_millis(timeout_ms),
         max_record_size: 1024,
+        max_emit_bytes: 1 << 20,
+        max_topic_len: crate::runtime::MAX_TOPIC_LEN,
+        log_rate_limit: 100,
         fuel: None,
     }
 }
@@ -340,4 +343,202 @@ fn a_pool_retries_on_fresh_instances_then_reports_failure() {
     assert_eq!(m.failures.load(Ordering::Relaxed), 3);
     assert_eq!(m.dead_letters.load(Ordering::Relaxed), 1);
     pool.shutdown();
+}
+
+/// A module whose handler runs `body` with WASI's `poll_oneoff` and
+/// `fd_read` imported as `$poll` and `$read`; `init` is the body of its
+/// `edgefn_init` (it returns 0 after it). Emits `out/topic` from data at 16.
+fn wasi_module(body: &str, init: &str) -> Vec<u8> {
+    let text = format!(
+        r#"(module
+  (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_read" (func $read (param i32 i32 i32 i32) (result i32)))
+  (import "edgefn" "emit" (func $emit (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 16) "out/topic")
+  (func (export "edgefn_abi_version") (result i32) (i32.const 1))
+  (func (export "edgefn_alloc") (param $n i32) (result i32) (i32.const 1024))
+  (func (export "edgefn_init") (result i32) {init} (i32.const 0))
+  (func (export "edgefn_on_message") (param $tp i32) (param $tl i32) (param $pp i32) (param $pl i32) (result i32)
+    {body})
+)"#
+    );
+    wat::parse_str(text).expect("valid WAT")
+}
+
+/// Subscribes to one clock at 2048 (`flags` 0: relative, 1: absolute;
+/// `ns` nanoseconds) and waits in `poll_oneoff`; then emits (so a wait
+/// that ends on its own is seen as a success).
+fn clock_wait(flags: i32, ns: i64) -> String {
+    format!(
+        "(i64.store (i32.const 2048) (i64.const 7))
+         (i32.store8 (i32.const 2056) (i32.const 0))
+         (i32.store (i32.const 2064) (i32.const 1))
+         (i64.store (i32.const 2072) (i64.const {ns}))
+         (i64.store (i32.const 2080) (i64.const 0))
+         (i32.store16 (i32.const 2088) (i32.const {flags}))
+         (drop (call $poll (i32.const 2048) (i32.const 2304) (i32.const 1) (i32.const 2400)))"
+    )
+}
+
+/// An hour, in nanoseconds.
+const HOUR_NS: i64 = 3_600_000_000_000;
+
+fn load_wasi(body: &str, init: &str, timeout_ms: u64) -> Result<Function, LoadError> {
+    Runtime::new(Target::Native).unwrap().load(
+        "wasi.wasm",
+        &wasi_module(body, init),
+        spec(timeout_ms),
+    )
+}
+
+#[test]
+fn a_guest_sleeping_in_wasi_fails_with_timeout_at_its_limit() {
+    // `sleep(3600)` in C or Rust: one relative clock in poll_oneoff.
+    let body = format!("{} (i32.const 0)", clock_wait(0, HOUR_NS));
+    let f = load_wasi(&body, "", 100).unwrap();
+    let mut i = f.new_instance().unwrap();
+    assert_eq!(
+        i.invoke("t", b"").unwrap_err(),
+        Failure::Timeout(Duration::from_millis(100))
+    );
+    // A fresh instance works as before: the abandoned one held nothing.
+    let short = format!(
+        "{} (call $emit (i32.const 16) (i32.const 9) (i32.const 16) (i32.const 9)) (drop) (i32.const 0)",
+        clock_wait(0, 1_000_000)
+    );
+    let f = load_wasi(&short, "", 1000).unwrap();
+    let out = f.new_instance().unwrap().invoke("t", b"").unwrap();
+    assert_eq!(out.records.len(), 1, "a 1 ms sleep ends on its own");
+}
+
+#[test]
+fn a_guest_waiting_for_a_clock_time_far_ahead_fails_with_timeout() {
+    // An absolute monotonic deadline, as a `clock_nanosleep(TIMER_ABSTIME)`.
+    let body = format!("{} (i32.const 0)", clock_wait(1, i64::MAX));
+    let f = load_wasi(&body, "", 100).unwrap();
+    let err = f.new_instance().unwrap().invoke("t", b"").unwrap_err();
+    assert_eq!(err.kind(), "timeout", "{err}");
+}
+
+#[test]
+fn stdin_is_empty_so_reading_it_never_waits() {
+    // fd_read(0) into 64 bytes at 3072 (iovec at 2560, count at 2600):
+    // emits the count it read as one byte at 2600 (0 = end of input).
+    let body = "(i32.store (i32.const 2560) (i32.const 3072))
+        (i32.store (i32.const 2564) (i32.const 64))
+        (drop (call $read (i32.const 0) (i32.const 2560) (i32.const 1) (i32.const 2600)))
+        (drop (call $emit (i32.const 16) (i32.const 9) (i32.const 2600) (i32.const 1)))
+        (i32.const 0)";
+    let f = load_wasi(body, "", 1000).unwrap();
+    let out = f.new_instance().unwrap().invoke("t", b"").unwrap();
+    assert_eq!(out.records[0].payload, [0]);
+}
+
+#[test]
+fn an_instance_whose_init_sleeps_fails_to_start_at_its_timeout() {
+    let init = clock_wait(0, HOUR_NS);
+    match load_wasi("(i32.const 0)", &init, 100) {
+        Err(LoadError::Start { reason, .. }) => {
+            assert!(reason.contains("edgefn_init timed out"), "{reason}")
+        }
+        Err(e) => panic!("expected a start failure, got {e}"),
+        Ok(_) => panic!("an init that sleeps an hour started"),
+    }
+}
+
+#[test]
+fn emits_are_bounded_in_bytes_per_invocation_and_topics_by_the_prefix() {
+    // Emits the payload three times and returns emit's codes as digits,
+    // negated: 0 accepted, 4 for -4, 1 for -1.
+    let body = "(global.set $codes (i32.sub (i32.const 0) (call $emit (i32.const 16) (i32.const 9) (local.get $pp) (local.get $pl))))
+        (global.set $codes (i32.add (i32.mul (global.get $codes) (i32.const 10)) (i32.sub (i32.const 0) (call $emit (i32.const 16) (i32.const 9) (local.get $pp) (local.get $pl)))))
+        (global.set $codes (i32.add (i32.mul (global.get $codes) (i32.const 10)) (i32.sub (i32.const 0) (call $emit (i32.const 16) (i32.const 9) (local.get $pp) (local.get $pl)))))
+        (call $set_error (i32.const 16) (i32.const 0))
+        (global.get $codes)";
+    let codes = "(global $codes (mut i32) (i32.const 0))";
+    let bounded = FunctionSpec {
+        // Two records of 9 + 91 bytes fit, a third does not.
+        max_emit_bytes: 250,
+        ..spec(1000)
+    };
+    let f = Runtime::new(Target::Native)
+        .unwrap()
+        .load("bytes.wasm", &module(body, codes), bounded)
+        .unwrap();
+    let err = f
+        .new_instance()
+        .unwrap()
+        .invoke("t", &[b'x'; 91])
+        .unwrap_err();
+    assert_eq!(
+        err,
+        Failure::Returned {
+            code: 4,
+            message: Some(String::new())
+        }
+    );
+    // Each invocation gets the whole allowance again.
+    let mut i = f.new_instance().unwrap();
+    for _ in 0..3 {
+        assert!(i.invoke("t", &[b'x'; 40]).is_ok());
+    }
+    // With a prefix of 65,530 bytes, "out/topic" (9) no longer fits: -1.
+    let prefixed = FunctionSpec {
+        max_topic_len: MAX_TOPIC_LEN - 65_530,
+        ..spec(1000)
+    };
+    let f = Runtime::new(Target::Native)
+        .unwrap()
+        .load("topic.wasm", &module(body, codes), prefixed)
+        .unwrap();
+    let err = f.new_instance().unwrap().invoke("t", b"x").unwrap_err();
+    assert_eq!(
+        err,
+        Failure::Returned {
+            code: 111,
+            message: Some(String::new())
+        }
+    );
+}
+
+#[test]
+fn log_lines_are_cut_and_a_flood_is_suppressed_with_a_count() {
+    // 300 log calls of 8 KiB each (zeros: memory from 8192 on).
+    let body = "(local.set $pl (i32.const 300))
+        (block $done (loop $l
+          (br_if $done (i32.eqz (local.get $pl)))
+          (call $log (i32.const 2) (i32.const 8192) (i32.const 8192))
+          (local.set $pl (i32.sub (local.get $pl) (i32.const 1)))
+          (br $l)))
+        (i32.const 0)";
+    let limited = FunctionSpec {
+        log_rate_limit: 50,
+        ..spec(10_000)
+    };
+    let f = Runtime::new(Target::Native)
+        .unwrap()
+        .load("flood.wasm", &module(body, ""), limited)
+        .unwrap();
+    let mut i = f.new_capturing_instance().unwrap();
+    let r = i.invoke_report("t", b"");
+    assert!(r.result.is_ok(), "{:?}", r.result);
+    let lines: Vec<&GuestLog> = r.logs.iter().filter(|l| l.stream == "log").collect();
+    // The bucket holds a second's worth, 50 lines; a few more may be
+    // refilled while the loop runs, never all 300.
+    assert!((50..300).contains(&lines.len()), "{} lines", lines.len());
+    assert!(lines.iter().all(|l| l.message.len() <= MAX_LOG_LINE + 40));
+    assert!(
+        lines[0]
+            .message
+            .ends_with(&format!(" [{} more bytes cut]", 8192 - MAX_LOG_LINE))
+    );
+    assert_eq!(f.log_lines_suppressed(), 300 - lines.len() as u64);
+    let notices: Vec<&GuestLog> = r.logs.iter().filter(|l| l.stream == "edgefn").collect();
+    assert!(!notices.is_empty());
+    assert!(notices.iter().all(|n| {
+        n.level == LogLevel::Warn
+            && n.message
+                .ends_with(" log lines suppressed (log_rate_limit is 50 lines per second)")
+    }));
 }

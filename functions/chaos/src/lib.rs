@@ -19,6 +19,11 @@
 //! | `publish` | publishes the payload unchanged to `devices/chaos/cmd` (local broker)      | ok |
 //! | `many`    | tries to emit 1001 records (payloads `0`..`1000`) to `chaos/many`; the host should accept 1000 and refuse the last with -3; logs the refusal at warn, returns Ok | ok, 1000 records |
 //! | `log`     | one `edgefn.log` line at each level 0..=4 (`chaos log level N`), and one at level 9 | ok |
+//! | `sleep`   | sleeps an hour in WASI `poll_oneoff` (`std::thread::sleep`)                | timeout |
+//! | `stdin`   | reads stdin to its end, emits how many bytes it read to `chaos/stdin` (the gateway gives an empty stdin: `0`) | ok |
+//! | `poison`  | emits the payload to `chaos/poison\u{7}`: a valid MQTT topic with a control character, which Mosquitto answers by closing the connection | ok |
+//! | `bulk`    | tries to emit 32 records of 65,000 bytes to `chaos/bulk`; with the default `max_emit_bytes` (1 MiB, topics counted) the host accepts 16 and refuses the rest with -4; logs the first refusal at warn, returns Ok | ok, 16 records |
+//! | `chatty`  | logs 1000 lines of 10,000 bytes each (`chaos chatty N xxx…`), then emits `done` to `chaos/chatty` | ok |
 //! | otherwise | emits the payload unchanged to `echo/<input topic>`                        | ok |
 //!
 //! `edgefn_init` is exported too: it returns 0 and counts its calls (see `count`).
@@ -34,8 +39,10 @@ static COUNT: AtomicU32 = AtomicU32::new(0);
 static INIT_CALLS: AtomicU32 = AtomicU32::new(0);
 
 /// Commands in the order they are matched.
-const COMMANDS: [&str; 12] =
-    ["trap", "spin", "oom", "fail", "exit", "badptr", "count", "env", "print", "publish", "many", "log"];
+const COMMANDS: [&str; 17] = [
+    "trap", "spin", "oom", "fail", "exit", "badptr", "count", "env", "print", "publish", "many", "log", "sleep",
+    "stdin", "poison", "bulk", "chatty",
+];
 
 fn init() -> Result<(), Error> {
     INIT_CALLS.fetch_add(1, Ordering::SeqCst);
@@ -88,6 +95,37 @@ fn handle(msg: &Message) -> Result<(), Error> {
             }
             log_raw(9, "chaos log level 9");
             Ok(())
+        }
+        Some("sleep") => {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+            Err("slept an hour: the gateway's timeout did not stop it".into())
+        }
+        Some("stdin") => {
+            let mut input = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::stdin(), &mut input)
+                .map_err(|e| Error::new(format!("cannot read stdin: {}", e)))?;
+            Ok(emit("chaos/stdin", input.len().to_string())?)
+        }
+        Some("poison") => Ok(emit("chaos/poison\u{7}", msg.payload())?),
+        Some("bulk") => {
+            let block = vec![b'b'; 65_000];
+            let mut warned = false;
+            for i in 0..32 {
+                if let Err(e) = emit("chaos/bulk", &block) {
+                    if !warned {
+                        warn(&format!("record {} refused: {} (code {})", i, e, e.code()));
+                        warned = true;
+                    }
+                }
+            }
+            Ok(())
+        }
+        Some("chatty") => {
+            let filler = "x".repeat(10_000);
+            for i in 0..1000 {
+                edgefn_sdk::info(&format!("chaos chatty {} {}", i, filler));
+            }
+            Ok(emit("chaos/chatty", "done")?)
         }
         _ => Ok(emit(&format!("echo/{}", msg.topic()), msg.payload())?),
     }

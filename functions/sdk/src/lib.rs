@@ -191,6 +191,9 @@ pub enum EmitError {
     PayloadTooLarge,
     /// -3: this invocation already produced the maximum number (1000).
     TooManyRecords,
+    /// -4: this record would take the invocation's records (or publishes)
+    /// past the function's `max_emit_bytes`.
+    TooManyBytes,
     /// A code this SDK does not know (from a newer host).
     Other(i32),
 }
@@ -202,6 +205,7 @@ impl EmitError {
             -1 => EmitError::InvalidTopic,
             -2 => EmitError::PayloadTooLarge,
             -3 => EmitError::TooManyRecords,
+            -4 => EmitError::TooManyBytes,
             other => EmitError::Other(other),
         }
     }
@@ -212,6 +216,7 @@ impl EmitError {
             EmitError::InvalidTopic => -1,
             EmitError::PayloadTooLarge => -2,
             EmitError::TooManyRecords => -3,
+            EmitError::TooManyBytes => -4,
             EmitError::Other(c) => c,
         }
     }
@@ -223,6 +228,7 @@ impl fmt::Display for EmitError {
             EmitError::InvalidTopic => f.write_str("invalid topic"),
             EmitError::PayloadTooLarge => f.write_str("payload larger than the record size limit"),
             EmitError::TooManyRecords => f.write_str("too many records in this invocation"),
+            EmitError::TooManyBytes => f.write_str("too many bytes emitted in this invocation"),
             EmitError::Other(c) => write!(f, "refused by the host (code {})", c),
         }
     }
@@ -503,7 +509,7 @@ mod tests {
 
     #[test]
     fn emit_error_codes() {
-        for code in [-1, -2, -3, -7] {
+        for code in [-1, -2, -3, -4, -7] {
             assert_eq!(EmitError::from_code(code).code(), code);
         }
         assert_eq!(EmitError::from_code(-3), EmitError::TooManyRecords);

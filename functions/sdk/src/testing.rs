@@ -4,7 +4,8 @@
 //! ([`crate::emit`], [`crate::publish`], [`crate::log`], [`crate::set_error`])
 //! record into a per-thread [`Captured`], checking topics and counting
 //! records the way the gateway does (codes -1 and -3; the record size limit,
-//! -2, is a gateway setting and is not checked here). [`invoke`] runs a
+//! -2, and the bytes one invocation may emit, -4, are gateway settings and
+//! are not checked here). [`invoke`] runs a
 //! handler on one message, much as the gateway would:
 //!
 //! ```
