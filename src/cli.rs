@@ -96,6 +96,13 @@ pub enum Command {
         /// Without it, the fuel used is shown but not limited.
         #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
         fuel: Option<u64>,
+        /// Most bytes (topics and payloads) the invocation may emit, as
+        /// `max_emit_bytes` in the config.
+        #[arg(long, default_value = "1MiB")]
+        max_emit_bytes: bytesize::ByteSize,
+        /// Log lines per second, as `log_rate_limit` in the config.
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+        log_rate_limit: u32,
     },
 }
 
@@ -152,6 +159,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             timeout,
             pulley,
             fuel,
+            max_emit_bytes,
+            log_rate_limit,
         } => {
             let payload = match payload.strip_prefix('@') {
                 Some(file) => std::fs::read(file)
@@ -167,6 +176,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 timeout,
                 pulley,
                 fuel,
+                max_emit_bytes: max_emit_bytes.as_u64() as usize,
+                log_rate_limit,
             };
             let report = crate::invoke::invoke(&req)?;
             print!("{}", crate::invoke::render(&req.module, &report, fuel));
@@ -215,7 +226,11 @@ fn check(path: &std::path::Path) -> anyhow::Result<ExitCode> {
         println!("warning: {w}");
     }
     for f in &config.functions {
-        match runtime.load_file(&f.module, FunctionSpec::from_config(f)) {
+        let prefix = config
+            .upstream
+            .as_ref()
+            .map_or("", |u| u.topic_prefix.as_str());
+        match runtime.load_file(&f.module, FunctionSpec::from_config(f, prefix)) {
             Ok(_) => {
                 println!(
                     "function {} ok: {} <- {}",

@@ -142,6 +142,7 @@ struct RawBuffer {
     full_policy: Option<String>,
     durability: Option<String>,
     max_batch: Option<i64>,
+    dead_letters_max_size: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -159,6 +160,8 @@ struct RawFunction {
     retries: Option<i64>,
     fuel: Option<i64>,
     max_record_size: Option<String>,
+    max_emit_bytes: Option<String>,
+    log_rate_limit: Option<i64>,
 }
 
 // ---------------------------------------------------------------------------
@@ -245,6 +248,13 @@ pub struct BrokerClientConfig {
 }
 
 impl BrokerClientConfig {
+    /// Names the persistent session this client has on its broker (what
+    /// the broker keys it by is the client id; the address tells brokers
+    /// apart).
+    pub fn session_name(&self) -> String {
+        format!("{} {}", self.url(), self.client_id)
+    }
+
     /// `mqtt://HOST:PORT` or `mqtts://HOST:PORT`, as for a user.
     pub fn url(&self) -> String {
         let scheme = if self.tls.is_some() { "mqtts" } else { "mqtt" };
@@ -299,6 +309,17 @@ pub struct BufferConfig {
     pub durability: Durability,
     /// Most invocation outcomes in one group commit.
     pub max_batch: usize,
+    /// Bound on the bytes of dead letters (function names, topics, payloads
+    /// and error texts); beyond it the oldest are deleted, counted and
+    /// logged.
+    pub dead_letters_max_size: u64,
+}
+
+impl Default for BufferConfig {
+    /// The defaults of an empty `[buffer]` table.
+    fn default() -> BufferConfig {
+        check_buffer(&mut Checker::default(), RawBuffer::default())
+    }
 }
 
 /// `[[functions]]`: one function and its trigger and limits.
@@ -326,6 +347,13 @@ pub struct FunctionConfig {
     /// WebAssembly operations one invocation may execute, if the function
     /// wants a deterministic budget besides its wall-clock `timeout`.
     pub fuel: Option<u64>,
+    /// Most bytes (topics and payloads) one invocation may emit, and
+    /// separately publish: with the record count, what bounds the memory a
+    /// message's outcome holds until it is committed.
+    pub max_emit_bytes: usize,
+    /// Log lines per second (from `log`, stdout and stderr) the function's
+    /// instances may write together; the rest are counted and reported.
+    pub log_rate_limit: u32,
 }
 
 /// Default `[gateway] data_dir`.
@@ -365,6 +393,11 @@ fn default_max_message_size() -> &'static str {
 fn default_buffer_size() -> &'static str {
     "256MiB"
 }
+/// Default bound on dead letters: a quarter of the buffer's, so failing
+/// inputs can never take more than a fraction of the room records need.
+fn default_dead_letters_max_size(max_size: u64) -> u64 {
+    max_size / 4
+}
 /// Default invocations per group commit.
 fn default_max_batch() -> i64 {
     512
@@ -380,6 +413,18 @@ fn default_timeout() -> &'static str {
 /// Default largest emitted record.
 fn default_max_record_size() -> &'static str {
     "256KiB"
+}
+/// Default bytes one invocation may emit: four records of the largest
+/// default size. The pipeline holds up to about two thousand messages'
+/// outcomes at once, so this is what bounds its memory.
+fn default_max_emit_bytes() -> &'static str {
+    "1MiB"
+}
+/// Default log lines per second per function: a chatty function is seen,
+/// a flooding one cannot fill the journal (journald itself allows a
+/// service about 330 lines per second by default).
+fn default_log_rate_limit() -> i64 {
+    100
 }
 
 /// Shortest keep-alive accepted: the MQTT client (rumqttc) refuses less.
@@ -917,11 +962,20 @@ fn check_buffer(p: &mut Checker, raw: RawBuffer) -> BufferConfig {
         default_max_batch(),
         (1, 100_000),
     ) as usize;
+    let dead_letters_max_size = match raw.dead_letters_max_size.as_deref() {
+        None => default_dead_letters_max_size(max_size),
+        Some(text) => p.size(
+            "buffer.dead_letters_max_size",
+            Some(text),
+            default_buffer_size(),
+        ),
+    };
     BufferConfig {
         max_size,
         full_policy,
         durability,
         max_batch,
+        dead_letters_max_size,
     }
 }
 
@@ -987,6 +1041,23 @@ fn check_function(p: &mut Checker, key: &str, raw: RawFunction, base: &Path) -> 
         raw.max_record_size.as_deref(),
         default_max_record_size(),
     ) as usize;
+    let max_emit_bytes = p.size(
+        &format!("{key}.max_emit_bytes"),
+        raw.max_emit_bytes.as_deref(),
+        default_max_emit_bytes(),
+    );
+    if max_emit_bytes > MAX_MESSAGE_SIZE {
+        p.push(
+            format!("{key}.max_emit_bytes"),
+            format!("{max_emit_bytes} bytes is more than 256MiB"),
+        );
+    }
+    let log_rate_limit = p.int(
+        &format!("{key}.log_rate_limit"),
+        raw.log_rate_limit,
+        default_log_rate_limit(),
+        (1, 100_000),
+    ) as u32;
     FunctionConfig {
         name: raw.name,
         module: base.join(raw.module),
@@ -998,6 +1069,8 @@ fn check_function(p: &mut Checker, key: &str, raw: RawFunction, base: &Path) -> 
         retries,
         max_record_size,
         fuel,
+        max_emit_bytes: max_emit_bytes.min(MAX_MESSAGE_SIZE) as usize,
+        log_rate_limit,
     }
 }
 
@@ -1118,6 +1191,41 @@ concurrency = 2
             ]
         );
         assert!(problems[3].message.contains("\"soon\""));
+    }
+
+    #[test]
+    fn the_bounds_on_dead_letters_emits_and_logs_have_defaults_and_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Config::load(&write(dir.path(), EXAMPLE)).unwrap();
+        assert_eq!(
+            c.buffer.dead_letters_max_size,
+            64 << 20,
+            "a quarter of max_size"
+        );
+        assert_eq!(c.functions[0].max_emit_bytes, 1 << 20);
+        assert_eq!(c.functions[0].log_rate_limit, 100);
+        let text = EXAMPLE
+            .replace(
+                "max_size = \"256MiB\"",
+                "max_size = \"256MiB\"\ndead_letters_max_size = \"many\"",
+            )
+            .replace(
+                "concurrency = 2",
+                "concurrency = 2\nmax_emit_bytes = \"300MiB\"\nlog_rate_limit = 0",
+            );
+        let Err(ConfigError::Invalid { problems, .. }) = Config::load(&write(dir.path(), &text))
+        else {
+            panic!("expected semantic problems")
+        };
+        let keys: Vec<_> = problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "buffer.dead_letters_max_size",
+                "functions[0].max_emit_bytes",
+                "functions[0].log_rate_limit",
+            ]
+        );
     }
 
     #[test]

@@ -223,7 +223,9 @@ impl Cloud {
 async fn start_cloud(addr: SocketAddr) -> anyhow::Result<Cloud> {
     // Nothing is ever routed to a function: the channel stays empty.
     let (tx, _rx) = mpsc::channel(1);
-    let broker = EmbeddedBroker::start(addr, 1 << 20, Arc::new(Router::default()), tx).await?;
+    let metrics = Arc::new(crate::metrics::Metrics::default());
+    let broker =
+        EmbeddedBroker::start(addr, 1 << 20, Arc::new(Router::default()), tx, metrics).await?;
     Ok(Cloud::Up(Box::new(broker)))
 }
 

@@ -7,7 +7,8 @@
 //!
 //! - publishes records in `seq` order at QoS 1 with at most `in_flight`
 //!   awaiting their PUBACK, each with the MQTT 5 user property
-//!   `edgefn-id = <gateway id>:<seq>` so the cloud side can drop duplicates;
+//!   `edgefn-id = <gateway id>:<incarnation>:<seq>` ([`record_id`]) so the
+//!   cloud side can drop duplicates;
 //! - takes records from the store's in-memory recent tail while it keeps
 //!   up, and reads SQLite only to catch up (after a reconnect, a restart or
 //!   an overflow of the tail), in batches of at least half a window;
@@ -22,7 +23,19 @@
 //!   (possible duplicates upstream);
 //! - moves a record the broker refuses (an error reason code in the
 //!   PUBACK, e.g. not authorised) to the dead letters rather than retrying
-//!   it forever or dropping it silently.
+//!   it forever or dropping it silently; the same for a record it can
+//!   never take (larger than the Maximum Packet Size the broker announced,
+//!   or a topic that with the prefix is longer than MQTT allows);
+//! - watches for a record that ends the connection whenever it is sent (a
+//!   broker that enforces a limit by disconnecting): after a connection is
+//!   lost while a record is the oldest unacknowledged, the next connection
+//!   sends that record alone first; when [`POISON_STRIKES`] connections in
+//!   a row end that way, the record moves to the dead letters and the rest
+//!   flows;
+//! - at shutdown stops sending, waits up to [`DRAIN_GRACE`] for the PUBACKs
+//!   of what is in flight and reports those records delivered, so a clean
+//!   stop sends nothing twice (what is still unacknowledged then is sent
+//!   again at the next start).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -30,7 +43,7 @@ use std::time::Duration;
 
 use rumqttc::Outgoing;
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason, PublishProperties};
+use rumqttc::v5::mqttbytes::v5::{Packet, PubAck, PubAckReason, PublishProperties};
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use tokio::sync::{Notify, watch};
 
@@ -50,6 +63,25 @@ const DELETE_BATCH: usize = 256;
 /// fallback to the commit notification.
 const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
 
+/// Connections in a row that may end while the same record is the oldest
+/// unacknowledged before that record is given up as the cause (the last
+/// ones with it sent alone). Three: one lost connection is an outage, two
+/// with the record alone on the wire are a pattern, three are proof
+/// enough to stop one record from holding back all the others.
+pub const POISON_STRIKES: u32 = 3;
+
+/// Longest a clean shutdown waits for the PUBACKs of records in flight.
+pub const DRAIN_GRACE: Duration = Duration::from_secs(3);
+
+/// Longest topic MQTT can carry (its length is a 16-bit field).
+const MAX_TOPIC_LEN: usize = 65_535;
+
+/// A record's stable id: `<gateway id>:<incarnation>:<seq>`, the
+/// incarnation in 16 hex digits (see the store's invariant 5).
+pub fn record_id(gateway_id: &str, incarnation: u64, seq: i64) -> String {
+    format!("{gateway_id}:{incarnation:016x}:{seq}")
+}
+
 /// The MQTT 5 user property carrying a record's stable id.
 pub const ID_PROPERTY: &str = "edgefn-id";
 
@@ -58,8 +90,6 @@ pub const ID_PROPERTY: &str = "edgefn-id";
 struct InFlight {
     /// Outbox position.
     seq: i64,
-    /// Bytes it counts against the buffer.
-    size: u64,
 }
 
 /// The forwarding task.
@@ -68,6 +98,8 @@ pub struct Forwarder {
     pub config: UpstreamConfig,
     /// For record ids.
     pub gateway_id: String,
+    /// The buffer's incarnation, for record ids.
+    pub incarnation: u64,
     /// The outbox (blocking calls run on the blocking pool).
     pub reader: Arc<Mutex<Reader>>,
     /// Records just committed (in memory), and where PUBACKed ones go.
@@ -92,12 +124,45 @@ struct Connection {
     connected: bool,
     /// The broker's Maximum Packet Size (CONNACK), if it announced one.
     max_packet: Option<u32>,
+    /// Sending only the suspect record (see [`Suspect`]) until its PUBACK.
+    probing: bool,
 }
 
 impl Connection {
     fn in_flight(&self) -> usize {
         self.unnumbered.len() + self.by_pkid.len()
     }
+
+    /// The oldest record sent on this connection and not acknowledged.
+    fn oldest_unacknowledged(&self) -> Option<i64> {
+        self.unnumbered
+            .iter()
+            .chain(self.by_pkid.values())
+            .map(|r| r.seq)
+            .min()
+    }
+}
+
+/// A record that was the oldest unacknowledged one when connections were
+/// lost (see [`POISON_STRIKES`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Suspect {
+    /// The record.
+    seq: i64,
+    /// Connections in a row lost while it was the oldest unacknowledged.
+    strikes: u32,
+}
+
+/// What the forwarder knows across connections.
+#[derive(Debug, Default)]
+struct Progress {
+    /// Acknowledged records not yet reported to the store.
+    acked: Vec<i64>,
+    /// Highest seq ever handed to a client: records at or below it that
+    /// are sent again may be duplicates upstream.
+    sent_before: i64,
+    /// The record suspected of ending connections, if any.
+    suspect: Option<Suspect>,
 }
 
 impl Forwarder {
@@ -122,16 +187,13 @@ impl Forwarder {
     /// Runs until `shutdown` turns true.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
-        let mut acked: Vec<i64> = Vec::new();
-        // Highest seq ever handed to a client: records at or below it that
-        // are sent again may be duplicates upstream.
-        let mut sent_before: i64 = 0;
+        let mut progress = Progress::default();
         let mut tick = tokio::time::interval(FLUSH_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let window = usize::from(self.config.broker.in_flight);
         loop {
             if *shutdown.borrow() {
-                self.flush(&mut acked);
+                self.flush(&mut progress.acked);
                 return;
             }
             let (client, mut events) = AsyncClient::new(self.options(), window + 16);
@@ -142,24 +204,21 @@ impl Forwarder {
                 cursor: 0,
                 connected: false,
                 max_packet: None,
+                probing: false,
             };
             let lost = loop {
                 tokio::select! {
                     _ = crate::ingest::stopped(&mut shutdown) => {
-                        self.flush(&mut acked);
-                        let _ = conn.client.try_disconnect();
-                        let _ = tokio::time::timeout(Duration::from_secs(1), async {
-                            while events.poll().await.is_ok() {}
-                        }).await;
+                        self.drain(&mut conn, &mut events, &mut progress).await;
                         return;
                     }
                     _ = self.committed.notified(), if conn.connected => {
-                        self.fill(&mut conn, window, &mut sent_before).await;
+                        self.fill(&mut conn, window, &mut progress).await;
                     }
                     _ = tick.tick() => {
-                        self.flush(&mut acked);
+                        self.flush(&mut progress.acked);
                         if conn.connected {
-                            self.fill(&mut conn, window, &mut sent_before).await;
+                            self.fill(&mut conn, window, &mut progress).await;
                         }
                     }
                     event = events.poll() => match event {
@@ -174,39 +233,28 @@ impl Forwarder {
                             );
                             // Report what was acknowledged, so that
                             // republishing from the oldest record skips it.
-                            self.flush(&mut acked);
+                            self.flush(&mut progress.acked);
                             conn.connected = true;
-                            self.fill(&mut conn, window, &mut sent_before).await;
-                        }
-                        Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                            if let Some(r) = conn.unnumbered.pop_front() {
-                                conn.by_pkid.insert(pkid, r);
-                            }
+                            conn.probing = progress.suspect.is_some();
+                            self.fill(&mut conn, window, &mut progress).await;
                         }
                         Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                            if let Some(r) = conn.by_pkid.remove(&ack.pkid) {
-                                match ack.reason {
-                                    PubAckReason::Success | PubAckReason::NoMatchingSubscribers => {
-                                        acked.push(r.seq);
-                                    }
-                                    reason => self.reject(r, &format!("upstream refused: {reason:?}")).await,
-                                }
-                            }
-                            if acked.len() >= DELETE_BATCH {
-                                self.flush(&mut acked);
-                            }
-                            self.fill(&mut conn, window, &mut sent_before).await;
+                            self.on_puback(&mut conn, &ack, &mut progress);
+                            self.fill(&mut conn, window, &mut progress).await;
                         }
                         Ok(Event::Incoming(Packet::Disconnect(d))) => {
                             tracing::warn!(reason = ?d.reason_code, "the upstream broker disconnected us");
                         }
-                        Ok(_) => {}
+                        Ok(event) => Self::on_event(&mut conn, event),
                         Err(e) => break e,
                     }
                 }
             };
             let delay = backoff.next_delay();
             tracing::warn!(error = %lost, retry_in = ?delay, pending = conn.in_flight(), "upstream connection lost");
+            if conn.connected {
+                self.suspect(&conn, &mut progress);
+            }
             drop(conn);
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
@@ -215,9 +263,106 @@ impl Forwarder {
         }
     }
 
+    /// Numbers published records as their packet ids become known.
+    fn on_event(conn: &mut Connection, event: Event) {
+        if let Event::Outgoing(Outgoing::Publish(pkid)) = event
+            && let Some(r) = conn.unnumbered.pop_front()
+        {
+            tracing::debug!(seq = r.seq, pkid, "sent upstream");
+            conn.by_pkid.insert(pkid, r);
+        }
+    }
+
+    /// A PUBACK: the record is delivered, or refused by the broker.
+    fn on_puback(&self, conn: &mut Connection, ack: &PubAck, progress: &mut Progress) {
+        let Some(r) = conn.by_pkid.remove(&ack.pkid) else {
+            return;
+        };
+        match ack.reason {
+            PubAckReason::Success | PubAckReason::NoMatchingSubscribers => {
+                progress.acked.push(r.seq)
+            }
+            reason => self.refuse(r.seq, format!("upstream refused: {reason:?}")),
+        }
+        if progress.suspect.is_some_and(|s| s.seq == r.seq) {
+            // It went through (or was refused outright): not the cause.
+            progress.suspect = None;
+            conn.probing = false;
+        }
+        if progress.acked.len() >= DELETE_BATCH {
+            self.flush(&mut progress.acked);
+        }
+    }
+
+    /// After a connection that was up is lost: the oldest record it had
+    /// unacknowledged takes a strike, and after [`POISON_STRIKES`] in a
+    /// row it goes to the dead letters.
+    fn suspect(&self, conn: &Connection, progress: &mut Progress) {
+        let Some(seq) = conn.oldest_unacknowledged() else {
+            return;
+        };
+        let strikes = match progress.suspect {
+            Some(s) if s.seq == seq => s.strikes + 1,
+            _ => 1,
+        };
+        if strikes < POISON_STRIKES {
+            tracing::info!(
+                seq,
+                strikes,
+                "the upstream connection was lost with this record unacknowledged; \
+                 it is sent alone first on the next connection"
+            );
+            progress.suspect = Some(Suspect { seq, strikes });
+            return;
+        }
+        progress.suspect = None;
+        self.refuse(
+            seq,
+            format!(
+                "the upstream broker closed the connection each of the {POISON_STRIKES} times \
+                 this record was the oldest unacknowledged"
+            ),
+        );
+    }
+
+    /// Clean shutdown: sends nothing more, waits up to [`DRAIN_GRACE`] for
+    /// the PUBACKs of records in flight, reports them, disconnects.
+    async fn drain(
+        &self,
+        conn: &mut Connection,
+        events: &mut rumqttc::v5::EventLoop,
+        progress: &mut Progress,
+    ) {
+        if conn.connected && conn.in_flight() > 0 {
+            tracing::info!(
+                in_flight = conn.in_flight(),
+                "draining the upstream connection: waiting for the PUBACKs of records in flight"
+            );
+            let _ = tokio::time::timeout(DRAIN_GRACE, async {
+                while conn.in_flight() > 0 {
+                    match events.poll().await {
+                        Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                            self.on_puback(conn, &ack, progress);
+                        }
+                        Ok(event) => Self::on_event(conn, event),
+                        Err(_) => return,
+                    }
+                }
+            })
+            .await;
+        }
+        self.flush(&mut progress.acked);
+        let _ = conn.client.try_disconnect();
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            while events.poll().await.is_ok() {}
+        })
+        .await;
+    }
+
     /// Publishes records after the cursor until the window is full.
-    async fn fill(&self, conn: &mut Connection, window: usize, sent_before: &mut i64) {
+    async fn fill(&self, conn: &mut Connection, window: usize, progress: &mut Progress) {
         loop {
+            let window = if conn.probing { 1 } else { window };
             let room = window.saturating_sub(conn.in_flight());
             if room == 0 {
                 return;
@@ -244,44 +389,50 @@ impl Forwarder {
                 return;
             }
             for r in records {
-                if let Some(max) = conn.max_packet
-                    && self.packet_size(&r) > max as usize
-                {
+                if let Some(why) = self.unsendable(conn, &r) {
                     // It can never be sent to this broker: retrying would
                     // block everything behind it.
                     conn.cursor = r.seq;
-                    let why =
-                        format!("larger than the upstream's maximum packet size ({max} bytes)");
-                    self.reject(
-                        InFlight {
-                            seq: r.seq,
-                            size: r.size(),
-                        },
-                        &why,
-                    )
-                    .await;
+                    self.refuse(r.seq, why);
                     continue;
                 }
                 let seq = r.seq;
                 if !self.publish(conn, r) {
                     return;
                 }
-                if seq <= *sent_before {
+                if seq <= progress.sent_before {
                     Metrics::add(&self.metrics.resent, 1);
                 }
-                *sent_before = (*sent_before).max(seq);
+                progress.sent_before = progress.sent_before.max(seq);
+                if conn.probing {
+                    return;
+                }
             }
         }
+    }
+
+    /// Why `r` can never be sent on this connection, if it cannot.
+    fn unsendable(&self, conn: &Connection, r: &Record) -> Option<String> {
+        let topic = self.config.topic_prefix.len() + r.topic.len();
+        if topic > MAX_TOPIC_LEN {
+            return Some(format!(
+                "its topic with the upstream prefix is {topic} bytes; MQTT allows {MAX_TOPIC_LEN}"
+            ));
+        }
+        let max = conn.max_packet?;
+        (self.packet_size(r) > max as usize)
+            .then(|| format!("larger than the upstream's maximum packet size ({max} bytes)"))
     }
 
     /// An upper bound of the PUBLISH packet size for `r`.
     fn packet_size(&self, r: &Record) -> usize {
         // Fixed header (≤ 5), topic length (2), packet id (2), properties
-        // (length ≤ 4, user property: 1 + 2 + key + 2 + value ≤ 64).
+        // (length ≤ 4, user property: 1 + 2 + key (9) + 2 + value: the
+        // gateway id, two colons, 16 hex digits and a seq of ≤ 19 digits).
         self.config.topic_prefix.len()
             + r.topic.len()
             + r.payload.len()
-            + 80
+            + 100
             + self.gateway_id.len()
     }
 
@@ -292,14 +443,11 @@ impl Forwarder {
         let props = PublishProperties {
             user_properties: vec![(
                 ID_PROPERTY.to_owned(),
-                format!("{}:{}", self.gateway_id, r.seq),
+                record_id(&self.gateway_id, self.incarnation, r.seq),
             )],
             ..Default::default()
         };
-        let in_flight = InFlight {
-            seq: r.seq,
-            size: r.size(),
-        };
+        let in_flight = InFlight { seq: r.seq };
         match conn.client.try_publish_with_properties(
             topic,
             QoS::AtLeastOnce,
@@ -329,19 +477,15 @@ impl Forwarder {
         acked.clear();
     }
 
-    async fn reject(&self, r: InFlight, why: &str) {
+    /// Hands a record that cannot be delivered to the store, which moves
+    /// it to the dead letters; counted and logged.
+    fn refuse(&self, seq: i64, why: String) {
         Metrics::add(&self.metrics.upstream_rejected, 1);
         tracing::error!(
-            seq = r.seq,
+            seq,
             reason = why,
             "a record cannot be delivered upstream; moved to the dead letters"
         );
-        let why = why.to_owned();
-        if let Err(e) = self
-            .blocking(move |rd| rd.reject(r.seq, r.size, &why))
-            .await
-        {
-            tracing::error!(error = %e, seq = r.seq, "cannot move a refused record to the dead letters");
-        }
+        self.outbox.refused(seq, why);
     }
 }

@@ -53,6 +53,8 @@ pub struct Gateway {
     pools: Arc<Vec<Pool>>,
     /// Gateway counters.
     metrics: Arc<Metrics>,
+    /// Reads them, gauges included.
+    counts: Counts,
     /// The embedded broker, if any.
     #[cfg(feature = "embedded-broker")]
     broker: Option<crate::ingest::embedded::EmbeddedBroker>,
@@ -70,13 +72,8 @@ impl Gateway {
     /// embedded broker cannot listen; nothing is left running then.
     pub async fn start(config: Config) -> anyhow::Result<Gateway> {
         let metrics = Arc::new(Metrics::default());
-        let (writer, reader) = store::open(
-            &config.gateway.data_dir,
-            config.buffer.durability,
-            config.buffer.max_size,
-            config.buffer.full_policy,
-        )
-        .context("cannot open the buffer")?;
+        let (writer, reader) = store::open(&config.gateway.data_dir, &config.buffer)
+            .context("cannot open the buffer")?;
         tracing::info!(
             data_dir = %config.gateway.data_dir.display(),
             buffered = reader.pending().unwrap_or(0),
@@ -87,7 +84,11 @@ impl Gateway {
         let mut pools = Vec::new();
         for f in &config.functions {
             let rt = runtime.clone();
-            let spec = FunctionSpec::from_config(f);
+            let prefix = config
+                .upstream
+                .as_ref()
+                .map_or("", |u| u.topic_prefix.as_str());
+            let spec = FunctionSpec::from_config(f, prefix);
             let path = f.module.clone();
             let function = tokio::task::spawn_blocking(move || rt.load_file(&path, spec))
                 .await?
@@ -125,11 +126,20 @@ impl Gateway {
         }
         .start(deliveries_rx);
 
+        // What an external broker's persistent session may hold for us.
+        let session_filters = reader.session_filters();
+        let remembered = match &config.local.source {
+            LocalSource::Broker(b) => reader
+                .local_subscriptions(&b.session_name())
+                .context("cannot read the local broker session's filters")?,
+            LocalSource::Embedded { .. } => Vec::new(),
+        };
         let forward = config.upstream.clone().map(|upstream| {
             tokio::spawn(
                 Forwarder {
                     config: upstream,
                     gateway_id: config.gateway.id.clone(),
+                    incarnation: reader.incarnation(),
                     outbox: reader.outbox(),
                     reader: Arc::new(Mutex::new(reader)),
                     committed,
@@ -150,10 +160,23 @@ impl Gateway {
         let mut broker = None;
         match &config.local.source {
             LocalSource::Broker(b) => {
+                let filters: Vec<String> = router.filters().iter().map(|f| f.to_string()).collect();
+                let stale: Vec<String> = remembered
+                    .into_iter()
+                    .filter(|f| !filters.contains(f))
+                    .collect();
+                // Until the broker confirms the unsubscriptions, the session
+                // may hold both.
+                session_filters.save(
+                    &b.session_name(),
+                    filters.iter().chain(&stale).cloned().collect(),
+                );
                 ingest.push(tokio::spawn(
                     MqttIngest {
                         broker: b.clone(),
-                        filters: router.filters().iter().map(|f| f.to_string()).collect(),
+                        filters,
+                        stale,
+                        session_filters,
                         max_message_size: config.local.max_message_size,
                         deliveries: Some(deliveries_tx),
                         publishes: publish_rx,
@@ -169,6 +192,7 @@ impl Gateway {
                     config.local.max_message_size,
                     router.clone(),
                     deliveries_tx,
+                    metrics.clone(),
                 )
                 .await
                 .with_context(|| format!("cannot start the embedded broker on {listen}"))?;
@@ -186,7 +210,12 @@ impl Gateway {
             }
         }
 
-        let status = tokio::spawn(status_loop(metrics.clone(), pools.clone(), names));
+        let counts = Counts {
+            metrics: metrics.clone(),
+            #[cfg(feature = "embedded-broker")]
+            broker: broker.as_ref().map(|b| b.publisher()),
+        };
+        let status = tokio::spawn(status_loop(counts.clone(), pools.clone(), names));
 
         Ok(Gateway {
             shutdown,
@@ -197,6 +226,7 @@ impl Gateway {
             pipeline,
             pools,
             metrics,
+            counts,
             #[cfg(feature = "embedded-broker")]
             broker,
             _runtime: runtime,
@@ -213,7 +243,7 @@ impl Gateway {
 
     /// Gateway counters.
     pub fn metrics(&self) -> Snapshot {
-        self.metrics.snapshot()
+        self.counts.snapshot()
     }
 
     /// Per-function counters, in configuration order.
@@ -274,19 +304,42 @@ async fn forward_local_publishes(
     }
 }
 
-async fn status_loop(metrics: Arc<Metrics>, pools: Arc<Vec<Pool>>, names: Arc<Vec<String>>) {
+/// Takes snapshots of the gateway's counters with the gauges read fresh.
+#[derive(Clone)]
+struct Counts {
+    /// The counters.
+    metrics: Arc<Metrics>,
+    /// The embedded broker, for its client gauges.
+    #[cfg(feature = "embedded-broker")]
+    broker: Option<crate::ingest::embedded::BrokerPublisher>,
+}
+
+impl Counts {
+    fn snapshot(&self) -> Snapshot {
+        #[cfg(feature = "embedded-broker")]
+        if let Some(b) = &self.broker {
+            let clients = b.clients();
+            Metrics::set(&self.metrics.broker_connections, clients.connections);
+            Metrics::set(&self.metrics.broker_sessions, clients.sessions);
+        }
+        self.metrics.snapshot()
+    }
+}
+
+async fn status_loop(counts: Counts, pools: Arc<Vec<Pool>>, names: Arc<Vec<String>>) {
     use std::sync::atomic::Ordering::Relaxed;
     let mut tick = tokio::time::interval(STATUS_INTERVAL);
     tick.tick().await;
     loop {
         tick.tick().await;
-        let m = metrics.snapshot();
+        let m = counts.snapshot();
         tracing::info!(
             received = m.received,
             committed = m.committed,
             buffered = m.records_buffered,
             forwarded = m.forwarded,
             dead_letters = m.dead_letters,
+            dead_letters_dropped = m.dead_letters_dropped,
             dropped = m.dropped_records,
             broker_dropped = m.broker_dropped,
             local_publishes_dropped = m.local_publishes_dropped,
@@ -294,8 +347,20 @@ async fn status_loop(metrics: Arc<Metrics>, pools: Arc<Vec<Pool>>, names: Arc<Ve
             commit_failures = m.commit_failures,
             upstream_rejected = m.upstream_rejected,
             resent = m.resent,
+            abandoned = m.abandoned,
             "status"
         );
+        #[cfg(feature = "embedded-broker")]
+        if counts.broker.is_some() {
+            tracing::info!(
+                connections = m.broker_connections,
+                sessions = m.broker_sessions,
+                refused = m.broker_refused,
+                dropped_to_subscribers = m.broker_dropped_to_subscribers,
+                lost_internal = m.broker_lost_internal,
+                "embedded broker status"
+            );
+        }
         for (name, p) in names.iter().zip(pools.iter()) {
             let f = p.metrics();
             tracing::debug!(

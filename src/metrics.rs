@@ -1,7 +1,8 @@
 //! Gateway-wide counters: what came in, what was committed, what went up.
 //!
 //! Plain relaxed atomics, bumped once per event (or per batch) and read by
-//! the periodic status line, `edgefn status` and the tests. Per-function
+//! the periodic status line and the tests; the embedded broker's client
+//! counts are gauges, set when a snapshot is taken. Per-function
 //! counters live in [`crate::runtime::pool::FunctionMetrics`].
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -43,10 +44,16 @@ counters! {
     broker_dropped,
     /// Device messages whose outcome was committed (then acknowledged).
     committed,
+    /// Device messages left out of a commit because their device gave up
+    /// on them before (it sends them again): embedded broker only.
+    abandoned,
     /// Records written to the outbox.
     records_buffered,
     /// Inputs written to the dead letters.
     dead_letters,
+    /// Old dead letters deleted to keep them within
+    /// `buffer.dead_letters_max_size`.
+    dead_letters_dropped,
     /// Group commits.
     commit_batches,
     /// Failed commit attempts (retried; nothing acknowledged meanwhile).
@@ -69,9 +76,29 @@ counters! {
     upstream_connects,
     /// Successful connections to the local broker.
     local_connects,
+    /// Embedded broker: QoS 1/2 device publishes not acknowledged because
+    /// they were not committed (the connection was closed without a PUBACK;
+    /// the device sends them again).
+    broker_refused,
+    /// Embedded broker: messages dropped on the way to a local subscriber
+    /// (its queue full, expired, subscriber gone).
+    broker_dropped_to_subscribers,
+    /// Embedded broker: last wills and functions' own publishes on trigger
+    /// topics that never reached a commit; nobody sends these again.
+    broker_lost_internal,
+    /// Embedded broker, now: open connections.
+    broker_connections,
+    /// Embedded broker, now: sessions (connected clients and the persistent
+    /// sessions of offline ones).
+    broker_sessions,
 }
 
 impl Metrics {
+    /// Sets the gauge `gauge` to `value`.
+    pub fn set(gauge: &AtomicU64, value: u64) {
+        gauge.store(value, Ordering::Relaxed);
+    }
+
     /// Adds `n` to `counter`.
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);

@@ -323,11 +323,25 @@ fn commit_loop(
                 break;
             }
         }
-        let mut outcomes: Vec<&mut Outcomes> = batch.iter_mut().map(|r| &mut r.outcomes).collect();
         let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
         let done = loop {
+            // Room first, claims after: while the batch waits for room in a
+            // full buffer, a device that gives up on its message (and will
+            // send it again) can still take it out (see `ingest`).
+            let incoming = batch.iter().map(|r| r.outcomes.bytes()).sum();
+            let room = writer.wait_for_room(incoming, &stop);
+            if let Ok(false) = room {
+                break None;
+            }
+            let before = batch.len();
+            if room.is_ok() {
+                batch.retain(|r| r.ack.claim());
+                Metrics::add(&metrics.abandoned, (before - batch.len()) as u64);
+            }
+            let mut outcomes: Vec<&mut Outcomes> =
+                batch.iter_mut().map(|r| &mut r.outcomes).collect();
             let started = Instant::now();
-            match writer.commit(&mut outcomes, &stop) {
+            match room.and_then(|_| writer.commit(&mut outcomes, &stop)) {
                 Ok(done) => {
                     let took = started.elapsed();
                     if took >= SLOW_COMMIT {
@@ -342,12 +356,16 @@ fn commit_loop(
                     break done;
                 }
                 Err(e) => {
+                    drop(outcomes);
+                    for r in &batch {
+                        r.ack.unclaim();
+                    }
                     Metrics::add(&metrics.commit_failures, 1);
                     let delay = backoff.next_delay();
                     tracing::error!(
                         error = %e,
                         retry_in = ?delay,
-                        held = outcomes.len(),
+                        held = batch.len(),
                         "commit failed; the messages stay unacknowledged and the commit is retried"
                     );
                     if stop() {
@@ -357,7 +375,6 @@ fn commit_loop(
                 }
             }
         };
-        drop(outcomes);
         let Some(done) = done else {
             // Given up at shutdown: drop the acks unsent.
             batch.clear();
@@ -369,6 +386,7 @@ fn commit_loop(
         Metrics::add(&metrics.committed, batch.len() as u64);
         Metrics::add(&metrics.records_buffered, done.records);
         Metrics::add(&metrics.dead_letters, done.dead_letters);
+        Metrics::add(&metrics.dead_letters_dropped, done.dead_letters_dropped);
         Metrics::add(&metrics.dropped_records, done.dropped);
         if done.records > 0 {
             committed.notify_one();
@@ -446,7 +464,13 @@ mod tests {
 
     /// A store in `dir` with room to spare.
     fn open_store(dir: &std::path::Path, durability: Durability) -> (Writer, crate::store::Reader) {
-        crate::store::open(dir, durability, 1 << 30, FullPolicy::Backpressure).unwrap()
+        let buffer = crate::config::BufferConfig {
+            durability,
+            max_size: 1 << 30,
+            full_policy: FullPolicy::Backpressure,
+            ..Default::default()
+        };
+        crate::store::open(dir, &buffer).unwrap()
     }
 
     /// A pipeline running `wat` on every topic with `concurrency` warm
@@ -465,6 +489,9 @@ mod tests {
             memory_limit: 1 << 20,
             timeout: Duration::from_secs(1),
             max_record_size: 1 << 20,
+            max_emit_bytes: 1 << 20,
+            max_topic_len: crate::runtime::MAX_TOPIC_LEN,
+            log_rate_limit: 100,
             fuel: None,
         };
         let f = rt.load("f", &wat::parse_str(wat).unwrap(), spec).unwrap();

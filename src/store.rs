@@ -7,13 +7,17 @@
 //!    as its input's other outcomes ([`Writer::commit`]); the input is
 //!    acknowledged only after that transaction commits. Many inputs share
 //!    one transaction (group commit).
-//! 2. **Delete after upstream ack.** An outbox row is deleted only after the
-//!    upstream broker's PUBACK for it, or when the `drop_oldest` policy makes
-//!    room, which is counted in `counters` (`dropped_records`) and logged.
-//!    The forwarder reports PUBACKed records ([`Outbox::acknowledged`]) and
-//!    the writer deletes them in its next transaction, so there is one
-//!    writing connection and no lock to wait for; when no input arrives,
-//!    the commit thread wakes for them ([`Writer::acknowledgements`]).
+//! 2. **Delete after upstream ack.** An outbox row leaves only after the
+//!    upstream broker's PUBACK for it; when the upstream refuses it or can
+//!    never take it, moved to the dead letters in the same transaction; or
+//!    when the `drop_oldest` policy makes room, which is counted in
+//!    `counters` (`dropped_records`) and logged. The forwarder reports
+//!    PUBACKed records ([`Outbox::acknowledged`]) and refused ones
+//!    ([`Outbox::refused`]); the writer takes them out in its next
+//!    transaction, so there is one writing connection and no lock to wait
+//!    for. When no input arrives, the commit thread wakes for them
+//!    ([`Writer::acknowledgements`]); a commit waiting for room in a full
+//!    buffer wakes for either (any way a record leaves makes room).
 //! 3. **On disk when acknowledged.** With `durability = "full"` (default)
 //!    the database runs in WAL mode with `synchronous = FULL`: each commit
 //!    fsyncs the WAL, so a power cut loses nothing acknowledged. `"relaxed"`
@@ -30,20 +34,38 @@
 //!    `AUTOINCREMENT` would do the same by rewriting `sqlite_sequence` in
 //!    every transaction: one more 4 KiB WAL page per commit, measured
 //!    2.33 instead of 1.33 pages for a one-record commit.
+//! 5. **Ids are never reused.** A record's id is `<gateway id>:<incarnation>:<seq>`.
+//!    The incarnation is a random 64-bit number drawn when the database is
+//!    created (`counters`, `incarnation`), in a synced transaction: a
+//!    database lost whole (a power cut with `durability = "relaxed"` can
+//!    lose a new one, or an operator deletes it) starts a new incarnation,
+//!    so its seqs, which start again at 1, make new ids. Within one
+//!    incarnation a seq is used only after its reservation is on disk: with
+//!    `full` the reservation rides in the (synced) transaction of the first
+//!    record of its block; with `relaxed` it gets a synced transaction of
+//!    its own before the records that use it, because a commit that is not
+//!    synced can vanish after its records were sent upstream.
 //!
-//! # Schema (version 2, in `PRAGMA user_version`)
+//! # Schema (version 3, in `PRAGMA user_version`)
 //!
 //! - `outbox(seq INTEGER PRIMARY KEY, topic TEXT, payload BLOB,
 //!   created_ms INTEGER)`: records waiting for upstream. `topic` is what the
 //!   function emitted, without the upstream prefix (the prefix may change
-//!   between runs). A record's stable id is `<gateway id>:<seq>`. (Version
+//!   between runs). A record's stable id is `<gateway id>:<incarnation>:<seq>`
+//!   (invariant 5). (Version
 //!   1 had `AUTOINCREMENT` here; migration 2 copies the rows and carries
 //!   the sequence over as `seq_reserved`.)
 //! - `dead_letters(id INTEGER PRIMARY KEY AUTOINCREMENT, function TEXT,
 //!   topic TEXT, payload BLOB, kind TEXT, error TEXT, attempts INTEGER,
-//!   created_ms INTEGER)`: inputs whose every attempt failed.
+//!   created_ms INTEGER)`: inputs whose every attempt failed, and records
+//!   the upstream refused (function `upstream`, kind `rejected`).
 //! - `counters(name TEXT PRIMARY KEY, value INTEGER)`: totals that must
-//!   survive restarts (`dropped_records`, `seq_reserved`).
+//!   survive restarts (`dropped_records`, `dead_letters_dropped`,
+//!   `seq_reserved`, `incarnation`).
+//! - `local_subscriptions(session TEXT, filter TEXT)` (version 3): the
+//!   topic filters an external local broker may hold for edgefn's
+//!   persistent session, so ingest can unsubscribe those no function uses
+//!   any more ([`SessionFilters`]).
 //!
 //! Later schema versions append to `MIGRATIONS`; a database newer than
 //! this binary is refused rather than misread.
@@ -65,6 +87,12 @@
 //! The bound (`[buffer] max_size`) is on the bytes of buffered topics and
 //! payloads, tracked in memory ([`Writer::outbox_bytes`]) and recomputed at
 //! open; SQLite's own overhead (pages, indexes, WAL) comes on top.
+//!
+//! Dead letters have a bound of their own (`[buffer]
+//! dead_letters_max_size`, on [`DeadLetter::size`]: names, topic, payload
+//! and error text), also tracked in memory and recomputed at open. The
+//! transaction that takes them past it deletes the oldest, keeping at least
+//! the newest, and counts them (`dead_letters_dropped`).
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -74,7 +102,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use crate::config::{Durability, FullPolicy};
+use crate::config::{BufferConfig, Durability, FullPolicy};
 
 /// File name of the database inside `data_dir`.
 pub const DB_FILE: &str = "edgefn.db";
@@ -116,6 +144,13 @@ const MIGRATIONS: &[&str] = &[
     DROP TABLE outbox;
     ALTER TABLE outbox_v2 RENAME TO outbox;
 ",
+    "
+    CREATE TABLE local_subscriptions (
+        session TEXT NOT NULL,
+        filter  TEXT NOT NULL,
+        PRIMARY KEY (session, filter)
+    ) WITHOUT ROWID;
+",
 ];
 
 /// Seqs reserved at a time (see invariant 4): one `counters` write per
@@ -128,6 +163,42 @@ pub const TAIL_RECORDS: usize = 4096;
 
 /// Most bytes (topics + payloads) the recent tail holds.
 pub const TAIL_BYTES: usize = 4 << 20;
+
+/// Says yes at most once per period: for warnings that would otherwise be
+/// logged on every commit.
+#[derive(Debug)]
+struct Every {
+    /// The period.
+    period: Duration,
+    /// When it last said yes.
+    last: Option<std::time::Instant>,
+}
+
+impl Every {
+    fn new(period: Duration) -> Every {
+        Every { period, last: None }
+    }
+
+    /// True if the period passed since the last true (or never was one).
+    fn due(&mut self) -> bool {
+        let now = std::time::Instant::now();
+        let due = self
+            .last
+            .is_none_or(|t| now.duration_since(t) >= self.period);
+        if due {
+            self.last = Some(now);
+        }
+        due
+    }
+}
+
+/// The function name of dead letters for records the upstream refused.
+pub const UPSTREAM: &str = "upstream";
+
+/// SQL for the bytes a dead letter counts against its bound (see
+/// [`DeadLetter::size`]).
+const DEAD_LETTER_SIZE: &str = "length(CAST(function AS BLOB)) + length(CAST(topic AS BLOB)) \
+     + length(payload) + length(CAST(error AS BLOB))";
 
 /// How long SQLite waits for the other connection's lock before failing.
 /// Writers are short (one group commit), so this is only ever reached when
@@ -204,6 +275,10 @@ pub struct Committed {
     pub dropped: u64,
     /// Acknowledged records deleted (some may have been dropped already).
     pub deleted: u64,
+    /// Refused records moved to the dead letters.
+    pub refused: u64,
+    /// Old dead letters deleted to keep them within their bound.
+    pub dead_letters_dropped: u64,
     /// The highest `seq` written, if any.
     pub last_seq: Option<i64>,
 }
@@ -217,6 +292,14 @@ pub struct Record {
     pub topic: String,
     /// Payload.
     pub payload: Vec<u8>,
+}
+
+impl DeadLetter {
+    /// Bytes it counts against `dead_letters_max_size`: its text and payload
+    /// (the same sum as [`DEAD_LETTER_SIZE`] in SQL).
+    pub fn size(&self) -> u64 {
+        (self.function.len() + self.topic.len() + self.payload.len() + self.error.len()) as u64
+    }
 }
 
 impl Record {
@@ -255,29 +338,68 @@ impl Tail {
     }
 }
 
-/// Acknowledged records on their way out of the outbox.
+/// Records on their way out of the outbox: acknowledged by the upstream
+/// (deleted) or refused by it (moved to the dead letters). Either way the
+/// writer does it in its next transaction.
 #[derive(Debug, Default)]
-struct Acked {
-    /// Seqs reported by the forwarder, for the next transaction.
-    waiting: Vec<i64>,
-    /// Seqs the writer is deleting in a transaction that has not committed.
-    deleting: Vec<i64>,
+struct Leaving {
+    /// Seqs the upstream acknowledged, for the next transaction.
+    delivered: Vec<i64>,
+    /// Seqs the upstream refused, with the reason, for the next transaction.
+    refused: Vec<(i64, String)>,
+    /// Seqs of both kinds in a transaction that has not committed yet.
+    in_transaction: Vec<i64>,
 }
 
-impl Acked {
-    /// Takes the waiting records for a transaction.
-    fn start(&mut self) -> Vec<i64> {
-        let taken = std::mem::take(&mut self.waiting);
-        self.deleting.extend_from_slice(&taken);
+/// What one transaction takes out of [`Leaving`].
+#[derive(Debug, Default)]
+struct Taken {
+    /// Acknowledged seqs, to delete.
+    delivered: Vec<i64>,
+    /// Refused seqs and why, to move to the dead letters.
+    refused: Vec<(i64, String)>,
+}
+
+impl Taken {
+    fn is_empty(&self) -> bool {
+        self.delivered.is_empty() && self.refused.is_empty()
+    }
+}
+
+impl Leaving {
+    /// Whether nothing waits for a transaction.
+    fn is_empty(&self) -> bool {
+        self.delivered.is_empty() && self.refused.is_empty()
+    }
+
+    /// Takes what waits, for a transaction.
+    fn start(&mut self) -> Taken {
+        let taken = Taken {
+            delivered: std::mem::take(&mut self.delivered),
+            refused: std::mem::take(&mut self.refused),
+        };
+        self.in_transaction.extend_from_slice(&taken.delivered);
+        self.in_transaction
+            .extend(taken.refused.iter().map(|(seq, _)| *seq));
         taken
     }
 
-    /// After the transaction: committed, or (`failed`) back to waiting.
-    fn finish(&mut self, taken: Vec<i64>, failed: bool) {
-        self.deleting.clear();
+    /// After the transaction: done, or (`failed`) back to waiting.
+    fn finish(&mut self, taken: Taken, failed: bool) {
+        self.in_transaction.clear();
         if failed {
-            self.waiting.extend(taken);
+            self.delivered.extend(taken.delivered);
+            self.refused.extend(taken.refused);
         }
+    }
+
+    /// Every seq on its way out (never to be sent again).
+    fn seqs(&self) -> impl Iterator<Item = i64> + '_ {
+        self.delivered
+            .iter()
+            .copied()
+            .chain(self.refused.iter().map(|(seq, _)| *seq))
+            .chain(self.in_transaction.iter().copied())
     }
 }
 
@@ -288,13 +410,17 @@ struct Shared {
     bytes: AtomicU64,
     /// Highest committed seq (for waking the forwarder).
     last_seq: AtomicU64,
-    /// Records the upstream acknowledged, not yet deleted; the condvar
-    /// wakes a writer waiting for room.
-    acked: (Mutex<Acked>, Condvar),
-    /// Wakes an idle commit thread when `acked` gains entries.
-    acked_ready: tokio::sync::Notify,
+    /// Records the upstream acknowledged or refused, still in the outbox;
+    /// the condvar wakes a writer waiting for room.
+    leaving: (Mutex<Leaving>, Condvar),
+    /// Wakes an idle commit thread when `leaving` gains entries.
+    leaving_ready: tokio::sync::Notify,
     /// Recently committed records.
     tail: Mutex<Tail>,
+    /// The local broker session's filters, to write in the next transaction.
+    subscriptions: Mutex<Option<(String, Vec<String>)>>,
+    /// This database's incarnation (invariant 5).
+    incarnation: u64,
 }
 
 fn now_ms() -> i64 {
@@ -322,12 +448,7 @@ fn open_connection(path: &Path, synchronous: &str) -> Result<Connection, StoreEr
 ///
 /// Fails if the directory or database cannot be created, or the schema is
 /// newer than this binary knows.
-pub fn open(
-    data_dir: &Path,
-    durability: Durability,
-    max_size: u64,
-    policy: FullPolicy,
-) -> Result<(Writer, Reader), StoreError> {
+pub fn open(data_dir: &Path, buffer: &BufferConfig) -> Result<(Writer, Reader), StoreError> {
     std::fs::create_dir_all(data_dir).map_err(|source| StoreError::DataDir {
         path: data_dir.to_owned(),
         source,
@@ -337,12 +458,16 @@ pub fn open(
         path: path.clone(),
         source,
     };
-    let sync = match durability {
+    let sync = match buffer.durability {
         Durability::Full => "FULL",
         Durability::Relaxed => "NORMAL",
     };
-    let mut conn = open_connection(&path, sync)?;
+    // Creating and migrating the schema, and the incarnation, are synced
+    // whatever the durability: ids rest on them (invariant 5).
+    let mut conn = open_connection(&path, "FULL")?;
     migrate(&mut conn, &path)?;
+    let incarnation = incarnation(&mut conn).map_err(err)?;
+    conn.pragma_update(None, "synchronous", sync).map_err(err)?;
     let (bytes, last): (i64, Option<i64>) = conn
         .query_row(
             "SELECT COALESCE(SUM(length(CAST(topic AS BLOB)) + length(payload)), 0), MAX(seq) FROM outbox",
@@ -357,9 +482,19 @@ pub fn open(
             |r| r.get(0),
         )
         .map_err(err)?;
+    let dead_bytes: i64 = conn
+        .query_row(
+            &format!("SELECT COALESCE(SUM({DEAD_LETTER_SIZE}), 0) FROM dead_letters"),
+            [],
+            |r| r.get(0),
+        )
+        .map_err(err)?;
     // Seqs up to the reservation may have been handed out before a crash.
     let next_seq = last.unwrap_or(0).max(reserved) + 1;
-    let shared = Arc::new(Shared::default());
+    let shared = Arc::new(Shared {
+        incarnation,
+        ..Shared::default()
+    });
     shared.bytes.store(bytes as u64, Ordering::Relaxed);
     shared
         .last_seq
@@ -376,15 +511,46 @@ pub fn open(
             conn,
             path,
             shared,
-            max_size,
-            policy,
+            max_size: buffer.max_size,
+            policy: buffer.full_policy,
+            durability: buffer.durability,
             next_seq,
             reserved: next_seq - 1,
+            dead_bytes: dead_bytes as u64,
+            dead_letters_max_size: buffer.dead_letters_max_size,
+            dead_letter_warning: Every::new(Duration::from_secs(60)),
             #[cfg(test)]
             disk_full: Arc::default(),
         },
         reader,
     ))
+}
+
+/// This database's incarnation, drawn and stored (synced: the connection
+/// is in `synchronous = FULL` here) the first time.
+fn incarnation(conn: &mut Connection) -> rusqlite::Result<u64> {
+    let tx = conn.transaction()?;
+    let stored: Option<i64> = tx
+        .query_row(
+            "SELECT value FROM counters WHERE name = 'incarnation'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let value = match stored {
+        Some(v) => v,
+        None => {
+            // Never 0, so an id can always tell it was set.
+            let v = fastrand::i64(..).max(1);
+            tx.execute(
+                "INSERT INTO counters (name, value) VALUES ('incarnation', ?1)",
+                [v],
+            )?;
+            v
+        }
+    };
+    tx.commit()?;
+    Ok(value as u64)
 }
 
 fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
@@ -425,10 +591,18 @@ pub struct Writer {
     max_size: u64,
     /// `[buffer] full_policy`.
     policy: FullPolicy,
+    /// `[buffer] durability`.
+    durability: Durability,
     /// The seq the next record gets.
     next_seq: i64,
     /// The highest seq reserved in `counters` (`seq_reserved`).
     reserved: i64,
+    /// Bytes of dead letters ([`DeadLetter::size`]), recomputed at open.
+    dead_bytes: u64,
+    /// `[buffer] dead_letters_max_size`.
+    dead_letters_max_size: u64,
+    /// Rate limit of the warning about dropped dead letters.
+    dead_letter_warning: Every,
     /// See [`Writer::disk_full_switch`].
     #[cfg(test)]
     disk_full: Arc<std::sync::atomic::AtomicBool>,
@@ -444,7 +618,8 @@ pub struct Outcomes {
 }
 
 impl Outcomes {
-    fn bytes(&self) -> u64 {
+    /// Bytes its records count against the buffer bound.
+    pub fn bytes(&self) -> u64 {
         self.records
             .iter()
             .map(|r| (r.topic.len() + r.payload.len()) as u64)
@@ -461,7 +636,8 @@ impl Writer {
     /// written nothing; the caller retries and must not acknowledge.
     ///
     /// The same transaction deletes the records the upstream acknowledged
-    /// since the last commit ([`Outbox::acknowledged`]); an empty `batch`
+    /// since the last commit ([`Outbox::acknowledged`]) and moves those it
+    /// refused to the dead letters ([`Outbox::refused`]); an empty `batch`
     /// commits only those (nothing at all if there are none).
     ///
     /// After a successful commit the records are moved out of `batch` into
@@ -474,42 +650,62 @@ impl Writer {
         #[cfg(test)]
         self.fill_disk(self.disk_full.load(Ordering::Relaxed));
         let incoming: u64 = batch.iter().map(|o| o.bytes()).sum();
-        if self.policy == FullPolicy::Backpressure && !self.wait_for_room(incoming, give_up)? {
+        if !self.wait_for_room(incoming, give_up)? {
             return Ok(None);
         }
-        let acked = self.shared.acked.0.lock().expect("acked lock").start();
-        if batch.is_empty() && acked.is_empty() {
+        let taken = self.shared.leaving.0.lock().expect("leaving lock").start();
+        if batch.is_empty() && taken.is_empty() && !self.has_subscriptions_to_save() {
             return Ok(Some(Committed::default()));
         }
-        self.write_acked(batch, incoming, acked).map(Some)
+        self.write_taken(batch, incoming, taken).map(Some)
     }
 
-    /// [`Writer::write`] with `acked` taken by [`Acked::start`], handed
-    /// back with [`Acked::finish`]: if the transaction failed, they are
-    /// deleted next time.
-    fn write_acked(
+    /// [`Writer::write`] with `taken` from [`Leaving::start`], handed back
+    /// with [`Leaving::finish`]: if the transaction failed, they wait for
+    /// the next one.
+    fn write_taken(
         &mut self,
         batch: &mut [&mut Outcomes],
         incoming: u64,
-        acked: Vec<i64>,
+        taken: Taken,
     ) -> Result<Committed, StoreError> {
-        let result = self.write(batch, incoming, &acked);
+        let subscriptions = self
+            .shared
+            .subscriptions
+            .lock()
+            .expect("subscriptions lock")
+            .take();
+        let result = self.write(batch, incoming, &taken, subscriptions.as_ref());
+        if result.is_err() && subscriptions.is_some() {
+            let mut pending = self
+                .shared
+                .subscriptions
+                .lock()
+                .expect("subscriptions lock");
+            if pending.is_none() {
+                *pending = subscriptions;
+            }
+        }
         self.shared
-            .acked
+            .leaving
             .0
             .lock()
-            .expect("acked lock")
-            .finish(acked, result.is_err());
+            .expect("leaving lock")
+            .finish(taken, result.is_err());
+        // Room may have been made: a writer waiting for it looks again.
+        self.shared.leaving.1.notify_all();
         result
     }
 
-    /// One transaction: deletes `acked`, makes room (`drop_oldest`), writes
-    /// `batch`.
+    /// One transaction: deletes what the upstream acknowledged, moves what
+    /// it refused to the dead letters, makes room (`drop_oldest`), writes
+    /// `batch`, and keeps the dead letters within their bound.
     fn write(
         &mut self,
         batch: &mut [&mut Outcomes],
         incoming: u64,
-        acked: &[i64],
+        taken: &Taken,
+        subscriptions: Option<&(String, Vec<String>)>,
     ) -> Result<Committed, StoreError> {
         let path = self.path.clone();
         let err = |source| StoreError::Sqlite {
@@ -519,13 +715,27 @@ impl Writer {
         let now = now_ms();
         let mut done = Committed::default();
         let mut dropped_through = None;
+        let records: i64 = batch.iter().map(|o| o.records.len() as i64).sum();
+        if self.durability == Durability::Relaxed && self.next_seq + records - 1 > self.reserved {
+            // Not synced, this transaction may be lost with records already
+            // sent upstream: the seqs it uses must be reserved durably first.
+            self.reserve_synced(self.next_seq + records - 1 + SEQ_BLOCK)?;
+        }
         let first = self.next_seq;
         let mut next = first;
         let mut reserved = self.reserved;
+        let mut dead_bytes = self.dead_bytes;
         let tx = self.conn.transaction().map_err(err)?;
-        let mut freed = delete(&tx, acked).map_err(err)?;
-        done.deleted = acked.len() as u64;
+        let mut freed = delete(&tx, &taken.delivered).map_err(err)?;
+        done.deleted = taken.delivered.len() as u64;
+        if let Some((session, filters)) = subscriptions {
+            save_subscriptions(&tx, session, filters).map_err(err)?;
+        }
         {
+            let refused = refuse(&tx, &taken.refused, now).map_err(err)?;
+            freed += refused.outbox_bytes;
+            dead_bytes += refused.dead_letter_bytes;
+            done.refused = refused.rows;
             if self.policy == FullPolicy::DropOldest {
                 let used = self.shared.bytes.load(Ordering::Relaxed);
                 let over = (used.saturating_sub(freed) + incoming).saturating_sub(self.max_size);
@@ -572,21 +782,43 @@ impl Writer {
                         d.function, d.topic, d.payload, d.kind, d.error, d.attempts, now
                     ])
                     .map_err(err)?;
+                    dead_bytes += d.size();
                     done.dead_letters += 1;
                 }
             }
-            if done.dropped > 0 {
-                tx.execute(
-                    "INSERT INTO counters (name, value) VALUES ('dropped_records', ?1)
-                     ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
-                    [done.dropped as i64],
-                )
-                .map_err(err)?;
+            if dead_bytes > self.dead_letters_max_size {
+                let (rows, bytes) =
+                    drop_oldest_dead_letters(&tx, dead_bytes - self.dead_letters_max_size)
+                        .map_err(err)?;
+                dead_bytes -= bytes.min(dead_bytes);
+                done.dead_letters_dropped = rows;
+                if rows > 0 && self.dead_letter_warning.due() {
+                    tracing::warn!(
+                        dropped = rows,
+                        bytes,
+                        "dead letters full: dropped the oldest (buffer.dead_letters_max_size); \
+                         more drops are counted (dead_letters_dropped) but not logged for a minute"
+                    );
+                }
+            }
+            for (name, n) in [
+                ("dropped_records", done.dropped),
+                ("dead_letters_dropped", done.dead_letters_dropped),
+            ] {
+                if n > 0 {
+                    tx.execute(
+                        "INSERT INTO counters (name, value) VALUES (?1, ?2)
+                         ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
+                        params![name, n as i64],
+                    )
+                    .map_err(err)?;
+                }
             }
         }
         tx.commit().map_err(err)?;
         self.next_seq = next;
         self.reserved = reserved;
+        self.dead_bytes = dead_bytes;
         let b = &self.shared.bytes;
         b.fetch_add(incoming, Ordering::Relaxed);
         b.fetch_sub(freed.min(b.load(Ordering::Relaxed)), Ordering::Relaxed);
@@ -597,24 +829,56 @@ impl Writer {
         Ok(done)
     }
 
-    /// Resolves when the forwarder has reported acknowledged records since
-    /// the last call (immediately if it did while nobody waited). The commit
-    /// thread waits on this and on new input; then [`Writer::commit`] with
-    /// an empty batch deletes them.
-    pub fn acknowledgements(&self) -> impl std::future::Future<Output = ()> + '_ {
-        self.shared.acked_ready.notified()
+    /// Reserves seqs up to `upto` in a transaction of its own, synced even
+    /// with `durability = "relaxed"` (invariant 5).
+    fn reserve_synced(&mut self, upto: i64) -> Result<(), StoreError> {
+        let path = self.path.clone();
+        let err = |source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        self.conn
+            .pragma_update(None, "synchronous", "FULL")
+            .map_err(err)?;
+        let reserved = self.conn.execute(
+            "INSERT INTO counters (name, value) VALUES ('seq_reserved', ?1)
+             ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+            [upto],
+        );
+        let restored = self.conn.pragma_update(None, "synchronous", "NORMAL");
+        reserved.map_err(err)?;
+        restored.map_err(err)?;
+        self.reserved = upto;
+        Ok(())
     }
 
-    /// Whether acknowledged records are waiting to be deleted.
+    /// Resolves when the forwarder has reported acknowledged or refused
+    /// records since the last call (immediately if it did while nobody
+    /// waited). The commit thread waits on this and on new input; then
+    /// [`Writer::commit`] with an empty batch deals with them.
+    pub fn acknowledgements(&self) -> impl std::future::Future<Output = ()> + '_ {
+        self.shared.leaving_ready.notified()
+    }
+
+    /// Whether acknowledged or refused records (or the local session's
+    /// filters) wait for a transaction.
     pub fn has_acknowledged(&self) -> bool {
         !self
             .shared
-            .acked
+            .leaving
             .0
             .lock()
-            .expect("acked lock")
-            .waiting
+            .expect("leaving lock")
             .is_empty()
+            || self.has_subscriptions_to_save()
+    }
+
+    fn has_subscriptions_to_save(&self) -> bool {
+        self.shared
+            .subscriptions
+            .lock()
+            .expect("subscriptions lock")
+            .is_some()
     }
 
     /// Moves the records just committed, with seqs from `first` on, into
@@ -639,14 +903,19 @@ impl Writer {
         }
     }
 
-    /// Waits until `incoming` bytes fit, deleting what the upstream
-    /// acknowledges meanwhile. Returns false if `give_up` said so; fails if
-    /// a delete fails.
-    fn wait_for_room(
+    /// With the `backpressure` policy, waits until `incoming` bytes fit,
+    /// taking records out of the outbox as the upstream acknowledges or
+    /// refuses them meanwhile (any way a record leaves makes room). Returns
+    /// at once with `drop_oldest`. Returns false if `give_up` said so;
+    /// fails if a transaction that takes records out fails.
+    pub fn wait_for_room(
         &mut self,
         incoming: u64,
         give_up: &dyn Fn() -> bool,
     ) -> Result<bool, StoreError> {
+        if self.policy != FullPolicy::Backpressure {
+            return Ok(true);
+        }
         let max_size = self.max_size;
         let fits = move |shared: &Shared| {
             let used = shared.bytes.load(Ordering::Relaxed);
@@ -663,21 +932,21 @@ impl Writer {
             "buffer full: devices are not acknowledged until the upstream drains it"
         );
         loop {
-            let acked = {
-                let (lock, cvar) = &self.shared.acked;
-                let mut acked = lock.lock().expect("acked lock");
-                while acked.waiting.is_empty() {
+            let taken = {
+                let (lock, cvar) = &self.shared.leaving;
+                let mut leaving = lock.lock().expect("leaving lock");
+                while leaving.is_empty() {
                     if give_up() {
                         return Ok(false);
                     }
-                    acked = cvar
-                        .wait_timeout(acked, Duration::from_millis(200))
-                        .expect("acked lock")
+                    leaving = cvar
+                        .wait_timeout(leaving, Duration::from_millis(200))
+                        .expect("leaving lock")
                         .0;
                 }
-                acked.start()
+                leaving.start()
             };
-            self.write_acked(&mut [], 0, acked)?;
+            self.write_taken(&mut [], 0, taken)?;
             if fits(&self.shared) {
                 return Ok(true);
             }
@@ -727,6 +996,22 @@ impl Writer {
     }
 }
 
+/// Replaces the remembered filters with `filters` of `session`.
+fn save_subscriptions(
+    tx: &rusqlite::Transaction<'_>,
+    session: &str,
+    filters: &[String],
+) -> rusqlite::Result<()> {
+    tx.execute("DELETE FROM local_subscriptions", [])?;
+    let mut insert = tx.prepare_cached(
+        "INSERT OR IGNORE INTO local_subscriptions (session, filter) VALUES (?1, ?2)",
+    )?;
+    for f in filters {
+        insert.execute([session, f])?;
+    }
+    Ok(())
+}
+
 /// Deletes acknowledged records by seq; returns the bytes freed.
 fn delete(tx: &rusqlite::Transaction<'_>, acked: &[i64]) -> rusqlite::Result<u64> {
     if acked.is_empty() {
@@ -760,35 +1045,125 @@ fn delete(tx: &rusqlite::Transaction<'_>, acked: &[i64]) -> rusqlite::Result<u64
     Ok(freed)
 }
 
+/// What moving refused records to the dead letters did.
+struct Refused {
+    /// Records moved.
+    rows: u64,
+    /// Bytes they took in the outbox (topics and payloads).
+    outbox_bytes: u64,
+    /// Bytes they take as dead letters ([`DeadLetter::size`]).
+    dead_letter_bytes: u64,
+}
+
+/// Moves records the upstream refused to the dead letters (function
+/// `upstream`, kind `rejected`, the reason as error).
+fn refuse(
+    tx: &rusqlite::Transaction<'_>,
+    refused: &[(i64, String)],
+    now: i64,
+) -> rusqlite::Result<Refused> {
+    let mut done = Refused {
+        rows: 0,
+        outbox_bytes: 0,
+        dead_letter_bytes: 0,
+    };
+    if refused.is_empty() {
+        return Ok(done);
+    }
+    let mut copy = tx.prepare_cached(&format!(
+        "INSERT INTO dead_letters (function, topic, payload, kind, error, attempts, created_ms)
+         SELECT '{UPSTREAM}', topic, payload, 'rejected', ?2, 1, ?3 FROM outbox WHERE seq = ?1
+         RETURNING {DEAD_LETTER_SIZE}"
+    ))?;
+    let mut remove = tx.prepare_cached(
+        "DELETE FROM outbox WHERE seq = ?1 RETURNING length(CAST(topic AS BLOB)) + length(payload)",
+    )?;
+    for (seq, why) in refused {
+        let mut rows = copy.query(params![seq, why, now])?;
+        while let Some(row) = rows.next()? {
+            done.dead_letter_bytes += row.get::<_, i64>(0)? as u64;
+            done.rows += 1;
+        }
+        drop(rows);
+        let mut rows = remove.query([seq])?;
+        while let Some(row) = rows.next()? {
+            done.outbox_bytes += row.get::<_, i64>(0)? as u64;
+        }
+    }
+    Ok(done)
+}
+
+/// Deletes the oldest dead letters until at least `need` bytes are freed,
+/// keeping the newest one whatever its size. Returns (rows, bytes).
+fn drop_oldest_dead_letters(
+    tx: &rusqlite::Transaction<'_>,
+    need: u64,
+) -> rusqlite::Result<(u64, u64)> {
+    let newest: i64 = tx.query_row("SELECT COALESCE(MAX(id), 0) FROM dead_letters", [], |r| {
+        r.get(0)
+    })?;
+    let select =
+        format!("SELECT id, {DEAD_LETTER_SIZE} FROM dead_letters WHERE id < ?1 ORDER BY id");
+    let (rows, freed, _) = delete_oldest(
+        tx,
+        &select,
+        newest,
+        "DELETE FROM dead_letters WHERE id <= ?1",
+        need,
+    )?;
+    Ok((rows, freed))
+}
+
 /// Deletes the oldest records until at least `need` bytes are freed.
 /// Returns (rows, bytes, the last seq) deleted.
 fn drop_oldest(
     tx: &rusqlite::Transaction<'_>,
     need: u64,
 ) -> rusqlite::Result<(u64, u64, Option<i64>)> {
+    let done = delete_oldest(
+        tx,
+        "SELECT seq, length(CAST(topic AS BLOB)) + length(payload) FROM outbox
+         WHERE seq < ?1 ORDER BY seq",
+        i64::MAX,
+        "DELETE FROM outbox WHERE seq <= ?1",
+        need,
+    )?;
+    if done.0 > 0 {
+        tracing::warn!(
+            records = done.0,
+            bytes = done.1,
+            "buffer full: dropped the oldest records (drop_oldest policy)"
+        );
+    }
+    Ok(done)
+}
+
+/// Walks the rows `select` yields (key, bytes; oldest first, below `below`)
+/// until they add up to `need` bytes, then deletes them all with `delete`
+/// (which gets the last key). Returns (rows, bytes, the last key).
+fn delete_oldest(
+    tx: &rusqlite::Transaction<'_>,
+    select: &str,
+    below: i64,
+    delete: &str,
+    need: u64,
+) -> rusqlite::Result<(u64, u64, Option<i64>)> {
     let mut rows = 0;
     let mut freed = 0;
     let mut last = None;
     {
-        let mut stmt = tx.prepare_cached(
-            "SELECT seq, length(CAST(topic AS BLOB)) + length(payload) FROM outbox ORDER BY seq",
-        )?;
-        let mut it = stmt.query([])?;
+        let mut stmt = tx.prepare_cached(select)?;
+        let mut it = stmt.query([below])?;
         while freed < need {
             let Some(row) = it.next()? else { break };
-            let (seq, size): (i64, i64) = (row.get(0)?, row.get(1)?);
+            let (key, size): (i64, i64) = (row.get(0)?, row.get(1)?);
             freed += size as u64;
             rows += 1;
-            last = Some(seq);
+            last = Some(key);
         }
     }
     if let Some(last) = last {
-        tx.execute("DELETE FROM outbox WHERE seq <= ?1", [last])?;
-        tracing::warn!(
-            records = rows,
-            bytes = freed,
-            "buffer full: dropped the oldest records (drop_oldest policy)"
-        );
+        tx.execute(delete, [last])?;
     }
     Ok((rows, freed, last))
 }
@@ -817,15 +1192,14 @@ impl Reader {
     pub fn after(&self, after: i64, limit: usize) -> Result<Vec<Record>, StoreError> {
         // Taken before the query: a delete that commits after this point is
         // filtered here, one that committed before is not in the snapshot.
-        let gone: std::collections::HashSet<i64> = {
-            let acked = self.shared.acked.0.lock().expect("acked lock");
-            acked
-                .waiting
-                .iter()
-                .chain(&acked.deleting)
-                .copied()
-                .collect()
-        };
+        let gone: std::collections::HashSet<i64> = self
+            .shared
+            .leaving
+            .0
+            .lock()
+            .expect("leaving lock")
+            .seqs()
+            .collect();
         let mut stmt = self
             .conn
             .prepare_cached(
@@ -833,7 +1207,9 @@ impl Reader {
             )
             .map_err(self.err())?;
         let rows = stmt
-            .query_map(params![after, limit as i64], |r| {
+            // Rows on their way out are skipped below: ask for that many
+            // more, so a head of them cannot hide the records behind it.
+            .query_map(params![after, (limit + gone.len()) as i64], |r| {
                 Ok(Record {
                     seq: r.get(0)?,
                     topic: r.get(1)?,
@@ -844,37 +1220,11 @@ impl Reader {
         let mut records = Vec::with_capacity(limit.min(256));
         for r in rows {
             let r = r.map_err(self.err())?;
-            if !gone.contains(&r.seq) {
+            if !gone.contains(&r.seq) && records.len() < limit {
                 records.push(r);
             }
         }
         Ok(records)
-    }
-
-    /// Moves a record the upstream refused to the dead letters (function
-    /// `upstream`), in one transaction.
-    pub fn reject(&mut self, seq: i64, size: u64, why: &str) -> Result<(), StoreError> {
-        let path = self.path.clone();
-        let err = |source| StoreError::Sqlite {
-            path: path.clone(),
-            source,
-        };
-        let tx = self.conn.transaction().map_err(err)?;
-        let moved = tx
-            .execute(
-                "INSERT INTO dead_letters (function, topic, payload, kind, error, attempts, created_ms)
-                 SELECT 'upstream', topic, payload, 'rejected', ?2, 1, ?3 FROM outbox WHERE seq = ?1",
-                params![seq, why, now_ms()],
-            )
-            .map_err(err)?;
-        tx.execute("DELETE FROM outbox WHERE seq = ?1", [seq])
-            .map_err(err)?;
-        tx.commit().map_err(err)?;
-        if moved > 0 {
-            let b = &self.shared.bytes;
-            b.fetch_sub(size.min(b.load(Ordering::Relaxed)), Ordering::Relaxed);
-        }
-        Ok(())
     }
 
     /// Number of records waiting.
@@ -888,6 +1238,30 @@ impl Reader {
     /// The forwarder's handle, usable without this reader's lock.
     pub fn outbox(&self) -> Outbox {
         Outbox(self.shared.clone())
+    }
+
+    /// The filters remembered for the local broker session `session` (see
+    /// [`SessionFilters`]); none for another session.
+    pub fn local_subscriptions(&self, session: &str) -> Result<Vec<String>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT filter FROM local_subscriptions WHERE session = ?1 ORDER BY filter")
+            .map_err(self.err())?;
+        let rows = stmt
+            .query_map([session], |r| r.get(0))
+            .map_err(self.err())?;
+        rows.collect::<Result<_, _>>().map_err(self.err())
+    }
+
+    /// The handle with which ingest remembers its session's filters.
+    pub fn session_filters(&self) -> SessionFilters {
+        SessionFilters(self.shared.clone())
+    }
+
+    /// This database's incarnation: a random number drawn when it was
+    /// created, part of every record's id (invariant 5).
+    pub fn incarnation(&self) -> u64 {
+        self.shared.incarnation
     }
 
     /// Highest committed seq so far (0 if none).
@@ -913,13 +1287,23 @@ impl Outbox {
         if acked.is_empty() {
             return;
         }
-        let (lock, cvar) = &self.0.acked;
-        lock.lock()
-            .expect("acked lock")
-            .waiting
-            .extend_from_slice(acked);
+        self.leave(|l| l.delivered.extend_from_slice(acked));
+    }
+
+    /// Reports a record the upstream refused (or cannot ever take); the
+    /// writer moves it to the dead letters (function `upstream`, kind
+    /// `rejected`, `why` as the error) in its next transaction. Like an
+    /// acknowledgement, this makes room in a full buffer.
+    pub fn refused(&self, seq: i64, why: String) {
+        self.leave(|l| l.refused.push((seq, why)));
+    }
+
+    /// Changes [`Leaving`] and wakes whoever waits for records to leave.
+    fn leave(&self, change: impl FnOnce(&mut Leaving)) {
+        let (lock, cvar) = &self.0.leaving;
+        change(&mut lock.lock().expect("leaving lock"));
         cvar.notify_all();
-        self.0.acked_ready.notify_one();
+        self.0.leaving_ready.notify_one();
     }
 
     /// Takes up to `limit` records with `seq > after` out of memory, in
@@ -933,6 +1317,24 @@ impl Outbox {
         tail.forget_through(after);
         let n = limit.min(tail.records.len());
         Some((0..n).filter_map(|_| tail.pop()).collect())
+    }
+}
+
+/// Remembers which topic filters the local broker may hold for edgefn's
+/// persistent session. MQTT has no way to list a session's subscriptions,
+/// so this is how a filter that no function uses any more is found and
+/// unsubscribed after a restart. The writer saves them in its next
+/// transaction (table `local_subscriptions`).
+#[derive(Debug, Clone)]
+pub struct SessionFilters(Arc<Shared>);
+
+impl SessionFilters {
+    /// Replaces the filters remembered, for the session named `session`
+    /// (broker and client id), with `filters`.
+    pub fn save(&self, session: &str, filters: Vec<String>) {
+        *self.0.subscriptions.lock().expect("subscriptions lock") =
+            Some((session.to_owned(), filters));
+        self.0.leaving_ready.notify_one();
     }
 }
 
@@ -993,9 +1395,23 @@ mod tests {
 
     const NEVER: &dyn Fn() -> bool = &|| false;
 
+    /// A buffer configuration with these settings and the other defaults.
+    fn buffer(durability: Durability, max_size: u64, full_policy: FullPolicy) -> BufferConfig {
+        BufferConfig {
+            durability,
+            max_size,
+            full_policy,
+            ..BufferConfig::default()
+        }
+    }
+
     /// A durable store of 1 MiB with backpressure.
     fn open_plain(dir: &Path) -> (Writer, Reader) {
-        open(dir, Durability::Full, 1 << 20, FullPolicy::Backpressure).unwrap()
+        open(
+            dir,
+            &buffer(Durability::Full, 1 << 20, FullPolicy::Backpressure),
+        )
+        .unwrap()
     }
 
     #[test]
@@ -1079,7 +1495,11 @@ mod tests {
     #[test]
     fn drop_oldest_makes_room_and_counts() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut w, r) = open(dir.path(), Durability::Relaxed, 10, FullPolicy::DropOldest).unwrap();
+        let (mut w, r) = open(
+            dir.path(),
+            &buffer(Durability::Relaxed, 10, FullPolicy::DropOldest),
+        )
+        .unwrap();
         for i in 0..5 {
             // 5 bytes each: "t" + 4-byte payload
             w.commit(
@@ -1105,9 +1525,7 @@ mod tests {
         let open = || {
             open(
                 dir.path(),
-                Durability::Full,
-                1 << 30,
-                FullPolicy::Backpressure,
+                &buffer(Durability::Full, 1 << 30, FullPolicy::Backpressure),
             )
         };
         let (mut w, r) = open().unwrap();
@@ -1144,28 +1562,186 @@ mod tests {
         assert_eq!(r.after(0, 3).unwrap(), all);
     }
 
+    /// A durable store with room for 5 bytes, holding one record of 5 (which
+    /// it returns).
+    fn full_store(dir: &Path) -> (Writer, Reader, Record) {
+        let (mut w, r) = open(dir, &buffer(Durability::Full, 5, FullPolicy::Backpressure)).unwrap();
+        w.commit(&mut [&mut outcomes(vec![rec("t", "0000")])], NEVER)
+            .unwrap();
+        let first = r.after(0, 1).unwrap().remove(0);
+        (w, r, first)
+    }
+
+    /// Commits a second record on its own thread, returning once that commit
+    /// waits for room (it asks whether to give up while it waits: that says
+    /// it waits). The thread returns what the commit did, and the writer.
+    fn commit_waiting_for_room(mut w: Writer) -> std::thread::JoinHandle<(Committed, Writer)> {
+        let waiting = Arc::new(std::sync::Barrier::new(2));
+        let t = {
+            let waiting = waiting.clone();
+            std::thread::spawn(move || {
+                let mut second = outcomes(vec![rec("t", "0001")]);
+                let once = std::sync::Once::new();
+                let asked = || {
+                    once.call_once(|| {
+                        waiting.wait();
+                    });
+                    false
+                };
+                let done = w.commit(&mut [&mut second], &asked).unwrap().unwrap();
+                (done, w)
+            })
+        };
+        waiting.wait();
+        t
+    }
+
     #[test]
     fn backpressure_waits_for_room() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut w, r) = open(dir.path(), Durability::Full, 5, FullPolicy::Backpressure).unwrap();
-        w.commit(&mut [&mut outcomes(vec![rec("t", "0000")])], NEVER)
-            .unwrap();
+        let (mut w, r, first) = full_store(dir.path());
         // Full: a commit that may give up does so without writing.
         let mut second = outcomes(vec![rec("t", "0001")]);
         assert_eq!(w.commit(&mut [&mut second], &|| true).unwrap(), None);
         assert_eq!(r.pending().unwrap(), 1);
         // The forwarder reports the first record delivered from another
         // thread; the blocked commit deletes it and then goes through.
-        let first = r.after(0, 1).unwrap().remove(0);
-        let t = std::thread::spawn(move || {
-            let done = w.commit(&mut [&mut second], NEVER).unwrap().unwrap();
-            assert_eq!(done.records, 1);
-            w
-        });
+        let t = commit_waiting_for_room(w);
         r.outbox().acknowledged(&[first.seq]);
-        t.join().unwrap();
+        assert_eq!(t.join().unwrap().0.records, 1);
         assert_eq!(r.pending().unwrap(), 1);
         assert_eq!(r.after(0, 10).unwrap()[0].payload, b"0001");
+    }
+
+    #[test]
+    fn a_refused_record_makes_room_for_a_commit_waiting_on_a_full_buffer() {
+        let dir = tempfile::tempdir().unwrap();
+        let (w, r, first) = full_store(dir.path());
+        let t = commit_waiting_for_room(w);
+        // The upstream refuses the first record instead of acknowledging it.
+        r.outbox()
+            .refused(first.seq, "too large for the upstream".into());
+        let (done, w) = t.join().unwrap();
+        assert_eq!(done.records, 1);
+        let left: Vec<_> = r.after(0, 10).unwrap();
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].payload, b"0001");
+        let dead = dead_letters(dir.path()).unwrap();
+        assert_eq!(dead.len(), 1);
+        assert_eq!(
+            (
+                dead[0].function.as_str(),
+                dead[0].kind,
+                dead[0].error.as_str()
+            ),
+            (UPSTREAM, "rejected", "too large for the upstream")
+        );
+        assert_eq!(dead[0].payload, b"0000");
+        assert_eq!(w.outbox_bytes(), 5);
+    }
+
+    #[test]
+    fn a_head_of_acknowledged_records_does_not_hide_the_backlog_behind_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, r) = open_plain(dir.path());
+        let mut many = outcomes((0..10).map(|i| rec("t", &i.to_string())).collect());
+        w.commit(&mut [&mut many], NEVER).unwrap();
+        let all = r.after(0, 10).unwrap();
+        // Acknowledged, not yet deleted: the forwarder reads on from the
+        // oldest after a reconnect and must get the next unsent ones.
+        let acked: Vec<i64> = all[..5].iter().map(|r| r.seq).collect();
+        r.outbox().acknowledged(&acked);
+        assert_eq!(r.after(0, 3).unwrap(), all[5..8]);
+        // The same for a refused record at the head.
+        r.outbox().refused(all[5].seq, "no".into());
+        assert_eq!(r.after(0, 3).unwrap(), all[6..9]);
+    }
+
+    #[test]
+    fn dead_letters_are_bounded_oldest_first_and_the_drops_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = BufferConfig {
+            dead_letters_max_size: 100,
+            ..BufferConfig::default()
+        };
+        let letter = |i: usize| DeadLetter {
+            function: "f".into(),
+            topic: "in".into(),
+            payload: vec![b'x'; 40],
+            kind: "trap",
+            error: format!("e{i}"),
+            attempts: 1,
+        };
+        // 45 bytes each: two fit in 100, a third pushes the oldest out.
+        assert_eq!(letter(0).size(), 45);
+        let (mut w, _r) = open(dir.path(), &config).unwrap();
+        let mut dropped = 0;
+        for i in 0..4 {
+            let mut o = Outcomes {
+                records: vec![],
+                dead_letters: vec![letter(i)],
+            };
+            dropped += w
+                .commit(&mut [&mut o], NEVER)
+                .unwrap()
+                .unwrap()
+                .dead_letters_dropped;
+        }
+        assert_eq!(dropped, 2);
+        let errors: Vec<String> = dead_letters(dir.path())
+            .unwrap()
+            .into_iter()
+            .map(|d| d.error)
+            .collect();
+        assert_eq!(errors, ["e2", "e3"]);
+        assert_eq!(w.counter("dead_letters_dropped").unwrap(), 2);
+        drop(w);
+        // The size is recomputed at open: one more still drops one.
+        let (mut w, _r) = open(dir.path(), &config).unwrap();
+        let mut o = Outcomes {
+            records: vec![],
+            dead_letters: vec![letter(4)],
+        };
+        let done = w.commit(&mut [&mut o], NEVER).unwrap().unwrap();
+        assert_eq!(done.dead_letters_dropped, 1);
+        // One dead letter larger than the bound is kept on its own.
+        let mut big = letter(5);
+        big.payload = vec![b'x'; 1000];
+        let mut o = Outcomes {
+            records: vec![],
+            dead_letters: vec![big],
+        };
+        w.commit(&mut [&mut o], NEVER).unwrap();
+        let left = dead_letters(dir.path()).unwrap();
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].error, "e5");
+    }
+
+    #[test]
+    fn the_incarnation_stays_with_the_database_and_a_new_database_draws_another() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = open_plain(dir.path()).1.incarnation();
+        assert_ne!(first, 0);
+        assert_eq!(open_plain(dir.path()).1.incarnation(), first);
+        std::fs::remove_dir_all(dir.path()).unwrap();
+        assert_ne!(open_plain(dir.path()).1.incarnation(), first);
+    }
+
+    #[test]
+    fn with_relaxed_durability_a_block_of_seqs_is_reserved_before_it_is_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, _r) = open(
+            dir.path(),
+            &buffer(Durability::Relaxed, 1 << 20, FullPolicy::Backpressure),
+        )
+        .unwrap();
+        let done = w
+            .commit(&mut [&mut outcomes(vec![rec("t", "1")])], NEVER)
+            .unwrap()
+            .unwrap();
+        assert_eq!(done.last_seq, Some(1));
+        // Reserved by a transaction of its own, before the record's.
+        assert_eq!(w.counter("seq_reserved").unwrap(), 1 + SEQ_BLOCK);
     }
 
     #[test]
@@ -1200,9 +1776,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (mut w, r) = open(
             dir.path(),
-            Durability::Full,
-            1 << 30,
-            FullPolicy::Backpressure,
+            &buffer(Durability::Full, 1 << 30, FullPolicy::Backpressure),
         )
         .unwrap();
         let full = w.disk_full_switch();
@@ -1253,9 +1827,12 @@ mod tests {
             let c = Connection::open(dir.path().join(DB_FILE)).unwrap();
             c.pragma_update(None, "user_version", 99).unwrap();
         }
-        let e = open(dir.path(), Durability::Full, 1, FullPolicy::Backpressure)
-            .err()
-            .unwrap();
+        let e = open(
+            dir.path(),
+            &buffer(Durability::Full, 1, FullPolicy::Backpressure),
+        )
+        .err()
+        .unwrap();
         assert!(matches!(e, StoreError::TooNew { found: 99, .. }), "{e}");
     }
 }

@@ -7,43 +7,39 @@
 //!
 //! # How the acknowledgement waits for the commit
 //!
-//! References are to the rmqtt-0.24.0 crate (`~/.cargo/registry/src/*/rmqtt-0.24.0`).
+//! What edgefn relies on in rmqtt 0.24 (which of it a test pins: see "Pinned by tests"):
 //!
-//! * A connection's packets are handled one at a time, inline in the session's event loop:
-//!   `SessionState::run_loop` awaits `process_mqtt_message` inside the `sink.recv()` arm of its
-//!   `select!` (src/session.rs:392-403), so nothing else happens on that connection, reading
-//!   included, until a PUBLISH has been dealt with.
-//! * `SessionState::process_publish` (src/session.rs:946-1016), QoS 1 branch: it awaits
-//!   `self.publish(publish)` (l. 973) and only then calls `sink.send_publish_ack` (l. 979). If
-//!   `publish` returns `Err`, the `?` at l. 977 leaves the function before the PUBACK: the error
-//!   ends `run_loop`, `run` closes the socket (l. 207-215) and, for MQTT 5, sends a DISCONNECT
-//!   (l. 266-277). QoS 2 is the same with PUBREC (l. 1002-1009).
-//! * `SessionState::_publish` (src/session.rs:1046-1117) resolves an MQTT 5 topic alias
-//!   (l. 1047-1051), runs the `MessagePublish` hook (l. 1061), then the `MessagePublishCheckAcl`
-//!   hook (l. 1064), then forwards to subscribers (l. 1114).
-//! * The `MessagePublish` hook cannot refuse a message: its result only *replaces* it
-//!   (`.unwrap_or(publish)`, l. 1061; `DefaultHookManager::message_publish`, src/hook.rs:794-801).
-//!   The ACL hook can: a rejected `PublishAclResult` whose `PublishResult::disconnect` is true
-//!   makes `_publish` return `Err(MqttError::PublishAckReason)` (src/session.rs:1066-1084).
-//!   A rejection with `disconnect = false` would NOT do: `publish` turns it into `Ok` (l. 1038)
-//!   and for MQTT 3.1.1 `Sink::send_publish_ack` sends an ordinary PUBACK, which carries no
-//!   reason code (src/types.rs:1484-1486).
+//! * rmqtt handles a connection's packets one at a time, inline in the session's event loop:
+//!   `SessionState::run_loop` awaits `process_mqtt_message` for each packet it reads, so
+//!   nothing else happens on that connection until a PUBLISH has been dealt with: no reading,
+//!   no delivery to it, and no check of its keep-alive either.
+//! * `SessionState::process_publish` sends the QoS 1 PUBACK only after `publish`, and so the
+//!   publish hooks, returned `Ok`. An `Err` leaves it before the PUBACK and ends the session
+//!   loop; rmqtt then closes the socket and, for MQTT 5, sends a DISCONNECT. QoS 2 is the same
+//!   with PUBREC.
+//! * `SessionState::_publish` resolves an MQTT 5 topic alias, runs the `MessagePublish` hook,
+//!   then the `MessagePublishCheckAcl` hook, and only then forwards the message to subscribers.
+//! * The `MessagePublish` hook cannot refuse a message: its result only *replaces* it. The ACL
+//!   hook can: a rejected `PublishAclResult` whose `PublishResult::disconnect` is true makes
+//!   `_publish` return `Err(MqttError::PublishAckReason)`. A rejection with `disconnect = false`
+//!   would NOT do: `publish` turns it into `Ok`, and for MQTT 3.1.1 `Sink::send_publish_ack`
+//!   sends an ordinary PUBACK, which carries no reason code.
 //!
 //! So edgefn's hook is registered on [`Type::MessagePublishCheckAcl`]. For a matching topic it
 //! sends the [`Delivery`] into `deliveries` (awaiting capacity: backpressure to the device) and
 //! awaits the [`crate::ingest::AckWaiter`]:
 //! * committed: it returns `(true, acc)`, i.e. "proceed, no verdict"; with no other handler,
-//!   `DefaultHook::message_publish_check_acl` then allows the message (src/hook.rs:968-972),
-//!   rmqtt forwards it to local subscribers and sends the PUBACK;
-//! * dropped uncommitted, pipeline closed, or broker shutting down: for QoS 1/2 it returns
-//!   `(false, PublishAclResult(ImplementationSpecificError, disconnect = true))`. The chain stops
-//!   (src/hook.rs:664-680), the connection is closed without PUBACK/PUBREC, the device resends
-//!   on reconnect. An MQTT 5 device gets DISCONNECT 0x83 Implementation Specific Error
-//!   (src/types.rs:2585 and rmqtt-net-0.5.0/src/error.rs:74). For QoS 0 there is no
-//!   acknowledgement to withhold: the message is routed normally and the loss logged.
+//!   `DefaultHook::message_publish_check_acl` then allows the message (no verdict means
+//!   allowed), rmqtt forwards it to local subscribers and sends the PUBACK;
+//! * given up (see below), dropped uncommitted, pipeline closed, or broker shutting down: for
+//!   QoS 1/2 it returns `(false, PublishAclResult(ImplementationSpecificError, disconnect =
+//!   true))`. `false` stops rmqtt's chain of handlers, the connection is closed without
+//!   PUBACK/PUBREC, and the device resends on reconnect. An MQTT 5 device gets DISCONNECT 0x83
+//!   Implementation Specific Error. For QoS 0 there is no acknowledgement to withhold: the
+//!   message is routed normally and the loss logged.
 //!
-//! The ACL hook is skipped for superuser sessions (src/hook.rs:960-962); with anonymous access
-//! and no authentication handler no session is a superuser (src/hook.rs:726-728).
+//! rmqtt skips the ACL hook for superuser sessions; with anonymous access and no
+//! authentication handler no session is a superuser.
 //!
 //! # Behaviour that follows
 //!
@@ -51,29 +47,118 @@
 //!   rate is bounded by the commit latency (one commit per message per connection); different
 //!   connections proceed concurrently. A device that pipelines QoS 1 publishes simply waits:
 //!   the unread packets stay in the socket buffer.
-//! * While a hook waits, that connection answers nothing (no PINGRESP, no delivery of messages
-//!   it subscribed to). A commit stall longer than the device's keepalive makes the device (or,
-//!   after 1.5 × keepalive, rmqtt: src/fitter.rs:127-163, src/session.rs:355-357) drop the
-//!   connection; the device resends on reconnect. A reconnect with the same client id waits up
-//!   to 5 s for the stuck session to acknowledge its kick (src/shared.rs:466-524).
-//! * Last wills whose topic matches a trigger are delivered too (they pass the `MessagePublish`
-//!   hook only: src/session.rs:884-924); nobody waits for their commit.
+//! * While a hook waits, its connection answers nothing: no PUBACK, no PINGRESP, no delivery of
+//!   messages it subscribed to. A commit stall (a full buffer, a stuck disk) can outlast the
+//!   device's patience, so `Inner::deliver_and_wait` gives the message up when, before it is
+//!   committed, the device connects again with the same client id or a newer session of that
+//!   client id appears (rmqtt's `ClientConnect` and `SessionCreated` hooks), or when its
+//!   keep-alive passes. The keep-alive deadline is the server-side timeout rmqtt's fitter
+//!   computes from the client's keep-alive (`Fitter::keep_alive`: keep-alive + 3 s below 6 s,
+//!   else 1.5 × keep-alive, twice the default backoff of 0.75), after which rmqtt itself would
+//!   close a connection it heard nothing from, were its loop not waiting for the hook.
+//! * A message given up is never committed: while it waits for its client's permit or for room
+//!   in `deliveries` it is simply not handed over; once handed over it is abandoned
+//!   ([`crate::ingest::AckWaiter::abandon`]) and the commit stage leaves it out. The connection
+//!   is closed without PUBACK, as for any refusal, and the copy the device sends again is the
+//!   only one committed. A message a commit already holds is not given up: it is acknowledged
+//!   a moment later.
+//! * After a reconnect, the hook returns only once the new session exists (rmqtt's
+//!   `SessionCreated` hook) or the keep-alive passes (`Inner::linger`). During that CONNECT
+//!   rmqtt kicks the old session and waits up to 5 s for its answer; a session that ended
+//!   meanwhile can never answer, and rmqtt would then refuse the new CONNECT (Server
+//!   unavailable). The lingering session does not answer either, so such a reconnect takes
+//!   those 5 s, then replaces the old session.
+//! * At most `MAX_IN_PIPELINE_PER_CLIENT` messages of one client id are in the pipeline, those
+//!   its device gave up on included (an abandoned message counts until the commit stage drops
+//!   it). The next waits for one to leave, and is given up like any other.
+//! * Last wills whose topic matches a trigger are delivered too (they pass the
+//!   `MessagePublish` hook only); nobody waits for their commit.
 //! * Messages published by edgefn itself ([`EmbeddedBroker::publish`]) go through
-//!   `SessionState::forwards` (src/session.rs:1770-1865), which runs no publish hook, so they
-//!   never wait on the pipeline. If their topic matches a trigger (chaining) they are handed to
-//!   a bounded relay queue and from there into `deliveries`; `publish` never awaits the
-//!   pipeline, so a function's publish cannot deadlock against its own stage. When the relay
-//!   queue is full the chained copy is dropped, counted and logged (local subscribers still
-//!   receive the message).
+//!   `SessionState::forwards`, which runs no publish hook, so they never wait on the pipeline.
+//!   If their topic matches a trigger (chaining) they are handed to a bounded relay queue and
+//!   from there into `deliveries`; `publish` never awaits the pipeline, so a function's publish
+//!   cannot deadlock against its own stage. When the relay queue is full the chained copy is
+//!   dropped, counted and logged (local subscribers still receive the message).
 //! * Shutdown is two-phase (see [`EmbeddedBroker::shutdown`]): nothing new enters the pipeline,
 //!   what it already holds gets a grace period to be committed and acknowledged, then the
 //!   remaining waits are refused and every session is kicked.
 //! * rmqtt core keeps everything in memory: sessions, subscriptions and messages queued for
 //!   devices are lost when edgefn restarts. Retained messages are not supported: without
 //!   rmqtt's `retain` feature and a storage behind it nothing is stored (its
-//!   `DefaultRetainStorage` is a stub, src/retain.rs:103-105 and 304-321), and an MQTT 5 client
-//!   whose will is retained is refused (src/v5.rs:248-263).
+//!   `DefaultRetainStorage` is a stub), and an MQTT 5 client whose will is retained is refused.
+//!
+//! # Pinned by tests
+//!
+//! The integration tests run edgefn with its devices on this broker; the devices are MQTT 5
+//! clients publishing at QoS 1, each waiting for a PUBACK before its next publish.
+//!
+//! * `a_puback_from_the_embedded_broker_means_the_reading_is_committed`
+//!   (tests/embedded_broker.rs): when each PUBACK arrives, the reading's outbox row exists;
+//!   a reading the function drops is acknowledged with no row. Pins that rmqtt sends the PUBACK
+//!   only after the ACL hook returned, and that "proceed, no verdict" means allowed and
+//!   acknowledged.
+//! * `a_device_that_gives_up_during_a_stall_gets_no_second_copy_upstream`
+//!   (tests/embedded_broker.rs): while a full buffer stalls every commit, a device with a 5 s
+//!   keep-alive and one that stops waiting for a PUBACK after 3 s and reconnects with the same
+//!   client id both lose connections with a reading unacknowledged and resend it; afterwards
+//!   every reading arrives upstream under exactly one record id. Pins that a refused ACL
+//!   verdict with `disconnect` closes the connection without PUBACK and the device resends (a
+//!   PUBACK for a given-up reading would lose it), that a message given up on is never
+//!   committed, and that keep-alive expiry and a reconnect with the same client id both count.
+//!   It does not tell the two apart: the 5 s device's client drops its connection 5 to 10 s
+//!   after the stuck publish (at its second keep-alive tick without PINGRESP), so it may
+//!   reconnect before its 8 s deadline passes.
+//! * `the_embedded_brokers_clients_and_refusals_are_in_the_gateway_metrics`
+//!   (tests/embedded_broker.rs): with two devices connected (one idle after a publish on a
+//!   topic no trigger matches, one whose readings stall on a full buffer), the gateway's
+//!   metrics show two connections and two sessions (rmqtt's counts), and a message given up
+//!   during the stall is counted in `abandoned` and its refusal in `broker_refused`.
+//! * `the_embedded_broker_is_a_broker_and_functions_reach_devices` (tests/embedded_broker.rs):
+//!   another client subscribed on this broker receives a device's readings (rmqtt forwards a
+//!   message once the hook allows it), the readings arrive upstream in the order sent, and a
+//!   function's local publish (through [`BrokerPublisher::publish`]) reaches a client
+//!   subscribed to `devices/+/cmd`. Its topic matches no trigger: chaining is not exercised.
+//! * `a_killed_daemon_loses_no_reading_a_device_got_a_puback_for` (tests/embedded_broker.rs):
+//!   three devices on concurrent connections publish without pause; after a SIGKILL and a
+//!   restart, every reading any of them got a PUBACK for arrives upstream.
+//! * `a_full_buffer_drains_when_the_upstream_refuses_records_instead_of_acknowledging_them`
+//!   (tests/hardening.rs): a device whose readings wait for room in a full buffer (briefly: the
+//!   upstream comes back at once and refuses them into the dead letters) gets all 60
+//!   acknowledged on one connection: a wait for room ends in a PUBACK, not a refusal.
+//! * `a_function_asleep_in_a_wasi_call_times_out_and_holds_no_other_acknowledgement`
+//!   (tests/hardening.rs): a message whose function sleeps in a WASI call is acknowledged once
+//!   the function timed out (twice) and its dead letter is committed, and another device's 20
+//!   readings sent meanwhile are all acknowledged.
+//! * `readings_acknowledged_before_power_cuts_all_arrive_after_them` (tests/powercut.rs): with
+//!   `durability = "full"`, every reading a device got a PUBACK for survives a SIGKILL together
+//!   with the loss of every write not yet fsynced, twice: a PUBACK follows a synced commit.
+//! * `record_ids_are_never_given_to_two_readings_across_power_cuts` (tests/powercut.rs): with
+//!   `durability = "relaxed"`, record ids lost in a power cut are not given to other readings.
+//!   It uses this broker for ingest but pins no rmqtt behaviour.
+//!
+//! The two power-cut tests need FUSE; where it is missing they pass without running.
+//!
+//! Not pinned by a test:
+//! * that the hook sees a topic with its MQTT 5 alias already resolved;
+//! * that the `MessagePublish` hook can only replace a message, and that a rejection with
+//!   `disconnect = false` gets an MQTT 3.1.1 device an ordinary PUBACK (why the ACL hook, with
+//!   `disconnect`, is used);
+//! * the DISCONNECT reason 0x83 an MQTT 5 device gets (the tests see only the closed connection);
+//! * QoS 2 (PUBREC after the commit) and QoS 0 (routed normally when not committed);
+//! * that rmqtt skips the ACL hook for superusers, and that no session is one here;
+//! * that a connection answers nothing, PINGREQ included, while its hook waits, and that
+//!   pipelined publishes wait unread (the tests' devices never pipeline);
+//! * the linger after a reconnect: a CONNECT rmqtt refused would only make the reconnecting
+//!   device try again, which the stall test does not tell from a failed publish;
+//! * the bound of `MAX_IN_PIPELINE_PER_CLIENT` messages per client id;
+//! * last wills passing the `MessagePublish` hook only, and their delivery;
+//! * that [`EmbeddedBroker::publish`] runs no publish hook, and chaining through the relay;
+//! * the two phases of [`EmbeddedBroker::shutdown`];
+//! * retained messages being unsupported (and an MQTT 5 retained will refused), and sessions
+//!   living in memory only;
+//! * the listener limits and defaults described on the constants below.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::num::{NonZeroU16, NonZeroU32};
@@ -95,19 +180,20 @@ use rmqtt::types::{
     ClientId, CodecPublish, From as MsgFrom, FromType, Id, ListenerId, Publish, PublishAclResult,
     PublishResult, QoS, Reason,
 };
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tracing::{debug, info, warn};
 
-use crate::ingest::{Ack, Delivery};
+use crate::ingest::{Ack, Delivery, Hold};
+use crate::metrics::Metrics;
 use crate::route::Router;
 
 /// Name of the listener, shown in rmqtt's own log lines.
 const LISTENER_NAME: &str = "edgefn/tcp";
 
 /// Key of our only listener in rmqtt's `listen_cfgs`. `MqttServerBuilder::listener` would use the
-/// port, which is 0 when the caller asks for a free port (and rmqtt then logs a warning,
-/// src/server.rs:118-126), so the id is set explicitly with `listener_by_id`.
+/// port, which is 0 when the caller asks for a free port (and rmqtt then logs a warning), so
+/// the id is set explicitly with `listener_by_id`.
 const LISTENER_ID: ListenerId = 1;
 
 /// Client id under which edgefn's own publishes enter the broker. It only matters to MQTT 5
@@ -117,32 +203,31 @@ const EDGEFN_CLIENT_ID: &str = "$edgefn";
 /// Bytes a PUBLISH needs besides its payload, so that a payload of exactly
 /// `max_message_size` is accepted whatever its topic: the longest topic MQTT allows (65,535
 /// bytes plus its 2-byte length), the packet id (2) and room for MQTT 5 properties (4 KiB).
-/// rmqtt compares the limit with the packet's remaining length, without the fixed header
-/// (rmqtt-codec-0.3.1/src/v3/codec.rs:67-71, src/v5/codec.rs:140-148).
+/// rmqtt's codec compares the limit with the packet's remaining length, without the fixed
+/// header, for MQTT 3.1.1 and 5 alike.
 const PACKET_OVERHEAD: usize = 2 + 65_535 + 2 + 4096;
 
 /// The largest remaining length MQTT can encode (256 MiB - 1).
 const MQTT_MAX_PACKET: usize = 268_435_455;
 
 /// Upper bound on sessions (connected plus persistent offline ones). rmqtt's default is
-/// unlimited (context.rs:134); each session holds queues in memory, so a Pi needs a bound.
-/// Beyond it new clients are refused with "Server unavailable" (src/v3.rs:228-234).
+/// unlimited; each session holds queues in memory, so a Pi needs a bound. Beyond it new
+/// clients are refused with "Server unavailable".
 const MAX_SESSIONS: isize = 4096;
 
 /// Unacknowledged QoS 1/2 messages the broker keeps in flight to each subscriber, and the
-/// Receive Maximum it announces to MQTT 5 clients (src/fitter.rs:176-190, src/v5.rs:437). It
-/// also bounds a client's unfinished inbound QoS 2 exchanges (src/inflight.rs:397-400): a
-/// client beyond it is disconnected. rmqtt's default is 16.
+/// Receive Maximum it announces to MQTT 5 clients. It also bounds a client's unfinished
+/// inbound QoS 2 exchanges: a client beyond it is disconnected. rmqtt's default is 16.
 const MAX_INFLIGHT: u16 = 32;
 
 /// Messages queued per subscriber behind its in-flight window (and for a persistent session
-/// while it is offline). Beyond it rmqtt drops messages (src/session.rs:606-614), which edgefn
-/// counts and logs. rmqtt's default, made explicit.
+/// while it is offline). Beyond it rmqtt drops messages, which edgefn counts and logs. rmqtt's
+/// default, made explicit.
 const MAX_MQUEUE_LEN: usize = 1000;
 
 /// Lifetime of a message waiting in a subscriber's queue when the publisher set no MQTT 5
-/// expiry (src/hook.rs:1067-1083). Commands to devices mostly go stale: a valve command should
-/// not fire an hour late. rmqtt's default (5 min), made explicit.
+/// expiry. Commands to devices mostly go stale: a valve command should not fire an hour
+/// late. rmqtt's default (5 min), made explicit.
 const MESSAGE_EXPIRY: Duration = Duration::from_secs(5 * 60);
 
 /// How long an MQTT 3.1.1 persistent session (clean session = false) is kept while its client
@@ -167,9 +252,15 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Topic aliases an MQTT 5 client may use (rmqtt's default is 0: none). Constrained devices
-/// save bandwidth with them, and they are resolved before edgefn's hook sees the topic
-/// (src/session.rs:1047-1051).
+/// save bandwidth with them, and rmqtt resolves them before edgefn's hook sees the topic.
 const MAX_TOPIC_ALIASES: u16 = 32;
+
+/// Most messages of one client id in the pipeline at once, those its device gave up on
+/// included. A connection hands over one message at a time, so a second means the device
+/// came back while an earlier one was still stuck; a few let it come back a few times
+/// during a long stall, and a device reconnecting in a loop cannot fill the pipeline. Its
+/// next message waits (and is given up like any other) until one leaves.
+const MAX_IN_PIPELINE_PER_CLIENT: usize = 4;
 
 /// Messages published by edgefn itself on trigger topics waiting to enter `deliveries`.
 const CHAIN_QUEUE_CAPACITY: usize = 1024;
@@ -213,6 +304,9 @@ enum Refusal {
     ShuttingDown,
     /// The relay queue for edgefn's own publishes on trigger topics was full.
     RelayFull,
+    /// The device gave up on the message (its connection is gone or was replaced) before
+    /// it was committed; it sends it again, so it is taken out of the pipeline.
+    GaveUp,
 }
 
 impl Refusal {
@@ -223,7 +317,50 @@ impl Refusal {
             Refusal::Dropped => "edgefn dropped the message uncommitted",
             Refusal::ShuttingDown => "edgefn is shutting down",
             Refusal::RelayFull => "relay queue for edgefn's own publishes is full",
+            Refusal::GaveUp => {
+                "the device gave up waiting (keep-alive passed or a new connection took over)"
+            }
         }
+    }
+}
+
+/// Why a device no longer waits for a message it sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GaveUp {
+    /// Its keep-alive passed without an answer.
+    Expired,
+    /// It is connecting again with the same client id.
+    Reconnecting,
+    /// A newer session of its client id exists.
+    Replaced,
+}
+
+/// What tells that a device stopped waiting for the message it sent.
+struct DeviceWait {
+    /// When its keep-alive passes, if it has one.
+    deadline: Option<tokio::time::Instant>,
+    /// CONNECTs with its client id.
+    connects: watch::Receiver<u64>,
+    /// Sessions created for its client id.
+    sessions: watch::Receiver<u64>,
+}
+
+impl DeviceWait {
+    /// Resolves when the device stopped waiting, saying why. Cancel-safe.
+    async fn gave_up(&mut self) -> GaveUp {
+        tokio::select! {
+            () = until(self.deadline) => GaveUp::Expired,
+            _ = self.connects.changed() => GaveUp::Reconnecting,
+            _ = self.sessions.changed() => GaveUp::Replaced,
+        }
+    }
+}
+
+/// Resolves at `deadline`; never without one.
+async fn until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -236,61 +373,111 @@ enum Origin {
     Chained,
 }
 
-/// Counters behind [`BrokerCounters`], shared with the hook and the relay task.
-struct Counters {
-    /// See [`BrokerCounters::refused`].
-    refused: AtomicU64,
-    /// See [`BrokerCounters::dropped_to_subscribers`].
-    dropped_to_subscribers: AtomicU64,
-    /// See [`BrokerCounters::lost_internal`].
-    lost_internal: AtomicU64,
-    /// Start of the clock used by `last_drop_warn_ms`.
+/// When the last warning about dropped messages went out (drops are counted in the
+/// gateway's [`Metrics`]).
+struct DropWarnings {
+    /// Start of the clock used by `last_ms`.
     epoch: Instant,
     /// Milliseconds after `epoch` (plus one) of the last warning about drops; 0: none yet.
-    last_drop_warn_ms: AtomicU64,
+    last_ms: AtomicU64,
 }
 
-impl Counters {
-    /// Fresh counters.
+impl DropWarnings {
+    /// No warning yet.
     fn new() -> Self {
         Self {
-            refused: AtomicU64::new(0),
-            dropped_to_subscribers: AtomicU64::new(0),
-            lost_internal: AtomicU64::new(0),
             epoch: Instant::now(),
-            last_drop_warn_ms: AtomicU64::new(0),
+            last_ms: AtomicU64::new(0),
         }
     }
 
     /// Whether a drop may be logged at warn level now (at most once per
     /// [`DROP_WARN_INTERVAL`]).
-    fn drop_warn_due(&self) -> bool {
+    fn due(&self) -> bool {
         // +1 so that a drop within the first millisecond is not mistaken for "none yet".
         let now = u64::try_from(self.epoch.elapsed().as_millis())
             .unwrap_or(u64::MAX)
             .saturating_add(1);
-        let last = self.last_drop_warn_ms.load(Ordering::Relaxed);
+        let last = self.last_ms.load(Ordering::Relaxed);
         let interval = u64::try_from(DROP_WARN_INTERVAL.as_millis()).unwrap_or(u64::MAX);
         (last == 0 || now.saturating_sub(last) >= interval)
             && self
-                .last_drop_warn_ms
+                .last_ms
                 .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()
     }
 }
 
-/// What the broker did not deliver, for status reporting ("nothing disappears silently").
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct BrokerCounters {
-    /// QoS 1/2 device publishes refused because the pipeline did not commit them: the
-    /// connection was closed without acknowledgement and the device resends.
-    pub refused: u64,
-    /// Messages rmqtt dropped on the way to a local subscriber (queue full, expired, subscriber
-    /// gone, inbound window exceeded).
-    pub dropped_to_subscribers: u64,
-    /// Last wills and edgefn's own publishes on trigger topics that never reached
-    /// `deliveries`, or that the pipeline dropped uncommitted. Nobody will resend these.
-    pub lost_internal: u64,
+/// One client id with messages in the pipeline or a publish being handled.
+struct ClientSlot {
+    /// Counts the CONNECTs with this client id while the slot lives: the device came back,
+    /// so it no longer waits for a message sent on an earlier connection.
+    connects: watch::Sender<u64>,
+    /// Counts the sessions created for this client id while the slot lives: once a newer
+    /// session exists, the older one may end without stopping the newer one's start.
+    sessions: watch::Sender<u64>,
+    /// [`MAX_IN_PIPELINE_PER_CLIENT`] permits; each delivery's ack holds one.
+    permits: Arc<Semaphore>,
+}
+
+/// The client ids with a [`ClientSlot`]; a slot goes when nothing refers to it any more.
+type Clients = Arc<Mutex<HashMap<ClientId, Arc<ClientSlot>>>>;
+
+/// A reference to a client's slot that removes the slot from [`Clients`] when it is the last.
+struct ClientRef {
+    /// The map the slot is in.
+    clients: Clients,
+    /// Its key.
+    client_id: ClientId,
+    /// The slot; `None` only while dropping.
+    slot: Option<Arc<ClientSlot>>,
+}
+
+impl ClientRef {
+    /// The slot of `client_id`, made if there is none.
+    fn enter(clients: &Clients, client_id: &ClientId) -> ClientRef {
+        let mut map = clients.lock().unwrap_or_else(PoisonError::into_inner);
+        let slot = map
+            .entry(client_id.clone())
+            .or_insert_with(|| {
+                Arc::new(ClientSlot {
+                    connects: watch::channel(0).0,
+                    sessions: watch::channel(0).0,
+                    permits: Arc::new(Semaphore::new(MAX_IN_PIPELINE_PER_CLIENT)),
+                })
+            })
+            .clone();
+        ClientRef {
+            clients: clients.clone(),
+            client_id: client_id.clone(),
+            slot: Some(slot),
+        }
+    }
+
+    fn slot(&self) -> &ClientSlot {
+        self.slot.as_ref().expect("present until dropped")
+    }
+}
+
+impl Drop for ClientRef {
+    fn drop(&mut self) {
+        let mut map = self.clients.lock().unwrap_or_else(PoisonError::into_inner);
+        drop(self.slot.take());
+        if map
+            .get(&self.client_id)
+            .is_some_and(|slot| Arc::strong_count(slot) == 1)
+        {
+            map.remove(&self.client_id);
+        }
+    }
+}
+
+/// What a delivery's ack holds while it is in the pipeline: one of its client's permits.
+struct ClientPermit {
+    /// Released first (fields drop in order), then the slot reference.
+    _permit: OwnedSemaphorePermit,
+    /// Keeps the slot (and so the bound) alive.
+    _client: ClientRef,
 }
 
 /// State shared by the hook handler, the relay task and [`EmbeddedBroker`].
@@ -306,8 +493,12 @@ struct Inner {
     phase: watch::Receiver<Phase>,
     /// Device publishes currently handed to (or waiting to enter) the pipeline.
     in_flight: AtomicUsize,
-    /// Counts of refused and dropped messages.
-    counters: Counters,
+    /// The gateway's counters: refused, dropped and lost messages are counted there.
+    metrics: Arc<Metrics>,
+    /// Rate limit of the warnings about dropped messages.
+    drop_warnings: DropWarnings,
+    /// Clients with a publish being handled or messages in the pipeline.
+    clients: Clients,
 }
 
 /// Counts one device publish in [`Inner::in_flight`] while it lives.
@@ -365,20 +556,83 @@ impl Inner {
     }
 
     /// Sends a device's message into the pipeline and waits until its outcome is committed.
-    async fn deliver_and_wait(&self, topic: &str, payload: Bytes) -> Result<(), Refusal> {
+    ///
+    /// Gives the message up ([`Refusal::GaveUp`]) when, before it is committed, the device
+    /// no longer waits for it: the device connects again with the same client id, or its
+    /// keep-alive passes with no answer from us (`give_up_after`: by then the device, and
+    /// rmqtt too if it could look, takes the connection for dead). Given up, it leaves the
+    /// pipeline uncommitted (see [`crate::ingest::AckWaiter::abandon`]): the device sends it
+    /// again and that copy is the only one. See [`Inner::linger`] for when the hook then
+    /// returns.
+    async fn deliver_and_wait(
+        &self,
+        client: &Id,
+        give_up_after: Option<Duration>,
+        topic: &str,
+        payload: Bytes,
+    ) -> Result<(), Refusal> {
         let _in_flight = InFlight::enter(&self.in_flight);
-        let (ack, waiter) = Ack::waiter();
+        let me = ClientRef::enter(&self.clients, &client.client_id);
+        let mut device = DeviceWait {
+            deadline: give_up_after.map(|d| tokio::time::Instant::now() + d),
+            connects: me.slot().connects.subscribe(),
+            sessions: me.slot().sessions.subscribe(),
+        };
+        let permit = tokio::select! {
+            biased;
+            permit = me.slot().permits.clone().acquire_owned() => {
+                permit.map_err(|_| Refusal::ShuttingDown)?
+            }
+            why = device.gave_up() => return self.linger(why, &mut device).await,
+        };
+        let hold = Hold::new(ClientPermit {
+            _permit: permit,
+            _client: ClientRef::enter(&self.clients, &client.client_id),
+        });
+        let (ack, mut waiter) = Ack::waiter_holding(Some(hold));
         let delivery = Delivery {
             topic: topic.to_owned(),
             payload,
             ack,
         };
-        self.hand_over(delivery).await?;
         tokio::select! {
             biased;
-            () = self.reached(Phase::Stopped) => Err(Refusal::ShuttingDown),
-            committed = waiter => committed.map_err(|_| Refusal::Dropped),
+            handed = self.hand_over(delivery) => handed?,
+            // Not handed over: dropped here with its ack, never committed.
+            why = device.gave_up() => return self.linger(why, &mut device).await,
         }
+        let mut watching = true;
+        loop {
+            tokio::select! {
+                biased;
+                committed = &mut waiter => return committed.map_err(|_| Refusal::Dropped),
+                () = self.reached(Phase::Stopped) => return Err(Refusal::ShuttingDown),
+                why = device.gave_up(), if watching => {
+                    if waiter.abandon() {
+                        Metrics::add(&self.metrics.abandoned, 1);
+                        return self.linger(why, &mut device).await;
+                    }
+                    // A commit has it: it is acknowledged in a moment.
+                    watching = false;
+                }
+            }
+        }
+    }
+
+    /// After a message was given up: returns [`Refusal::GaveUp`], which ends this session.
+    /// If the device is connecting again, not before its new session exists (or the
+    /// keep-alive passed): rmqtt asks the old session to step aside during that CONNECT and
+    /// waits for the answer, which a session that ended meanwhile can never give, and the
+    /// CONNECT would be refused.
+    async fn linger(&self, why: GaveUp, device: &mut DeviceWait) -> Result<(), Refusal> {
+        if why == GaveUp::Reconnecting {
+            tokio::select! {
+                _ = device.sessions.changed() => {}
+                () = until(device.deadline) => {}
+                () = self.reached(Phase::Stopped) => {}
+            }
+        }
+        Err(Refusal::GaveUp)
     }
 
     /// Sends a message nobody acknowledges (last will, edgefn's own publish) into the pipeline,
@@ -405,7 +659,11 @@ impl Inner {
 
     /// Counts and logs a last will or own publish that the pipeline will never commit.
     fn lost_internal(&self, topic: &str, origin: Origin, refusal: Refusal) {
-        let total = self.counters.lost_internal.fetch_add(1, Ordering::Relaxed) + 1;
+        let total = self
+            .metrics
+            .broker_lost_internal
+            .fetch_add(1, Ordering::Relaxed)
+            + 1;
         let reason = refusal.as_str();
         if matches!(refusal, Refusal::ShuttingDown) {
             // Expected at shutdown (kicked clients' wills, for one); `shutdown` logs the total.
@@ -435,7 +693,15 @@ impl Inner {
     ) -> ReturnType {
         match param {
             Parameter::MessagePublishCheckAcl(session, publish) => {
-                self.on_client_publish(&session.id, publish, acc).await
+                self.on_client_publish(session, publish, acc).await
+            }
+            Parameter::SessionCreated(session) => {
+                self.bump(&session.id.client_id, |slot| &slot.sessions);
+                (true, acc)
+            }
+            Parameter::ClientConnect(info) => {
+                self.bump(info.client_id(), |slot| &slot.connects);
+                (true, acc)
             }
             Parameter::MessagePublish(_, from, publish)
                 if matches!(from.typ(), FromType::LastWill) =>
@@ -454,13 +720,24 @@ impl Inner {
         }
     }
 
+    /// Counts a CONNECT or a new session of `client_id` in `which` of its slot, if it has
+    /// one (then messages of its earlier connections are waiting: see
+    /// [`Inner::deliver_and_wait`]).
+    fn bump(&self, client_id: &ClientId, which: fn(&ClientSlot) -> &watch::Sender<u64>) {
+        let map = self.clients.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(slot) = map.get(client_id) {
+            which(slot).send_modify(|n| *n += 1);
+        }
+    }
+
     /// The ack-after-commit path for a client's PUBLISH (see the module docs).
     async fn on_client_publish(
         &self,
-        client: &Id,
+        session: &rmqtt::session::Session,
         publish: &Publish,
         acc: Option<HookResult>,
     ) -> ReturnType {
+        let client = &session.id;
         // A handler of higher priority already refused the message: leave it refused.
         if let Some(HookResult::PublishAclResult(verdict)) = &acc
             && verdict.is_rejected()
@@ -470,8 +747,27 @@ impl Inner {
         if !self.router.matches_any(&publish.topic) {
             return (true, acc);
         }
+        // What rmqtt's own loop would allow the device between packets before it closed the
+        // connection, were it not waiting for us.
+        let give_up_after = match session.connect_info().await {
+            Ok(info) => {
+                let mut keep_alive = info.keep_alive();
+                session
+                    .fitter
+                    .keep_alive(&mut keep_alive)
+                    .ok()
+                    .filter(|secs| *secs > 0)
+                    .map(|secs| Duration::from_secs(u64::from(secs)))
+            }
+            Err(_) => None,
+        };
         let outcome = self
-            .deliver_and_wait(&publish.topic, publish.payload.clone())
+            .deliver_and_wait(
+                client,
+                give_up_after,
+                &publish.topic,
+                publish.payload.clone(),
+            )
             .await;
         let Err(refusal) = outcome else {
             // Proceed without a verdict: rmqtt allows the message, routes it and acknowledges.
@@ -486,8 +782,8 @@ impl Inner {
             );
             return (true, acc);
         }
-        let total = self.counters.refused.fetch_add(1, Ordering::Relaxed) + 1;
-        if matches!(refusal, Refusal::ShuttingDown) {
+        let total = self.metrics.broker_refused.fetch_add(1, Ordering::Relaxed) + 1;
+        if matches!(refusal, Refusal::ShuttingDown | Refusal::GaveUp) {
             debug!(
                 client_id = %client.client_id,
                 topic = %publish.topic,
@@ -520,18 +816,19 @@ impl Inner {
 
     /// Counts and logs (rate-limited) a message rmqtt dropped.
     fn on_dropped(&self, to: Option<&Id>, from: &MsgFrom, publish: &Publish, reason: &Reason) {
-        // Our own refusals pass through here too (src/session.rs:1071-1074); they are
-        // counted and logged where they are decided.
+        // rmqtt reports our own refusals here too (a refused ACL verdict as a dropped
+        // message with `Reason::PublishResult`); they are counted and logged where they are
+        // decided.
         if matches!(reason, Reason::PublishResult(_)) {
             return;
         }
         let total = self
-            .counters
-            .dropped_to_subscribers
+            .metrics
+            .broker_dropped_to_subscribers
             .fetch_add(1, Ordering::Relaxed)
             + 1;
         let to = to.map(|id| id.client_id.to_string());
-        if self.counters.drop_warn_due() {
+        if self.drop_warnings.due() {
             warn!(
                 to = to.as_deref(),
                 from = %from.client_id,
@@ -632,7 +929,25 @@ pub struct BrokerPublisher {
     from: MsgFrom,
 }
 
+/// How many clients the embedded broker has now.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BrokerClients {
+    /// Open connections.
+    pub connections: u64,
+    /// Sessions: connected clients and the persistent sessions of offline ones.
+    pub sessions: u64,
+}
+
 impl BrokerPublisher {
+    /// See [`EmbeddedBroker::clients`].
+    pub fn clients(&self) -> BrokerClients {
+        let count = |c: isize| u64::try_from(c).unwrap_or(0);
+        BrokerClients {
+            connections: count(self.scx.connections.count()),
+            sessions: count(self.scx.sessions.count()),
+        }
+    }
+
     /// See [`EmbeddedBroker::publish`].
     pub async fn publish(&self, topic: &str, payload: Bytes) -> anyhow::Result<()> {
         anyhow::ensure!(
@@ -652,8 +967,8 @@ impl BrokerPublisher {
             topic: topic.into(),
             packet_id: None,
             payload: payload.clone(),
-            // Present (though empty) so that MQTT 5 subscribers get their subscription ids
-            // (src/shared.rs:904-908).
+            // Present (though empty) so that MQTT 5 subscribers get their subscription ids:
+            // rmqtt puts them only into a message that has properties.
             properties: Some(PublishProperties::default()),
         };
         let message = Publish::from(message).create_time(rmqtt::utils::timestamp_millis());
@@ -702,6 +1017,7 @@ impl EmbeddedBroker {
         max_message_size: usize,
         router: Arc<Router>,
         deliveries: mpsc::Sender<Delivery>,
+        metrics: Arc<Metrics>,
     ) -> anyhow::Result<EmbeddedBroker> {
         let max_packet = max_message_size.saturating_add(PACKET_OVERHEAD);
         anyhow::ensure!(
@@ -713,8 +1029,7 @@ impl EmbeddedBroker {
 
         let scx = ServerContext::new()
             // rmqtt would refuse new connections while the 1-min load average exceeds 80 or the
-            // CPU load 90 % (src/node.rs:67-70, src/v3.rs:116-121, src/v5.rs:132-137), and
-            // samples the CPU in a background task (src/context.rs:352-363). On a gateway busy
+            // CPU load 90 %, and samples the CPU in a background task. On a gateway busy
             // running functions that would lock devices out; backpressure is the pipeline's job.
             .busy_check_enable(false)
             .mqtt_max_sessions(MAX_SESSIONS)
@@ -727,7 +1042,9 @@ impl EmbeddedBroker {
             deliveries: Mutex::new(Some(deliveries)),
             phase: phase_rx,
             in_flight: AtomicUsize::new(0),
-            counters: Counters::new(),
+            metrics,
+            drop_warnings: DropWarnings::new(),
+            clients: Clients::default(),
         });
 
         let register = scx.extends.hook_mgr().register();
@@ -735,6 +1052,8 @@ impl EmbeddedBroker {
             Type::MessagePublishCheckAcl,
             Type::MessagePublish,
             Type::MessageDropped,
+            Type::SessionCreated,
+            Type::ClientConnect,
         ] {
             register
                 .add(typ, Box::new(EdgefnHook(Arc::clone(&inner))))
@@ -774,7 +1093,7 @@ impl EmbeddedBroker {
         let server_task = tokio::spawn(async move {
             // `run` returns only when every accept loop has ended, which they never do; the
             // task is aborted by `shutdown`. (`MqttServer::start` is not used: on error it
-            // calls `std::process::exit`, src/server.rs:181-188.)
+            // calls `std::process::exit`.)
             if let Err(error) = server.run().await {
                 warn!(%error, "embedded MQTT broker stopped");
             }
@@ -812,14 +1131,9 @@ impl EmbeddedBroker {
         self.local_addr
     }
 
-    /// What the broker refused or dropped so far.
-    pub fn counters(&self) -> BrokerCounters {
-        let c = &self.publisher.inner.counters;
-        BrokerCounters {
-            refused: c.refused.load(Ordering::Relaxed),
-            dropped_to_subscribers: c.dropped_to_subscribers.load(Ordering::Relaxed),
-            lost_internal: c.lost_internal.load(Ordering::Relaxed),
-        }
+    /// Connections and sessions (connected, and persistent ones of offline clients) now.
+    pub fn clients(&self) -> BrokerClients {
+        self.publisher.clients()
     }
 
     /// Publishes a message from edgefn itself to the broker's subscribers, at QoS 1 (each
@@ -876,7 +1190,8 @@ impl EmbeddedBroker {
             kicks.spawn(async move {
                 match entry.try_lock().await {
                     // Clean start, clear subscriptions, administrative: the session ends for
-                    // good (src/shared.rs:466-524, src/session.rs:281-285).
+                    // good (rmqtt cleans up an admin-kicked session instead of keeping it
+                    // offline).
                     Ok(mut entry) => {
                         if let Err(error) = entry.kick(true, true, true).await {
                             debug!(%error, "kicking a session at shutdown failed");
@@ -895,14 +1210,13 @@ impl EmbeddedBroker {
         }
         // The relay saw `Closing` and ended after counting what it still held.
         let _ = (&mut self.relay_task).await;
-        let BrokerCounters {
-            refused,
-            dropped_to_subscribers,
-            lost_internal,
-        } = self.counters();
+        let m = &self.publisher.inner.metrics;
         info!(
             sessions,
-            refused, dropped_to_subscribers, lost_internal, "embedded MQTT broker stopped"
+            refused = m.broker_refused.load(Ordering::Relaxed),
+            dropped_to_subscribers = m.broker_dropped_to_subscribers.load(Ordering::Relaxed),
+            lost_internal = m.broker_lost_internal.load(Ordering::Relaxed),
+            "embedded MQTT broker stopped"
         );
     }
 }
@@ -912,7 +1226,7 @@ impl std::fmt::Debug for EmbeddedBroker {
         f.debug_struct("EmbeddedBroker")
             .field("local_addr", &self.local_addr)
             .field("phase", &*self.phase.borrow())
-            .field("counters", &self.counters())
+            .field("clients", &self.clients())
             .finish_non_exhaustive()
     }
 }

@@ -27,6 +27,14 @@
 //!   them over, in commit order, as the event loop drains. An ack lost here
 //!   would leave the message in the broker's in-flight window for the life
 //!   of the connection, and a broker that never resends stalls behind it.
+//! - **No stale subscriptions**: a persistent session keeps its
+//!   subscriptions across restarts, so a trigger removed from the config
+//!   would stay subscribed, and the broker would go on queueing, against
+//!   edgefn's queue limit, messages no function wants. MQTT cannot list a
+//!   session's subscriptions, so the filters the session may hold are
+//!   remembered in the store ([`SessionFilters`]); after a CONNACK with the
+//!   session present, those no function uses any more are unsubscribed,
+//!   and once the broker confirmed it they are forgotten.
 //! - **Broker drops are reported**: Mosquitto's
 //!   `$SYS/broker/publish/messages/dropped` is watched and every increase is
 //!   logged and counted.
@@ -45,6 +53,7 @@ use super::{Ack, Backoff, Delivery};
 use crate::config::BrokerClientConfig;
 use crate::metrics::Metrics;
 use crate::runtime::Emitted;
+use crate::store::SessionFilters;
 
 /// Mosquitto's counter of messages it dropped (queue limits, size).
 pub const SYS_DROPPED: &str = "$SYS/broker/publish/messages/dropped";
@@ -121,6 +130,11 @@ pub struct MqttIngest {
     pub broker: BrokerClientConfig,
     /// Topic filters to subscribe to (the union of all triggers).
     pub filters: Vec<String>,
+    /// Filters the session may hold that no function uses any more:
+    /// unsubscribed after the next CONNACK with the session present.
+    pub stale: Vec<String>,
+    /// Where the session's filters are remembered across restarts.
+    pub session_filters: SessionFilters,
     /// Largest payload; the broker is told (MQTT 5 Maximum Packet Size) not
     /// to send packets much larger, and the pipeline refuses larger payloads.
     pub max_message_size: usize,
@@ -172,6 +186,8 @@ impl MqttIngest {
             // A function's publish the client had no room for yet.
             let mut held: Option<LocalPublish> = None;
             let mut draining = false;
+            // UNSUBACKs still to come for the stale filters.
+            let mut unsubscribing = 0;
             loop {
                 acks.hand_over(&client);
                 if let Some(p) = held.take() {
@@ -226,6 +242,27 @@ impl MqttIngest {
                             if let Err(e) = client.try_subscribe_many(filters) {
                                 tracing::error!(error = %e, "could not subscribe");
                             }
+                            unsubscribing = 0;
+                            if !ack.session_present {
+                                // A new session holds only what was just asked for.
+                                self.forget_stale();
+                            }
+                            for f in &self.stale {
+                                match client.try_unsubscribe(f.as_str()) {
+                                    Ok(()) => unsubscribing += 1,
+                                    Err(e) => tracing::error!(error = %e, filter = f, "could not unsubscribe"),
+                                }
+                            }
+                        }
+                        Ok(Event::Incoming(Packet::UnsubAck(_))) if unsubscribing > 0 => {
+                            unsubscribing -= 1;
+                            if unsubscribing == 0 {
+                                tracing::info!(
+                                    filters = ?self.stale,
+                                    "unsubscribed from filters no function uses any more"
+                                );
+                                self.forget_stale();
+                            }
                         }
                         Ok(Event::Incoming(Packet::SubAck(ack))) => {
                             let mut granted = 0;
@@ -266,6 +303,14 @@ impl MqttIngest {
                 }
             }
         }
+    }
+
+    /// The session holds no stale filters (any more): remember only the
+    /// current ones.
+    fn forget_stale(&mut self) {
+        self.stale.clear();
+        self.session_filters
+            .save(&self.broker.session_name(), self.filters.clone());
     }
 
     /// Hands a function's publish to the client; gives it back if the
