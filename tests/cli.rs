@@ -249,6 +249,8 @@ fn invoke_reports_a_failing_function_with_a_non_zero_exit() {
         ("spin", fuel, "ran out of fuel (budget is 1000000)"),
         ("badptr", short, "out-of-bounds"),
         ("fail", short, "returned 1: asked to fail"),
+        // An hour asleep in WASI poll_oneoff: stopped at the timeout.
+        ("sleep", short, "timed out (timeout is 100ms)"),
     ] {
         let mut args = vec![
             "invoke",
@@ -327,4 +329,38 @@ fn invoke_shows_the_fuel_used_and_that_budget_is_exactly_enough() {
         t.contains(&format!("ran out of fuel (budget is {})", used - 1)),
         "{t}"
     );
+}
+
+#[test]
+fn invoke_applies_the_gateways_bounds_on_bytes_emitted_and_log_lines() {
+    let m = module("chaos");
+    let m = m.to_str().unwrap();
+    // What `edgefn invoke` printed, without the (long) emitted payloads.
+    let run = |payload: &str| {
+        let out = edgefn(&["invoke", m, "--topic", "chaos/t", "--payload", payload]);
+        let t = text(&out);
+        let short: Vec<&str> = t.lines().map(|l| &l[..l.len().min(120)]).collect();
+        assert_eq!(out.status.code(), Some(0), "{payload}: {short:?}");
+        t
+    };
+    // 32 records of 65,000 bytes tried; 1 MiB (the default
+    // max_emit_bytes, topics counted) holds 16.
+    let bulk = run("bulk");
+    assert!(bulk.contains("ok      16 record(s)"), "{bulk}");
+    assert!(
+        bulk.contains("record 16 refused: too many bytes emitted in this invocation (code -4)"),
+        "{bulk}"
+    );
+    // 1000 lines of 10,000 bytes: cut to 4096 bytes each, and beyond the
+    // default 100 lines per second suppressed, with a count.
+    let chatty = run("chatty");
+    let lines: Vec<&str> = chatty
+        .lines()
+        .filter(|l| l.contains("chaos chatty"))
+        .collect();
+    assert!((100..1000).contains(&lines.len()), "{} lines", lines.len());
+    assert!(lines.iter().all(|l| l.ends_with("more bytes cut]")));
+    assert!(chatty.contains("log lines suppressed (log_rate_limit is 100 lines per second)"));
+    // stdin is empty: a read ends at once.
+    assert!(run("stdin").contains("emit    chaos/stdin 0"));
 }

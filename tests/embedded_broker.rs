@@ -12,13 +12,6 @@ use std::time::Duration;
 
 use common::*;
 
-/// Rows in the outbox right now.
-fn outbox_rows(db: &std::path::Path) -> i64 {
-    let c = rusqlite::Connection::open(db).unwrap();
-    c.query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get(0))
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_puback_from_the_embedded_broker_means_the_reading_is_committed() {
     // No upstream is running: every committed record stays in the outbox,
@@ -121,13 +114,16 @@ async fn a_killed_daemon_loses_no_reading_a_device_got_a_puback_for() {
         }));
     }
     let acked_count = || acked.lock().unwrap().len();
-    wait_until(|| acked_count() >= 150).await;
+    eventually("150 readings acknowledged", || acked_count() >= 150).await;
     // SIGKILL while all three are mid-stream, then a restart.
     daemon.kill();
     let before = acked_count();
     daemon = Daemon::start(&config);
     wait_for_port(port);
-    wait_until(|| acked_count() >= before + 150).await;
+    eventually("150 more acknowledged after the restart", || {
+        acked_count() >= before + 150
+    })
+    .await;
     stop.store(true, Ordering::Relaxed);
     for d in devices {
         d.await.unwrap();
@@ -136,16 +132,7 @@ async fn a_killed_daemon_loses_no_reading_a_device_got_a_puback_for() {
     let acked = acked.lock().unwrap().clone();
     let seen = upstream
         .wait_until("every acknowledged reading", |s| {
-            let got: HashSet<(String, u64)> = s
-                .iter()
-                .map(|x| {
-                    let v = x.json();
-                    (
-                        v["device"].as_str().unwrap().to_owned(),
-                        v["seq"].as_u64().unwrap(),
-                    )
-                })
-                .collect();
+            let got: HashSet<(String, u64)> = s.iter().map(Seen::reading).collect();
             acked.iter().all(|a| got.contains(a))
         })
         .await;
@@ -153,11 +140,140 @@ async fn a_killed_daemon_loses_no_reading_a_device_got_a_puback_for() {
     assert!(daemon.terminate().success());
 }
 
-/// Waits until `pred` holds; panics after [`PATIENCE`].
-async fn wait_until(pred: impl Fn() -> bool) {
-    let deadline = std::time::Instant::now() + PATIENCE;
-    while !pred() {
-        assert!(std::time::Instant::now() < deadline, "condition never held");
-        tokio::time::sleep(Duration::from_millis(10)).await;
+/// Publishes readings `0..n` from device `name` on its own topic, each
+/// until it is acknowledged: a failed attempt (no PUBACK within `wait`, or
+/// the connection lost) is counted in `failures` and the reading sent again
+/// on a new connection with the same client id, as a device would.
+async fn publish_until_acked(
+    mut dev: Device,
+    name: &str,
+    n: u64,
+    wait: Duration,
+    failures: Arc<std::sync::atomic::AtomicUsize>,
+) {
+    let topic = format!("sensors/{name}/temperature");
+    for i in 0..n {
+        let payload = format!(r#"{{"seq":{i},"temp_c":20.5,"pad":"{}"}}"#, "p".repeat(380));
+        while !dev.publish_acked(&topic, payload.clone(), wait).await {
+            failures.fetch_add(1, Ordering::Relaxed);
+        }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_gives_up_during_a_stall_gets_no_second_copy_upstream() {
+    // The cloud is away until both devices have given up on a reading at
+    // least twice; meanwhile the buffer (4 KiB, about nine readings) fills
+    // and every commit waits for room.
+    let mut cloud = Mosquitto::cloud_persistent();
+    let upstream = Upstream::subscribe(cloud.port, "site/#").await;
+    cloud.stop_gracefully();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = standard_config(dir.path(), &format!("embedded:{port}"), cloud.port);
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replace("max_size = \"64MiB\"", "max_size = \"4KiB\""),
+    )
+    .unwrap();
+    let daemon = Daemon::start(&config);
+    wait_for_port(port);
+
+    let n = 12;
+    let fails = || Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (fails_a, fails_b) = (fails(), fails());
+    // A: keep-alive 5 s; it hears nothing while its message waits, and the
+    // gateway gives the message up when the keep-alive passes.
+    let a = Device::with_keep_alive("sensor-ka", port, Duration::from_secs(5));
+    let a = tokio::spawn(publish_until_acked(a, "ka", n, PATIENCE, fails_a.clone()));
+    // B: keep-alive 60 s, but it gives up on a PUBACK after 3 s and comes
+    // back with the same client id: its new session replaces the old.
+    let b = Device::with_keep_alive("sensor-kb", port, Duration::from_secs(60));
+    let b = tokio::spawn(publish_until_acked(
+        b,
+        "kb",
+        n,
+        Duration::from_secs(3),
+        fails_b.clone(),
+    ));
+    eventually("both devices gave up twice during the stall", || {
+        fails_a.load(Ordering::Relaxed) >= 2 && fails_b.load(Ordering::Relaxed) >= 2
+    })
+    .await;
+    cloud.restart();
+    a.await.unwrap();
+    b.await.unwrap();
+
+    // Everything committed goes up; then no reading may have two ids.
+    let db = dir.path().join("data/edgefn.db");
+    eventually("the buffer drained", || outbox_rows(&db) == 0).await;
+    let seen = upstream
+        .wait_until("every reading of both devices", |s| {
+            let ids: HashSet<&str> = s.iter().filter_map(|x| x.id.as_deref()).collect();
+            let readings: HashSet<(String, u64)> = s.iter().map(Seen::reading).collect();
+            readings.len() == 2 * n as usize && ids.len() >= readings.len()
+        })
+        .await;
+    let mut ids_of: std::collections::HashMap<(String, u64), HashSet<String>> = Default::default();
+    for x in &seen {
+        let v = x.json();
+        let reading = (
+            v["device"].as_str().unwrap().to_owned(),
+            v["seq"].as_u64().unwrap(),
+        );
+        ids_of
+            .entry(reading)
+            .or_default()
+            .insert(x.id.clone().unwrap());
+    }
+    let copies: Vec<_> = ids_of.iter().filter(|(_, ids)| ids.len() > 1).collect();
+    assert!(
+        copies.is_empty(),
+        "readings committed more than once: {copies:?}"
+    );
+    drop(daemon);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_brokers_clients_and_refusals_are_in_the_gateway_metrics() {
+    // No upstream: the 4 KiB buffer fills and stays full.
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = standard_config(dir.path(), &format!("embedded:{port}"), free_port());
+    let text = std::fs::read_to_string(&config).unwrap();
+    let text = text.replace("max_size = \"64MiB\"", "max_size = \"4KiB\"");
+    let upstream = text.find("[upstream]").unwrap();
+    let buffer = text.find("[buffer]").unwrap();
+    std::fs::write(&config, format!("{}{}", &text[..upstream], &text[buffer..])).unwrap();
+    let gateway = edgefn::gateway::Gateway::start(edgefn::config::Config::load(&config).unwrap())
+        .await
+        .unwrap();
+
+    let mut idle = Device::connect("sensor-idle", port).await;
+    assert!(
+        idle.publish_acked("other/topic", "not a trigger", PATIENCE)
+            .await
+    );
+    let failures = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let dev = Device::with_keep_alive("sensor-km", port, Duration::from_secs(5));
+    let stuck = tokio::spawn(publish_until_acked(
+        dev,
+        "km",
+        20,
+        PATIENCE,
+        failures.clone(),
+    ));
+    eventually("a message given up and its connection refused", || {
+        let m = gateway.metrics();
+        m.abandoned >= 1 && m.broker_refused >= 1
+    })
+    .await;
+    eventually("two connections and two sessions", || {
+        let m = gateway.metrics();
+        m.broker_connections == 2 && m.broker_sessions == 2
+    })
+    .await;
+    stuck.abort();
+    gateway.shutdown().await;
 }

@@ -6,12 +6,8 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::ops::Range;
-use std::time::Duration;
 
 use common::*;
-
-/// What the daemon logs each time the local broker grants its subscriptions.
-const SUBSCRIBED: &str = "subscribed granted=";
 
 /// Upstream topic of a cleaned reading from `device`.
 fn telemetry(device: &str) -> String {
@@ -377,37 +373,6 @@ async fn readings_come_from_a_local_broker_over_tls() {
 /// A stock device-side Mosquitto, `cloud`, a subscriber on the cloud, and
 /// the daemon connected to both. Destructure it binding every field that
 /// must live (the brokers, `dir`): fields left to `..` are dropped at once.
-struct Connected {
-    local: Mosquitto,
-    cloud: Mosquitto,
-    dir: tempfile::TempDir,
-    config: std::path::PathBuf,
-    upstream: Upstream,
-    daemon: Daemon,
-}
-
-async fn connected(cloud: Mosquitto) -> Connected {
-    connected_to(Mosquitto::start(), cloud).await
-}
-
-/// [`connected`] with the device-side broker `local`.
-async fn connected_to(local: Mosquitto, cloud: Mosquitto) -> Connected {
-    let dir = tempfile::tempdir().unwrap();
-    let config = standard_config(dir.path(), &local.url(), cloud.port);
-    let upstream = Upstream::subscribe(cloud.port, "site/#").await;
-    let daemon = Daemon::start(&config);
-    daemon.wait_for_log(SUBSCRIBED);
-    daemon.wait_for_log("connected upstream");
-    Connected {
-        local,
-        cloud,
-        dir,
-        config,
-        upstream,
-        daemon,
-    }
-}
-
 /// A device-side Mosquitto (with `local_extra` mosquitto.conf lines) that
 /// holds edgefn's persistent session while the daemon is stopped, so it
 /// queues what devices publish; a cloud broker with a subscriber on it.
@@ -482,20 +447,10 @@ async fn expect_round_robin(upstream: &Upstream, devices: &[&str], n: u64) {
 
 /// Waits until the outbox holds exactly `n` rows.
 async fn wait_for_outbox(db: &std::path::Path, n: u64) {
-    let deadline = std::time::Instant::now() + PATIENCE;
-    loop {
-        let rows = rusqlite::Connection::open(db)
-            .and_then(|c| c.query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get::<_, i64>(0)))
-            .unwrap_or(-1);
-        if rows == n as i64 {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "outbox has {rows} rows, expected {n}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(&format!("the outbox holds {n} rows"), || {
+        outbox_rows(db) == n as i64
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

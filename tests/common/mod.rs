@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod powercut;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -317,6 +319,15 @@ impl Seen {
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_str(&self.payload).unwrap_or_else(|e| panic!("{}: {e}", self.payload))
     }
+
+    /// The cleaned reading it carries: (`device`, `seq`).
+    pub fn reading(&self) -> (String, u64) {
+        let v = self.json();
+        (
+            v["device"].as_str().expect("a device").to_owned(),
+            v["seq"].as_u64().expect("a seq"),
+        )
+    }
 }
 
 /// A subscriber standing in for the cloud: collects everything under a
@@ -438,8 +449,12 @@ pub struct Device {
     id: String,
     /// Broker port.
     port: u16,
+    /// MQTT keep-alive.
+    keep_alive: Duration,
     /// The current connection, if any.
     conn: Option<DeviceConn>,
+    /// Connections made so far.
+    pub connections: usize,
 }
 
 /// What a device's event loop reports.
@@ -473,17 +488,24 @@ impl Drop for DeviceConn {
 impl Device {
     /// A device with `client_id` for the broker at `port` (connects lazily).
     pub async fn connect(client_id: &str, port: u16) -> Device {
+        Self::with_keep_alive(client_id, port, Duration::from_secs(30))
+    }
+
+    /// [`Device::connect`] with MQTT keep-alive `keep_alive`.
+    pub fn with_keep_alive(client_id: &str, port: u16, keep_alive: Duration) -> Device {
         Device {
             id: client_id.to_owned(),
             port,
+            keep_alive,
             conn: None,
+            connections: 0,
         }
     }
 
     async fn connection(&mut self) -> Option<&mut DeviceConn> {
         if self.conn.is_none() {
             let mut o = MqttOptions::new(&self.id, "127.0.0.1", self.port);
-            o.set_keep_alive(Duration::from_secs(30));
+            o.set_keep_alive(self.keep_alive);
             o.set_clean_start(true);
             let (client, mut events) = AsyncClient::new(o, 10);
             let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
@@ -506,6 +528,7 @@ impl Device {
             });
             match rx.recv().await {
                 Some(DeviceEvent::Connected) => {
+                    self.connections += 1;
                     self.conn = Some(DeviceConn {
                         client,
                         events: rx,
@@ -642,11 +665,16 @@ pub struct Daemon {
 impl Daemon {
     /// Starts `edgefn run --config CONFIG`, logging to a file beside it.
     pub fn start(config: &Path) -> Daemon {
+        Self::start_logging(config, "info,rmqtt=warn,rmqtt_net=warn")
+    }
+
+    /// [`Daemon::start`] with the log filter `filter` (`EDGEFN_LOG`).
+    pub fn start_logging(config: &Path, filter: &str) -> Daemon {
         let log = config.with_extension(format!("{}.log", free_port()));
         let child = Command::new(env!("CARGO_BIN_EXE_edgefn"))
             .args(["run", "--config"])
             .arg(config)
-            .env("EDGEFN_LOG", "info,rmqtt=warn,rmqtt_net=warn")
+            .env("EDGEFN_LOG", filter)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
@@ -674,10 +702,13 @@ impl Daemon {
 
     /// SIGTERM and wait for a clean exit.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
+        self.begin_stop();
         self.child.wait().unwrap()
+    }
+
+    /// SIGTERM, without waiting for the exit.
+    pub fn begin_stop(&self) {
+        signal(self.child.id(), "-TERM");
     }
 
     /// The log so far.
@@ -707,6 +738,66 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// Rows in the outbox of the database `db` right now (-1 if it cannot be
+/// read).
+pub fn outbox_rows(db: &Path) -> i64 {
+    rusqlite::Connection::open(db)
+        .and_then(|c| c.query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get(0)))
+        .unwrap_or(-1)
+}
+
+/// Waits until `pred` holds; panics after [`PATIENCE`] naming `what`.
+pub async fn eventually(what: &str, pred: impl Fn() -> bool) {
+    let deadline = Instant::now() + PATIENCE;
+    while !pred() {
+        assert!(Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// What the daemon logs each time the local broker grants its subscriptions.
+pub const SUBSCRIBED: &str = "subscribed granted=";
+
+/// A daemon connected to a device-side broker and a cloud broker with a
+/// subscriber on `site/#`, running the standard config.
+pub struct Connected {
+    /// The device-side broker.
+    pub local: Mosquitto,
+    /// The cloud broker.
+    pub cloud: Mosquitto,
+    /// Holds the config and `data/`.
+    pub dir: tempfile::TempDir,
+    /// The config file.
+    pub config: std::path::PathBuf,
+    /// The subscriber on the cloud broker.
+    pub upstream: Upstream,
+    /// The daemon, subscribed and connected upstream.
+    pub daemon: Daemon,
+}
+
+/// [`Connected`] with a stock device-side broker and `cloud`.
+pub async fn connected(cloud: Mosquitto) -> Connected {
+    connected_to(Mosquitto::start(), cloud).await
+}
+
+/// [`connected`] with the device-side broker `local`.
+pub async fn connected_to(local: Mosquitto, cloud: Mosquitto) -> Connected {
+    let dir = tempfile::tempdir().unwrap();
+    let config = standard_config(dir.path(), &local.url(), cloud.port);
+    let upstream = Upstream::subscribe(cloud.port, "site/#").await;
+    let daemon = Daemon::start(&config);
+    daemon.wait_for_log(SUBSCRIBED);
+    daemon.wait_for_log("connected upstream");
+    Connected {
+        local,
+        cloud,
+        dir,
+        config,
+        upstream,
+        daemon,
     }
 }
 

@@ -1,0 +1,228 @@
+//! The gateway against hostile functions, refusing upstreams and stalls:
+//! none of them may stop it for good, and what it holds stays bounded.
+
+mod common;
+
+use common::*;
+
+/// `config` with `from` replaced by `to` (which must be there).
+fn edit(config: &std::path::Path, from: &str, to: &str) {
+    let text = std::fs::read_to_string(config).unwrap();
+    assert!(text.contains(from), "{from:?} not in the config");
+    std::fs::write(config, text.replacen(from, to, 1)).unwrap();
+}
+
+/// The dead letters of the daemon whose config is in `dir`.
+fn dead_letters(dir: &tempfile::TempDir) -> Vec<edgefn::store::DeadLetter> {
+    edgefn::store::dead_letters(&dir.path().join("data")).unwrap()
+}
+
+/// Payloads of the records seen upstream on `topic`, first arrival of each
+/// id, in arrival order.
+fn payloads_on(seen: &[Seen], topic: &str) -> Vec<String> {
+    Upstream::distinct(seen)
+        .into_iter()
+        .filter(|s| s.topic == topic)
+        .map(|s| s.payload)
+        .collect()
+}
+
+/// Through an external broker: publishes `payload` on `topic` (for chaos),
+/// then 20 plain messages, waits until those 20 arrived upstream in order
+/// (the bad one held nothing back), stops the daemon and returns the single
+/// dead letter it left.
+async fn one_bad_message_then_twenty(topic: &str, payload: &str) -> edgefn::store::DeadLetter {
+    let Connected {
+        local,
+        cloud: _cloud,
+        dir,
+        upstream,
+        mut daemon,
+        ..
+    } = connected(Mosquitto::cloud()).await;
+    let mut dev = Device::connect("device-b", local.port).await;
+    assert!(dev.publish_acked(topic, payload, PATIENCE).await);
+    for i in 0..20 {
+        let payload = format!("after {i}");
+        assert!(dev.publish_acked("chaos/after", payload, PATIENCE).await);
+    }
+    let after = "site/pi-01/echo/chaos/after";
+    let seen = upstream
+        .wait_until("20 records after the bad one", |s| {
+            payloads_on(s, after).len() >= 20
+        })
+        .await;
+    let want: Vec<String> = (0..20).map(|i| format!("after {i}")).collect();
+    assert_eq!(payloads_on(&seen, after), want);
+    assert!(daemon.terminate().success());
+    let mut dead = dead_letters(&dir);
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    dead.remove(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_buffer_drains_when_the_upstream_refuses_records_instead_of_acknowledging_them() {
+    // The cloud, once up, announces a Maximum Packet Size of 300 bytes:
+    // every cleaned reading below (about 450 bytes) can only be refused.
+    let mut cloud = Mosquitto::cloud_with_extra("max_packet_size 300\n");
+    cloud.stop();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = standard_config(dir.path(), &format!("embedded:{port}"), cloud.port);
+    // Room for all 60 dead letters (by default they get a quarter of max_size).
+    edit(
+        &config,
+        "max_size = \"64MiB\"",
+        "max_size = \"4KiB\"\ndead_letters_max_size = \"1MiB\"",
+    );
+    let daemon = Daemon::start(&config);
+    wait_for_port(port);
+
+    let device = tokio::spawn(async move {
+        let mut dev = Device::connect("sensor-r", port).await;
+        for i in 0..60u64 {
+            let payload = format!(r#"{{"seq":{i},"temp_c":20.5,"pad":"{}"}}"#, "p".repeat(380));
+            assert!(
+                dev.publish_acked("sensors/r1/temperature", payload, PATIENCE)
+                    .await,
+                "reading {i} was never acknowledged"
+            );
+        }
+    });
+    // About nine records fill 4 KiB; then the device waits for room.
+    daemon.wait_for_log("buffer full");
+    cloud.restart();
+    device.await.unwrap();
+    eventually("all 60 records refused into the dead letters", || {
+        dead_letters(&dir).len() == 60
+    })
+    .await;
+    for d in dead_letters(&dir) {
+        assert_eq!((d.function.as_str(), d.kind), ("upstream", "rejected"));
+        assert!(d.error.contains("maximum packet size"), "{}", d.error);
+    }
+    drop(daemon);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_whose_topic_is_too_long_with_the_prefix_is_refused_at_emit_and_the_rest_flows() {
+    // chaos echoes to `echo/<topic>`: 65,530 bytes, and 65,541 behind the
+    // prefix `site/pi-01/`, more than an MQTT topic can be.
+    let long = format!("chaos/{}", "t".repeat(65_519));
+    let dead = one_bad_message_then_twenty(&long, "x").await;
+    assert_eq!((dead.function.as_str(), dead.kind), ("chaos", "error"));
+    assert!(dead.error.contains("invalid topic"), "{}", dead.error);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_the_upstream_answers_by_closing_the_connection_goes_to_the_dead_letters() {
+    // `chaos/poison\u{7}`: valid MQTT, but Mosquitto closes the connection
+    // of a client that publishes a topic with a control character.
+    let dead = one_bad_message_then_twenty("chaos/p", "poison").await;
+    assert_eq!(
+        (dead.function.as_str(), dead.kind, dead.topic.as_str()),
+        ("upstream", "rejected", "chaos/poison\u{7}")
+    );
+    assert!(
+        dead.error
+            .contains("closed the connection each of the 3 times"),
+        "{}",
+        dead.error
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_stop_waits_for_the_pubacks_of_records_in_flight() {
+    let local = Mosquitto::start();
+    let cloud = Mosquitto::cloud();
+    let dir = tempfile::tempdir().unwrap();
+    let config = standard_config(dir.path(), &local.url(), cloud.port);
+    let daemon = Daemon::start_logging(&config, "info,edgefn::forward=debug,rmqtt=warn");
+    daemon.wait_for_log(SUBSCRIBED);
+    daemon.wait_for_log("connected upstream");
+    // The cloud hangs: what edgefn sends waits in its socket, unacknowledged.
+    cloud.freeze();
+    let mut dev = Device::connect("device-s", local.port).await;
+    for i in 0..5 {
+        assert!(
+            dev.publish_acked("sensors/s1/temperature", reading(i, 21.0), PATIENCE)
+                .await
+        );
+    }
+    daemon.wait_for_log_times("sent upstream", 5);
+    daemon.begin_stop();
+    daemon.wait_for_log("draining the upstream connection");
+    // The PUBACKs come while edgefn drains: they count.
+    cloud.thaw();
+    let mut daemon = daemon;
+    assert!(daemon.child.wait().unwrap().success());
+    assert_eq!(outbox_rows(&dir.path().join("data/edgefn.db")), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trigger_removed_from_the_config_is_unsubscribed_from_the_persistent_session() {
+    // Mosquitto publishes how many subscriptions it holds, offline
+    // sessions' included, every second.
+    let local = Mosquitto::start_with_extra("sys_interval 1\n");
+    let cloud = Mosquitto::cloud();
+    let dir = tempfile::tempdir().unwrap();
+    let config = standard_config(dir.path(), &local.url(), cloud.port);
+    let counts = Upstream::subscribe(local.port, "$SYS/broker/subscriptions/count").await;
+    let subscriptions = |want: &'static str| {
+        let counts = &counts;
+        async move {
+            counts
+                .wait_until(&format!("{want} subscriptions on the local broker"), |s| {
+                    s.last().is_some_and(|c| c.payload == want)
+                })
+                .await;
+        }
+    };
+    let mut daemon = Daemon::start(&config);
+    daemon.wait_for_log(SUBSCRIBED);
+    assert!(daemon.terminate().success());
+    // Its session keeps `sensors/+/temperature`, `chaos/#` and the $SYS
+    // drop counter; the fourth is the counting subscriber's.
+    subscriptions("4").await;
+
+    // Without the chaos function, `chaos/#` must go.
+    let text = std::fs::read_to_string(&config).unwrap();
+    let chaos = text.rfind("[[functions]]").unwrap();
+    std::fs::write(&config, &text[..chaos]).unwrap();
+    let mut daemon = Daemon::start(&config);
+    daemon.wait_for_log(SUBSCRIBED);
+    subscriptions("3").await;
+    assert!(daemon.terminate().success());
+}
+
+#[cfg(feature = "embedded-broker")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_function_asleep_in_a_wasi_call_times_out_and_holds_no_other_acknowledgement() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    // No upstream: everything stays in the buffer.
+    let config = standard_config(dir.path(), &format!("embedded:{port}"), free_port());
+    let daemon = Daemon::start(&config);
+    wait_for_port(port);
+    // chaos (timeout 200 ms, one retry) sleeps an hour in poll_oneoff.
+    let sleeper = tokio::spawn(async move {
+        let mut dev = Device::connect("sleeper", port).await;
+        assert!(dev.publish_acked("chaos/s", "sleep", PATIENCE).await);
+    });
+    let mut dev = Device::connect("sensor-w", port).await;
+    for i in 0..20 {
+        assert!(
+            dev.publish_acked("sensors/w1/temperature", reading(i, 21.0), PATIENCE)
+                .await,
+            "reading {i} waited for the sleeping function"
+        );
+    }
+    sleeper.await.unwrap();
+    let dead = dead_letters(&dir);
+    assert_eq!(dead.len(), 1);
+    assert_eq!(
+        (dead[0].function.as_str(), dead[0].kind, dead[0].attempts),
+        ("chaos", "timeout", 2)
+    );
+    drop(daemon);
+}
