@@ -540,8 +540,9 @@ fn incarnation(conn: &mut Connection) -> rusqlite::Result<u64> {
     let value = match stored {
         Some(v) => v,
         None => {
-            // Never 0, so an id can always tell it was set.
-            let v = fastrand::i64(..).max(1);
+            // Never 0, so an id can always tell it was set; SQLite keeps
+            // the 64 bits as a signed integer.
+            let v = fastrand::u64(1..) as i64;
             tx.execute(
                 "INSERT INTO counters (name, value) VALUES ('incarnation', ?1)",
                 [v],
