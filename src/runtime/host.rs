@@ -62,6 +62,9 @@ pub struct LogBudget {
     state: Mutex<BucketState>,
     /// Lines dropped so far, for metrics.
     suppressed_total: AtomicU64,
+    /// Lines dropped since the last notice (a copy of the state's, read
+    /// without the lock at the end of every invocation).
+    unreported: AtomicU64,
 }
 
 /// The mutable part of a [`LogBudget`].
@@ -101,6 +104,7 @@ impl LogBudget {
                 noticed: None,
             }),
             suppressed_total: AtomicU64::new(0),
+            unreported: AtomicU64::new(0),
         }
     }
 
@@ -120,9 +124,11 @@ impl LogBudget {
         if s.tokens < 1.0 {
             s.suppressed += 1;
             self.suppressed_total.fetch_add(1, Ordering::Relaxed);
+            self.unreported.store(s.suppressed, Ordering::Relaxed);
             return Admit::Suppressed;
         }
         s.tokens -= 1.0;
+        self.unreported.store(0, Ordering::Relaxed);
         match std::mem::take(&mut s.suppressed) {
             0 => Admit::Line,
             n => {
@@ -136,6 +142,9 @@ impl LogBudget {
     /// one a second, so a function that floods and then goes quiet is
     /// still reported without the notices becoming a flood of their own.
     fn notice_due(&self) -> Option<u64> {
+        if self.unreported.load(Ordering::Relaxed) == 0 {
+            return None;
+        }
         let now = Instant::now();
         let mut s = self.state.lock().expect("log budget lock");
         let due = s
@@ -145,6 +154,7 @@ impl LogBudget {
             return None;
         }
         s.noticed = Some(now);
+        self.unreported.store(0, Ordering::Relaxed);
         Some(std::mem::take(&mut s.suppressed))
     }
 }
