@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 use crate::config::Config;
 use crate::gateway::Gateway;
 use crate::ingest::embedded::EmbeddedBroker;
-use crate::route::Router;
+use crate::registry::Registry;
 
 /// What `edgefn demo` runs.
 #[derive(Debug, Clone)]
@@ -195,7 +195,7 @@ concurrency = 2
     Ok(())
 }
 
-/// The stand-in cloud: an embedded broker whose router matches nothing.
+/// The stand-in cloud: an embedded broker with no functions.
 enum Cloud {
     /// Running.
     Up(Box<EmbeddedBroker>),
@@ -225,7 +225,7 @@ async fn start_cloud(addr: SocketAddr) -> anyhow::Result<Cloud> {
     let (tx, _rx) = mpsc::channel(1);
     let metrics = Arc::new(crate::metrics::Metrics::default());
     let broker =
-        EmbeddedBroker::start(addr, 1 << 20, Arc::new(Router::default()), tx, metrics).await?;
+        EmbeddedBroker::start(addr, 1 << 20, Arc::new(Registry::default()), tx, metrics).await?;
     Ok(Cloud::Up(Box::new(broker)))
 }
 

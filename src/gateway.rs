@@ -1,9 +1,11 @@
 //! Builds the stages from a [`Config`], wires them with bounded channels,
 //! and shuts them down in order.
 //!
-//! Startup: open the store, compile and check every function, start the
-//! pools and the pipeline, then the forwarder, then ingest (last, so nothing
-//! arrives before there is somewhere for it to go).
+//! Startup: open the store, compile and check every function of the
+//! configuration and install it in the [`Registry`] (the path every
+//! function takes, see [`Gateway::install`]), start the pipeline, then the
+//! forwarder, then ingest (last, so nothing arrives before there is
+//! somewhere for it to go).
 //!
 //! Shutdown (SIGTERM/SIGINT, or [`Gateway::shutdown`]): ingest stops taking
 //! messages but keeps its connection so acks can still be sent; the
@@ -17,12 +19,12 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::sync::{Notify, mpsc, watch};
 
-use crate::config::{Config, LocalSource};
+use crate::config::{Config, FunctionConfig, LocalSource};
 use crate::forward::Forwarder;
 use crate::ingest::mqtt::MqttIngest;
 use crate::metrics::{Metrics, Snapshot};
 use crate::pipeline::Pipeline;
-use crate::route::Router;
+use crate::registry::{Deployed, Origin, Registry};
 use crate::runtime::pool::{FunctionMetrics, Pool};
 use crate::runtime::{FunctionSpec, Runtime, Target};
 use crate::store;
@@ -49,8 +51,10 @@ pub struct Gateway {
     status: tokio::task::JoinHandle<()>,
     /// The pipeline.
     pipeline: crate::pipeline::Running,
-    /// Function pools (stopped last).
-    pools: Arc<Vec<Pool>>,
+    /// The functions (their pools are stopped last).
+    registry: Arc<Registry>,
+    /// The upstream topic prefix functions' topics are checked against.
+    topic_prefix: String,
     /// Gateway counters.
     metrics: Arc<Metrics>,
     /// Reads them, gauges included.
@@ -58,8 +62,8 @@ pub struct Gateway {
     /// The embedded broker, if any.
     #[cfg(feature = "embedded-broker")]
     broker: Option<crate::ingest::embedded::EmbeddedBroker>,
-    /// Keeps the engine (and its epoch ticker) alive.
-    _runtime: Arc<Runtime>,
+    /// Compiles functions; keeps the engine (and its epoch ticker) alive.
+    runtime: Arc<Runtime>,
 }
 
 /// How often the status line is logged.
@@ -81,27 +85,17 @@ impl Gateway {
         );
 
         let runtime = Arc::new(Runtime::new(Target::for_host())?);
-        let mut pools = Vec::new();
+        let registry = Arc::new(Registry::default());
+        let topic_prefix = config
+            .upstream
+            .as_ref()
+            .map_or(String::new(), |u| u.topic_prefix.clone());
         for f in &config.functions {
-            let rt = runtime.clone();
-            let prefix = config
-                .upstream
-                .as_ref()
-                .map_or("", |u| u.topic_prefix.as_str());
-            let spec = FunctionSpec::from_config(f, prefix);
-            let path = f.module.clone();
-            let function = tokio::task::spawn_blocking(move || rt.load_file(&path, spec))
-                .await?
+            let function = start_function(&runtime, &registry, f, &topic_prefix, Origin::Config)
+                .await
                 .with_context(|| format!("function {:?}", f.name))?;
-            tracing::info!(function = %f.name, module = %f.module.display(), "function loaded");
-            pools.push(Pool::start(Arc::new(function), f.concurrency, f.retries)?);
+            registry.install(function);
         }
-        let pools = Arc::new(pools);
-        let router = Arc::new(Router::new(
-            config.functions.iter().map(|f| f.triggers.as_slice()),
-        ));
-        let names: Arc<Vec<String>> =
-            Arc::new(config.functions.iter().map(|f| f.name.clone()).collect());
 
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (drained, drained_rx) = watch::channel(false);
@@ -114,9 +108,7 @@ impl Gateway {
         };
         let (deliveries_tx, deliveries_rx) = mpsc::channel(in_flight);
         let pipeline = Pipeline {
-            router: router.clone(),
-            pools: pools.clone(),
-            names: names.clone(),
+            registry: registry.clone(),
             writer,
             max_batch: config.buffer.max_batch,
             max_message_size: config.local.max_message_size,
@@ -160,16 +152,16 @@ impl Gateway {
         let mut broker = None;
         match &config.local.source {
             LocalSource::Broker(b) => {
-                let filters: Vec<String> = router.filters().iter().map(|f| f.to_string()).collect();
+                let filters = registry.filters();
                 let stale: Vec<String> = remembered
                     .into_iter()
-                    .filter(|f| !filters.contains(f))
+                    .filter(|f| !filters.borrow().contains(f))
                     .collect();
                 // Until the broker confirms the unsubscriptions, the session
                 // may hold both.
                 session_filters.save(
                     &b.session_name(),
-                    filters.iter().chain(&stale).cloned().collect(),
+                    filters.borrow().iter().chain(&stale).cloned().collect(),
                 );
                 ingest.push(tokio::spawn(
                     MqttIngest {
@@ -190,7 +182,7 @@ impl Gateway {
                 let b = crate::ingest::embedded::EmbeddedBroker::start(
                     *listen,
                     config.local.max_message_size,
-                    router.clone(),
+                    registry.clone(),
                     deliveries_tx,
                     metrics.clone(),
                 )
@@ -215,7 +207,7 @@ impl Gateway {
             #[cfg(feature = "embedded-broker")]
             broker: broker.as_ref().map(|b| b.publisher()),
         };
-        let status = tokio::spawn(status_loop(counts.clone(), pools.clone(), names));
+        let status = tokio::spawn(status_loop(counts.clone(), registry.clone()));
 
         Ok(Gateway {
             shutdown,
@@ -224,13 +216,50 @@ impl Gateway {
             forward,
             status,
             pipeline,
-            pools,
+            registry,
+            topic_prefix,
             metrics,
             counts,
             #[cfg(feature = "embedded-broker")]
             broker,
-            _runtime: runtime,
+            runtime,
         })
+    }
+
+    /// Compiles and checks `f` (the same checks as at start-up), starts its
+    /// instances and makes it the running version of its name: messages
+    /// routed from now on go to it, those routed before finish on the
+    /// version they were routed to. With an external broker, ingest
+    /// subscribes to its new triggers and unsubscribes from those no
+    /// function uses any more. Nothing changes if it fails.
+    pub async fn install(&self, f: &FunctionConfig, origin: Origin) -> anyhow::Result<()> {
+        let function = start_function(&self.runtime, &self.registry, f, &self.topic_prefix, origin)
+            .await
+            .with_context(|| format!("function {:?}", f.name))?;
+        let version = function.version();
+        let previous = self.registry.install(function);
+        tracing::info!(
+            function = %f.name,
+            version,
+            replaced = previous.map(|p| p.version()),
+            "function installed"
+        );
+        Ok(())
+    }
+
+    /// Stops routing messages to the function called `name`; those
+    /// already routed to it finish. False if there is none.
+    pub fn remove(&self, name: &str) -> bool {
+        let removed = self.registry.remove(name);
+        if let Some(f) = &removed {
+            tracing::info!(function = name, version = f.version(), "function removed");
+        }
+        removed.is_some()
+    }
+
+    /// The functions that run now.
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
     }
 
     /// The embedded broker's address (with the real port if 0 was asked).
@@ -246,9 +275,15 @@ impl Gateway {
         self.counts.snapshot()
     }
 
-    /// Per-function counters, in configuration order.
+    /// Per-function counters, in installation order (the configuration's
+    /// first).
     pub fn function_metrics(&self) -> Vec<Arc<FunctionMetrics>> {
-        self.pools.iter().map(|p| p.metrics().clone()).collect()
+        let table = self.registry.table();
+        table
+            .functions()
+            .iter()
+            .map(|f| f.pool().metrics().clone())
+            .collect()
     }
 
     /// Stops in order (see the module doc).
@@ -276,9 +311,14 @@ impl Gateway {
         }
         self.status.abort();
         let _ = self.status.await;
-        let pools = Arc::try_unwrap(self.pools).ok();
+        let pools: Vec<Pool> = self
+            .registry
+            .clear()
+            .into_iter()
+            .filter_map(|f| Arc::try_unwrap(f).ok().map(Deployed::into_pool))
+            .collect();
         tokio::task::spawn_blocking(move || {
-            for p in pools.into_iter().flatten() {
+            for p in pools {
                 p.shutdown();
             }
         })
@@ -326,7 +366,30 @@ impl Counts {
     }
 }
 
-async fn status_loop(counts: Counts, pools: Arc<Vec<Pool>>, names: Arc<Vec<String>>) {
+/// Compiles `f`'s module on a blocking thread and starts its instances:
+/// everything but installing it.
+async fn start_function(
+    runtime: &Arc<Runtime>,
+    registry: &Registry,
+    f: &FunctionConfig,
+    topic_prefix: &str,
+    origin: Origin,
+) -> anyhow::Result<Deployed> {
+    let rt = runtime.clone();
+    let spec = FunctionSpec::from_config(f, topic_prefix);
+    let path = f.module.clone();
+    let function = tokio::task::spawn_blocking(move || rt.load_file(&path, spec)).await??;
+    tracing::info!(function = %f.name, module = %f.module.display(), "function loaded");
+    let pool = Pool::start(
+        Arc::new(function),
+        f.concurrency,
+        f.retries,
+        registry.metrics_for(&f.name),
+    )?;
+    Ok(Deployed::new(&f.name, 0, f.triggers.clone(), pool, origin))
+}
+
+async fn status_loop(counts: Counts, registry: Arc<Registry>) {
     use std::sync::atomic::Ordering::Relaxed;
     let mut tick = tokio::time::interval(STATUS_INTERVAL);
     tick.tick().await;
@@ -361,10 +424,11 @@ async fn status_loop(counts: Counts, pools: Arc<Vec<Pool>>, names: Arc<Vec<Strin
                 "embedded broker status"
             );
         }
-        for (name, p) in names.iter().zip(pools.iter()) {
-            let f = p.metrics();
+        for function in registry.table().functions() {
+            let f = function.pool().metrics();
             tracing::debug!(
-                function = %name,
+                function = function.name(),
+                version = function.version(),
                 invocations = f.invocations.load(Relaxed),
                 failures = f.failures.load(Relaxed),
                 timeouts = f.timeouts.load(Relaxed),

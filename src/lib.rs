@@ -15,6 +15,8 @@
 //!   client, manual acks) and `ingest::embedded` (rmqtt in process, PUBACK after
 //!   commit). Both yield [`ingest::Delivery`] `{ topic, payload, ack }`.
 //! - [`route`] — MQTT topic filters → functions.
+//! - [`registry`] — the functions that run now, by name; the routing table,
+//!   swapped atomically when a function is installed or removed.
 //! - [`runtime`] — wasmtime: one engine, ABI v1 checks, warm instances,
 //!   limits; [`runtime::pool`] runs them on worker threads.
 //! - [`pipeline`] — route → invoke → group commit → ack, in ingest order.
@@ -39,6 +41,7 @@ pub mod ingest;
 pub mod invoke;
 pub mod metrics;
 pub mod pipeline;
+pub mod registry;
 pub mod route;
 pub mod runtime;
 pub mod store;

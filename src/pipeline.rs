@@ -7,9 +7,11 @@
 //!               pools (worker threads, warm instances)
 //! ```
 //!
-//! - **dispatch** routes each delivery and submits it to every matching
-//!   function's pool (waiting while a pool is busy: backpressure), then
-//!   queues a `Pending` holding the outcome receivers *in ingest order*.
+//! - **dispatch** routes each delivery through the registry's current
+//!   table and submits it to every matching function's pool (waiting while
+//!   a pool is busy: backpressure), then queues a `Pending` holding the
+//!   outcome receivers *in ingest order*. The `Pending` holds the version
+//!   each went to, so a function replaced meanwhile finishes it.
 //! - the **commit thread** owns the SQLite writer. It takes pendings in that
 //!   order, so commits — and therefore outbox `seq`s and upstream order —
 //!   follow ingest order even when invocations run in parallel. It takes
@@ -37,9 +39,9 @@ use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::ingest::{Ack, Backoff, Delivery};
 use crate::metrics::Metrics;
-use crate::route::Router;
+use crate::registry::{Deployed, Registry};
 use crate::runtime::Emitted;
-use crate::runtime::pool::{Outcome, Pool};
+use crate::runtime::pool::Outcome;
 use crate::store::{DeadLetter, NewRecord, Outcomes, Writer};
 
 /// A commit that takes this long is logged: on a healthy SD card a commit
@@ -55,12 +57,12 @@ struct Pending {
     topic: Arc<str>,
     /// The input, kept for dead letters.
     payload: Bytes,
-    /// `(function index, outcome)` per matching function whose outcome is
-    /// not yet taken, in match order.
-    running: VecDeque<(usize, oneshot::Receiver<Outcome>)>,
-    /// `(function index, outcome)` taken so far, in match order; `None` if
-    /// the pool shut down before running it.
-    settled: Vec<(usize, Option<Outcome>)>,
+    /// `(function version, outcome)` per matching function whose outcome
+    /// is not yet taken, in match order.
+    running: VecDeque<(Arc<Deployed>, oneshot::Receiver<Outcome>)>,
+    /// `(function version, outcome)` taken so far, in match order; `None`
+    /// if the pool shut down before running it.
+    settled: Vec<(Arc<Deployed>, Option<Outcome>)>,
 }
 
 impl Pending {
@@ -72,7 +74,7 @@ impl Pending {
                 Err(oneshot::error::TryRecvError::Empty) => return false,
                 Err(oneshot::error::TryRecvError::Closed) => None,
             };
-            let f = *f;
+            let f = f.clone();
             self.running.pop_front();
             self.settled.push((f, outcome));
         }
@@ -89,7 +91,7 @@ impl Pending {
     /// What to commit, once settled; `None` if a pool shut down before
     /// running its part: the delivery is then dropped unacknowledged and
     /// comes again.
-    fn into_ready(self, names: &[String]) -> Option<Ready> {
+    fn into_ready(self) -> Option<Ready> {
         debug_assert!(self.running.is_empty());
         let mut outcomes = Outcomes::default();
         let mut publishes = Vec::new();
@@ -105,7 +107,7 @@ impl Pending {
                     publishes.extend(out.publishes);
                 }
                 Outcome::Failed { attempts, failure } => outcomes.dead_letters.push(DeadLetter {
-                    function: names[f].clone(),
+                    function: f.name().to_owned(),
                     topic: self.topic.to_string(),
                     payload: self.payload.to_vec(),
                     kind: failure.kind(),
@@ -134,12 +136,8 @@ struct Ready {
 
 /// Everything the pipeline needs.
 pub struct Pipeline {
-    /// Topic → function indexes.
-    pub router: Arc<Router>,
-    /// One pool per function, by index.
-    pub pools: Arc<Vec<Pool>>,
-    /// Function names, by index (for dead letters).
-    pub names: Arc<Vec<String>>,
+    /// The functions, read per message.
+    pub registry: Arc<Registry>,
     /// The SQLite writer.
     pub writer: Writer,
     /// Most deliveries per group commit.
@@ -197,8 +195,7 @@ impl Pipeline {
         let dispatch = tokio::spawn(dispatch(
             deliveries,
             self.max_message_size,
-            self.router.clone(),
-            self.pools.clone(),
+            self.registry.clone(),
             self.metrics.clone(),
             pending_tx,
         ));
@@ -221,8 +218,7 @@ impl Pipeline {
 async fn dispatch(
     mut deliveries: mpsc::Receiver<Delivery>,
     max_message_size: usize,
-    router: Arc<Router>,
-    pools: Arc<Vec<Pool>>,
+    registry: Arc<Registry>,
     metrics: Arc<Metrics>,
     pending: mpsc::Sender<Pending>,
 ) {
@@ -240,7 +236,8 @@ async fn dispatch(
             d.ack.complete();
             continue;
         }
-        router.route_into(&d.topic, &mut matched);
+        let table = registry.table();
+        table.route_into(&d.topic, &mut matched);
         if matched.is_empty() {
             Metrics::add(&metrics.unrouted, 1);
             d.ack.complete();
@@ -248,8 +245,10 @@ async fn dispatch(
         }
         let topic: Arc<str> = d.topic.into();
         let mut running = VecDeque::with_capacity(matched.len());
-        for &f in &matched {
-            running.push_back((f, pools[f].submit(topic.clone(), d.payload.clone()).await));
+        for &i in &matched {
+            let f = table.function(i);
+            let outcome = f.pool().submit(topic.clone(), d.payload.clone()).await;
+            running.push_back((f.clone(), outcome));
         }
         let p = Pending {
             ack: d.ack,
@@ -273,7 +272,6 @@ fn commit_loop(
     let Pipeline {
         mut writer,
         max_batch,
-        names,
         metrics,
         committed,
         local_publish,
@@ -311,13 +309,13 @@ fn commit_loop(
             if !p.poll() {
                 rt.block_on(p.settle());
             }
-            batch.extend(p.into_ready(&names));
+            batch.extend(p.into_ready());
         }
         // Then everything else that is ready, in order.
         while batch.len() < max_batch {
             let Ok(mut p) = pending.try_recv() else { break };
             if p.poll() {
-                batch.extend(p.into_ready(&names));
+                batch.extend(p.into_ready());
             } else {
                 held = Some(p);
                 break;
@@ -413,7 +411,9 @@ fn commit_loop(
 mod tests {
     use super::*;
     use crate::config::{Durability, FullPolicy};
+    use crate::registry::Origin;
     use crate::route::TopicFilter;
+    use crate::runtime::pool::Pool;
     use crate::runtime::{FunctionSpec, Runtime, Target};
 
     /// An ABI v1 module that runs `body` on each message, then passes the
@@ -483,24 +483,15 @@ mod tests {
         concurrency: usize,
     ) -> (mpsc::Sender<Delivery>, Running) {
         let rt = Runtime::new(Target::Native).unwrap();
-        let spec = FunctionSpec {
-            name: "f".into(),
-            env: vec![],
-            memory_limit: 1 << 20,
-            timeout: Duration::from_secs(1),
-            max_record_size: 1 << 20,
-            max_emit_bytes: 1 << 20,
-            max_topic_len: crate::runtime::MAX_TOPIC_LEN,
-            log_rate_limit: 100,
-            fuel: None,
-        };
+        let spec = FunctionSpec::for_test("f");
         let f = rt.load("f", &wat::parse_str(wat).unwrap(), spec).unwrap();
-        let triggers = [TopicFilter::new("#").unwrap()];
+        let registry = Arc::new(Registry::default());
+        let pool = Pool::start(Arc::new(f), concurrency, 0, registry.metrics_for("f")).unwrap();
+        let triggers = vec![TopicFilter::new("#").unwrap()];
+        registry.install(Deployed::new("f", 0, triggers, pool, Origin::Config));
         let (tx, rx) = mpsc::channel(16);
         let running = Pipeline {
-            router: Arc::new(Router::new([triggers.as_slice()])),
-            pools: Arc::new(vec![Pool::start(Arc::new(f), concurrency, 0).unwrap()]),
-            names: Arc::new(vec!["f".into()]),
+            registry,
             writer,
             max_batch: 16,
             max_message_size: 1 << 20,

@@ -167,23 +167,13 @@ async fn a_trigger_removed_from_the_config_is_unsubscribed_from_the_persistent_s
     let cloud = Mosquitto::cloud();
     let dir = tempfile::tempdir().unwrap();
     let config = standard_config(dir.path(), &local.url(), cloud.port);
-    let counts = Upstream::subscribe(local.port, "$SYS/broker/subscriptions/count").await;
-    let subscriptions = |want: &'static str| {
-        let counts = &counts;
-        async move {
-            counts
-                .wait_until(&format!("{want} subscriptions on the local broker"), |s| {
-                    s.last().is_some_and(|c| c.payload == want)
-                })
-                .await;
-        }
-    };
+    let subscriptions = Subscriptions::watch(local.port).await;
     let mut daemon = Daemon::start(&config);
     daemon.wait_for_log(SUBSCRIBED);
     assert!(daemon.terminate().success());
     // Its session keeps `sensors/+/temperature`, `chaos/#` and the $SYS
     // drop counter; the fourth is the counting subscriber's.
-    subscriptions("4").await;
+    subscriptions.wait_for("4").await;
 
     // Without the chaos function, `chaos/#` must go.
     let text = std::fs::read_to_string(&config).unwrap();
@@ -191,7 +181,7 @@ async fn a_trigger_removed_from_the_config_is_unsubscribed_from_the_persistent_s
     std::fs::write(&config, &text[..chaos]).unwrap();
     let mut daemon = Daemon::start(&config);
     daemon.wait_for_log(SUBSCRIBED);
-    subscriptions("3").await;
+    subscriptions.wait_for("3").await;
     assert!(daemon.terminate().success());
 }
 

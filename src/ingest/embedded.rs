@@ -186,7 +186,7 @@ use tracing::{debug, info, warn};
 
 use crate::ingest::{Ack, Delivery, Hold};
 use crate::metrics::Metrics;
-use crate::route::Router;
+use crate::registry::Registry;
 
 /// Name of the listener, shown in rmqtt's own log lines.
 const LISTENER_NAME: &str = "edgefn/tcp";
@@ -483,7 +483,7 @@ struct ClientPermit {
 /// State shared by the hook handler, the relay task and [`EmbeddedBroker`].
 struct Inner {
     /// Which topics trigger a function.
-    router: Arc<Router>,
+    functions: Arc<Registry>,
     /// The pipeline's input. Taken out (dropped) when shutdown begins, because the pipeline
     /// drains only once every sender is gone, and rmqtt may keep the hook handlers (and so
     /// this struct) alive for as long as any session task lives.
@@ -706,7 +706,7 @@ impl Inner {
             Parameter::MessagePublish(_, from, publish)
                 if matches!(from.typ(), FromType::LastWill) =>
             {
-                if self.router.matches_any(&publish.topic) {
+                if self.functions.matches_any(&publish.topic) {
                     let (topic, payload) = (publish.topic.to_string(), publish.payload.clone());
                     self.deliver_unacked(topic, payload, Origin::LastWill).await;
                 }
@@ -744,7 +744,7 @@ impl Inner {
         {
             return (true, acc);
         }
-        if !self.router.matches_any(&publish.topic) {
+        if !self.functions.matches_any(&publish.topic) {
             return (true, acc);
         }
         // What rmqtt's own loop would allow the device between packets before it closed the
@@ -977,7 +977,7 @@ impl BrokerPublisher {
             .await
             .with_context(|| format!("cannot publish to the embedded broker on {topic}"))?;
 
-        if self.inner.router.matches_any(topic) {
+        if self.inner.functions.matches_any(topic) {
             let chained = Chained {
                 topic: topic.to_owned(),
                 payload,
@@ -1006,16 +1006,17 @@ impl EmbeddedBroker {
     /// Starts rmqtt in this process on `listen` (TCP, MQTT 3.1, 3.1.1 and 5), accepting any
     /// client, with packets up to `max_message_size` bytes of payload plus room for any topic.
     ///
-    /// Every QoS 0/1/2 PUBLISH from a client whose topic `router.matches_any` is sent into
-    /// `deliveries` as a [`Delivery`] with an [`Ack::waiter`], and its PUBACK (PUBREC) is sent
-    /// only after the outcome is committed; a message dropped uncommitted closes the client's
+    /// Every QoS 0/1/2 PUBLISH from a client whose topic triggers one of `functions` (read
+    /// per message: the set may change while it runs) is sent into `deliveries` as a
+    /// [`Delivery`] with an [`Ack::waiter`], and its PUBACK (PUBREC) is sent only after the
+    /// outcome is committed; a message dropped uncommitted closes the client's
     /// connection without acknowledgement (see the module docs). Other messages are routed as
     /// by any broker. Runs on the caller's tokio runtime; port 0 picks a free port (see
     /// [`EmbeddedBroker::local_addr`]).
     pub async fn start(
         listen: SocketAddr,
         max_message_size: usize,
-        router: Arc<Router>,
+        functions: Arc<Registry>,
         deliveries: mpsc::Sender<Delivery>,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<EmbeddedBroker> {
@@ -1038,7 +1039,7 @@ impl EmbeddedBroker {
 
         let (phase, phase_rx) = watch::channel(Phase::Running);
         let inner = Arc::new(Inner {
-            router,
+            functions,
             deliveries: Mutex::new(Some(deliveries)),
             phase: phase_rx,
             in_flight: AtomicUsize::new(0),

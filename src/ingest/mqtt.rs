@@ -35,6 +35,10 @@
 //!   remembered in the store ([`SessionFilters`]); after a CONNACK with the
 //!   session present, those no function uses any more are unsubscribed,
 //!   and once the broker confirmed it they are forgotten.
+//! - **Subscriptions follow the functions**: when a function is installed
+//!   or removed while connected, the new triggers are subscribed to and
+//!   those no function uses any more unsubscribed (the same bookkeeping);
+//!   every CONNACK subscribes to the current set.
 //! - **Broker drops are reported**: Mosquitto's
 //!   `$SYS/broker/publish/messages/dropped` is watched and every increase is
 //!   logged and counted.
@@ -52,6 +56,7 @@ use tokio::sync::{mpsc, watch};
 use super::{Ack, Backoff, Delivery};
 use crate::config::BrokerClientConfig;
 use crate::metrics::Metrics;
+use crate::registry::Filters;
 use crate::runtime::Emitted;
 use crate::store::SessionFilters;
 
@@ -128,10 +133,12 @@ impl From<Emitted> for LocalPublish {
 pub struct MqttIngest {
     /// The broker and session settings.
     pub broker: BrokerClientConfig,
-    /// Topic filters to subscribe to (the union of all triggers).
-    pub filters: Vec<String>,
+    /// Topic filters to subscribe to (the union of all triggers), followed
+    /// as functions are installed and removed.
+    pub filters: watch::Receiver<Filters>,
     /// Filters the session may hold that no function uses any more:
-    /// unsubscribed after the next CONNACK with the session present.
+    /// unsubscribed after the next CONNACK with the session present, or
+    /// at once when a change of `filters` drops them.
     pub stale: Vec<String>,
     /// Where the session's filters are remembered across restarts.
     pub session_filters: SessionFilters,
@@ -188,6 +195,14 @@ impl MqttIngest {
             let mut draining = false;
             // UNSUBACKs still to come for the stale filters.
             let mut unsubscribing = 0;
+            // What this connection subscribed to (the filters of the
+            // functions), once connected.
+            let mut subscribed: Option<Vec<String>> = None;
+            // The filters of each SUBSCRIBE not yet answered, oldest first
+            // (the broker answers in order).
+            let mut asked: VecDeque<Vec<String>> = VecDeque::new();
+            // False once the registry is gone (shutting down).
+            let mut following = true;
             loop {
                 acks.hand_over(&client);
                 if let Some(p) = held.take() {
@@ -218,6 +233,14 @@ impl MqttIngest {
                         .await;
                         return;
                     }
+                    changed = self.filters.changed(), if subscribed.is_some() && following => {
+                        match (changed, subscribed.as_mut()) {
+                            (Ok(()), Some(now)) => {
+                                unsubscribing += self.follow_filters(&client, now, &mut asked);
+                            }
+                            _ => following = false,
+                        }
+                    }
                     Some(p) = self.publishes.recv(), if !draining && held.is_none() => {
                         held = self.publish_locally(&client, LocalPublish::from(p));
                     }
@@ -233,19 +256,19 @@ impl MqttIngest {
                                 session_present = ack.session_present,
                                 "connected to the local broker"
                             );
-                            let mut filters: Vec<Filter> = self
-                                .filters
-                                .iter()
-                                .map(|f| Filter::new(f.as_str(), QoS::AtLeastOnce))
-                                .collect();
+                            let wanted = self.filters.borrow_and_update().to_vec();
+                            let mut filters = qos1(&wanted);
                             filters.push(Filter::new(SYS_DROPPED, QoS::AtMostOnce));
                             if let Err(e) = client.try_subscribe_many(filters) {
                                 tracing::error!(error = %e, "could not subscribe");
                             }
+                            asked.clear();
+                            asked.push_back(wanted.clone());
                             unsubscribing = 0;
+                            self.stale.retain(|f| !wanted.contains(f));
                             if !ack.session_present {
                                 // A new session holds only what was just asked for.
-                                self.forget_stale();
+                                self.forget_stale(&wanted);
                             }
                             for f in &self.stale {
                                 match client.try_unsubscribe(f.as_str()) {
@@ -253,6 +276,7 @@ impl MqttIngest {
                                     Err(e) => tracing::error!(error = %e, filter = f, "could not unsubscribe"),
                                 }
                             }
+                            subscribed = Some(wanted);
                         }
                         Ok(Event::Incoming(Packet::UnsubAck(_))) if unsubscribing > 0 => {
                             unsubscribing -= 1;
@@ -261,19 +285,21 @@ impl MqttIngest {
                                     filters = ?self.stale,
                                     "unsubscribed from filters no function uses any more"
                                 );
-                                self.forget_stale();
+                                let now = subscribed.clone().unwrap_or_default();
+                                self.forget_stale(&now);
                             }
                         }
                         Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                            let filters = asked.pop_front().unwrap_or_default();
                             let mut granted = 0;
-                            for (filter, code) in self.filters.iter().zip(&ack.return_codes) {
+                            for (filter, code) in filters.iter().zip(&ack.return_codes) {
                                 if matches!(code, rumqttc::v5::mqttbytes::v5::SubscribeReasonCode::Success(_)) {
                                     granted += 1;
                                 } else {
                                     tracing::error!(filter, ?code, "the local broker refused a subscription");
                                 }
                             }
-                            tracing::info!(granted, filters = self.filters.len(), "subscribed");
+                            tracing::info!(granted, filters = filters.len(), "subscribed");
                         }
                         Ok(Event::Incoming(Packet::Publish(p))) => {
                             if draining {
@@ -305,12 +331,60 @@ impl MqttIngest {
         }
     }
 
-    /// The session holds no stale filters (any more): remember only the
-    /// current ones.
-    fn forget_stale(&mut self) {
+    /// The session holds no stale filters (any more): remember only
+    /// `subscribed`.
+    fn forget_stale(&mut self, subscribed: &[String]) {
         self.stale.clear();
         self.session_filters
-            .save(&self.broker.session_name(), self.filters.clone());
+            .save(&self.broker.session_name(), subscribed.to_vec());
+    }
+
+    /// Brings the connection's subscriptions from `subscribed` to the
+    /// current `filters`: subscribes to the new ones, unsubscribes from
+    /// those no function uses any more (stale until the broker confirms).
+    /// Returns how many UNSUBSCRIBEs it sent.
+    fn follow_filters(
+        &mut self,
+        client: &AsyncClient,
+        subscribed: &mut Vec<String>,
+        asked: &mut VecDeque<Vec<String>>,
+    ) -> usize {
+        let wanted = self.filters.borrow_and_update().to_vec();
+        let added: Vec<String> = wanted
+            .iter()
+            .filter(|f| !subscribed.contains(f))
+            .cloned()
+            .collect();
+        let removed: Vec<String> = subscribed
+            .iter()
+            .filter(|f| !wanted.contains(f))
+            .cloned()
+            .collect();
+        if !added.is_empty() {
+            match client.try_subscribe_many(qos1(&added)) {
+                Ok(()) => asked.push_back(added.clone()),
+                Err(e) => tracing::error!(error = %e, "could not subscribe"),
+            }
+        }
+        self.stale.retain(|f| !wanted.contains(f));
+        let mut sent = 0;
+        for f in &removed {
+            match client.try_unsubscribe(f.as_str()) {
+                Ok(()) => sent += 1,
+                Err(e) => tracing::error!(error = %e, filter = f, "could not unsubscribe"),
+            }
+            self.stale.push(f.clone());
+        }
+        // Until the broker confirms, the session may hold both.
+        self.session_filters.save(
+            &self.broker.session_name(),
+            wanted.iter().chain(&self.stale).cloned().collect(),
+        );
+        if !added.is_empty() || !removed.is_empty() {
+            tracing::info!(?added, ?removed, "the functions' triggers changed");
+        }
+        *subscribed = wanted;
+        sent
     }
 
     /// Hands a function's publish to the client; gives it back if the
@@ -418,6 +492,14 @@ enum SysDropped {
 
 /// Interprets one `$SYS` dropped-counter message, given the last value.
 /// A smaller value means the broker restarted: it becomes the new baseline.
+/// `filters` at QoS 1, for a SUBSCRIBE.
+fn qos1(filters: &[String]) -> Vec<Filter> {
+    filters
+        .iter()
+        .map(|f| Filter::new(f.as_str(), QoS::AtLeastOnce))
+        .collect()
+}
+
 fn sys_dropped(payload: &[u8], last: &mut Option<u64>) -> SysDropped {
     let Some(now) = std::str::from_utf8(payload)
         .ok()

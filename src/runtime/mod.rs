@@ -230,6 +230,22 @@ impl FunctionSpec {
             fuel: f.fuel,
         }
     }
+
+    /// A spec for unit tests: 1 MiB of memory, 1 s, no fuel budget.
+    #[cfg(test)]
+    pub(crate) fn for_test(name: &str) -> FunctionSpec {
+        FunctionSpec {
+            name: name.into(),
+            env: vec![],
+            memory_limit: 1 << 20,
+            timeout: Duration::from_secs(1),
+            max_record_size: 1 << 20,
+            max_emit_bytes: 1 << 20,
+            max_topic_len: MAX_TOPIC_LEN,
+            log_rate_limit: 100,
+            fuel: None,
+        }
+    }
 }
 
 /// The engines and linkers shared by every function.

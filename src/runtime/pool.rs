@@ -68,7 +68,8 @@ struct Job {
     reply: oneshot::Sender<Outcome>,
 }
 
-/// A function's workers and their queue.
+/// A function's workers and their queue. Dropping it closes the queue:
+/// the workers finish what is queued and exit.
 pub struct Pool {
     /// The queue; closing it stops the workers.
     jobs: async_channel::Sender<Job>,
@@ -80,16 +81,16 @@ pub struct Pool {
 
 impl Pool {
     /// Starts `concurrency` workers for `function`, retrying a failed job
-    /// `retries` times on fresh instances.
+    /// `retries` times on fresh instances, counting in `metrics`.
     ///
     /// Fails only if a thread cannot be spawned.
     pub fn start(
         function: Arc<Function>,
         concurrency: usize,
         retries: u32,
+        metrics: Arc<FunctionMetrics>,
     ) -> std::io::Result<Pool> {
         let (tx, rx) = async_channel::bounded(concurrency.max(1) * QUEUE_PER_WORKER);
-        let metrics = Arc::new(FunctionMetrics::default());
         let mut workers = Vec::new();
         for i in 0..concurrency.max(1) {
             let worker = Worker {

@@ -325,7 +325,7 @@ fn a_pool_retries_on_fresh_instances_then_reports_failure() {
     // Fails when the payload is "bad"; succeeds otherwise.
     let body = "(if (i32.eq (i32.load8_u (local.get $pp)) (i32.const 98)) (then unreachable)) (drop (call $emit (i32.const 16) (i32.const 9) (local.get $pp) (local.get $pl))) (i32.const 0)";
     let f = Arc::new(load(&module(body, "")).unwrap());
-    let pool = Pool::start(f, 2, 2).unwrap();
+    let pool = Pool::start(f, 2, 2, Default::default()).unwrap();
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();

@@ -758,6 +758,27 @@ pub async fn eventually(what: &str, pred: impl Fn() -> bool) {
     }
 }
 
+/// A watch on how many subscriptions a Mosquitto holds, offline sessions'
+/// included, this watcher's own among them. The broker must publish its
+/// `$SYS` tree every second (`sys_interval 1`).
+pub struct Subscriptions(Upstream);
+
+impl Subscriptions {
+    /// Subscribes to the count of the Mosquitto on `port`.
+    pub async fn watch(port: u16) -> Subscriptions {
+        Subscriptions(Upstream::subscribe(port, "$SYS/broker/subscriptions/count").await)
+    }
+
+    /// Waits until the last count published is `want`.
+    pub async fn wait_for(&self, want: &str) {
+        self.0
+            .wait_until(&format!("{want} subscriptions on the local broker"), |s| {
+                s.last().is_some_and(|c| c.payload == want)
+            })
+            .await;
+    }
+}
+
 /// What the daemon logs each time the local broker grants its subscriptions.
 pub const SUBSCRIBED: &str = "subscribed granted=";
 
