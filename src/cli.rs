@@ -21,6 +21,8 @@ pub struct Cli {
 
 /// Subcommands.
 #[derive(Debug, Subcommand)]
+// Made once per process: the size of a variant does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Command {
     /// Run the gateway daemon.
     Run {
@@ -104,6 +106,168 @@ pub enum Command {
         #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
         log_rate_limit: u32,
     },
+    /// Make a new private signing key; print its public key, for
+    /// `deploy.trusted_keys`.
+    Keygen {
+        /// The private key file to create (mode 0600; never overwritten).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Make a signed bundle of a function, for gateways to run: checked
+    /// here as strictly as a gateway checks it.
+    Deploy {
+        /// The module (.wasm) [default: `module` of --manifest].
+        module: Option<PathBuf>,
+        /// The function's settings.
+        #[command(flatten)]
+        manifest: ManifestArgs,
+        /// Targets, version, signature, output.
+        #[command(flatten)]
+        bundle: BundleArgs,
+    },
+    /// Make a signed tombstone: the targeted gateways stop running the
+    /// function.
+    Remove {
+        /// The function's name.
+        name: String,
+        /// Targets, version, signature, output.
+        #[command(flatten)]
+        bundle: BundleArgs,
+    },
+}
+
+/// Who a bundle is for, and who signs it.
+#[derive(Debug, clap::Args)]
+pub struct BundleArgs {
+    /// A gateway the bundle is for, by `gateway.id` (repeatable).
+    #[arg(long = "gateway")]
+    gateways: Vec<String>,
+    /// A group the bundle is for, as in `deploy.groups` (repeatable).
+    #[arg(long = "group")]
+    groups: Vec<String>,
+    /// The bundle's version: higher than any before for this function
+    /// name [default: the current time in milliseconds].
+    #[arg(long)]
+    version: Option<u64>,
+    /// The private key file `edgefn keygen` wrote.
+    #[arg(long, required_unless_present = "unsigned")]
+    signing_key: Option<PathBuf>,
+    /// Make an unsigned bundle (accepted only by gateways with
+    /// `deploy.allow_unsigned = true`).
+    #[arg(long, conflicts_with = "signing_key")]
+    unsigned: bool,
+    /// Write the bundle to this file.
+    #[arg(long)]
+    output: PathBuf,
+}
+
+impl BundleArgs {
+    fn targets(&self) -> crate::bundle::Targets {
+        crate::bundle::Targets {
+            gateways: self.gateways.clone(),
+            groups: self.groups.clone(),
+        }
+    }
+
+    fn key(&self) -> anyhow::Result<Option<ed25519_dalek::SigningKey>> {
+        self.signing_key
+            .as_deref()
+            .map(crate::fleet::read_signing_key)
+            .transpose()
+    }
+
+    fn version(&self) -> u64 {
+        self.version.unwrap_or_else(crate::fleet::version_now)
+    }
+
+    /// Writes `bundle` to `--output` and says so.
+    fn write(&self, bundle: &[u8], what: &str, version: u64) -> anyhow::Result<ExitCode> {
+        std::fs::write(&self.output, bundle)
+            .with_context(|| format!("cannot write {}", self.output.display()))?;
+        println!(
+            "{what} v{version}: {} bytes, {}, written to {}",
+            bundle.len(),
+            if self.unsigned { "unsigned" } else { "signed" },
+            self.output.display()
+        );
+        Ok(ExitCode::SUCCESS)
+    }
+}
+
+/// The keys of a `[[functions]]` table, as flags of `edgefn deploy`.
+#[derive(Debug, clap::Args)]
+pub struct ManifestArgs {
+    /// A file holding one `[[functions]]` table (or its keys at the top
+    /// level); the flags below override its keys.
+    #[arg(long)]
+    manifest: Option<PathBuf>,
+    /// `name`
+    #[arg(long)]
+    name: Option<String>,
+    /// `triggers`: an MQTT topic filter (repeatable).
+    #[arg(long = "trigger")]
+    triggers: Vec<String>,
+    /// `env`: KEY=VALUE (repeatable).
+    #[arg(long = "env", short, value_parser = parse_env)]
+    env: Vec<(String, String)>,
+    /// `memory_limit`, e.g. 16MiB.
+    #[arg(long)]
+    memory_limit: Option<String>,
+    /// `timeout`, e.g. 100ms.
+    #[arg(long)]
+    timeout: Option<String>,
+    /// `concurrency`
+    #[arg(long)]
+    concurrency: Option<i64>,
+    /// `retries`
+    #[arg(long)]
+    retries: Option<i64>,
+    /// `fuel`
+    #[arg(long)]
+    fuel: Option<i64>,
+    /// `max_record_size`
+    #[arg(long)]
+    max_record_size: Option<String>,
+    /// `max_emit_bytes`
+    #[arg(long)]
+    max_emit_bytes: Option<String>,
+    /// `log_rate_limit`
+    #[arg(long)]
+    log_rate_limit: Option<i64>,
+}
+
+impl ManifestArgs {
+    /// The manifest file's keys with the flags applied.
+    fn manifest(self) -> anyhow::Result<crate::config::FunctionManifest> {
+        let mut m = match &self.manifest {
+            Some(path) => crate::fleet::read_manifest(path)?,
+            None => Default::default(),
+        };
+        if let Some(v) = self.name {
+            m.name = v;
+        }
+        if !self.triggers.is_empty() {
+            m.triggers = self.triggers;
+        }
+        m.env.extend(self.env);
+        let set = |field: &mut Option<String>, v: Option<String>| {
+            if v.is_some() {
+                *field = v;
+            }
+        };
+        set(&mut m.memory_limit, self.memory_limit);
+        set(&mut m.timeout, self.timeout);
+        set(&mut m.max_record_size, self.max_record_size);
+        set(&mut m.max_emit_bytes, self.max_emit_bytes);
+        m.concurrency = self.concurrency.or(m.concurrency);
+        m.retries = self.retries.or(m.retries);
+        m.fuel = self.fuel.or(m.fuel);
+        m.log_rate_limit = self.log_rate_limit.or(m.log_rate_limit);
+        if m.name.is_empty() {
+            anyhow::bail!("no function name: give --name, or `name` in the manifest");
+        }
+        Ok(m)
+    }
 }
 
 fn parse_env(s: &str) -> Result<(String, String), String> {
@@ -183,7 +347,49 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             print!("{}", crate::invoke::render(&req.module, &report, fuel));
             Ok(ExitCode::from(crate::invoke::exit_code(&report) as u8))
         }
+        Command::Keygen { out } => {
+            let public = crate::fleet::keygen(&out)?;
+            println!("{public}");
+            eprintln!(
+                "private key written to {}; put the line above into deploy.trusted_keys",
+                out.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Deploy {
+            module,
+            manifest,
+            bundle,
+        } => deploy(module, manifest, bundle),
+        Command::Remove { name, bundle } => {
+            let version = bundle.version();
+            let sealed = crate::fleet::remove_bundle(
+                &name,
+                version,
+                bundle.targets(),
+                bundle.key()?.as_ref(),
+            )?;
+            bundle.write(&sealed, &format!("removal of {name}"), version)
+        }
     }
+}
+
+fn deploy(
+    module: Option<PathBuf>,
+    manifest: ManifestArgs,
+    bundle: BundleArgs,
+) -> anyhow::Result<ExitCode> {
+    let manifest = manifest.manifest()?;
+    let name = manifest.name.clone();
+    let version = bundle.version();
+    let req = crate::fleet::DeployRequest {
+        manifest,
+        module,
+        version,
+        targets: bundle.targets(),
+    };
+    let sealed = crate::fleet::deploy_bundle(req, bundle.key()?.as_ref())?;
+    bundle.write(&sealed, &name, version)
 }
 
 /// `edgefn check`: every problem in the config, then every module.

@@ -20,7 +20,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::route::TopicFilter;
 
@@ -90,8 +90,21 @@ pub struct RawConfig {
     upstream: Option<RawUpstream>,
     #[serde(default)]
     buffer: RawBuffer,
+    deploy: Option<RawDeploy>,
     #[serde(default)]
-    functions: Vec<RawFunction>,
+    functions: Vec<FunctionManifest>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDeploy {
+    broker: Option<String>,
+    #[serde(default)]
+    groups: Vec<String>,
+    #[serde(default)]
+    trusted_keys: Vec<String>,
+    allow_unsigned: Option<bool>,
+    max_bundle_size: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -145,23 +158,68 @@ struct RawBuffer {
     dead_letters_max_size: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+/// A `[[functions]]` table as written, before its checks: also the
+/// manifest of a deployed bundle (where `module` is absent, the module
+/// being in the bundle). Sizes and durations are text, as in the file.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawFunction {
-    name: String,
-    module: String,
+pub struct FunctionManifest {
+    /// `name`
+    pub name: String,
+    /// `module`: a path; absent in a bundle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub module: Option<String>,
+    /// `triggers`
     #[serde(default)]
-    triggers: Vec<String>,
-    #[serde(default)]
-    env: BTreeMap<String, String>,
-    memory_limit: Option<String>,
-    timeout: Option<String>,
-    concurrency: Option<i64>,
-    retries: Option<i64>,
-    fuel: Option<i64>,
-    max_record_size: Option<String>,
-    max_emit_bytes: Option<String>,
-    log_rate_limit: Option<i64>,
+    pub triggers: Vec<String>,
+    /// `env`
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// `memory_limit`
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_limit: Option<String>,
+    /// `timeout`
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+    /// `concurrency`
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<i64>,
+    /// `retries`
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<i64>,
+    /// `fuel`
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fuel: Option<i64>,
+    /// `max_record_size`
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_record_size: Option<String>,
+    /// `max_emit_bytes`
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_emit_bytes: Option<String>,
+    /// `log_rate_limit`
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_rate_limit: Option<i64>,
+}
+
+impl FunctionManifest {
+    /// Checks a bundle's manifest as strictly as a `[[functions]]` table
+    /// (problems keyed `manifest.…`). The result's `module` is empty: the
+    /// module comes with the bundle.
+    pub fn check(self) -> Result<FunctionConfig, Vec<Problem>> {
+        let mut p = Checker::default();
+        if self.module.is_some() {
+            p.push(
+                "manifest.module",
+                "not allowed in a bundle: the module is the bundle's own",
+            );
+        }
+        let f = check_function(&mut p, "manifest", self, Path::new(""));
+        if p.problems.is_empty() {
+            Ok(f)
+        } else {
+            Err(p.problems)
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -180,12 +238,45 @@ pub struct Config {
     pub upstream: Option<UpstreamConfig>,
     /// `[buffer]`
     pub buffer: BufferConfig,
+    /// `[deploy]`: functions pushed over MQTT. `None`: only the
+    /// configuration's functions run.
+    pub deploy: Option<DeployConfig>,
     /// `[[functions]]`
     pub functions: Vec<FunctionConfig>,
     /// Settings that work but are probably not what the operator wants
     /// (a password sent unencrypted across the network): printed by
     /// `edgefn check`, logged by `edgefn run`.
     pub warnings: Vec<Problem>,
+}
+
+/// `[deploy]`: where signed bundles come from and who may sign them.
+#[derive(Debug, Clone)]
+pub struct DeployConfig {
+    /// The broker carrying the control topics.
+    pub broker: DeployBroker,
+    /// Groups this gateway belongs to (bundles for a group reach all its
+    /// gateways).
+    pub groups: Vec<String>,
+    /// Keys whose signatures are accepted.
+    pub trusted_keys: Vec<ed25519_dalek::VerifyingKey>,
+    /// Whether unsigned bundles are accepted.
+    pub allow_unsigned: bool,
+    /// Largest bundle, bytes.
+    pub max_bundle_size: usize,
+}
+
+/// `deploy.broker`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeployBroker {
+    /// The `[upstream]` broker (the cloud).
+    Upstream,
+    /// The `[local]` broker.
+    Local,
+}
+
+/// Default `deploy.max_bundle_size`.
+fn default_max_bundle_size() -> &'static str {
+    "16MiB"
 }
 
 /// `[gateway]`: who this gateway is and where it keeps its data.
@@ -509,6 +600,7 @@ impl Config {
         );
 
         let local = check_local(&mut p, raw.local, &id, base);
+        let has_upstream = raw.upstream.is_some();
         let upstream = raw.upstream.map(|u| check_upstream(&mut p, u, &id, base));
         let buffer = check_buffer(&mut p, raw.buffer);
 
@@ -522,10 +614,20 @@ impl Config {
                     format!("{:?} is used by another function", f.name),
                 );
             }
+            if f.module.is_none() {
+                p.push(
+                    format!("{key}.module"),
+                    "missing: the path of the function's .wasm module",
+                );
+            }
             functions.push(check_function(&mut p, &key, f, base));
         }
-        if functions.is_empty() {
-            p.push("functions", "at least one [[functions]] table is needed");
+        let deploy = raw.deploy.map(|d| check_deploy(&mut p, d, has_upstream));
+        if functions.is_empty() && deploy.is_none() {
+            p.push(
+                "functions",
+                "at least one [[functions]] table is needed (or a [deploy] section, to receive functions over MQTT)",
+            );
         }
 
         if !p.problems.is_empty() {
@@ -536,6 +638,7 @@ impl Config {
             local: local.expect("checked"),
             upstream: upstream.map(|u| u.expect("checked")),
             buffer,
+            deploy,
             functions,
             warnings: p.warnings,
         })
@@ -979,7 +1082,80 @@ fn check_buffer(p: &mut Checker, raw: RawBuffer) -> BufferConfig {
     }
 }
 
-fn check_function(p: &mut Checker, key: &str, raw: RawFunction, base: &Path) -> FunctionConfig {
+fn check_deploy(p: &mut Checker, raw: RawDeploy, has_upstream: bool) -> DeployConfig {
+    let broker = match raw.broker.as_deref() {
+        None | Some("upstream") => DeployBroker::Upstream,
+        Some("local") => DeployBroker::Local,
+        Some(other) => {
+            p.push(
+                "deploy.broker",
+                format!("{other:?}: expected \"upstream\" or \"local\""),
+            );
+            DeployBroker::Upstream
+        }
+    };
+    if broker == DeployBroker::Upstream && !has_upstream {
+        p.push(
+            "deploy.broker",
+            "\"upstream\" (the default) needs an [upstream] section; set broker = \"local\" to use the local broker",
+        );
+    }
+    for (i, g) in raw.groups.iter().enumerate() {
+        if g.is_empty() || g.contains(['/', '+', '#', '\0']) {
+            p.push(
+                format!("deploy.groups[{i}]"),
+                format!(
+                    "{g:?} must be non-empty, without '/', '+', '#' or NUL (it is a topic level)"
+                ),
+            );
+        }
+    }
+    let mut trusted_keys = Vec::new();
+    for (i, k) in raw.trusted_keys.iter().enumerate() {
+        match crate::bundle::parse_public_key(k) {
+            Ok(key) => trusted_keys.push(key),
+            Err(e) => p.push(format!("deploy.trusted_keys[{i}]"), e.to_string()),
+        }
+    }
+    let allow_unsigned = raw.allow_unsigned.unwrap_or(false);
+    if raw.trusted_keys.is_empty() && !allow_unsigned {
+        p.push(
+            "deploy.trusted_keys",
+            "needs at least one key (`edgefn keygen` prints one), or allow_unsigned = true",
+        );
+    }
+    if allow_unsigned {
+        p.warnings.push(Problem {
+            key: "deploy.allow_unsigned".into(),
+            message: "unsigned bundles are accepted: anyone who can publish on the control topics can run code on this gateway".into(),
+        });
+    }
+    let max_bundle_size = p.size(
+        "deploy.max_bundle_size",
+        raw.max_bundle_size.as_deref(),
+        default_max_bundle_size(),
+    );
+    if max_bundle_size > MAX_MESSAGE_SIZE {
+        p.push(
+            "deploy.max_bundle_size",
+            format!("{max_bundle_size} bytes is more than 256MiB"),
+        );
+    }
+    DeployConfig {
+        broker,
+        groups: raw.groups,
+        trusted_keys,
+        allow_unsigned,
+        max_bundle_size: max_bundle_size.min(MAX_MESSAGE_SIZE) as usize,
+    }
+}
+
+fn check_function(
+    p: &mut Checker,
+    key: &str,
+    raw: FunctionManifest,
+    base: &Path,
+) -> FunctionConfig {
     if raw.name.is_empty()
         || !raw
             .name
@@ -1060,7 +1236,7 @@ fn check_function(p: &mut Checker, key: &str, raw: RawFunction, base: &Path) -> 
     ) as u32;
     FunctionConfig {
         name: raw.name,
-        module: base.join(raw.module),
+        module: raw.module.map(|m| base.join(m)).unwrap_or_default(),
         triggers,
         env: raw.env,
         memory_limit: memory_limit as usize,
@@ -1226,6 +1402,107 @@ concurrency = 2
                 "functions[0].log_rate_limit",
             ]
         );
+    }
+
+    /// The keys of the semantic problems `text` has.
+    fn problem_keys(dir: &Path, text: &str) -> Vec<String> {
+        match Config::load(&write(dir, text)) {
+            Err(ConfigError::Invalid { problems, .. }) => {
+                problems.into_iter().map(|p| p.key).collect()
+            }
+            other => panic!("expected semantic problems, got {other:?}"),
+        }
+    }
+
+    /// A public key as `edgefn keygen` prints it.
+    fn key() -> String {
+        let k = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
+        crate::bundle::public_key_text(&k.verifying_key())
+    }
+
+    #[test]
+    fn a_deploy_section_takes_keys_and_groups_and_makes_functions_optional() {
+        let dir = tempfile::tempdir().unwrap();
+        let functions = EXAMPLE.find("[[functions]]").unwrap();
+        let key = key();
+        let deploy = format!("[deploy]\ngroups = [\"site-a\"]\ntrusted_keys = [\"{key}\"]\n");
+        let text = format!("{}{deploy}", &EXAMPLE[..functions]);
+        let c = Config::load(&write(dir.path(), &text)).unwrap();
+        assert!(c.functions.is_empty());
+        let d = c.deploy.unwrap();
+        assert_eq!(d.broker, DeployBroker::Upstream);
+        assert_eq!(d.groups, ["site-a"]);
+        assert_eq!(d.trusted_keys.len(), 1);
+        assert!(!d.allow_unsigned);
+        assert_eq!(d.max_bundle_size, 16 << 20);
+
+        let bad = format!(
+            "{}[deploy]\nbroker = \"cloud\"\ngroups = [\"a/b\", \"\"]\ntrusted_keys = [\"{key}\", \"ed25519:short\"]\nmax_bundle_size = \"1TiB\"\n",
+            &EXAMPLE[..functions]
+        );
+        assert_eq!(
+            problem_keys(dir.path(), &bad),
+            [
+                "deploy.broker",
+                "deploy.groups[0]",
+                "deploy.groups[1]",
+                "deploy.trusted_keys[1]",
+                "deploy.max_bundle_size",
+            ]
+        );
+        // No key, no upstream; and without [deploy], functions are needed.
+        let upstream = EXAMPLE.find("[upstream]").unwrap();
+        let buffer = EXAMPLE.find("[buffer]").unwrap();
+        let bare = format!(
+            "{}{}[deploy]\n",
+            &EXAMPLE[..upstream],
+            &EXAMPLE[buffer..functions]
+        );
+        assert_eq!(
+            problem_keys(dir.path(), &bare),
+            ["deploy.broker", "deploy.trusted_keys"]
+        );
+        assert_eq!(
+            problem_keys(dir.path(), &EXAMPLE[..functions]),
+            ["functions"]
+        );
+        // Unsigned bundles: allowed when asked, with a warning.
+        let lax = format!("{}[deploy]\nallow_unsigned = true\n", &EXAMPLE[..functions]);
+        let c = Config::load(&write(dir.path(), &lax)).unwrap();
+        assert_eq!(c.warnings[0].key, "deploy.allow_unsigned");
+    }
+
+    #[test]
+    fn a_bundle_manifest_is_checked_like_a_functions_table_without_a_module() {
+        let manifest = FunctionManifest {
+            name: "clean".into(),
+            triggers: vec!["sensors/+/temperature".into()],
+            timeout: Some("100ms".into()),
+            ..Default::default()
+        };
+        let f = manifest.clone().check().unwrap();
+        assert_eq!(f.timeout, Duration::from_millis(100));
+        assert_eq!(f.module, PathBuf::new());
+        let bad = FunctionManifest {
+            module: Some("x.wasm".into()),
+            timeout: Some("soon".into()),
+            triggers: vec![],
+            ..manifest
+        };
+        let keys: Vec<String> = bad
+            .check()
+            .unwrap_err()
+            .into_iter()
+            .map(|p| p.key)
+            .collect();
+        assert_eq!(
+            keys,
+            ["manifest.module", "manifest.triggers", "manifest.timeout"]
+        );
+        // In the file, the module is required.
+        let dir = tempfile::tempdir().unwrap();
+        let text = EXAMPLE.replace("module = \"functions/dist/clean_temperature.wasm\"\n", "");
+        assert_eq!(problem_keys(dir.path(), &text), ["functions[0].module"]);
     }
 
     #[test]

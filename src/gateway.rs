@@ -146,6 +146,11 @@ impl Gateway {
         for w in &config.warnings {
             tracing::warn!(key = w.key, "{}", w.message);
         }
+        if config.deploy.is_some() {
+            tracing::warn!(
+                "[deploy] is checked but not used: this edgefn does not receive bundles over MQTT yet"
+            );
+        }
 
         let mut ingest = Vec::new();
         #[cfg(feature = "embedded-broker")]

@@ -11,6 +11,7 @@
 //! In data-flow order:
 //!
 //! - [`config`] — the TOML file: typed, every key checked, all errors at once.
+//! - [`bundle`] — signed function bundles (docs/DEPLOY.md): sealing and checking.
 //! - [`ingest`] — device messages in: [`ingest::mqtt`] (an existing broker, MQTT 5
 //!   client, manual acks) and `ingest::embedded` (rmqtt in process, PUBACK after
 //!   commit). Both yield [`ingest::Delivery`] `{ topic, payload, ack }`.
@@ -27,14 +28,17 @@
 //! - [`broker_client`] and [`tls`] — what edgefn's two MQTT client connections
 //!   share: options, and `mqtts://` (CA and client certificate files → rustls).
 //! - [`invoke`] — `edgefn invoke`, the runtime without a broker.
+//! - [`fleet`] — `edgefn keygen`, `edgefn deploy`, `edgefn remove`: keys and bundles.
 //! - `demo` — `edgefn demo`: gateway, devices and a stand-in cloud in one process.
 //! - [`cli`] — subcommands → library calls.
 
 pub mod broker_client;
+pub mod bundle;
 pub mod cli;
 pub mod config;
 #[cfg(feature = "embedded-broker")]
 pub mod demo;
+pub mod fleet;
 pub mod forward;
 pub mod gateway;
 pub mod ingest;

@@ -364,3 +364,156 @@ fn invoke_applies_the_gateways_bounds_on_bytes_emitted_and_log_lines() {
     // stdin is empty: a read ends at once.
     assert!(run("stdin").contains("emit    chaos/stdin 0"));
 }
+
+#[test]
+fn keygen_writes_a_key_only_its_owner_reads_and_never_overwrites_one() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("fleet.key");
+    let out = edgefn(&["keygen", "--out", key.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let public = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        edgefn::bundle::parse_public_key(public.trim()).is_ok(),
+        "{public}"
+    );
+    let mode = std::fs::metadata(&key).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let before = std::fs::read(&key).unwrap();
+    let again = edgefn(&["keygen", "--out", key.to_str().unwrap()]);
+    assert!(!again.status.success());
+    assert!(text(&again).contains("File exists"), "{}", text(&again));
+    assert_eq!(std::fs::read(&key).unwrap(), before);
+}
+
+#[test]
+fn deploy_seals_a_bundle_a_gateway_accepts_and_refuses_what_a_gateway_would() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
+    let out = edgefn(&["keygen", "--out", &path("fleet.key")]);
+    let public = String::from_utf8(out.stdout).unwrap();
+    let clean = module("clean_temperature");
+    let clean = clean.to_str().unwrap();
+    let out = edgefn(&[
+        "deploy",
+        clean,
+        "--name",
+        "clean-temperature",
+        "--trigger",
+        "sensors/+/temperature",
+        "--env",
+        "UNIT=F",
+        "--timeout",
+        "100ms",
+        "--version",
+        "7",
+        "--group",
+        "site-a",
+        "--signing-key",
+        &path("fleet.key"),
+        "--output",
+        &path("b.cbor"),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("clean-temperature v7"),
+        "{}",
+        text(&out)
+    );
+    let verifier = edgefn::bundle::Verifier {
+        trusted_keys: vec![edgefn::bundle::parse_public_key(public.trim()).unwrap()],
+        allow_unsigned: false,
+        gateway_id: "pi-01".into(),
+        groups: vec!["site-a".into()],
+        max_size: 1 << 20,
+    };
+    let body = edgefn::bundle::open(&std::fs::read(path("b.cbor")).unwrap(), &verifier).unwrap();
+    assert_eq!((body.name(), body.version), ("clean-temperature", 7));
+    let edgefn::bundle::Change::Deploy {
+        manifest, module, ..
+    } = body.change
+    else {
+        panic!("a deploy")
+    };
+    assert_eq!(manifest.env.get("UNIT").map(String::as_str), Some("F"));
+    assert_eq!(module, std::fs::read(clean).unwrap());
+
+    // A manifest file holding a [[functions]] table, its module relative to it.
+    std::fs::copy(clean, dir.path().join("f.wasm")).unwrap();
+    std::fs::write(
+        dir.path().join("f.toml"),
+        "[[functions]]\nname = \"f\"\nmodule = \"f.wasm\"\ntriggers = [\"a/#\"]\nconcurrency = 2\n",
+    )
+    .unwrap();
+    let out = edgefn(&[
+        "deploy",
+        "--manifest",
+        &path("f.toml"),
+        "--concurrency",
+        "3",
+        "--gateway",
+        "pi-01",
+        "--unsigned",
+        "--output",
+        &path("f.cbor"),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let lax = edgefn::bundle::Verifier {
+        allow_unsigned: true,
+        ..verifier
+    };
+    let body = edgefn::bundle::open(&std::fs::read(path("f.cbor")).unwrap(), &lax).unwrap();
+    let edgefn::bundle::Change::Deploy { manifest, .. } = body.change else {
+        panic!("a deploy")
+    };
+    assert_eq!((manifest.concurrency, manifest.module), (Some(3), None));
+
+    // Refused before anything is written: bad keys, a module that is not
+    // one, no target.
+    std::fs::write(dir.path().join("bad.wasm"), "garbage").unwrap();
+    let bad = path("bad.wasm");
+    let refused = [
+        (
+            vec![
+                "deploy",
+                clean,
+                "--name",
+                "c",
+                "--trigger",
+                "a",
+                "--timeout",
+                "soon",
+                "--gateway",
+                "g",
+            ],
+            "manifest.timeout",
+        ),
+        (
+            vec![
+                "deploy",
+                &bad,
+                "--name",
+                "c",
+                "--trigger",
+                "a",
+                "--gateway",
+                "g",
+            ],
+            "not a valid WebAssembly module",
+        ),
+        (
+            vec!["deploy", clean, "--name", "c", "--trigger", "a"],
+            "no target",
+        ),
+    ];
+    for (args, reason) in refused {
+        let mut args = args.clone();
+        args.extend(["--unsigned", "--output"]);
+        let out_file = path("refused.cbor");
+        args.push(&out_file);
+        let out = edgefn(&args);
+        assert!(!out.status.success());
+        assert!(text(&out).contains(reason), "{reason}: {}", text(&out));
+        assert!(!dir.path().join("refused.cbor").exists());
+    }
+}
