@@ -20,6 +20,7 @@ use anyhow::Context;
 use tokio::sync::{Notify, mpsc, watch};
 
 use crate::config::{Config, FunctionConfig, LocalSource};
+use crate::deploy::{Applied, Deployer, Refused};
 use crate::forward::Forwarder;
 use crate::ingest::mqtt::MqttIngest;
 use crate::metrics::{Metrics, Snapshot};
@@ -55,6 +56,8 @@ pub struct Gateway {
     registry: Arc<Registry>,
     /// The upstream topic prefix functions' topics are checked against.
     topic_prefix: String,
+    /// Applies bundles, with a `[deploy]` section.
+    deployer: Option<Deployer>,
     /// Gateway counters.
     metrics: Arc<Metrics>,
     /// Reads them, gauges included.
@@ -96,6 +99,28 @@ impl Gateway {
                 .with_context(|| format!("function {:?}", f.name))?;
             registry.install(function);
         }
+        // Deployed functions, before any network connection.
+        let deployer = match &config.deploy {
+            Some(d) => {
+                let deployments = store::Deployments::open(&config.gateway.data_dir)
+                    .context("cannot open the deployed functions")?;
+                let deployer = Deployer::new(
+                    d,
+                    &config.gateway.id,
+                    deployments,
+                    &config.functions,
+                    runtime.clone(),
+                    registry.clone(),
+                    &topic_prefix,
+                );
+                deployer
+                    .restore()
+                    .await
+                    .context("cannot read the deployed functions")?;
+                Some(deployer)
+            }
+            None => None,
+        };
 
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (drained, drained_rx) = watch::channel(false);
@@ -148,7 +173,7 @@ impl Gateway {
         }
         if config.deploy.is_some() {
             tracing::warn!(
-                "[deploy] is checked but not used: this edgefn does not receive bundles over MQTT yet"
+                "[deploy]: deployed functions are restored from the database, but this edgefn does not receive bundles over MQTT yet"
             );
         }
 
@@ -223,6 +248,7 @@ impl Gateway {
             pipeline,
             registry,
             topic_prefix,
+            deployer,
             metrics,
             counts,
             #[cfg(feature = "embedded-broker")]
@@ -260,6 +286,18 @@ impl Gateway {
             tracing::info!(function = name, version = f.version(), "function removed");
         }
         removed.is_some()
+    }
+
+    /// Applies a bundle as received (docs/DEPLOY.md): verified, persisted,
+    /// then swapped in; refused with a reason, changing nothing, otherwise.
+    pub async fn apply_bundle(&self, bundle: &[u8]) -> Result<Applied, Refused> {
+        match &self.deployer {
+            Some(d) => d.apply(bundle).await,
+            None => Err(Refused {
+                code: "not_enabled",
+                text: "this gateway's configuration has no [deploy] section".into(),
+            }),
+        }
     }
 
     /// The functions that run now.

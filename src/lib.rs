@@ -23,6 +23,7 @@
 //! - [`pipeline`] — route → invoke → group commit → ack, in ingest order.
 //! - [`store`] — the SQLite outbox; its module doc is the storage spec.
 //! - [`forward`] — the outbox to the upstream broker, delete on PUBACK.
+//! - [`deploy`] — bundles applied on the gateway: verified, persisted, swapped in.
 //! - [`gateway`] — builds and wires the stages; startup and shutdown order.
 //! - [`metrics`] — counters for status lines and tests.
 //! - [`broker_client`] and [`tls`] — what edgefn's two MQTT client connections
@@ -38,6 +39,7 @@ pub mod cli;
 pub mod config;
 #[cfg(feature = "embedded-broker")]
 pub mod demo;
+pub mod deploy;
 pub mod fleet;
 pub mod forward;
 pub mod gateway;

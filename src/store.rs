@@ -46,7 +46,7 @@
 //!    its own before the records that use it, because a commit that is not
 //!    synced can vanish after its records were sent upstream.
 //!
-//! # Schema (version 3, in `PRAGMA user_version`)
+//! # Schema (version 4, in `PRAGMA user_version`)
 //!
 //! - `outbox(seq INTEGER PRIMARY KEY, topic TEXT, payload BLOB,
 //!   created_ms INTEGER)`: records waiting for upstream. `topic` is what the
@@ -66,6 +66,13 @@
 //!   topic filters an external local broker may hold for edgefn's
 //!   persistent session, so ingest can unsubscribe those no function uses
 //!   any more ([`SessionFilters`]).
+//! - `function_versions(name TEXT PRIMARY KEY, highest INTEGER)` (version
+//!   4): per function name, the highest bundle version ever accepted or
+//!   removed, so a replayed older bundle cannot downgrade the gateway
+//!   ([`Deployments`]). Versions are u64 stored in SQLite's i64 bits.
+//! - `deployed_functions(name TEXT PRIMARY KEY, version INTEGER, bundle
+//!   BLOB, previous_version INTEGER, previous_bundle BLOB)` (version 4):
+//!   the bundle each deployed function runs, and the one before it.
 //!
 //! Later schema versions append to `MIGRATIONS`; a database newer than
 //! this binary is refused rather than misread.
@@ -150,6 +157,19 @@ const MIGRATIONS: &[&str] = &[
         filter  TEXT NOT NULL,
         PRIMARY KEY (session, filter)
     ) WITHOUT ROWID;
+",
+    "
+    CREATE TABLE function_versions (
+        name    TEXT PRIMARY KEY,
+        highest INTEGER NOT NULL
+    );
+    CREATE TABLE deployed_functions (
+        name             TEXT PRIMARY KEY,
+        version          INTEGER NOT NULL,
+        bundle           BLOB NOT NULL,
+        previous_version INTEGER,
+        previous_bundle  BLOB
+    );
 ",
 ];
 
@@ -1339,6 +1359,124 @@ impl SessionFilters {
     }
 }
 
+/// The deployed functions' bundles and version counters, on a connection
+/// of its own (synced: a deploy is rare, and what it records decides what
+/// runs after a power cut). Open it after [`open`], which creates the
+/// tables.
+pub struct Deployments {
+    /// The connection (`synchronous = FULL`).
+    conn: Connection,
+    /// For error messages.
+    path: PathBuf,
+}
+
+/// A deployed function's bundle as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredBundle {
+    /// The function's name.
+    pub name: String,
+    /// The bundle's version.
+    pub version: u64,
+    /// The bundle, as received.
+    pub bundle: Vec<u8>,
+}
+
+impl Deployments {
+    /// Opens the database in `data_dir` for deployments.
+    pub fn open(data_dir: &Path) -> Result<Deployments, StoreError> {
+        let path = data_dir.join(DB_FILE);
+        Ok(Deployments {
+            conn: open_connection(&path, "FULL")?,
+            path,
+        })
+    }
+
+    fn err(&self) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
+        |source| StoreError::Sqlite {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// The highest version ever accepted or removed for `name`.
+    pub fn highest(&self, name: &str) -> Result<Option<u64>, StoreError> {
+        self.conn
+            .query_row(
+                "SELECT highest FROM function_versions WHERE name = ?1",
+                [name],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()
+            .map(|v| v.map(|v| v as u64))
+            .map_err(self.err())
+    }
+
+    /// Records `bundle` as what `name` runs, the one before kept as its
+    /// previous, and `version` as the highest for the name.
+    pub fn deploy(&mut self, name: &str, version: u64, bundle: &[u8]) -> Result<(), StoreError> {
+        self.in_transaction(|tx| {
+            raise_highest(tx, name, version)?;
+            tx.execute(
+                "INSERT INTO deployed_functions (name, version, bundle) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (name) DO UPDATE SET
+                    previous_version = version, previous_bundle = bundle,
+                    version = excluded.version, bundle = excluded.bundle",
+                rusqlite::params![name, version as i64, bundle],
+            )
+        })
+    }
+
+    /// Records that `name` no longer runs, and `version` (a tombstone's) as
+    /// the highest for the name.
+    pub fn remove(&mut self, name: &str, version: u64) -> Result<(), StoreError> {
+        self.in_transaction(|tx| {
+            raise_highest(tx, name, version)?;
+            tx.execute("DELETE FROM deployed_functions WHERE name = ?1", [name])
+        })
+    }
+
+    /// Runs `f` in a transaction and commits it (synced).
+    fn in_transaction(
+        &mut self,
+        f: impl FnOnce(&rusqlite::Transaction) -> rusqlite::Result<usize>,
+    ) -> Result<(), StoreError> {
+        let done = self.conn.transaction().and_then(|tx| {
+            f(&tx)?;
+            tx.commit()
+        });
+        done.map_err(|source| StoreError::Sqlite {
+            path: self.path.clone(),
+            source,
+        })
+    }
+
+    /// Every deployed function's current bundle, by name.
+    pub fn all(&self) -> Result<Vec<StoredBundle>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT name, version, bundle FROM deployed_functions ORDER BY name")
+            .map_err(self.err())?;
+        stmt.query_map([], |r| {
+            Ok(StoredBundle {
+                name: r.get(0)?,
+                version: r.get::<_, i64>(1)? as u64,
+                bundle: r.get(2)?,
+            })
+        })
+        .and_then(|rows| rows.collect())
+        .map_err(self.err())
+    }
+}
+
+/// Makes `version` the highest of `name` unless a higher one is recorded.
+fn raise_highest(tx: &rusqlite::Transaction, name: &str, version: u64) -> rusqlite::Result<usize> {
+    tx.execute(
+        "INSERT INTO function_versions (name, highest) VALUES (?1, ?2)
+         ON CONFLICT (name) DO UPDATE SET highest = MAX(highest, excluded.highest)",
+        rusqlite::params![name, version as i64],
+    )
+}
+
 /// Reads the dead letters (for tests and, later, `edgefn dead-letters`).
 pub fn dead_letters(data_dir: &Path) -> Result<Vec<DeadLetter>, StoreError> {
     let path = data_dir.join(DB_FILE);
@@ -1716,6 +1854,37 @@ mod tests {
         let left = dead_letters(dir.path()).unwrap();
         assert_eq!(left.len(), 1);
         assert_eq!(left[0].error, "e5");
+    }
+
+    #[test]
+    fn deployments_keep_the_highest_version_through_removals_and_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let _store = open_plain(dir.path());
+        let mut d = Deployments::open(dir.path()).unwrap();
+        assert_eq!(d.highest("f").unwrap(), None);
+        d.deploy("f", 5, b"five").unwrap();
+        d.deploy("f", 7, b"seven").unwrap();
+        d.deploy("g", u64::MAX, b"max").unwrap();
+        let stored = |d: &Deployments| -> Vec<(String, u64, Vec<u8>)> {
+            d.all()
+                .unwrap()
+                .into_iter()
+                .map(|b| (b.name, b.version, b.bundle))
+                .collect()
+        };
+        assert_eq!(
+            stored(&d),
+            [
+                ("f".into(), 7, b"seven".to_vec()),
+                ("g".into(), u64::MAX, b"max".to_vec())
+            ]
+        );
+        d.remove("f", 9).unwrap();
+        drop(d);
+        let d = Deployments::open(dir.path()).unwrap();
+        assert_eq!(d.highest("f").unwrap(), Some(9));
+        assert_eq!(d.highest("g").unwrap(), Some(u64::MAX));
+        assert_eq!(stored(&d), [("g".into(), u64::MAX, b"max".to_vec())]);
     }
 
     #[test]

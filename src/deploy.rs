@@ -1,0 +1,266 @@
+//! Applying bundles on the gateway: verify everything, persist, then swap.
+//!
+//! [`Deployer::apply`] takes a bundle as received and either changes what
+//! runs or refuses it with a [`Refused`] reason, leaving what runs
+//! untouched. In order: the bundle's own checks ([`bundle::open`]); a
+//! version higher than any accepted or removed before for the name (kept
+//! in SQLite, so a replayed or restored older bundle cannot downgrade the
+//! gateway); a name not defined in the configuration file; the manifest as
+//! strictly as a `[[functions]]` table; the module compiled and checked
+//! against the ABI; one instance started (`_initialize`, `edgefn_init`)
+//! within the function's limits, as a health check; the bundle persisted
+//! (synced). Only then is the new version installed in the registry.
+//!
+//! At start-up [`Deployer::restore`] installs the deployed functions from
+//! SQLite, before any network connection, each checked again as it was
+//! when it came.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+
+use crate::bundle::{self, Body, Change, Refusal, Verifier};
+use crate::config::{DeployConfig, FunctionConfig};
+use crate::registry::{Deployed, Origin, Registry};
+use crate::runtime::pool::Pool;
+use crate::runtime::{FunctionSpec, LoadError, Runtime};
+use crate::store::{Deployments, StoreError};
+
+/// Why a bundle was not applied: a stable code and a text.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code}: {text}")]
+pub struct Refused {
+    /// Stable, `snake_case` (docs/DEPLOY.md lists them).
+    pub code: &'static str,
+    /// What was wrong, for a person.
+    pub text: String,
+}
+
+impl Refused {
+    pub(crate) fn new(code: &'static str, text: impl Into<String>) -> Refused {
+        Refused {
+            code,
+            text: text.into(),
+        }
+    }
+}
+
+impl From<Refusal> for Refused {
+    fn from(r: Refusal) -> Refused {
+        Refused::new(r.code(), r.to_string())
+    }
+}
+
+/// What an applied bundle did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Applied {
+    /// `name` now runs `version`.
+    Deployed {
+        /// The function.
+        name: String,
+        /// Its version.
+        version: u64,
+    },
+    /// `name` no longer runs (tombstone `version`).
+    Removed {
+        /// The function.
+        name: String,
+        /// The tombstone's version.
+        version: u64,
+    },
+}
+
+/// Applies bundles to a running gateway (see the module doc).
+pub struct Deployer {
+    /// What bundles are checked against.
+    verifier: Verifier,
+    /// Versions and bundles.
+    store: Arc<Mutex<Deployments>>,
+    /// Names the configuration file defines: not replaceable by a bundle.
+    config_names: BTreeSet<String>,
+    /// Compiles modules.
+    runtime: Arc<Runtime>,
+    /// Where functions are installed.
+    registry: Arc<Registry>,
+    /// The upstream topic prefix (bounds emitted topics).
+    topic_prefix: String,
+    /// Applies one bundle at a time.
+    applying: tokio::sync::Mutex<()>,
+}
+
+impl Deployer {
+    /// A deployer for the gateway `gateway_id`, with `config`.
+    pub fn new(
+        config: &DeployConfig,
+        gateway_id: &str,
+        store: Deployments,
+        config_functions: &[FunctionConfig],
+        runtime: Arc<Runtime>,
+        registry: Arc<Registry>,
+        topic_prefix: &str,
+    ) -> Deployer {
+        Deployer {
+            verifier: Verifier {
+                trusted_keys: config.trusted_keys.clone(),
+                allow_unsigned: config.allow_unsigned,
+                gateway_id: gateway_id.to_owned(),
+                groups: config.groups.clone(),
+                max_size: config.max_bundle_size,
+            },
+            store: Arc::new(Mutex::new(store)),
+            config_names: config_functions.iter().map(|f| f.name.clone()).collect(),
+            runtime,
+            registry,
+            topic_prefix: topic_prefix.to_owned(),
+            applying: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Checks `bytes` and, if every check passes, makes it what runs (see
+    /// the module doc). Nothing changes when it is refused.
+    pub async fn apply(&self, bytes: &[u8]) -> Result<Applied, Refused> {
+        let _one_at_a_time = self.applying.lock().await;
+        let body = bundle::open(bytes, &self.verifier)?;
+        let name = body.name().to_owned();
+        let version = body.version;
+        let highest = self.blocking(move |s| s.highest(&name)).await?;
+        let name = body.name().to_owned();
+        if let Some(h) = highest
+            && version <= h
+        {
+            return Err(Refused::new(
+                "not_newer",
+                format!(
+                    "version {version} of {name} is not higher than {h}, the highest this gateway accepted or removed"
+                ),
+            ));
+        }
+        if self.config_names.contains(&name) {
+            return Err(Refused::new(
+                "defined_in_config",
+                format!(
+                    "{name} is defined in the gateway's configuration file; a bundle cannot replace it"
+                ),
+            ));
+        }
+        match &body.change {
+            Change::Deploy { .. } => {
+                let function = self.start(&body).await?;
+                let stored = bytes.to_vec();
+                let n = name.clone();
+                self.blocking(move |s| s.deploy(&n, version, &stored))
+                    .await?;
+                let previous = self.registry.install(function);
+                tracing::info!(
+                    function = %name,
+                    version,
+                    replaced = previous.map(|p| p.version()),
+                    "bundle applied"
+                );
+                Ok(Applied::Deployed { name, version })
+            }
+            Change::Remove { .. } => {
+                let n = name.clone();
+                self.blocking(move |s| s.remove(&n, version)).await?;
+                let removed = self.registry.remove(&name);
+                tracing::info!(
+                    function = %name,
+                    version,
+                    removed = removed.map(|p| p.version()),
+                    "removal applied"
+                );
+                Ok(Applied::Removed { name, version })
+            }
+        }
+    }
+
+    /// Installs every deployed function stored in SQLite. One that no
+    /// longer passes its checks (a key since removed from `trusted_keys`,
+    /// a module this edgefn cannot run) is logged and left out; the others
+    /// run.
+    pub async fn restore(&self) -> Result<usize, StoreError> {
+        let stored = {
+            let store = self.store.clone();
+            tokio::task::spawn_blocking(move || store.lock().expect("deployments lock").all())
+                .await
+                .expect("deployments task")?
+        };
+        let mut restored = 0;
+        for s in stored {
+            let started = match bundle::open(&s.bundle, &self.verifier) {
+                Ok(body) => self.start(&body).await,
+                Err(r) => Err(r.into()),
+            };
+            match started {
+                Ok(function) => {
+                    tracing::info!(function = %s.name, version = s.version, "deployed function restored");
+                    self.registry.install(function);
+                    restored += 1;
+                }
+                Err(e) => tracing::error!(
+                    function = %s.name,
+                    version = s.version,
+                    code = e.code,
+                    error = %e.text,
+                    "a deployed function could not be restored and does not run"
+                ),
+            }
+        }
+        Ok(restored)
+    }
+
+    /// Checks the deploy `body`'s manifest and module and starts the
+    /// function's instances (one at once, as a health check).
+    async fn start(&self, body: &Body) -> Result<Deployed, Refused> {
+        let Change::Deploy {
+            manifest, module, ..
+        } = &body.change
+        else {
+            unreachable!("start is called for deploys")
+        };
+        let config = manifest.as_ref().clone().check().map_err(|problems| {
+            let list: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+            Refused::new("invalid_manifest", list.join("; "))
+        })?;
+        let spec = FunctionSpec::from_config(&config, &self.topic_prefix);
+        let origin = format!("bundle {} v{}", config.name, body.version);
+        let runtime = self.runtime.clone();
+        let module = module.clone();
+        // Loading starts one instance, which runs `_initialize` and
+        // `edgefn_init`: the health check.
+        let function = tokio::task::spawn_blocking(move || {
+            runtime.load(&origin, &module, spec).map_err(|e| match e {
+                LoadError::Start { .. } => Refused::new("init_failed", e.to_string()),
+                _ => Refused::new("invalid_module", e.to_string()),
+            })
+        })
+        .await
+        .expect("load task")?;
+        let pool = Pool::start(
+            Arc::new(function),
+            config.concurrency,
+            config.retries,
+            self.registry.metrics_for(&config.name),
+        )
+        .map_err(|e| Refused::new("init_failed", format!("cannot start its threads: {e}")))?;
+        Ok(Deployed::new(
+            &config.name,
+            body.version,
+            config.triggers,
+            pool,
+            Origin::Deployed,
+        ))
+    }
+
+    /// Runs `f` on the store on a blocking thread; a store error refuses
+    /// the bundle (`persist_failed`).
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Deployments) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, Refused> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || f(&mut store.lock().expect("deployments lock")))
+            .await
+            .expect("deployments task")
+            .map_err(|e| Refused::new("persist_failed", e.to_string()))
+    }
+}

@@ -1,0 +1,222 @@
+//! Bundles applied to a running gateway (embedded broker, a real cloud
+//! Mosquitto): every bad bundle refused with its reason while readings keep
+//! flowing, upgrades, removals, and deployed functions restored after a
+//! restart with the upstream away.
+
+mod common;
+
+use common::*;
+use ed25519_dalek::SigningKey;
+use edgefn::bundle::{Body, Change, Targets, seal};
+use edgefn::config::{Config, FunctionManifest};
+use edgefn::deploy::Applied;
+use edgefn::gateway::Gateway;
+
+fn manifest(env: &str) -> FunctionManifest {
+    FunctionManifest {
+        name: "chaos".into(),
+        triggers: vec!["chaos/#".into()],
+        timeout: Some("100ms".into()),
+        env: [("GREETING".to_owned(), env.to_owned())].into(),
+        ..Default::default()
+    }
+}
+
+fn body(manifest: FunctionManifest, module: Vec<u8>, version: u64) -> Body {
+    Body {
+        version,
+        targets: Targets {
+            gateways: vec!["pi-01".into()],
+            groups: vec![],
+        },
+        key_id: None,
+        change: Change::Deploy {
+            manifest: Box::new(manifest),
+            module,
+            sha256: vec![],
+        },
+    }
+}
+
+/// A module that passes the ABI checks and runs `init` as `edgefn_init`.
+fn with_init(init: &str) -> Vec<u8> {
+    wat::parse_str(format!(
+        r#"(module (memory (export "memory") 1)
+          (func (export "edgefn_abi_version") (result i32) i32.const 1)
+          (func (export "edgefn_alloc") (param i32) (result i32) i32.const 1024)
+          (func (export "edgefn_init") (result i32) {init})
+          (func (export "edgefn_on_message") (param i32 i32 i32 i32) (result i32) i32.const 0))"#
+    ))
+    .unwrap()
+}
+
+/// Reading `seq` is PUBACKed and (with the upstream up) arrives.
+async fn flows(dev: &mut Device, upstream: Option<&Upstream>, seq: u64) {
+    assert!(
+        dev.publish_acked("sensors/d1/temperature", reading(seq, 20.0), PATIENCE)
+            .await,
+        "reading {seq} was not acknowledged"
+    );
+    if let Some(up) = upstream {
+        up.wait_until(&format!("reading {seq}"), |s| {
+            s.iter()
+                .any(|m| m.topic.ends_with("telemetry/d1/temperature") && m.reading().1 == seq)
+        })
+        .await;
+    }
+}
+
+/// What the running chaos echoes for `env`: its GREETING.
+async fn greeting(dev: &mut Device, upstream: &Upstream, expect: &str) {
+    assert!(dev.publish_acked("chaos/g", "env", PATIENCE).await);
+    upstream
+        .wait_until(&format!("greeting {expect}"), |s| {
+            s.iter()
+                .any(|m| m.topic == "site/pi-01/chaos/env" && m.payload == expect)
+        })
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bundles_are_verified_before_anything_changes_and_deployed_functions_survive_restarts() {
+    let mut cloud = Mosquitto::cloud();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let path = standard_config(dir.path(), &format!("embedded:{port}"), cloud.port);
+    let key = SigningKey::from_bytes(&[7; 32]);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let chaos_table = text.rfind("[[functions]]").unwrap();
+    std::fs::write(
+        &path,
+        format!(
+            "{}[deploy]\ntrusted_keys = [\"{}\"]\nmax_bundle_size = \"1MiB\"\n",
+            &text[..chaos_table],
+            edgefn::bundle::public_key_text(&key.verifying_key())
+        ),
+    )
+    .unwrap();
+    let config = Config::load(&path).unwrap();
+    let chaos = std::fs::read(module("chaos")).unwrap();
+    let upstream = Upstream::subscribe(cloud.port, "site/#").await;
+    let gateway = Gateway::start(config.clone()).await.unwrap();
+    let mut dev = Device::connect("sensor-d1", port).await;
+    flows(&mut dev, Some(&upstream), 0).await;
+
+    let v1 = seal(body(manifest("v1"), chaos.clone(), 1), Some(&key));
+    assert_eq!(
+        gateway.apply_bundle(&v1).await,
+        Ok(Applied::Deployed {
+            name: "chaos".into(),
+            version: 1
+        })
+    );
+    greeting(&mut dev, &upstream, "v1").await;
+
+    let v2 = |m: FunctionManifest, module: Vec<u8>| seal(body(m, module, 2), Some(&key));
+    let good = v2(manifest("v2"), chaos.clone());
+    let mut tampered = good.clone();
+    let middle = tampered.len() / 2;
+    tampered[middle] ^= 1;
+    let mut elsewhere = body(manifest("v2"), chaos.clone(), 2);
+    elsewhere.targets = Targets {
+        gateways: vec!["pi-02".into()],
+        groups: vec!["site-b".into()],
+    };
+    let named_like_config = FunctionManifest {
+        name: "clean-temperature".into(),
+        ..manifest("v2")
+    };
+    let bad_timeout = FunctionManifest {
+        timeout: Some("soon".into()),
+        ..manifest("v2")
+    };
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("not_newer", v1.clone()),
+        (
+            "unsigned",
+            seal(body(manifest("v2"), chaos.clone(), 2), None),
+        ),
+        (
+            "untrusted_key",
+            seal(
+                body(manifest("v2"), chaos.clone(), 2),
+                Some(&SigningKey::from_bytes(&[8; 32])),
+            ),
+        ),
+        ("bad_signature", tampered),
+        ("not_targeted", seal(elsewhere, Some(&key))),
+        ("malformed", b"garbage".to_vec()),
+        ("malformed", good[..good.len() / 2].to_vec()),
+        ("malformed", Vec::new()),
+        ("too_large", v2(manifest("v2"), vec![0; 2 << 20])),
+        ("defined_in_config", v2(named_like_config, chaos.clone())),
+        ("invalid_manifest", v2(bad_timeout, chaos.clone())),
+        ("invalid_module", v2(manifest("v2"), b"not wasm".to_vec())),
+        ("init_failed", v2(manifest("v2"), with_init("i32.const 1"))),
+        (
+            "init_failed",
+            v2(manifest("v2"), with_init("(loop (br 0)) i32.const 0")),
+        ),
+    ];
+    for (seq, (code, bundle)) in (1..).zip(cases) {
+        let refused = gateway.apply_bundle(&bundle).await.unwrap_err();
+        assert_eq!(refused.code, code, "{refused}");
+        // What ran before still runs, and readings flow.
+        let running = gateway.registry().table();
+        assert_eq!(running.get("chaos").map(|f| f.version()), Some(1));
+        flows(&mut dev, Some(&upstream), seq).await;
+    }
+    greeting(&mut dev, &upstream, "v1").await;
+
+    // An upgrade, then a restart with the upstream away: v3 runs again from
+    // the gateway's own database.
+    let v3 = seal(body(manifest("v3"), chaos.clone(), 3), Some(&key));
+    assert!(gateway.apply_bundle(&v3).await.is_ok());
+    greeting(&mut dev, &upstream, "v3").await;
+    drop(dev);
+    gateway.shutdown().await;
+    cloud.stop();
+    let gateway = Gateway::start(config.clone()).await.unwrap();
+    let running = gateway.registry().table();
+    assert_eq!(running.get("chaos").map(|f| f.version()), Some(3));
+    let mut dev = Device::connect("sensor-d1", port).await;
+    assert!(dev.publish_acked("chaos/g", "env", PATIENCE).await);
+    flows(&mut dev, None, 100).await;
+    assert_eq!(
+        gateway.apply_bundle(&v1).await.unwrap_err().code,
+        "not_newer"
+    );
+
+    // Removed by a signed tombstone, for good: across a restart, and an
+    // older deploy replayed after it changes nothing.
+    let mut tombstone = body(manifest("v4"), vec![], 4);
+    tombstone.change = Change::Remove {
+        name: "chaos".into(),
+    };
+    assert_eq!(
+        gateway
+            .apply_bundle(&seal(tombstone.clone(), None))
+            .await
+            .unwrap_err()
+            .code,
+        "unsigned"
+    );
+    assert!(
+        gateway
+            .apply_bundle(&seal(tombstone, Some(&key)))
+            .await
+            .is_ok()
+    );
+    assert!(gateway.registry().table().get("chaos").is_none());
+    drop(dev);
+    gateway.shutdown().await;
+    let gateway = Gateway::start(config).await.unwrap();
+    assert!(gateway.registry().table().get("chaos").is_none());
+    assert_eq!(
+        gateway.apply_bundle(&v3).await.unwrap_err().code,
+        "not_newer"
+    );
+    let v5 = seal(body(manifest("v5"), chaos, 5), Some(&key));
+    assert!(gateway.apply_bundle(&v5).await.is_ok());
+    gateway.shutdown().await;
+}
