@@ -5,7 +5,7 @@
 //! untouched. In order: the bundle's own checks ([`bundle::open`]); a
 //! version higher than any accepted or removed before for the name (kept
 //! in SQLite, so a replayed or restored older bundle cannot downgrade the
-//! gateway); a name not defined in the configuration file; the manifest as
+//! gateway; the same version again is [`Applied::Unchanged`]); a name not defined in the configuration file; the manifest as
 //! strictly as a `[[functions]]` table; the module compiled and checked
 //! against the ABI; one instance started (`_initialize`, `edgefn_init`)
 //! within the function's limits, as a health check; the bundle persisted
@@ -58,6 +58,16 @@ pub enum Applied {
         /// The function.
         name: String,
         /// Its version.
+        version: u64,
+        /// SHA-256 of its module, hex.
+        sha256: String,
+    },
+    /// Nothing to do: `version` is the highest already accepted or removed
+    /// for `name` (a retained bundle received again, after a reconnect).
+    Unchanged {
+        /// The function.
+        name: String,
+        /// The version.
         version: u64,
     },
     /// `name` no longer runs (tombstone `version`).
@@ -116,16 +126,29 @@ impl Deployer {
     }
 
     /// Checks `bytes` and, if every check passes, makes it what runs (see
-    /// the module doc). Nothing changes when it is refused.
-    pub async fn apply(&self, bytes: &[u8]) -> Result<Applied, Refused> {
+    /// the module doc). Nothing changes when it is refused. With
+    /// `topic_name` (the function a deploy topic names), a bundle for
+    /// another function is refused (`wrong_topic`).
+    pub async fn apply(&self, bytes: &[u8], topic_name: Option<&str>) -> Result<Applied, Refused> {
         let _one_at_a_time = self.applying.lock().await;
         let body = bundle::open(bytes, &self.verifier)?;
+        if let Some(t) = topic_name
+            && t != body.name()
+        {
+            return Err(Refused::new(
+                "wrong_topic",
+                format!("a bundle for {} on the deploy topic of {t}", body.name()),
+            ));
+        }
         let name = body.name().to_owned();
         let version = body.version;
         let highest = self.blocking(move |s| s.highest(&name)).await?;
         let name = body.name().to_owned();
+        if highest == Some(version) {
+            return Ok(Applied::Unchanged { name, version });
+        }
         if let Some(h) = highest
-            && version <= h
+            && version < h
         {
             return Err(Refused::new(
                 "not_newer",
@@ -143,7 +166,8 @@ impl Deployer {
             ));
         }
         match &body.change {
-            Change::Deploy { .. } => {
+            Change::Deploy { sha256, .. } => {
+                let sha256: String = sha256.iter().map(|b| format!("{b:02x}")).collect();
                 let function = self.start(&body).await?;
                 let stored = bytes.to_vec();
                 let n = name.clone();
@@ -156,7 +180,11 @@ impl Deployer {
                     replaced = previous.map(|p| p.version()),
                     "bundle applied"
                 );
-                Ok(Applied::Deployed { name, version })
+                Ok(Applied::Deployed {
+                    name,
+                    version,
+                    sha256,
+                })
             }
             Change::Remove { .. } => {
                 let n = name.clone();

@@ -19,7 +19,8 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::sync::{Notify, mpsc, watch};
 
-use crate::config::{Config, FunctionConfig, LocalSource};
+use crate::config::{BrokerClientConfig, Config, DeployBroker, FunctionConfig, LocalSource};
+use crate::control::Control;
 use crate::deploy::{Applied, Deployer, Refused};
 use crate::forward::Forwarder;
 use crate::ingest::mqtt::MqttIngest;
@@ -57,7 +58,9 @@ pub struct Gateway {
     /// The upstream topic prefix functions' topics are checked against.
     topic_prefix: String,
     /// Applies bundles, with a `[deploy]` section.
-    deployer: Option<Deployer>,
+    deployer: Option<Arc<Deployer>>,
+    /// The control connection, with a `[deploy]` section.
+    control: Option<tokio::task::JoinHandle<()>>,
     /// Gateway counters.
     metrics: Arc<Metrics>,
     /// Reads them, gauges included.
@@ -117,7 +120,7 @@ impl Gateway {
                     .restore()
                     .await
                     .context("cannot read the deployed functions")?;
-                Some(deployer)
+                Some(Arc::new(deployer))
             }
             None => None,
         };
@@ -170,11 +173,6 @@ impl Gateway {
         }
         for w in &config.warnings {
             tracing::warn!(key = w.key, "{}", w.message);
-        }
-        if config.deploy.is_some() {
-            tracing::warn!(
-                "[deploy]: deployed functions are restored from the database, but this edgefn does not receive bundles over MQTT yet"
-            );
         }
 
         let mut ingest = Vec::new();
@@ -232,6 +230,28 @@ impl Gateway {
             }
         }
 
+        let control = match (&config.deploy, &deployer) {
+            (Some(d), Some(deployer)) => {
+                #[cfg(feature = "embedded-broker")]
+                let embedded = broker.as_ref().map(|b| b.local_addr());
+                #[cfg(not(feature = "embedded-broker"))]
+                let embedded = None;
+                let broker = control_broker(&config, d.broker, embedded);
+                Some(tokio::spawn(
+                    Control {
+                        broker,
+                        gateway_id: config.gateway.id.clone(),
+                        groups: d.groups.clone(),
+                        deployer: deployer.clone(),
+                        registry: registry.clone(),
+                        max_bundle_size: d.max_bundle_size,
+                    }
+                    .run(shutdown_rx.clone()),
+                ))
+            }
+            _ => None,
+        };
+
         let counts = Counts {
             metrics: metrics.clone(),
             #[cfg(feature = "embedded-broker")]
@@ -249,6 +269,7 @@ impl Gateway {
             registry,
             topic_prefix,
             deployer,
+            control,
             metrics,
             counts,
             #[cfg(feature = "embedded-broker")]
@@ -292,7 +313,7 @@ impl Gateway {
     /// then swapped in; refused with a reason, changing nothing, otherwise.
     pub async fn apply_bundle(&self, bundle: &[u8]) -> Result<Applied, Refused> {
         match &self.deployer {
-            Some(d) => d.apply(bundle).await,
+            Some(d) => d.apply(bundle, None).await,
             None => Err(Refused {
                 code: "not_enabled",
                 text: "this gateway's configuration has no [deploy] section".into(),
@@ -346,6 +367,9 @@ impl Gateway {
         }
         if let Some(f) = self.forward {
             let _ = f.await;
+        }
+        if let Some(c) = self.control {
+            let _ = c.await;
         }
         // Delete what the upstream acknowledged since the last commit.
         let deleted = tokio::task::spawn_blocking(move || writer.commit(&mut [], &|| true)).await;
@@ -406,6 +430,39 @@ impl Counts {
             Metrics::set(&self.metrics.broker_sessions, clients.sessions);
         }
         self.metrics.snapshot()
+    }
+}
+
+/// The broker and client settings of the control connection: those of
+/// `[upstream]` or `[local]` with the client id `<client id>-control`, or
+/// a plain connection to the embedded broker at `embedded`.
+fn control_broker(
+    config: &Config,
+    which: DeployBroker,
+    embedded: Option<std::net::SocketAddr>,
+) -> BrokerClientConfig {
+    let own = |b: &BrokerClientConfig| BrokerClientConfig {
+        client_id: format!("{}-control", b.client_id),
+        in_flight: 16,
+        ..b.clone()
+    };
+    match (which, &config.upstream, &config.local.source) {
+        (DeployBroker::Upstream, Some(u), _) => own(&u.broker),
+        (_, _, LocalSource::Broker(b)) => own(b),
+        _ => {
+            let addr = embedded.expect("the embedded broker runs");
+            BrokerClientConfig {
+                host: "127.0.0.1".into(),
+                port: addr.port(),
+                client_id: format!("edgefn-{}-control", config.gateway.id),
+                username: None,
+                password: None,
+                in_flight: 16,
+                session_expiry: Duration::ZERO,
+                keep_alive: Duration::from_secs(30),
+                tls: None,
+            }
+        }
     }
 }
 

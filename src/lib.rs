@@ -23,6 +23,7 @@
 //! - [`pipeline`] — route → invoke → group commit → ack, in ingest order.
 //! - [`store`] — the SQLite outbox; its module doc is the storage spec.
 //! - [`forward`] — the outbox to the upstream broker, delete on PUBACK.
+//! - [`control`] — the control connection: deploy topics in, status topics out.
 //! - [`deploy`] — bundles applied on the gateway: verified, persisted, swapped in.
 //! - [`gateway`] — builds and wires the stages; startup and shutdown order.
 //! - [`metrics`] — counters for status lines and tests.
@@ -37,6 +38,7 @@ pub mod broker_client;
 pub mod bundle;
 pub mod cli;
 pub mod config;
+pub mod control;
 #[cfg(feature = "embedded-broker")]
 pub mod demo;
 pub mod deploy;

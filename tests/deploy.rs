@@ -50,6 +50,30 @@ fn with_init(init: &str) -> Vec<u8> {
     .unwrap()
 }
 
+/// The standard config with the embedded broker on `port`, without the
+/// chaos function, and a `[deploy]` section trusting `key`, plus `extra`.
+fn deploy_config(
+    dir: &std::path::Path,
+    port: u16,
+    cloud_port: u16,
+    key: &SigningKey,
+    extra: &str,
+) -> std::path::PathBuf {
+    let path = standard_config(dir, &format!("embedded:{port}"), cloud_port);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let chaos_table = text.rfind("[[functions]]").unwrap();
+    let public = edgefn::bundle::public_key_text(&key.verifying_key());
+    std::fs::write(
+        &path,
+        format!(
+            "{}[deploy]\ntrusted_keys = [\"{public}\"]\n{extra}\n",
+            &text[..chaos_table]
+        ),
+    )
+    .unwrap();
+    path
+}
+
 /// Reading `seq` is PUBACKed and (with the upstream up) arrives.
 async fn flows(dev: &mut Device, upstream: Option<&Upstream>, seq: u64) {
     assert!(
@@ -82,19 +106,14 @@ async fn bundles_are_verified_before_anything_changes_and_deployed_functions_sur
     let mut cloud = Mosquitto::cloud();
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let path = standard_config(dir.path(), &format!("embedded:{port}"), cloud.port);
     let key = SigningKey::from_bytes(&[7; 32]);
-    let text = std::fs::read_to_string(&path).unwrap();
-    let chaos_table = text.rfind("[[functions]]").unwrap();
-    std::fs::write(
-        &path,
-        format!(
-            "{}[deploy]\ntrusted_keys = [\"{}\"]\nmax_bundle_size = \"1MiB\"\n",
-            &text[..chaos_table],
-            edgefn::bundle::public_key_text(&key.verifying_key())
-        ),
-    )
-    .unwrap();
+    let path = deploy_config(
+        dir.path(),
+        port,
+        cloud.port,
+        &key,
+        "max_bundle_size = \"1MiB\"",
+    );
     let config = Config::load(&path).unwrap();
     let chaos = std::fs::read(module("chaos")).unwrap();
     let upstream = Upstream::subscribe(cloud.port, "site/#").await;
@@ -103,9 +122,16 @@ async fn bundles_are_verified_before_anything_changes_and_deployed_functions_sur
     flows(&mut dev, Some(&upstream), 0).await;
 
     let v1 = seal(body(manifest("v1"), chaos.clone(), 1), Some(&key));
+    let applied = gateway.apply_bundle(&v1).await;
+    assert!(
+        matches!(&applied, Ok(Applied::Deployed { name, version: 1, sha256 }) if name == "chaos" && sha256.len() == 64),
+        "{applied:?}"
+    );
+    // The same bundle again (a retained message after a reconnect) is no
+    // change.
     assert_eq!(
         gateway.apply_bundle(&v1).await,
-        Ok(Applied::Deployed {
+        Ok(Applied::Unchanged {
             name: "chaos".into(),
             version: 1
         })
@@ -131,7 +157,6 @@ async fn bundles_are_verified_before_anything_changes_and_deployed_functions_sur
         ..manifest("v2")
     };
     let cases: Vec<(&str, Vec<u8>)> = vec![
-        ("not_newer", v1.clone()),
         (
             "unsigned",
             seal(body(manifest("v2"), chaos.clone(), 2), None),
@@ -219,4 +244,130 @@ async fn bundles_are_verified_before_anything_changes_and_deployed_functions_sur
     let v5 = seal(body(manifest("v5"), chaos, 5), Some(&key));
     assert!(gateway.apply_bundle(&v5).await.is_ok());
     gateway.shutdown().await;
+}
+
+/// The last status published on `topic`, parsed.
+fn last_status(seen: &[Seen], topic: &str) -> Option<serde_json::Value> {
+    seen.iter().rev().find(|m| m.topic == topic).map(Seen::json)
+}
+
+#[cfg(feature = "embedded-broker")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bundles_on_the_control_topics_are_applied_and_every_outcome_is_on_the_status_topics() {
+    let cloud = Mosquitto::cloud();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let key = SigningKey::from_bytes(&[7; 32]);
+    let path = deploy_config(dir.path(), port, cloud.port, &key, "groups = [\"site-a\"]");
+    let chaos = std::fs::read(module("chaos")).unwrap();
+    let gateway_topic = "edgefn/pi-01/functions/chaos/deploy";
+    let group_topic = "edgefn/groups/site-a/functions/chaos/deploy";
+    let status = "edgefn/pi-01/functions/chaos/status";
+    let control = Upstream::subscribe(cloud.port, "edgefn/pi-01/#").await;
+    let data = Upstream::subscribe(cloud.port, "site/#").await;
+    let active = |version: u64| {
+        let control = &control;
+        async move {
+            control
+                .wait_until(&format!("chaos v{version} active"), |s| {
+                    last_status(s, status)
+                        .is_some_and(|j| j["state"] == "active" && j["version"] == version)
+                })
+                .await;
+        }
+    };
+    let refused = |code: &'static str| {
+        let control = &control;
+        async move {
+            let seen = control
+                .wait_until(&format!("a refusal {code}"), |s| {
+                    last_status(s, status).is_some_and(|j| j["refused"]["code"] == code)
+                })
+                .await;
+            last_status(&seen, status).unwrap()
+        }
+    };
+
+    // Deployed while the gateway is away: it catches up when it connects.
+    let v1 = seal(body(manifest("v1"), chaos.clone(), 1), Some(&key));
+    publish_retained(cloud.port, gateway_topic, v1).await;
+    let mut daemon = Daemon::start(&path);
+    active(1).await;
+    control
+        .wait_until("the gateway online, running chaos", |s| {
+            last_status(s, "edgefn/pi-01/status").is_some_and(|j| {
+                j["online"] == true
+                    && j["functions"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .any(|f| f["name"] == "chaos" && f["version"] == 1)
+            })
+        })
+        .await;
+    let mut dev = Device::connect("sensor-d1", port).await;
+    greeting(&mut dev, &data, "v1").await;
+
+    // Refused, each with its reason on the status topic; v1 goes on.
+    let mut tampered = seal(body(manifest("v2"), chaos.clone(), 2), Some(&key));
+    let middle = tampered.len() / 2;
+    tampered[middle] ^= 1;
+    publish_retained(cloud.port, group_topic, tampered).await;
+    let s = refused("bad_signature").await;
+    assert_eq!(
+        (s["state"].clone(), s["version"].clone()),
+        ("active".into(), 1.into())
+    );
+    flows(&mut dev, Some(&data), 1).await;
+    let other = FunctionManifest {
+        name: "other".into(),
+        ..manifest("v2")
+    };
+    publish_retained(
+        cloud.port,
+        gateway_topic,
+        seal(body(other, chaos.clone(), 2), Some(&key)),
+    )
+    .await;
+    refused("wrong_topic").await;
+    // An empty retained message removes nothing.
+    publish_retained(cloud.port, gateway_topic, Vec::new()).await;
+    daemon.wait_for_log("an empty message on a deploy topic changes nothing");
+    flows(&mut dev, Some(&data), 2).await;
+
+    // An upgrade through the group's topic.
+    let v2 = seal(body(manifest("v2"), chaos.clone(), 2), Some(&key));
+    publish_retained(cloud.port, group_topic, v2).await;
+    active(2).await;
+    greeting(&mut dev, &data, "v2").await;
+
+    // Killed: the broker publishes the last will.
+    daemon.kill();
+    control
+        .wait_until("the gateway offline", |s| {
+            last_status(s, "edgefn/pi-01/status").is_some_and(|j| j["online"] == false)
+        })
+        .await;
+    // Back: v2 runs from the database, the retained v2 changes nothing.
+    let mut daemon = Daemon::start(&path);
+    control
+        .wait_until("the gateway online again", |s| {
+            last_status(s, "edgefn/pi-01/status").is_some_and(|j| j["online"] == true)
+        })
+        .await;
+    let mut dev = Device::connect("sensor-d1", port).await;
+    assert!(dev.publish_acked("chaos/g", "env", PATIENCE).await);
+    data.wait_until("two v2 greetings", |s| {
+        s.iter()
+            .filter(|m| m.topic == "site/pi-01/chaos/env" && m.payload == "v2")
+            .count()
+            >= 2
+    })
+    .await;
+    assert!(daemon.terminate().success());
+    control
+        .wait_until("the gateway offline after a clean stop", |s| {
+            last_status(s, "edgefn/pi-01/status").is_some_and(|j| j["online"] == false)
+        })
+        .await;
 }

@@ -758,6 +758,30 @@ pub async fn eventually(what: &str, pred: impl Fn() -> bool) {
     }
 }
 
+/// Publishes `payload` retained, QoS 1, on the broker at `port`, as a
+/// fleet engineer's tool would; returns once the broker acknowledged it.
+pub async fn publish_retained(port: u16, topic: &str, payload: Vec<u8>) {
+    let mut o = MqttOptions::new(format!("fleet-{}", free_port()), "127.0.0.1", port);
+    o.set_max_packet_size(Some(16 << 20));
+    let (client, mut events) = AsyncClient::new(o, 10);
+    client
+        .publish(topic, QoS::AtLeastOnce, true, payload)
+        .await
+        .unwrap();
+    tokio::time::timeout(PATIENCE, async {
+        loop {
+            match events.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(_))) => break,
+                Ok(_) => {}
+                Err(e) => panic!("publishing {topic}: {e}"),
+            }
+        }
+    })
+    .await
+    .expect("the broker acknowledged the retained message");
+    let _ = client.disconnect().await;
+}
+
 /// A watch on how many subscriptions a Mosquitto holds, offline sessions'
 /// included, this watcher's own among them. The broker must publish its
 /// `$SYS` tree every second (`sys_interval 1`).

@@ -1,0 +1,389 @@
+//! The control connection: bundles in, status out (docs/DEPLOY.md).
+//!
+//! edgefn's own MQTT client on the broker `[deploy] broker` names, with
+//! its own client id (`<client id>-control`) and the broker's TLS and
+//! credentials. It subscribes to the desired state, retained:
+//! `edgefn/<gateway>/functions/<name>/deploy` and, for each group,
+//! `edgefn/groups/<group>/functions/<name>/deploy`, and hands every bundle
+//! to the [`Deployer`], one at a time; a bundle that arrives while another
+//! for the same topic waits supersedes it. An empty message never removes
+//! anything (removal is a signed tombstone). It publishes, retained:
+//!
+//! - `edgefn/<gateway>/functions/<name>/status` on every change: what
+//!   runs (state, version, SHA-256) and the last bundle refused;
+//! - `edgefn/<gateway>/status`: online (with version, start time, uptime
+//!   and the functions running) at every connection and every
+//!   [`REFRESH`]; offline when edgefn stops, and as its last will when it
+//!   dies or loses the connection.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::{Filter, LastWill, Packet};
+use rumqttc::v5::{AsyncClient, Event};
+use serde::Serialize;
+use tokio::sync::{Notify, watch};
+
+use crate::config::BrokerClientConfig;
+use crate::deploy::{Applied, Deployer};
+use crate::ingest::Backoff;
+use crate::registry::{Origin, Registry};
+
+/// How often the gateway status is published again, so a reader can tell
+/// a live gateway (a recent `updated_ms`) from a stale retained message.
+pub const REFRESH: Duration = Duration::from_secs(30);
+
+/// The control connection's settings.
+pub struct Control {
+    /// The broker, with the control client id.
+    pub broker: BrokerClientConfig,
+    /// This gateway's id.
+    pub gateway_id: String,
+    /// Its groups.
+    pub groups: Vec<String>,
+    /// Applies bundles.
+    pub deployer: Arc<Deployer>,
+    /// The functions that run.
+    pub registry: Arc<Registry>,
+    /// Largest bundle (the connection's packet limit follows it).
+    pub max_bundle_size: usize,
+}
+
+/// A function's status, as published.
+#[derive(Debug, Clone, Serialize)]
+struct FunctionStatus {
+    /// The function.
+    function: String,
+    /// `active`, `removed`, or `absent` (never deployed here).
+    state: &'static str,
+    /// The version running, or removed.
+    version: Option<u64>,
+    /// SHA-256 of the module running (hex).
+    sha256: Option<String>,
+    /// The last bundle refused for this function, if any since the start.
+    refused: Option<RefusedStatus>,
+    /// When this status last changed (ms since the epoch).
+    updated_ms: u64,
+}
+
+/// A refused bundle, as published.
+#[derive(Debug, Clone, Serialize)]
+struct RefusedStatus {
+    /// Where it came from.
+    topic: String,
+    /// Stable reason code.
+    code: &'static str,
+    /// What was wrong.
+    text: String,
+    /// When (ms since the epoch).
+    at_ms: u64,
+}
+
+/// The gateway's status, as published.
+#[derive(Debug, Serialize)]
+struct GatewayStatus<'a> {
+    gateway: &'a str,
+    online: bool,
+    edgefn_version: &'static str,
+    started_ms: u64,
+    uptime_s: u64,
+    functions: Vec<RunningFunction>,
+    updated_ms: u64,
+}
+
+/// One function in the gateway status.
+#[derive(Debug, Serialize)]
+struct RunningFunction {
+    name: String,
+    version: u64,
+    origin: &'static str,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Bundles waiting to be applied, by topic, oldest first.
+#[derive(Default)]
+struct Inbox {
+    queue: Mutex<VecDeque<(String, Bytes)>>,
+    ready: Notify,
+}
+
+impl Inbox {
+    /// Queues `bundle` from `topic`, replacing one from the same topic that
+    /// still waits.
+    fn put(&self, topic: String, bundle: Bytes) {
+        let mut q = self.queue.lock().expect("inbox lock");
+        q.retain(|(t, _)| *t != topic);
+        q.push_back((topic, bundle));
+        drop(q);
+        self.ready.notify_one();
+    }
+
+    async fn take(&self) -> (String, Bytes) {
+        loop {
+            if let Some(next) = self.queue.lock().expect("inbox lock").pop_front() {
+                return next;
+            }
+            self.ready.notified().await;
+        }
+    }
+}
+
+/// Publishes the status topics.
+struct Reporter {
+    /// This gateway's id.
+    gateway_id: String,
+    /// The functions that run.
+    registry: Arc<Registry>,
+    /// When edgefn started.
+    started: Instant,
+    /// The same, ms since the epoch.
+    started_ms: u64,
+}
+
+impl Reporter {
+    fn status_topic(&self) -> String {
+        format!("edgefn/{}/status", self.gateway_id)
+    }
+
+    fn gateway_status(&self, online: bool) -> Vec<u8> {
+        let table = self.registry.table();
+        let status = GatewayStatus {
+            gateway: &self.gateway_id,
+            online,
+            edgefn_version: env!("CARGO_PKG_VERSION"),
+            started_ms: self.started_ms,
+            uptime_s: self.started.elapsed().as_secs(),
+            functions: table
+                .functions()
+                .iter()
+                .map(|f| RunningFunction {
+                    name: f.name().to_owned(),
+                    version: f.version(),
+                    origin: match f.origin() {
+                        Origin::Config => "config",
+                        Origin::Deployed => "deployed",
+                    },
+                })
+                .collect(),
+            updated_ms: now_ms(),
+        };
+        serde_json::to_vec(&status).expect("status JSON")
+    }
+
+    /// Publishes the gateway's status (retained).
+    fn publish_gateway(&self, client: &AsyncClient, online: bool) {
+        let _ = client.try_publish(
+            self.status_topic(),
+            QoS::AtLeastOnce,
+            true,
+            self.gateway_status(online),
+        );
+    }
+
+    /// Publishes a function's status (retained).
+    fn publish_function(&self, client: &AsyncClient, s: &FunctionStatus) {
+        let topic = format!("edgefn/{}/functions/{}/status", self.gateway_id, s.function);
+        let _ = client.try_publish(
+            topic,
+            QoS::AtLeastOnce,
+            true,
+            serde_json::to_vec(s).expect("status JSON"),
+        );
+    }
+}
+
+impl Control {
+    /// The filters bundles arrive on.
+    fn filters(&self) -> Vec<Filter> {
+        let mut f = vec![Filter::new(
+            format!("edgefn/{}/functions/+/deploy", self.gateway_id),
+            QoS::AtLeastOnce,
+        )];
+        for g in &self.groups {
+            f.push(Filter::new(
+                format!("edgefn/groups/{g}/functions/+/deploy"),
+                QoS::AtLeastOnce,
+            ));
+        }
+        f
+    }
+
+    /// Runs until `shutdown` turns true, reconnecting with backoff; then
+    /// publishes the gateway offline and disconnects.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let reporter = Arc::new(Reporter {
+            gateway_id: self.gateway_id.clone(),
+            registry: self.registry.clone(),
+            started: Instant::now(),
+            started_ms: now_ms(),
+        });
+        let mut o = crate::broker_client::options(&self.broker, self.max_bundle_size);
+        o.set_clean_start(true).set_last_will(LastWill::new(
+            reporter.status_topic(),
+            reporter.gateway_status(false),
+            QoS::AtLeastOnce,
+            true,
+            None,
+        ));
+        let (client, mut events) = AsyncClient::new(o, 64);
+        let inbox = Arc::new(Inbox::default());
+        let statuses: Arc<Mutex<BTreeMap<String, FunctionStatus>>> = Arc::default();
+        let applier = tokio::spawn(apply_loop(
+            inbox.clone(),
+            self.deployer.clone(),
+            client.clone(),
+            statuses.clone(),
+            reporter.clone(),
+        ));
+        let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
+        let mut refresh = tokio::time::interval(REFRESH);
+        let publish_status = |online: bool| reporter.publish_gateway(&client, online);
+        loop {
+            tokio::select! {
+                _ = crate::ingest::stopped(&mut shutdown) => break,
+                _ = refresh.tick() => publish_status(true),
+                event = events.poll() => match event {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        backoff.reset();
+                        tracing::info!(host = %self.broker.host, port = self.broker.port, "connected to the control broker");
+                        publish_status(true);
+                        for s in statuses.lock().expect("statuses lock").values() {
+                            reporter.publish_function(&client, s);
+                        }
+                        if let Err(e) = client.try_subscribe_many(self.filters()) {
+                            tracing::error!(error = %e, "could not subscribe to the deploy topics");
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let topic = String::from_utf8_lossy(&p.topic).into_owned();
+                        if p.payload.is_empty() {
+                            tracing::info!(topic, "an empty message on a deploy topic changes nothing (a removal is a signed tombstone)");
+                        } else {
+                            inbox.put(topic, p.payload);
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        let delay = backoff.next_delay();
+                        tracing::warn!(error = %e, retry_in = ?delay, "control broker connection lost");
+                        tokio::select! {
+                            _ = tokio::time::sleep(delay) => {}
+                            _ = crate::ingest::stopped(&mut shutdown) => break,
+                        }
+                    }
+                }
+            }
+        }
+        applier.abort();
+        publish_status(false);
+        let _ = client.try_disconnect();
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            while events.poll().await.is_ok() {}
+        })
+        .await;
+    }
+}
+
+/// The `<name>` of a deploy topic (`…/functions/<name>/deploy`).
+fn topic_function(topic: &str) -> Option<&str> {
+    let rest = topic.strip_suffix("/deploy")?;
+    let (before, name) = rest.rsplit_once('/')?;
+    before.ends_with("/functions").then_some(name)
+}
+
+/// Applies bundles one at a time and publishes each function's status.
+async fn apply_loop(
+    inbox: Arc<Inbox>,
+    deployer: Arc<Deployer>,
+    client: AsyncClient,
+    statuses: Arc<Mutex<BTreeMap<String, FunctionStatus>>>,
+    reporter: Arc<Reporter>,
+) {
+    loop {
+        let (topic, bundle) = inbox.take().await;
+        let Some(name) = topic_function(&topic).map(str::to_owned) else {
+            continue;
+        };
+        let result = deployer.apply(&bundle, Some(&name)).await;
+        let mut all = statuses.lock().expect("statuses lock");
+        let status = all.entry(name.clone()).or_insert_with(|| FunctionStatus {
+            function: name.clone(),
+            state: "absent",
+            version: None,
+            sha256: None,
+            refused: None,
+            updated_ms: 0,
+        });
+        let changed = matches!(
+            result,
+            Ok(Applied::Deployed { .. } | Applied::Removed { .. })
+        );
+        match result {
+            Ok(Applied::Unchanged { .. }) => continue,
+            Ok(Applied::Deployed {
+                version, sha256, ..
+            }) => {
+                status.state = "active";
+                status.version = Some(version);
+                status.sha256 = Some(sha256);
+            }
+            Ok(Applied::Removed { version, .. }) => {
+                status.state = "removed";
+                status.version = Some(version);
+                status.sha256 = None;
+            }
+            Err(refused) => {
+                tracing::warn!(topic, code = refused.code, error = %refused.text, "bundle refused");
+                status.refused = Some(RefusedStatus {
+                    topic: topic.clone(),
+                    code: refused.code,
+                    text: refused.text,
+                    at_ms: now_ms(),
+                });
+            }
+        }
+        status.updated_ms = now_ms();
+        reporter.publish_function(&client, status);
+        if changed {
+            // Its function list changed.
+            reporter.publish_gateway(&client, true);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_function_is_read_from_a_deploy_topic() {
+        assert_eq!(
+            topic_function("edgefn/pi-01/functions/clean/deploy"),
+            Some("clean")
+        );
+        assert_eq!(
+            topic_function("edgefn/groups/site-a/functions/x_1/deploy"),
+            Some("x_1")
+        );
+        assert_eq!(topic_function("edgefn/pi-01/functions/clean/status"), None);
+        assert_eq!(topic_function("edgefn/pi-01/other/clean/deploy"), None);
+    }
+
+    #[tokio::test]
+    async fn a_bundle_waiting_is_replaced_by_a_newer_one_from_the_same_topic() {
+        let inbox = Inbox::default();
+        inbox.put("a".into(), Bytes::from_static(b"1"));
+        inbox.put("b".into(), Bytes::from_static(b"2"));
+        inbox.put("a".into(), Bytes::from_static(b"3"));
+        assert_eq!(inbox.take().await, ("b".into(), Bytes::from_static(b"2")));
+        assert_eq!(inbox.take().await, ("a".into(), Bytes::from_static(b"3")));
+    }
+}
