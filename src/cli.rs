@@ -157,8 +157,28 @@ pub struct BundleArgs {
     #[arg(long, conflicts_with = "signing_key")]
     unsigned: bool,
     /// Write the bundle to this file.
+    #[arg(long, required_unless_present = "broker")]
+    output: Option<PathBuf>,
+    /// Publish the bundle (retained) on the control broker of the targeted
+    /// gateways: mqtt://HOST[:PORT] or mqtts://HOST[:PORT].
     #[arg(long)]
-    output: PathBuf,
+    broker: Option<String>,
+    /// With --broker: wait (30s, or as given) for the report of every
+    /// targeted gateway that is online; exit non-zero if one refused.
+    #[arg(long, num_args = 0..=1, default_missing_value = "30s", value_parser = humantime::parse_duration, requires = "broker")]
+    wait: Option<std::time::Duration>,
+    /// CA certificates to trust for mqtts:// instead of the system's.
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
+    /// A client certificate for mqtts://.
+    #[arg(long)]
+    cert_file: Option<PathBuf>,
+    /// The client certificate's private key.
+    #[arg(long)]
+    client_key_file: Option<PathBuf>,
+    /// User name on the broker (the password from EDGEFN_BROKER_PASSWORD).
+    #[arg(long)]
+    username: Option<String>,
 }
 
 impl BundleArgs {
@@ -180,17 +200,83 @@ impl BundleArgs {
         self.version.unwrap_or_else(crate::fleet::version_now)
     }
 
-    /// Writes `bundle` to `--output` and says so.
-    fn write(&self, bundle: &[u8], what: &str, version: u64) -> anyhow::Result<ExitCode> {
-        std::fs::write(&self.output, bundle)
-            .with_context(|| format!("cannot write {}", self.output.display()))?;
-        println!(
-            "{what} v{version}: {} bytes, {}, written to {}",
-            bundle.len(),
-            if self.unsigned { "unsigned" } else { "signed" },
-            self.output.display()
-        );
-        Ok(ExitCode::SUCCESS)
+    /// Writes `bundle` to `--output`, publishes it with `--broker`
+    /// (waiting for reports with `--wait`), and says so.
+    fn deliver(
+        &self,
+        bundle: Vec<u8>,
+        name: &str,
+        what: &str,
+        version: u64,
+    ) -> anyhow::Result<ExitCode> {
+        let signed = if self.unsigned { "unsigned" } else { "signed" };
+        if let Some(out) = &self.output {
+            std::fs::write(out, &bundle)
+                .with_context(|| format!("cannot write {}", out.display()))?;
+            println!(
+                "{what} v{version}: {} bytes, {signed}, written to {}",
+                bundle.len(),
+                out.display()
+            );
+        }
+        let Some(url) = &self.broker else {
+            return Ok(ExitCode::SUCCESS);
+        };
+        let broker = crate::config::tool_broker(
+            url,
+            [
+                self.ca_file.clone(),
+                self.cert_file.clone(),
+                self.client_key_file.clone(),
+            ],
+            self.username.clone(),
+            std::env::var("EDGEFN_BROKER_PASSWORD").ok(),
+            format!("edgefn-deploy-{}", crate::fleet::version_now()),
+        )
+        .map_err(|problems| {
+            let list: Vec<String> = problems.iter().map(|p| format!("  - {p}")).collect();
+            anyhow::anyhow!("{}", list.join("\n"))
+        })?;
+        let publish = crate::fleet::Publish {
+            broker,
+            name: name.to_owned(),
+            version,
+            targets: self.targets(),
+            wait: self.wait,
+        };
+        let outcomes = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(crate::fleet::publish(&publish, bundle))?;
+        println!("{what} v{version}: {signed}, published on {url}");
+        if self.wait.is_none() {
+            return Ok(ExitCode::SUCCESS);
+        }
+        let mut failed = false;
+        for (gateway, outcome) in &outcomes {
+            use crate::fleet::Outcome;
+            let text = match outcome {
+                Outcome::Applied { state, ms } => format!("{state}  ({ms} ms)"),
+                Outcome::Refused { code, text } => {
+                    failed = true;
+                    format!("refused: {code}: {text}")
+                }
+                Outcome::Pending => "pending (offline)".to_owned(),
+                Outcome::NoReport => {
+                    failed = true;
+                    "no report".to_owned()
+                }
+            };
+            println!("  {gateway}  {name} v{version}  {text}");
+        }
+        if outcomes.is_empty() {
+            println!("  no targeted gateway has reported on this broker");
+        }
+        Ok(if failed {
+            ExitCode::FAILURE
+        } else {
+            ExitCode::SUCCESS
+        })
     }
 }
 
@@ -369,7 +455,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 bundle.targets(),
                 bundle.key()?.as_ref(),
             )?;
-            bundle.write(&sealed, &format!("removal of {name}"), version)
+            bundle.deliver(sealed, &name, &format!("removal of {name}"), version)
         }
     }
 }
@@ -389,7 +475,7 @@ fn deploy(
         targets: bundle.targets(),
     };
     let sealed = crate::fleet::deploy_bundle(req, bundle.key()?.as_ref())?;
-    bundle.write(&sealed, &name, version)
+    bundle.deliver(sealed, &name, &name, version)
 }
 
 /// `edgefn check`: every problem in the config, then every module.

@@ -727,6 +727,47 @@ struct BrokerUrl {
     tls: bool,
 }
 
+/// A broker connection for a command-line tool (`edgefn deploy`): `url`
+/// and the TLS files (CA, client certificate, its key) checked as for
+/// `[upstream]`, each problem keyed by its flag.
+pub fn tool_broker(
+    url: &str,
+    files: [Option<PathBuf>; 3],
+    username: Option<String>,
+    password: Option<String>,
+    client_id: String,
+) -> Result<BrokerClientConfig, Vec<Problem>> {
+    let mut p = Checker::default();
+    let parsed = parse_mqtt_url(&mut p, "--broker", url);
+    let files = files.map(|f| f.map(|f| f.to_string_lossy().into_owned()));
+    let tls = check_tls(&mut p, "tool", parsed.as_ref(), files, false, Path::new(""));
+    if !p.problems.is_empty() {
+        for problem in &mut p.problems {
+            problem.key = match problem.key.as_str() {
+                "tool.url" => "--broker",
+                "tool.ca_file" => "--ca-file",
+                "tool.cert_file" => "--cert-file",
+                "tool.key_file" => "--client-key-file",
+                other => other,
+            }
+            .to_owned();
+        }
+        return Err(p.problems);
+    }
+    let url = parsed.expect("checked");
+    Ok(BrokerClientConfig {
+        host: url.host,
+        port: url.port,
+        client_id,
+        username,
+        password,
+        in_flight: 64,
+        session_expiry: Duration::ZERO,
+        keep_alive: Duration::from_secs(30),
+        tls,
+    })
+}
+
 /// Parses `mqtt://HOST[:PORT]` (default port 1883) or `mqtts://HOST[:PORT]`
 /// (TLS, default port 8883).
 fn parse_mqtt_url(p: &mut Checker, key: &str, url: &str) -> Option<BrokerUrl> {

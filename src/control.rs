@@ -74,6 +74,8 @@ struct FunctionStatus {
 struct RefusedStatus {
     /// Where it came from.
     topic: String,
+    /// Its version, when it could be read.
+    version: Option<u64>,
     /// Stable reason code.
     code: &'static str,
     /// What was wrong.
@@ -86,6 +88,7 @@ struct RefusedStatus {
 #[derive(Debug, Serialize)]
 struct GatewayStatus<'a> {
     gateway: &'a str,
+    groups: &'a [String],
     online: bool,
     edgefn_version: &'static str,
     started_ms: u64,
@@ -140,6 +143,8 @@ impl Inbox {
 struct Reporter {
     /// This gateway's id.
     gateway_id: String,
+    /// Its groups.
+    groups: Vec<String>,
     /// The functions that run.
     registry: Arc<Registry>,
     /// When edgefn started.
@@ -157,6 +162,7 @@ impl Reporter {
         let table = self.registry.table();
         let status = GatewayStatus {
             gateway: &self.gateway_id,
+            groups: &self.groups,
             online,
             edgefn_version: env!("CARGO_PKG_VERSION"),
             started_ms: self.started_ms,
@@ -221,6 +227,7 @@ impl Control {
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let reporter = Arc::new(Reporter {
             gateway_id: self.gateway_id.clone(),
+            groups: self.groups.clone(),
             registry: self.registry.clone(),
             started: Instant::now(),
             started_ms: now_ms(),
@@ -344,6 +351,7 @@ async fn apply_loop(
                 tracing::warn!(topic, code = refused.code, error = %refused.text, "bundle refused");
                 status.refused = Some(RefusedStatus {
                     topic: topic.clone(),
+                    version: refused.version,
                     code: refused.code,
                     text: refused.text,
                     at_ms: now_ms(),

@@ -33,6 +33,8 @@ pub struct Refused {
     pub code: &'static str,
     /// What was wrong, for a person.
     pub text: String,
+    /// The refused bundle's version, when it could be read.
+    pub version: Option<u64>,
 }
 
 impl Refused {
@@ -40,6 +42,7 @@ impl Refused {
         Refused {
             code,
             text: text.into(),
+            version: None,
         }
     }
 }
@@ -132,6 +135,22 @@ impl Deployer {
     pub async fn apply(&self, bytes: &[u8], topic_name: Option<&str>) -> Result<Applied, Refused> {
         let _one_at_a_time = self.applying.lock().await;
         let body = bundle::open(bytes, &self.verifier)?;
+        let version = body.version;
+        self.apply_body(body, bytes, topic_name)
+            .await
+            .map_err(|r| Refused {
+                version: Some(version),
+                ..r
+            })
+    }
+
+    /// [`Deployer::apply`] once the bundle is open.
+    async fn apply_body(
+        &self,
+        body: Body,
+        bytes: &[u8],
+        topic_name: Option<&str>,
+    ) -> Result<Applied, Refused> {
         if let Some(t) = topic_name
             && t != body.name()
         {

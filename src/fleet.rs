@@ -162,3 +162,212 @@ pub fn version_now() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
 }
+
+/// What `edgefn deploy --broker` (or `edgefn remove --broker`) publishes
+/// and waits for.
+#[derive(Debug, Clone)]
+pub struct Publish {
+    /// The control broker.
+    pub broker: crate::config::BrokerClientConfig,
+    /// The function.
+    pub name: String,
+    /// The bundle's version.
+    pub version: u64,
+    /// Who it is for.
+    pub targets: Targets,
+    /// How long to wait for the gateways' reports (none: do not wait).
+    pub wait: Option<std::time::Duration>,
+}
+
+/// One targeted gateway's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// It runs the version (`state` `active`) or removed it, `ms` after the
+    /// bundle was published.
+    Applied {
+        /// `active` or `removed`.
+        state: String,
+        /// Milliseconds from publishing to the report.
+        ms: u128,
+    },
+    /// It refused the version.
+    Refused {
+        /// The reason code.
+        code: String,
+        /// The reason.
+        text: String,
+    },
+    /// Offline (its last status): it applies the bundle when it connects.
+    Pending,
+    /// Online, but no report for this version before the wait ended.
+    NoReport,
+}
+
+/// The deploy topics of a bundle for `name` with `targets`.
+pub fn deploy_topics(name: &str, targets: &Targets) -> Vec<String> {
+    let gateways = targets
+        .gateways
+        .iter()
+        .map(|g| format!("edgefn/{g}/functions/{name}/deploy"));
+    let groups = targets
+        .groups
+        .iter()
+        .map(|g| format!("edgefn/groups/{g}/functions/{name}/deploy"));
+    gateways.chain(groups).collect()
+}
+
+/// Publishes `bundle` retained on its deploy topics and, with a wait,
+/// collects each targeted gateway's report: the gateways named, and those
+/// whose status lists a group named. Returns them by gateway id.
+pub async fn publish(
+    p: &Publish,
+    bundle: Vec<u8>,
+) -> anyhow::Result<std::collections::BTreeMap<String, Outcome>> {
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::mqttbytes::v5::{Filter, Packet};
+    use rumqttc::v5::{AsyncClient, Event};
+    use std::collections::{BTreeMap, HashMap};
+    use std::time::Instant;
+
+    let mut o = crate::broker_client::options(&p.broker, bundle.len());
+    o.set_clean_start(true);
+    let (client, mut events) = AsyncClient::new(o, 64);
+    // Subscribed with the status topics, it comes back after the retained
+    // statuses: from then on, which gateways are in which group is known.
+    let marker = format!("edgefn/deploy-tool/{}", p.broker.client_id);
+    let topics = deploy_topics(&p.name, &p.targets);
+    let mut gateways: HashMap<String, (bool, Vec<String>)> = HashMap::new();
+    let mut reports: HashMap<String, serde_json::Value> = HashMap::new();
+    let mut first_seen: HashMap<String, u128> = HashMap::new();
+    let mut published: Option<Instant> = None;
+    let mut unacked = topics.len();
+    let connect_limit = std::time::Duration::from_secs(10);
+    let deadline = Instant::now() + connect_limit + p.wait.unwrap_or_default();
+    let outcomes = |gateways: &HashMap<String, (bool, Vec<String>)>,
+                    reports: &HashMap<String, serde_json::Value>,
+                    first_seen: &HashMap<String, u128>| {
+        let mut targeted: Vec<&String> = p.targets.gateways.iter().collect();
+        for (g, (_, groups)) in gateways {
+            if groups.iter().any(|x| p.targets.groups.contains(x)) && !targeted.contains(&g) {
+                targeted.push(g);
+            }
+        }
+        let mut out = BTreeMap::new();
+        for g in targeted {
+            let report = reports.get(g);
+            let outcome = match report {
+                Some(r)
+                    if r["version"] == p.version
+                        && (r["state"] == "active" || r["state"] == "removed") =>
+                {
+                    Outcome::Applied {
+                        state: r["state"].as_str().unwrap_or_default().to_owned(),
+                        ms: first_seen.get(g).copied().unwrap_or_default(),
+                    }
+                }
+                Some(r) if r["refused"]["version"] == p.version => Outcome::Refused {
+                    code: r["refused"]["code"].as_str().unwrap_or_default().to_owned(),
+                    text: r["refused"]["text"].as_str().unwrap_or_default().to_owned(),
+                },
+                _ if gateways.get(g).is_some_and(|(online, _)| *online) => Outcome::NoReport,
+                _ => Outcome::Pending,
+            };
+            out.insert(g.clone(), outcome);
+        }
+        out
+    };
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let event = match tokio::time::timeout(left, events.poll()).await {
+            Ok(e) => e,
+            Err(_) if published.is_some() => break,
+            Err(_) => bail!(
+                "no answer from the broker {}:{} within {connect_limit:?}",
+                p.broker.host,
+                p.broker.port
+            ),
+        };
+        match event {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                let status = Filter::new("edgefn/+/status", QoS::AtLeastOnce);
+                let function = Filter::new(
+                    format!("edgefn/+/functions/{}/status", p.name),
+                    QoS::AtLeastOnce,
+                );
+                let marker = Filter::new(marker.clone(), QoS::AtLeastOnce);
+                client.subscribe_many([status, function, marker]).await?;
+            }
+            Ok(Event::Incoming(Packet::SubAck(_))) => {
+                client
+                    .publish(marker.clone(), QoS::AtMostOnce, false, "")
+                    .await?;
+            }
+            Ok(Event::Incoming(Packet::Publish(m))) => {
+                let topic = String::from_utf8_lossy(&m.topic).into_owned();
+                if topic == marker {
+                    if published.is_none() {
+                        for t in &topics {
+                            client
+                                .publish(t.clone(), QoS::AtLeastOnce, true, bundle.clone())
+                                .await?;
+                        }
+                        published = Some(Instant::now());
+                    }
+                    continue;
+                }
+                let Ok(json) = serde_json::from_slice::<serde_json::Value>(&m.payload) else {
+                    continue;
+                };
+                let mut levels = topic.split('/');
+                let (Some("edgefn"), Some(gateway)) = (levels.next(), levels.next()) else {
+                    continue;
+                };
+                let gateway = gateway.to_owned();
+                if levels.next() == Some("status") {
+                    let groups = json["groups"]
+                        .as_array()
+                        .map(|a| {
+                            a.iter()
+                                .filter_map(|g| g.as_str().map(str::to_owned))
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    gateways.insert(gateway, (json["online"] == true, groups));
+                } else {
+                    if let Some(at) = published
+                        && json["version"] == p.version
+                    {
+                        first_seen
+                            .entry(gateway.clone())
+                            .or_insert_with(|| at.elapsed().as_millis());
+                    }
+                    reports.insert(gateway, json);
+                }
+            }
+            Ok(Event::Incoming(Packet::PubAck(_))) if published.is_some() => {
+                unacked = unacked.saturating_sub(1);
+            }
+            Ok(_) => {}
+            Err(e) => bail!(
+                "cannot reach the broker {}:{}: {e}",
+                p.broker.host,
+                p.broker.port
+            ),
+        }
+        if published.is_some() && unacked == 0 {
+            if p.wait.is_none() {
+                break;
+            }
+            let now = outcomes(&gateways, &reports, &first_seen);
+            if now.values().all(|o| *o != Outcome::NoReport) {
+                break;
+            }
+        }
+    }
+    let _ = client.disconnect().await;
+    Ok(if p.wait.is_some() {
+        outcomes(&gateways, &reports, &first_seen)
+    } else {
+        BTreeMap::new()
+    })
+}

@@ -317,6 +317,7 @@ impl Gateway {
             None => Err(Refused {
                 code: "not_enabled",
                 text: "this gateway's configuration has no [deploy] section".into(),
+                version: None,
             }),
         }
     }

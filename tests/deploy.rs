@@ -371,3 +371,96 @@ async fn bundles_on_the_control_topics_are_applied_and_every_outcome_is_on_the_s
         })
         .await;
 }
+
+#[cfg(feature = "embedded-broker")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edgefn_deploy_publishes_to_a_group_and_waits_for_each_gateways_report() {
+    let cloud = Mosquitto::cloud();
+    let dir = tempfile::tempdir().unwrap();
+    let edgefn = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_edgefn"))
+            .args(args)
+            .env("EDGEFN_LOG", "error")
+            .output()
+            .unwrap()
+    };
+    let key_file = dir.path().join("fleet.key");
+    let out = edgefn(&["keygen", "--out", key_file.to_str().unwrap()]);
+    let public = String::from_utf8(out.stdout).unwrap();
+    let key =
+        edgefn::bundle::parse_private_key(&std::fs::read_to_string(&key_file).unwrap()).unwrap();
+    assert_eq!(
+        edgefn::bundle::public_key_text(&key.verifying_key()),
+        public.trim()
+    );
+    // Two gateways of group site-a.
+    let statuses = Upstream::subscribe(cloud.port, "edgefn/+/status").await;
+    let mut daemons = Vec::new();
+    for id in ["pi-01", "pi-02"] {
+        let gw = dir.path().join(id);
+        std::fs::create_dir(&gw).unwrap();
+        let path = deploy_config(&gw, free_port(), cloud.port, &key, "groups = [\"site-a\"]");
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, text.replace("pi-01", id)).unwrap();
+        daemons.push(Daemon::start(&path));
+    }
+    statuses
+        .wait_until("both gateways online", |s| {
+            ["pi-01", "pi-02"].iter().all(|g| {
+                last_status(s, &format!("edgefn/{g}/status")).is_some_and(|j| j["online"] == true)
+            })
+        })
+        .await;
+
+    let broker = format!("mqtt://127.0.0.1:{}", cloud.port);
+    let chaos = module("chaos");
+    let deploy = |version: &str, target: &[&str]| {
+        let mut args = vec![
+            "deploy",
+            chaos.to_str().unwrap(),
+            "--name",
+            "chaos",
+            "--trigger",
+            "chaos/#",
+            "--version",
+            version,
+            "--signing-key",
+            key_file.to_str().unwrap(),
+            "--broker",
+            &broker,
+            "--wait",
+            "20s",
+        ];
+        args.extend(target);
+        let out = edgefn(&args);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+    let (ok, text) = deploy("5", &["--group", "site-a"]);
+    assert!(ok, "{text}");
+    for g in ["pi-01", "pi-02"] {
+        assert!(text.contains(&format!("{g}  chaos v5  active")), "{text}");
+    }
+    // Lower than what runs: each gateway refuses it, and says why.
+    let (ok, text) = deploy("4", &["--gateway", "pi-01"]);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("pi-01  chaos v4  refused: not_newer"),
+        "{text}"
+    );
+    // A gateway that never connected is pending; the others still answer.
+    let (ok, text) = deploy("6", &["--gateway", "pi-09", "--gateway", "pi-02"]);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("pi-09  chaos v6  pending (offline)"),
+        "{text}"
+    );
+    assert!(text.contains("pi-02  chaos v6  active"), "{text}");
+    for mut d in daemons {
+        assert!(d.terminate().success());
+    }
+}
