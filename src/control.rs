@@ -28,7 +28,7 @@ use serde::Serialize;
 use tokio::sync::{Notify, watch};
 
 use crate::config::BrokerClientConfig;
-use crate::deploy::{Applied, Deployer};
+use crate::deploy::{Applied, Deployer, Event as DeployEvent};
 use crate::ingest::Backoff;
 use crate::registry::{Origin, Registry};
 
@@ -57,7 +57,8 @@ pub struct Control {
 struct FunctionStatus {
     /// The function.
     function: String,
-    /// `active`, `removed`, or `absent` (never deployed here).
+    /// `active`, `removed`, `rolled_back` (the version before runs again,
+    /// or none), or `absent` (never deployed here).
     state: &'static str,
     /// The version running, or removed.
     version: Option<u64>,
@@ -65,6 +66,8 @@ struct FunctionStatus {
     sha256: Option<String>,
     /// The last bundle refused for this function, if any since the start.
     refused: Option<RefusedStatus>,
+    /// The last rollback of a new version that failed its probation.
+    rolled_back: Option<RolledBackStatus>,
     /// When this status last changed (ms since the epoch).
     updated_ms: u64,
 }
@@ -80,6 +83,17 @@ struct RefusedStatus {
     code: &'static str,
     /// What was wrong.
     text: String,
+    /// When (ms since the epoch).
+    at_ms: u64,
+}
+
+/// A rollback, as published.
+#[derive(Debug, Clone, Serialize)]
+struct RolledBackStatus {
+    /// The version that failed its probation.
+    from: u64,
+    /// How it failed.
+    reason: String,
     /// When (ms since the epoch).
     at_ms: u64,
 }
@@ -306,7 +320,22 @@ fn topic_function(topic: &str) -> Option<&str> {
     before.ends_with("/functions").then_some(name)
 }
 
-/// Applies bundles one at a time and publishes each function's status.
+/// A function's status entry, made when first needed.
+fn entry<'a>(all: &'a mut BTreeMap<String, FunctionStatus>, name: &str) -> &'a mut FunctionStatus {
+    all.entry(name.to_owned())
+        .or_insert_with(|| FunctionStatus {
+            function: name.to_owned(),
+            state: "absent",
+            version: None,
+            sha256: None,
+            refused: None,
+            rolled_back: None,
+            updated_ms: 0,
+        })
+}
+
+/// Applies bundles one at a time, follows rollbacks, and publishes each
+/// function's status.
 async fn apply_loop(
     inbox: Arc<Inbox>,
     deployer: Arc<Deployer>,
@@ -314,21 +343,32 @@ async fn apply_loop(
     statuses: Arc<Mutex<BTreeMap<String, FunctionStatus>>>,
     reporter: Arc<Reporter>,
 ) {
+    let mut events = deployer.events();
     loop {
-        let (topic, bundle) = inbox.take().await;
+        let (topic, bundle) = tokio::select! {
+            next = inbox.take() => next,
+            event = events.recv() => {
+                let Ok(DeployEvent::RolledBack { name, from, to, sha256, reason }) = event else {
+                    continue;
+                };
+                let mut all = statuses.lock().expect("statuses lock");
+                let status = entry(&mut all, &name);
+                status.state = "rolled_back";
+                status.version = to;
+                status.sha256 = sha256;
+                status.rolled_back = Some(RolledBackStatus { from, reason, at_ms: now_ms() });
+                status.updated_ms = now_ms();
+                reporter.publish_function(&client, status);
+                reporter.publish_gateway(&client, true);
+                continue;
+            }
+        };
         let Some(name) = topic_function(&topic).map(str::to_owned) else {
             continue;
         };
         let result = deployer.apply(&bundle, Some(&name)).await;
         let mut all = statuses.lock().expect("statuses lock");
-        let status = all.entry(name.clone()).or_insert_with(|| FunctionStatus {
-            function: name.clone(),
-            state: "absent",
-            version: None,
-            sha256: None,
-            refused: None,
-            updated_ms: 0,
-        });
+        let status = entry(&mut all, &name);
         let changed = matches!(
             result,
             Ok(Applied::Deployed { .. } | Applied::Removed { .. })

@@ -16,12 +16,16 @@
 //! when it came.
 
 use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::broadcast;
 
 use crate::bundle::{self, Body, Change, Refusal, Verifier};
 use crate::config::{DeployConfig, FunctionConfig};
 use crate::registry::{Deployed, Origin, Registry};
-use crate::runtime::pool::Pool;
+use crate::runtime::pool::{Pool, VersionCounts};
 use crate::runtime::{FunctionSpec, LoadError, Runtime};
 use crate::store::{Deployments, StoreError};
 
@@ -82,6 +86,31 @@ pub enum Applied {
     },
 }
 
+/// How long a new version is on probation at most.
+const PROBATION: Duration = Duration::from_secs(60);
+
+/// How often a version on probation is looked at.
+const PROBATION_CHECK: Duration = Duration::from_millis(100);
+
+/// What happened to a deployed function without a bundle asking.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A new version failed its probation; `to` runs again (none: the
+    /// function no longer runs).
+    RolledBack {
+        /// The function.
+        name: String,
+        /// The version that failed.
+        from: u64,
+        /// The version that runs again.
+        to: Option<u64>,
+        /// SHA-256 (hex) of what runs again.
+        sha256: Option<String>,
+        /// Why.
+        reason: String,
+    },
+}
+
 /// Applies bundles to a running gateway (see the module doc).
 pub struct Deployer {
     /// What bundles are checked against.
@@ -98,6 +127,8 @@ pub struct Deployer {
     topic_prefix: String,
     /// Applies one bundle at a time.
     applying: tokio::sync::Mutex<()>,
+    /// Rollbacks, for the status topics.
+    events: broadcast::Sender<Event>,
 }
 
 impl Deployer {
@@ -125,14 +156,24 @@ impl Deployer {
             registry,
             topic_prefix: topic_prefix.to_owned(),
             applying: tokio::sync::Mutex::new(()),
+            events: broadcast::channel(64).0,
         }
+    }
+
+    /// Follows rollbacks.
+    pub fn events(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
     }
 
     /// Checks `bytes` and, if every check passes, makes it what runs (see
     /// the module doc). Nothing changes when it is refused. With
     /// `topic_name` (the function a deploy topic names), a bundle for
     /// another function is refused (`wrong_topic`).
-    pub async fn apply(&self, bytes: &[u8], topic_name: Option<&str>) -> Result<Applied, Refused> {
+    pub async fn apply(
+        self: &Arc<Self>,
+        bytes: &[u8],
+        topic_name: Option<&str>,
+    ) -> Result<Applied, Refused> {
         let _one_at_a_time = self.applying.lock().await;
         let body = bundle::open(bytes, &self.verifier)?;
         let version = body.version;
@@ -146,7 +187,7 @@ impl Deployer {
 
     /// [`Deployer::apply`] once the bundle is open.
     async fn apply_body(
-        &self,
+        self: &Arc<Self>,
         body: Body,
         bytes: &[u8],
         topic_name: Option<&str>,
@@ -186,19 +227,21 @@ impl Deployer {
         }
         match &body.change {
             Change::Deploy { sha256, .. } => {
-                let sha256: String = sha256.iter().map(|b| format!("{b:02x}")).collect();
+                let sha256 = hex(sha256);
                 let function = self.start(&body).await?;
                 let stored = bytes.to_vec();
                 let n = name.clone();
                 self.blocking(move |s| s.deploy(&n, version, &stored))
                     .await?;
-                let previous = self.registry.install(function);
+                let function = Arc::new(function);
+                let previous = self.registry.reinstate(function.clone());
                 tracing::info!(
                     function = %name,
                     version,
-                    replaced = previous.map(|p| p.version()),
+                    replaced = previous.as_ref().map(|p| p.version()),
                     "bundle applied"
                 );
+                tokio::spawn(self.clone().probation(function, previous));
                 Ok(Applied::Deployed {
                     name,
                     version,
@@ -255,6 +298,82 @@ impl Deployer {
         Ok(restored)
     }
 
+    /// Watches a new version's first messages: when it fails more than
+    /// half of its first [`VersionCounts::FIRST`], or every one in its
+    /// first [`PROBATION`], the version before runs again (none: the
+    /// function stops). Ends early when another version replaces it.
+    async fn probation(self: Arc<Self>, new: Arc<Deployed>, previous: Option<Arc<Deployed>>) {
+        let started = Instant::now();
+        let counts = new.pool().counts().clone();
+        let reason = loop {
+            tokio::time::sleep(PROBATION_CHECK).await;
+            let current = self.registry.table();
+            if !current
+                .get(new.name())
+                .is_some_and(|f| Arc::ptr_eq(f, &new))
+            {
+                return;
+            }
+            let messages = counts.messages.load(Ordering::Relaxed);
+            let failed = counts.failed.load(Ordering::Relaxed);
+            let failed_first = counts.failed_of_first.load(Ordering::Relaxed);
+            if failed_first * 2 > VersionCounts::FIRST {
+                break format!(
+                    "failed {failed_first} of its first {} messages",
+                    messages.min(VersionCounts::FIRST)
+                );
+            }
+            if messages >= VersionCounts::FIRST {
+                return;
+            }
+            if started.elapsed() >= PROBATION {
+                if messages > 0 && failed == messages {
+                    break format!(
+                        "failed every one of its {messages} messages in its first minute"
+                    );
+                }
+                return;
+            }
+        };
+        let last = counts.last_failure.lock().expect("counts lock").clone();
+        let reason = match last {
+            Some(l) => format!("{reason}; the last: {l}"),
+            None => reason,
+        };
+        let _one_at_a_time = self.applying.lock().await;
+        let current = self.registry.table();
+        if !current
+            .get(new.name())
+            .is_some_and(|f| Arc::ptr_eq(f, &new))
+        {
+            return;
+        }
+        let name = new.name().to_owned();
+        let n = name.clone();
+        if let Err(e) = self.blocking(move |s| s.roll_back(&n)).await {
+            tracing::error!(function = %name, error = %e.text, "could not record a rollback; rolling back in memory only");
+        }
+        let to = previous.as_ref().map(|p| p.version());
+        match &previous {
+            Some(p) => {
+                self.registry.reinstate(p.clone());
+            }
+            None => {
+                self.registry.remove(&name);
+            }
+        }
+        tracing::error!(function = %name, from = new.version(), to, reason, "a new version failed its probation and was rolled back");
+        let _ = self.events.send(Event::RolledBack {
+            name,
+            from: new.version(),
+            to,
+            sha256: previous
+                .as_ref()
+                .and_then(|p| p.sha256().map(str::to_owned)),
+            reason,
+        });
+    }
+
     /// Checks the deploy `body`'s manifest and module and starts the
     /// function's instances (one at once, as a health check).
     async fn start(&self, body: &Body) -> Result<Deployed, Refused> {
@@ -289,13 +408,17 @@ impl Deployer {
             self.registry.metrics_for(&config.name),
         )
         .map_err(|e| Refused::new("init_failed", format!("cannot start its threads: {e}")))?;
+        let Change::Deploy { sha256, .. } = &body.change else {
+            unreachable!("start is called for deploys")
+        };
         Ok(Deployed::new(
             &config.name,
             body.version,
             config.triggers,
             pool,
             Origin::Deployed,
-        ))
+        )
+        .with_sha256(hex(sha256)))
     }
 
     /// Runs `f` on the store on a blocking thread; a store error refuses
@@ -310,4 +433,9 @@ impl Deployer {
             .expect("deployments task")
             .map_err(|e| Refused::new("persist_failed", e.to_string()))
     }
+}
+
+/// `bytes` in lowercase hex.
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

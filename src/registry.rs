@@ -48,6 +48,8 @@ pub struct Deployed {
     pool: Pool,
     /// Where it comes from.
     origin: Origin,
+    /// SHA-256 of its module (hex), for a deployed one.
+    sha256: Option<String>,
 }
 
 impl Deployed {
@@ -65,7 +67,21 @@ impl Deployed {
             triggers,
             pool,
             origin,
+            sha256: None,
         }
+    }
+
+    /// The same, with the SHA-256 of its module (hex).
+    pub fn with_sha256(self, sha256: String) -> Deployed {
+        Deployed {
+            sha256: Some(sha256),
+            ..self
+        }
+    }
+
+    /// SHA-256 of its module (hex), for a deployed one.
+    pub fn sha256(&self) -> Option<&str> {
+        self.sha256.as_deref()
     }
 
     /// The function's name.
@@ -205,10 +221,14 @@ impl Registry {
     /// one before (returned), or added after the others. Messages routed
     /// from now on go to it.
     pub fn install(&self, function: Deployed) -> Option<Arc<Deployed>> {
+        self.reinstate(Arc::new(function))
+    }
+
+    /// [`Registry::install`] for a version that ran before (a rollback).
+    pub fn reinstate(&self, function: Arc<Deployed>) -> Option<Arc<Deployed>> {
         let _c = self.changing.lock().expect("registry lock");
         let old = self.current.load_full();
         let mut functions = old.functions.clone();
-        let function = Arc::new(function);
         let previous = match functions.iter().position(|f| f.name() == function.name()) {
             Some(i) => Some(std::mem::replace(&mut functions[i], function)),
             None => {

@@ -1435,6 +1435,23 @@ impl Deployments {
         })
     }
 
+    /// Makes the bundle `name` ran before its current one the current one
+    /// again (no previous: `name` no longer runs). The highest version
+    /// stays: the rolled-back version is never accepted again.
+    pub fn roll_back(&mut self, name: &str) -> Result<(), StoreError> {
+        self.in_transaction(|tx| {
+            tx.execute(
+                "DELETE FROM deployed_functions WHERE name = ?1 AND previous_bundle IS NULL",
+                [name],
+            )?;
+            tx.execute(
+                "UPDATE deployed_functions SET version = previous_version, bundle = previous_bundle,
+                    previous_version = NULL, previous_bundle = NULL WHERE name = ?1",
+                [name],
+            )
+        })
+    }
+
     /// Runs `f` in a transaction and commits it (synced).
     fn in_transaction(
         &mut self,
@@ -1879,6 +1896,12 @@ mod tests {
                 ("g".into(), u64::MAX, b"max".to_vec())
             ]
         );
+        d.roll_back("f").unwrap();
+        assert_eq!(stored(&d)[0], ("f".into(), 5, b"five".to_vec()));
+        assert_eq!(d.highest("f").unwrap(), Some(7));
+        d.roll_back("f").unwrap();
+        assert_eq!(stored(&d).len(), 1, "nothing before five: gone");
+        d.deploy("f", 8, b"eight").unwrap();
         d.remove("f", 9).unwrap();
         drop(d);
         let d = Deployments::open(dir.path()).unwrap();

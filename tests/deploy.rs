@@ -74,6 +74,17 @@ fn deploy_config(
     path
 }
 
+/// A module that starts fine and fails every message (returns 1).
+fn failing_module() -> Vec<u8> {
+    wat::parse_str(
+        r#"(module (memory (export "memory") 1)
+          (func (export "edgefn_abi_version") (result i32) i32.const 1)
+          (func (export "edgefn_alloc") (param i32) (result i32) i32.const 1024)
+          (func (export "edgefn_on_message") (param i32 i32 i32 i32) (result i32) i32.const 1))"#,
+    )
+    .unwrap()
+}
+
 /// Reading `seq` is PUBACKed and (with the upstream up) arrives.
 async fn flows(dev: &mut Device, upstream: Option<&Upstream>, seq: u64) {
     assert!(
@@ -341,6 +352,30 @@ async fn bundles_on_the_control_topics_are_applied_and_every_outcome_is_on_the_s
     active(2).await;
     greeting(&mut dev, &data, "v2").await;
 
+    // A version that fails every message is rolled back on its own, and
+    // the status topic says so.
+    let v3 = seal(body(manifest("v3"), failing_module(), 3), Some(&key));
+    publish_retained(cloud.port, gateway_topic, v3).await;
+    active(3).await;
+    for _ in 0..20 {
+        assert!(dev.publish_acked("chaos/g", "x", PATIENCE).await);
+    }
+    let seen = control
+        .wait_until("the rollback to v2", |s| {
+            last_status(s, status).is_some_and(|j| j["state"] == "rolled_back" && j["version"] == 2)
+        })
+        .await;
+    let s = last_status(&seen, status).unwrap();
+    assert_eq!(s["rolled_back"]["from"], 3, "{s}");
+    assert!(
+        s["rolled_back"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("returned 1"),
+        "{s}"
+    );
+    greeting(&mut dev, &data, "v2").await;
+
     // Killed: the broker publishes the last will.
     daemon.kill();
     control
@@ -348,7 +383,8 @@ async fn bundles_on_the_control_topics_are_applied_and_every_outcome_is_on_the_s
             last_status(s, "edgefn/pi-01/status").is_some_and(|j| j["online"] == false)
         })
         .await;
-    // Back: v2 runs from the database, the retained v2 changes nothing.
+    // Back: v2 runs from the database; the retained v3 (rolled back) and
+    // v2 change nothing.
     let mut daemon = Daemon::start(&path);
     control
         .wait_until("the gateway online again", |s| {
@@ -357,11 +393,12 @@ async fn bundles_on_the_control_topics_are_applied_and_every_outcome_is_on_the_s
         .await;
     let mut dev = Device::connect("sensor-d1", port).await;
     assert!(dev.publish_acked("chaos/g", "env", PATIENCE).await);
-    data.wait_until("two v2 greetings", |s| {
+    // v2 greeted before v3 and after its rollback; this is the third.
+    data.wait_until("three v2 greetings", |s| {
         s.iter()
             .filter(|m| m.topic == "site/pi-01/chaos/env" && m.payload == "v2")
             .count()
-            >= 2
+            >= 3
     })
     .await;
     assert!(daemon.terminate().success());
@@ -463,4 +500,59 @@ async fn edgefn_deploy_publishes_to_a_group_and_waits_for_each_gateways_report()
     for mut d in daemons {
         assert!(d.terminate().success());
     }
+}
+
+#[cfg(feature = "embedded-broker")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_version_that_fails_its_first_messages_is_rolled_back_for_good() {
+    let cloud = Mosquitto::cloud();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let key = SigningKey::from_bytes(&[7; 32]);
+    let path = deploy_config(dir.path(), port, cloud.port, &key, "");
+    let config = Config::load(&path).unwrap();
+    let upstream = Upstream::subscribe(cloud.port, "site/#").await;
+    let gateway = Gateway::start(config.clone()).await.unwrap();
+    let chaos = std::fs::read(module("chaos")).unwrap();
+    let v1 = seal(body(manifest("v1"), chaos, 1), Some(&key));
+    assert!(gateway.apply_bundle(&v1).await.is_ok());
+    let mut dev = Device::connect("sensor-d1", port).await;
+    greeting(&mut dev, &upstream, "v1").await;
+
+    // v2 starts fine and fails every message.
+    let v2 = seal(body(manifest("v2"), failing_module(), 2), Some(&key));
+    assert!(gateway.apply_bundle(&v2).await.is_ok());
+    let version = || gateway.registry().table().get("chaos").map(|f| f.version());
+    assert_eq!(version(), Some(2));
+    // Its first 20 messages: more than half fail, so v1 comes back (the
+    // messages after the rollback go to v1).
+    let sent = 20;
+    for _ in 0..sent {
+        assert!(dev.publish_acked("chaos/g", "env", PATIENCE).await);
+    }
+    eventually("the rollback to v1", || version() == Some(1)).await;
+    assert_eq!(version(), Some(1));
+    // Nothing lost: each failed input is a dead letter; v1 serves again.
+    let dead = gateway.metrics().dead_letters;
+    assert!((11..=sent).contains(&dead), "{dead} dead letters of {sent}");
+    greeting(&mut dev, &upstream, "v1").await;
+    // v2 is never taken again (received again, as a retained message is
+    // after every reconnect, it changes nothing), and v1 is what runs
+    // after a restart.
+    assert_eq!(
+        gateway.apply_bundle(&v2).await,
+        Ok(Applied::Unchanged {
+            name: "chaos".into(),
+            version: 2
+        })
+    );
+    assert_eq!(version(), Some(1));
+    drop(dev);
+    gateway.shutdown().await;
+    let gateway = Gateway::start(config).await.unwrap();
+    assert_eq!(
+        gateway.registry().table().get("chaos").map(|f| f.version()),
+        Some(1)
+    );
+    gateway.shutdown().await;
 }

@@ -58,6 +58,25 @@ pub struct FunctionMetrics {
     pub busy_micros: AtomicU64,
 }
 
+/// What this pool's messages came to: counted per version of a function
+/// (a pool runs one version), for its probation after a deploy.
+#[derive(Debug, Default)]
+pub struct VersionCounts {
+    /// Messages whose outcome is in.
+    pub messages: AtomicU64,
+    /// Of those, the ones that failed every attempt.
+    pub failed: AtomicU64,
+    /// Of the first [`VersionCounts::FIRST`] messages, the ones that failed.
+    pub failed_of_first: AtomicU64,
+    /// The last failure, as text.
+    pub last_failure: std::sync::Mutex<Option<String>>,
+}
+
+impl VersionCounts {
+    /// How many first messages [`VersionCounts::failed_of_first`] covers.
+    pub const FIRST: u64 = 20;
+}
+
 /// One message for a function.
 struct Job {
     /// The message topic.
@@ -77,6 +96,8 @@ pub struct Pool {
     workers: Vec<JoinHandle<()>>,
     /// Shared with the workers.
     metrics: Arc<FunctionMetrics>,
+    /// This pool's own, shared with the workers.
+    counts: Arc<VersionCounts>,
 }
 
 impl Pool {
@@ -91,12 +112,14 @@ impl Pool {
         metrics: Arc<FunctionMetrics>,
     ) -> std::io::Result<Pool> {
         let (tx, rx) = async_channel::bounded(concurrency.max(1) * QUEUE_PER_WORKER);
+        let counts = Arc::new(VersionCounts::default());
         let mut workers = Vec::new();
         for i in 0..concurrency.max(1) {
             let worker = Worker {
                 function: function.clone(),
                 retries,
                 metrics: metrics.clone(),
+                counts: counts.clone(),
                 instance: None,
             };
             let rx = rx.clone();
@@ -110,6 +133,7 @@ impl Pool {
             jobs: tx,
             workers,
             metrics,
+            counts,
         })
     }
 
@@ -136,6 +160,11 @@ impl Pool {
         &self.metrics
     }
 
+    /// This pool's (this version's) outcomes.
+    pub fn counts(&self) -> &Arc<VersionCounts> {
+        &self.counts
+    }
+
     /// Lets queued jobs finish, then stops and joins the workers.
     pub fn shutdown(self) {
         self.jobs.close();
@@ -153,6 +182,8 @@ struct Worker {
     retries: u32,
     /// Shared counters.
     metrics: Arc<FunctionMetrics>,
+    /// The pool's own.
+    counts: Arc<VersionCounts>,
     /// The warm instance, if the last attempt succeeded.
     instance: Option<Instance>,
 }
@@ -161,6 +192,14 @@ impl Worker {
     fn run(mut self, jobs: async_channel::Receiver<Job>) {
         while let Ok(job) = jobs.recv_blocking() {
             let outcome = self.handle(&job.topic, &job.payload);
+            if let Outcome::Failed { failure, .. } = &outcome {
+                *self.counts.last_failure.lock().expect("counts lock") = Some(failure.to_string());
+                self.counts.failed.fetch_add(1, Ordering::Relaxed);
+            }
+            let index = self.counts.messages.fetch_add(1, Ordering::Relaxed);
+            if index < VersionCounts::FIRST && matches!(outcome, Outcome::Failed { .. }) {
+                self.counts.failed_of_first.fetch_add(1, Ordering::Relaxed);
+            }
             // The receiver may be gone (shutdown); the outcome is then moot.
             let _ = job.reply.send(outcome);
         }
