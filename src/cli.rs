@@ -125,6 +125,22 @@ pub enum Command {
         #[command(flatten)]
         bundle: BundleArgs,
     },
+    /// Show what every gateway on a control broker runs, from their
+    /// retained status topics.
+    Status {
+        /// The control broker: mqtt://HOST[:PORT] or mqtts://HOST[:PORT].
+        #[arg(long)]
+        broker: String,
+        /// Only this gateway.
+        #[arg(long)]
+        gateway: Option<String>,
+        /// Only the gateways of this group.
+        #[arg(long)]
+        group: Option<String>,
+        /// How to reach the broker.
+        #[command(flatten)]
+        access: BrokerAccess,
+    },
     /// Make a signed tombstone: the targeted gateways stop running the
     /// function.
     Remove {
@@ -167,6 +183,14 @@ pub struct BundleArgs {
     /// targeted gateway that is online; exit non-zero if one refused.
     #[arg(long, num_args = 0..=1, default_missing_value = "30s", value_parser = humantime::parse_duration, requires = "broker")]
     wait: Option<std::time::Duration>,
+    /// How to reach the broker.
+    #[command(flatten)]
+    access: BrokerAccess,
+}
+
+/// TLS files and credentials for `--broker`.
+#[derive(Debug, clap::Args)]
+pub struct BrokerAccess {
     /// CA certificates to trust for mqtts:// instead of the system's.
     #[arg(long)]
     ca_file: Option<PathBuf>,
@@ -179,6 +203,27 @@ pub struct BundleArgs {
     /// User name on the broker (the password from EDGEFN_BROKER_PASSWORD).
     #[arg(long)]
     username: Option<String>,
+}
+
+impl BrokerAccess {
+    /// The client settings for `url`, checked; the client id is `tool-…`.
+    fn broker(&self, url: &str, tool: &str) -> anyhow::Result<crate::config::BrokerClientConfig> {
+        crate::config::tool_broker(
+            url,
+            [
+                self.ca_file.clone(),
+                self.cert_file.clone(),
+                self.client_key_file.clone(),
+            ],
+            self.username.clone(),
+            std::env::var("EDGEFN_BROKER_PASSWORD").ok(),
+            format!("edgefn-{tool}-{}", crate::fleet::version_now()),
+        )
+        .map_err(|problems| {
+            let list: Vec<String> = problems.iter().map(|p| format!("  - {p}")).collect();
+            anyhow::anyhow!("{}", list.join("\n"))
+        })
+    }
 }
 
 impl BundleArgs {
@@ -222,21 +267,7 @@ impl BundleArgs {
         let Some(url) = &self.broker else {
             return Ok(ExitCode::SUCCESS);
         };
-        let broker = crate::config::tool_broker(
-            url,
-            [
-                self.ca_file.clone(),
-                self.cert_file.clone(),
-                self.client_key_file.clone(),
-            ],
-            self.username.clone(),
-            std::env::var("EDGEFN_BROKER_PASSWORD").ok(),
-            format!("edgefn-deploy-{}", crate::fleet::version_now()),
-        )
-        .map_err(|problems| {
-            let list: Vec<String> = problems.iter().map(|p| format!("  - {p}")).collect();
-            anyhow::anyhow!("{}", list.join("\n"))
-        })?;
+        let broker = self.access.broker(url, "deploy")?;
         let publish = crate::fleet::Publish {
             broker,
             name: name.to_owned(),
@@ -447,6 +478,27 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             manifest,
             bundle,
         } => deploy(module, manifest, bundle),
+        Command::Status {
+            broker,
+            gateway,
+            group,
+            access,
+        } => {
+            let client = access.broker(&broker, "status")?;
+            let views = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(crate::fleet::status(
+                    &client,
+                    gateway.as_deref(),
+                    group.as_deref(),
+                ))?;
+            print!(
+                "{}",
+                crate::fleet::render_status(&views, crate::fleet::version_now())
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Remove { name, bundle } => {
             let version = bundle.version();
             let sealed = crate::fleet::remove_bundle(

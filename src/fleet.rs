@@ -371,3 +371,145 @@ pub async fn publish(
         BTreeMap::new()
     })
 }
+
+/// One gateway as `edgefn status` shows it, from its retained status
+/// topics.
+#[derive(Debug, Clone, Default)]
+pub struct GatewayView {
+    /// Its id.
+    pub gateway: String,
+    /// Its last gateway status (JSON), if any.
+    pub status: Option<serde_json::Value>,
+    /// Its functions' statuses (JSON), by name.
+    pub functions: std::collections::BTreeMap<String, serde_json::Value>,
+}
+
+/// Reads every gateway's retained status topics from the control broker
+/// (`gateway` and `group` narrow the list).
+pub async fn status(
+    broker: &crate::config::BrokerClientConfig,
+    gateway: Option<&str>,
+    group: Option<&str>,
+) -> anyhow::Result<Vec<GatewayView>> {
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::mqttbytes::v5::{Filter, Packet};
+    use rumqttc::v5::{AsyncClient, Event};
+
+    let mut o = crate::broker_client::options(broker, 1 << 20);
+    o.set_clean_start(true);
+    let (client, mut events) = AsyncClient::new(o, 16);
+    // Subscribed last, it comes back after every retained status.
+    let marker = format!("edgefn/status-tool/{}", broker.client_id);
+    let mut views: std::collections::BTreeMap<String, GatewayView> = Default::default();
+    let limit = std::time::Duration::from_secs(10);
+    tokio::time::timeout(limit, async {
+        loop {
+            match events.poll().await? {
+                Event::Incoming(Packet::ConnAck(_)) => {
+                    client
+                        .subscribe_many([
+                            Filter::new("edgefn/+/status", QoS::AtLeastOnce),
+                            Filter::new("edgefn/+/functions/+/status", QoS::AtLeastOnce),
+                            Filter::new(marker.clone(), QoS::AtLeastOnce),
+                        ])
+                        .await?;
+                }
+                Event::Incoming(Packet::SubAck(_)) => {
+                    client
+                        .publish(marker.clone(), QoS::AtMostOnce, false, "")
+                        .await?;
+                }
+                Event::Incoming(Packet::Publish(m)) => {
+                    let topic = String::from_utf8_lossy(&m.topic).into_owned();
+                    if topic == marker {
+                        return Ok::<_, anyhow::Error>(());
+                    }
+                    let Ok(json) = serde_json::from_slice::<serde_json::Value>(&m.payload) else {
+                        continue;
+                    };
+                    let levels: Vec<&str> = topic.split('/').collect();
+                    let view = views
+                        .entry(levels[1].to_owned())
+                        .or_insert_with(|| GatewayView {
+                            gateway: levels[1].to_owned(),
+                            ..Default::default()
+                        });
+                    match levels.as_slice() {
+                        [_, _, "status"] => view.status = Some(json),
+                        [_, _, "functions", name, "status"] => {
+                            view.functions.insert((*name).to_owned(), json);
+                        }
+                        _ => {}
+                    }
+                }
+                _ => {}
+            }
+        }
+    })
+    .await
+    .map_err(|_| {
+        anyhow::anyhow!(
+            "no answer from the broker {}:{} within {limit:?}",
+            broker.host,
+            broker.port
+        )
+    })??;
+    let _ = client.disconnect().await;
+    Ok(views
+        .into_values()
+        .filter(|v| gateway.is_none_or(|g| v.gateway == g))
+        .filter(|v| {
+            group.is_none_or(|g| {
+                v.status.as_ref().is_some_and(|s| {
+                    s["groups"]
+                        .as_array()
+                        .is_some_and(|a| a.iter().any(|x| x == g))
+                })
+            })
+        })
+        .collect())
+}
+
+/// `edgefn status` as a table: one line per gateway, its functions after.
+pub fn render_status(views: &[GatewayView], now_ms: u64) -> String {
+    let mut out = String::from(
+        "gateway  online  updated  version  functions (version, state, last refusal)\n",
+    );
+    for v in views {
+        let s = v.status.clone().unwrap_or_default();
+        let online = match s["online"].as_bool() {
+            Some(true) => "yes",
+            Some(false) => "no",
+            None => "?",
+        };
+        let updated = s["updated_ms"].as_u64().map_or("?".to_owned(), |t| {
+            format!("{}s ago", now_ms.saturating_sub(t) / 1000)
+        });
+        let version = s["edgefn_version"].as_str().unwrap_or("?");
+        let mut functions: Vec<String> = Vec::new();
+        for f in s["functions"].as_array().into_iter().flatten() {
+            let name = f["name"].as_str().unwrap_or("?");
+            let reported = v.functions.get(name);
+            let state = reported
+                .and_then(|r| r["state"].as_str())
+                .unwrap_or(f["origin"].as_str().unwrap_or("?"));
+            functions.push(format!("{name} v{} {state}", f["version"]));
+        }
+        for (name, r) in &v.functions {
+            if !functions.iter().any(|f| f.starts_with(&format!("{name} "))) {
+                functions.push(format!("{name} {}", r["state"].as_str().unwrap_or("?")));
+            }
+        }
+        for (name, r) in &v.functions {
+            if let Some(code) = r["refused"]["code"].as_str() {
+                functions.push(format!("{name}: last refused {code}"));
+            }
+        }
+        out.push_str(&format!(
+            "{}  {online}  {updated}  {version}  {}\n",
+            v.gateway,
+            functions.join("; ")
+        ));
+    }
+    out
+}

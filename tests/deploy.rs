@@ -497,6 +497,28 @@ async fn edgefn_deploy_publishes_to_a_group_and_waits_for_each_gateways_report()
         "{text}"
     );
     assert!(text.contains("pi-02  chaos v6  active"), "{text}");
+
+    // What runs where, from the retained status topics.
+    let out = edgefn(&["status", "--broker", &broker, "--group", "site-a"]);
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{table}");
+    let line = |g: &str| {
+        table
+            .lines()
+            .find(|l| l.starts_with(&format!("{g} ")))
+            .unwrap_or_else(|| panic!("no {g} in {table}"))
+            .to_owned()
+    };
+    assert!(line("pi-01").contains("  yes  "), "{table}");
+    assert!(line("pi-01").contains("chaos v5 active"), "{table}");
+    assert!(
+        line("pi-01").contains("chaos: last refused not_newer"),
+        "{table}"
+    );
+    assert!(line("pi-02").contains("chaos v6 active"), "{table}");
+    let out = edgefn(&["status", "--broker", &broker, "--gateway", "pi-02"]);
+    let only = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(only.lines().count(), 2, "{only}");
     for mut d in daemons {
         assert!(d.terminate().success());
     }
