@@ -25,7 +25,7 @@ use tokio::sync::broadcast;
 use crate::bundle::{self, Body, Change, Refusal, Verifier};
 use crate::config::{DeployConfig, FunctionConfig};
 use crate::registry::{Deployed, Origin, Registry};
-use crate::runtime::pool::{Pool, VersionCounts};
+use crate::runtime::pool::VersionCounts;
 use crate::runtime::{FunctionSpec, LoadError, Runtime};
 use crate::store::{Deployments, StoreError};
 
@@ -307,11 +307,7 @@ impl Deployer {
         let counts = new.pool().counts().clone();
         let reason = loop {
             tokio::time::sleep(PROBATION_CHECK).await;
-            let current = self.registry.table();
-            if !current
-                .get(new.name())
-                .is_some_and(|f| Arc::ptr_eq(f, &new))
-            {
+            if !self.registry.is_running(&new) {
                 return;
             }
             let messages = counts.messages.load(Ordering::Relaxed);
@@ -341,11 +337,7 @@ impl Deployer {
             None => reason,
         };
         let _one_at_a_time = self.applying.lock().await;
-        let current = self.registry.table();
-        if !current
-            .get(new.name())
-            .is_some_and(|f| Arc::ptr_eq(f, &new))
-        {
+        if !self.registry.is_running(&new) {
             return;
         }
         let name = new.name().to_owned();
@@ -378,7 +370,9 @@ impl Deployer {
     /// function's instances (one at once, as a health check).
     async fn start(&self, body: &Body) -> Result<Deployed, Refused> {
         let Change::Deploy {
-            manifest, module, ..
+            manifest,
+            module,
+            sha256,
         } = &body.change
         else {
             unreachable!("start is called for deploys")
@@ -401,24 +395,11 @@ impl Deployer {
         })
         .await
         .expect("load task")?;
-        let pool = Pool::start(
-            Arc::new(function),
-            config.concurrency,
-            config.retries,
-            self.registry.metrics_for(&config.name),
-        )
-        .map_err(|e| Refused::new("init_failed", format!("cannot start its threads: {e}")))?;
-        let Change::Deploy { sha256, .. } = &body.change else {
-            unreachable!("start is called for deploys")
-        };
-        Ok(Deployed::new(
-            &config.name,
-            body.version,
-            config.triggers,
-            pool,
-            Origin::Deployed,
-        )
-        .with_sha256(hex(sha256)))
+        let deployed = self
+            .registry
+            .start(function, &config, body.version, Origin::Deployed)
+            .map_err(|e| Refused::new("init_failed", format!("cannot start its threads: {e}")))?;
+        Ok(deployed.with_sha256(hex(sha256)))
     }
 
     /// Runs `f` on the store on a blocking thread; a store error refuses

@@ -481,13 +481,7 @@ async fn start_function(
     let path = f.module.clone();
     let function = tokio::task::spawn_blocking(move || rt.load_file(&path, spec)).await??;
     tracing::info!(function = %f.name, module = %f.module.display(), "function loaded");
-    let pool = Pool::start(
-        Arc::new(function),
-        f.concurrency,
-        f.retries,
-        registry.metrics_for(&f.name),
-    )?;
-    Ok(Deployed::new(&f.name, 0, f.triggers.clone(), pool, origin))
+    Ok(registry.start(function, f, 0, origin)?)
 }
 
 async fn status_loop(counts: Counts, registry: Arc<Registry>) {

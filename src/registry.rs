@@ -210,6 +210,38 @@ impl Registry {
         self.current.load().matches_any(topic)
     }
 
+    /// Starts `function`'s instances as `f` says (counted under its name)
+    /// and makes it a version to install: `version` from `origin`.
+    pub fn start(
+        &self,
+        function: crate::runtime::Function,
+        f: &crate::config::FunctionConfig,
+        version: u64,
+        origin: Origin,
+    ) -> std::io::Result<Deployed> {
+        let pool = Pool::start(
+            Arc::new(function),
+            f.concurrency,
+            f.retries,
+            self.metrics_for(&f.name),
+        )?;
+        Ok(Deployed::new(
+            &f.name,
+            version,
+            f.triggers.clone(),
+            pool,
+            origin,
+        ))
+    }
+
+    /// Whether `function` is the version of its name that runs now.
+    pub fn is_running(&self, function: &Arc<Deployed>) -> bool {
+        self.current
+            .load()
+            .get(function.name())
+            .is_some_and(|f| Arc::ptr_eq(f, function))
+    }
+
     /// The counters of the function called `name`: the same for every
     /// version of it, for the life of the process.
     pub fn metrics_for(&self, name: &str) -> Arc<FunctionMetrics> {
