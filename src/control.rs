@@ -125,30 +125,50 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// Most bundles waiting to be applied (each up to `max_bundle_size`):
+/// beyond it the connection stops reading until one is taken, so a flood
+/// on many deploy topics cannot fill memory.
+const INBOX_CAPACITY: usize = 8;
+
 /// Bundles waiting to be applied, by topic, oldest first.
 #[derive(Default)]
 struct Inbox {
     queue: Mutex<VecDeque<(String, Bytes)>>,
+    /// A bundle was put.
     ready: Notify,
+    /// A bundle was taken.
+    room: Notify,
 }
 
 impl Inbox {
     /// Queues `bundle` from `topic`, replacing one from the same topic that
-    /// still waits.
-    fn put(&self, topic: String, bundle: Bytes) {
-        let mut q = self.queue.lock().expect("inbox lock");
-        q.retain(|(t, _)| *t != topic);
-        q.push_back((topic, bundle));
-        drop(q);
-        self.ready.notify_one();
+    /// still waits; waits while [`INBOX_CAPACITY`] others wait.
+    async fn put(&self, topic: String, bundle: Bytes) {
+        loop {
+            let room = self.room.notified();
+            {
+                let mut q = self.queue.lock().expect("inbox lock");
+                let before = q.len();
+                q.retain(|(t, _)| *t != topic);
+                if q.len() < before || q.len() < INBOX_CAPACITY {
+                    q.push_back((topic, bundle));
+                    drop(q);
+                    self.ready.notify_one();
+                    return;
+                }
+            }
+            room.await;
+        }
     }
 
     async fn take(&self) -> (String, Bytes) {
         loop {
+            let ready = self.ready.notified();
             if let Some(next) = self.queue.lock().expect("inbox lock").pop_front() {
+                self.room.notify_one();
                 return next;
             }
-            self.ready.notified().await;
+            ready.await;
         }
     }
 }
@@ -288,7 +308,7 @@ impl Control {
                         if p.payload.is_empty() {
                             tracing::info!(topic, "an empty message on a deploy topic changes nothing (a removal is a signed tombstone)");
                         } else {
-                            inbox.put(topic, p.payload);
+                            inbox.put(topic, p.payload).await;
                         }
                     }
                     Ok(_) => {}
@@ -425,12 +445,32 @@ mod tests {
         assert_eq!(topic_function("edgefn/pi-01/other/clean/deploy"), None);
     }
 
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_full_inbox_holds_back_new_topics_until_one_is_taken() {
+        let inbox = Arc::new(Inbox::default());
+        for i in 0..INBOX_CAPACITY {
+            inbox.put(format!("t{i}"), Bytes::new()).await;
+        }
+        // The same topic again replaces its bundle, even when full.
+        inbox.put("t0".into(), Bytes::from_static(b"new")).await;
+        let put = tokio::spawn({
+            let inbox = inbox.clone();
+            async move { inbox.put("extra".into(), Bytes::new()).await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!put.is_finished(), "a ninth topic waits");
+        assert_eq!(inbox.take().await.0, "t1");
+        put.await.unwrap();
+        assert_eq!(inbox.queue.lock().unwrap().len(), INBOX_CAPACITY);
+        assert_eq!(inbox.queue.lock().unwrap().back().unwrap().0, "extra");
+    }
+
     #[tokio::test]
     async fn a_bundle_waiting_is_replaced_by_a_newer_one_from_the_same_topic() {
         let inbox = Inbox::default();
-        inbox.put("a".into(), Bytes::from_static(b"1"));
-        inbox.put("b".into(), Bytes::from_static(b"2"));
-        inbox.put("a".into(), Bytes::from_static(b"3"));
+        inbox.put("a".into(), Bytes::from_static(b"1")).await;
+        inbox.put("b".into(), Bytes::from_static(b"2")).await;
+        inbox.put("a".into(), Bytes::from_static(b"3")).await;
         assert_eq!(inbox.take().await, ("b".into(), Bytes::from_static(b"2")));
         assert_eq!(inbox.take().await, ("a".into(), Bytes::from_static(b"3")));
     }
