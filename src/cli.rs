@@ -68,6 +68,10 @@ pub enum Command {
         /// How long it stays away.
         #[arg(long, default_value = "8s", value_parser = humantime::parse_duration)]
         outage_for: std::time::Duration,
+        /// When version 2 of the function is pushed, signed, through the
+        /// cloud broker ("0s" for never).
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        upgrade_after: std::time::Duration,
         /// Stop after this long (default: until Ctrl-C).
         #[arg(long, value_parser = humantime::parse_duration)]
         duration: Option<std::time::Duration>,
@@ -414,6 +418,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             rate,
             outage_after,
             outage_for,
+            upgrade_after,
             duration,
         } => {
             let opts = crate::demo::DemoOptions {
@@ -423,6 +428,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 rate,
                 outage_after: (!outage_after.is_zero()).then_some(outage_after),
                 outage_for,
+                upgrade_after: (!upgrade_after.is_zero()).then_some(upgrade_after),
                 duration,
             };
             tokio::runtime::Builder::new_multi_thread()

@@ -622,7 +622,13 @@ impl Config {
             }
             functions.push(check_function(&mut p, &key, f, base));
         }
-        let deploy = raw.deploy.map(|d| check_deploy(&mut p, d, has_upstream));
+        let embedded = matches!(
+            local.as_ref().map(|l| &l.source),
+            Some(LocalSource::Embedded { .. })
+        );
+        let deploy = raw
+            .deploy
+            .map(|d| check_deploy(&mut p, d, has_upstream, embedded));
         if functions.is_empty() && deploy.is_none() {
             p.push(
                 "functions",
@@ -1123,7 +1129,12 @@ fn check_buffer(p: &mut Checker, raw: RawBuffer) -> BufferConfig {
     }
 }
 
-fn check_deploy(p: &mut Checker, raw: RawDeploy, has_upstream: bool) -> DeployConfig {
+fn check_deploy(
+    p: &mut Checker,
+    raw: RawDeploy,
+    has_upstream: bool,
+    embedded: bool,
+) -> DeployConfig {
     let broker = match raw.broker.as_deref() {
         None | Some("upstream") => DeployBroker::Upstream,
         Some("local") => DeployBroker::Local,
@@ -1139,6 +1150,12 @@ fn check_deploy(p: &mut Checker, raw: RawDeploy, has_upstream: bool) -> DeployCo
         p.push(
             "deploy.broker",
             "\"upstream\" (the default) needs an [upstream] section; set broker = \"local\" to use the local broker",
+        );
+    }
+    if broker == DeployBroker::Local && embedded {
+        p.push(
+            "deploy.broker",
+            "\"local\" needs an external local broker: the embedded one keeps no retained messages (a gateway would miss every bundle published while it was away) and takes no message larger than local.max_message_size; use the upstream broker",
         );
     }
     for (i, g) in raw.groups.iter().enumerate() {
@@ -1507,6 +1524,16 @@ concurrency = 2
             problem_keys(dir.path(), &EXAMPLE[..functions]),
             ["functions"]
         );
+        // The control topics on the embedded broker: refused, it keeps
+        // no retained messages.
+        let embedded = format!(
+            "{}[deploy]\nbroker = \"local\"\ntrusted_keys = [\"{key}\"]\n",
+            &EXAMPLE[..functions].replace("url = \"mqtt://127.0.0.1:1883\"", "embedded = true")
+        );
+        assert_eq!(problem_keys(dir.path(), &embedded), ["deploy.broker"]);
+        let external = embedded.replace("embedded = true", "url = \"mqtt://127.0.0.1:1883\"");
+        let c = Config::load(&write(dir.path(), &external)).unwrap();
+        assert_eq!(c.deploy.unwrap().broker, DeployBroker::Local);
         // Unsigned bundles: allowed when asked, with a warning.
         let lax = format!("{}[deploy]\nallow_unsigned = true\n", &EXAMPLE[..functions]);
         let c = Config::load(&write(dir.path(), &lax)).unwrap();

@@ -6,7 +6,9 @@
 //! `edgefn/<gateway>/functions/<name>/deploy` and, for each group,
 //! `edgefn/groups/<group>/functions/<name>/deploy`, and hands every bundle
 //! to the [`Deployer`], one at a time; a bundle that arrives while another
-//! for the same topic waits supersedes it. An empty message never removes
+//! for the same topic waits replaces it, and one of a higher version for a
+//! function whose bundle is being applied makes that one give up
+//! (`superseded`) before it is persisted. An empty message never removes
 //! anything (removal is a signed tombstone). It publishes, retained:
 //!
 //! - `edgefn/<gateway>/functions/<name>/status` on every change: what
@@ -16,14 +18,17 @@
 //!   [`REFRESH`]; offline when edgefn stops, and as its last will when it
 //!   dies or loses the connection.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::mqttbytes::v5::{Filter, LastWill, Packet};
-use rumqttc::v5::{AsyncClient, Event};
+use rumqttc::v5::mqttbytes::v5::{
+    ConnectReturnCode, Filter, LastWill, Packet, SubscribeReasonCode,
+};
+use rumqttc::v5::{AsyncClient, ConnectionError, Event};
 use serde::Serialize;
 use tokio::sync::{Notify, watch};
 
@@ -117,6 +122,13 @@ struct RunningFunction {
     name: String,
     version: u64,
     origin: &'static str,
+    /// Messages that failed every attempt (dead letters) since the start.
+    failed: u64,
+    /// The same per minute, over the last minute or so (none until two
+    /// statuses apart).
+    failed_per_min: Option<f64>,
+    /// The running version's last failure.
+    last_failure: Option<String>,
 }
 
 fn now_ms() -> u64 {
@@ -161,6 +173,23 @@ impl Inbox {
         }
     }
 
+    /// Whether a bundle for `name` waits whose version is above
+    /// `version`, by the deployer's checks.
+    fn has_newer(&self, name: &str, version: u64, deployer: &Deployer) -> bool {
+        let waiting: Vec<Bytes> = {
+            let q = self.queue.lock().expect("inbox lock");
+            q.iter()
+                .filter(|(t, _)| topic_function(t) == Some(name))
+                .map(|(_, b)| b.clone())
+                .collect()
+        };
+        waiting.iter().any(|b| {
+            deployer
+                .peek(b)
+                .is_some_and(|(n, v)| n == name && v > version)
+        })
+    }
+
     async fn take(&self) -> (String, Bytes) {
         loop {
             let ready = self.ready.notified();
@@ -185,6 +214,12 @@ struct Reporter {
     started: Instant,
     /// The same, ms since the epoch.
     started_ms: u64,
+    /// Whether statuses are published retained: cleared on a broker that
+    /// keeps no retained messages (it refuses a retained last will).
+    retain: AtomicBool,
+    /// Per function, its failure count when recent statuses were made,
+    /// for the rate: the oldest at most a minute old.
+    failures: Mutex<HashMap<String, VecDeque<(Instant, u64)>>>,
 }
 
 impl Reporter {
@@ -204,13 +239,25 @@ impl Reporter {
             functions: table
                 .functions()
                 .iter()
-                .map(|f| RunningFunction {
-                    name: f.name().to_owned(),
-                    version: f.version(),
-                    origin: match f.origin() {
-                        Origin::Config => "config",
-                        Origin::Deployed => "deployed",
-                    },
+                .map(|f| {
+                    let failed = f.pool().metrics().dead_letters.load(Ordering::Relaxed);
+                    RunningFunction {
+                        name: f.name().to_owned(),
+                        version: f.version(),
+                        origin: match f.origin() {
+                            Origin::Config => "config",
+                            Origin::Deployed => "deployed",
+                        },
+                        failed,
+                        failed_per_min: self.failure_rate(f.name(), failed),
+                        last_failure: f
+                            .pool()
+                            .counts()
+                            .last_failure
+                            .lock()
+                            .expect("counts lock")
+                            .clone(),
+                    }
                 })
                 .collect(),
             updated_ms: now_ms(),
@@ -218,12 +265,29 @@ impl Reporter {
         serde_json::to_vec(&status).expect("status JSON")
     }
 
+    /// Failures per minute of `name`, now at `failed`, from the samples
+    /// of the last minute (keeping the newest older one as the start).
+    fn failure_rate(&self, name: &str, failed: u64) -> Option<f64> {
+        let now = Instant::now();
+        let mut all = self.failures.lock().expect("failures lock");
+        let samples = all.entry(name.to_owned()).or_default();
+        while samples.len() > 1 && now.duration_since(samples[1].0) >= Duration::from_secs(60) {
+            samples.pop_front();
+        }
+        let rate = samples.front().and_then(|&(at, before)| {
+            let secs = now.duration_since(at).as_secs_f64();
+            (secs >= 1.0).then(|| failed.saturating_sub(before) as f64 * 60.0 / secs)
+        });
+        samples.push_back((now, failed));
+        rate
+    }
+
     /// Publishes the gateway's status (retained).
     fn publish_gateway(&self, client: &AsyncClient, online: bool) {
         let _ = client.try_publish(
             self.status_topic(),
             QoS::AtLeastOnce,
-            true,
+            self.retain.load(Ordering::Relaxed),
             self.gateway_status(online),
         );
     }
@@ -234,7 +298,7 @@ impl Reporter {
         let _ = client.try_publish(
             topic,
             QoS::AtLeastOnce,
-            true,
+            self.retain.load(Ordering::Relaxed),
             serde_json::to_vec(s).expect("status JSON"),
         );
     }
@@ -265,15 +329,20 @@ impl Control {
             registry: self.registry.clone(),
             started: Instant::now(),
             started_ms: now_ms(),
+            retain: AtomicBool::new(true),
+            failures: Mutex::default(),
         });
+        let will = |retain: bool| {
+            LastWill::new(
+                reporter.status_topic(),
+                reporter.gateway_status(false),
+                QoS::AtLeastOnce,
+                retain,
+                None,
+            )
+        };
         let mut o = crate::broker_client::options(&self.broker, self.max_bundle_size);
-        o.set_clean_start(true).set_last_will(LastWill::new(
-            reporter.status_topic(),
-            reporter.gateway_status(false),
-            QoS::AtLeastOnce,
-            true,
-            None,
-        ));
+        o.set_clean_start(true).set_last_will(will(true));
         let (client, mut events) = AsyncClient::new(o, 64);
         let inbox = Arc::new(Inbox::default());
         let statuses: Arc<Mutex<BTreeMap<String, FunctionStatus>>> = Arc::default();
@@ -295,12 +364,22 @@ impl Control {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
                         backoff.reset();
                         tracing::info!(host = %self.broker.host, port = self.broker.port, "connected to the control broker");
+                        // Subscribed first: a reader that sees the online
+                        // status knows its bundles reach this gateway.
+                        if let Err(e) = client.try_subscribe_many(self.filters()) {
+                            tracing::error!(error = %e, "could not subscribe to the deploy topics");
+                        }
                         publish_status(true);
                         for s in statuses.lock().expect("statuses lock").values() {
                             reporter.publish_function(&client, s);
                         }
-                        if let Err(e) = client.try_subscribe_many(self.filters()) {
-                            tracing::error!(error = %e, "could not subscribe to the deploy topics");
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                        let refused = ack.return_codes.iter().filter(|c| !matches!(c, SubscribeReasonCode::Success(_))).count();
+                        if refused == 0 {
+                            tracing::info!(filters = ack.return_codes.len(), "subscribed to the deploy topics");
+                        } else {
+                            tracing::error!(refused, codes = ?ack.return_codes, "the control broker refused deploy topic subscriptions; bundles on them do not reach this gateway");
                         }
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
@@ -312,6 +391,13 @@ impl Control {
                         }
                     }
                     Ok(_) => {}
+                    Err(ConnectionError::ConnectionRefused(ConnectReturnCode::RetainNotSupported)) => {
+                        // Bundles then arrive only while connected, and
+                        // `edgefn status` sees nothing between reports.
+                        tracing::warn!(host = %self.broker.host, port = self.broker.port, "the control broker keeps no retained messages: connecting without; this gateway gets only bundles published while it is connected, and its status is not retained");
+                        reporter.retain.store(false, Ordering::Relaxed);
+                        events.options.set_last_will(will(false));
+                    }
                     Err(e) => {
                         let delay = backoff.next_delay();
                         tracing::warn!(error = %e, retry_in = ?delay, "control broker connection lost");
@@ -386,7 +472,10 @@ async fn apply_loop(
         let Some(name) = topic_function(&topic).map(str::to_owned) else {
             continue;
         };
-        let result = deployer.apply(&bundle, Some(&name)).await;
+        let newer = |name: &str, version: u64| inbox.has_newer(name, version, &deployer);
+        let result = deployer
+            .apply_unless_superseded(&bundle, Some(&name), &newer)
+            .await;
         let mut all = statuses.lock().expect("statuses lock");
         let status = entry(&mut all, &name);
         let changed = matches!(

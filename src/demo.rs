@@ -7,6 +7,12 @@
 //! the function drops). Once a second it prints what each hop has counted.
 //! Midway the cloud goes away for a while: readings keep being
 //! acknowledged and pile up in the SQLite buffer, then drain when it is back.
+//!
+//! The function is not in the configuration: it is deployed as a fleet
+//! engineer would, a bundle signed with a key made for the demo and
+//! published on the stand-in cloud (version 1 before the devices start,
+//! version 2 midway, while readings flow); the table shows which version
+//! runs.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -40,6 +46,8 @@ pub struct DemoOptions {
     pub outage_after: Option<Duration>,
     /// How long it stays away.
     pub outage_for: Duration,
+    /// When version 2 of the function is deployed (after start), if at all.
+    pub upgrade_after: Option<Duration>,
     /// Stop after this long (Ctrl-C stops earlier).
     pub duration: Option<Duration>,
 }
@@ -70,6 +78,10 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
 
     let mut cloud = start_cloud("127.0.0.1:0".parse()?).await?;
     let cloud_addr = cloud.local_addr();
+    let key_path = data_dir.join("data/fleet.key");
+    std::fs::create_dir_all(data_dir.join("data"))?;
+    let public_key = crate::fleet::keygen(&key_path)?;
+    let key = crate::fleet::read_signing_key(&key_path)?;
     let config_path = data_dir.join("edgefn-demo.toml");
     std::fs::write(
         &config_path,
@@ -90,17 +102,11 @@ topic_prefix = "site/demo-pi/"
 [buffer]
 max_size = "64MiB"
 
-[[functions]]
-name = "clean-temperature"
-module = "{module}"
-triggers = ["sensors/+/temperature"]
-env = {{ UNIT = "F" }}
-memory_limit = "16MiB"
-timeout = "100ms"
-concurrency = 2
+# Functions come as signed bundles over the cloud broker (docs/DEPLOY.md).
+[deploy]
+trusted_keys = ["{public_key}"]
 "#,
             data = data_dir.join("data").display(),
-            module = module.display(),
         ),
     )?;
     let config = Config::load(&config_path)?;
@@ -108,6 +114,13 @@ concurrency = 2
     let device_addr = gateway
         .local_broker_addr()
         .context("the demo gateway has no embedded broker")?;
+    let deploy = Deploy {
+        module,
+        key,
+        cloud: cloud_addr,
+        registry: gateway.registry().clone(),
+    };
+    let ms = deploy.push(1).await?;
 
     println!("edgefn demo");
     println!("  config        {}", config_path.display());
@@ -116,6 +129,9 @@ concurrency = 2
     println!(
         "  {} simulated devices, {} readings/s each; about 1 in 10 is garbage the function drops",
         opts.devices, opts.rate
+    );
+    println!(
+        "  clean-temperature v1 deployed through the cloud broker, signed: running {ms} ms after it was published"
     );
     println!("  Ctrl-C to stop\n");
 
@@ -134,8 +150,10 @@ concurrency = 2
     let started = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut cloud_down_since: Option<Instant> = None;
+    let mut upgrade: Option<tokio::task::JoinHandle<anyhow::Result<u128>>> = None;
+    let mut upgrade_pushed = false;
     println!(
-        "{:>5}  {:>8} {:>8} {:>8} {:>8} {:>9} {:>8}  cloud",
+        "{:>5}  {:>8} {:>8} {:>8} {:>8} {:>9} {:>8}  cloud  function",
         "t", "acked", "received", "kept", "dropped", "buffered", "arrived"
     );
     loop {
@@ -166,12 +184,31 @@ concurrency = 2
             cloud = start_cloud(cloud_addr).await?;
             println!("       -- the cloud broker is back; the buffer drains in order --");
         }
+        if let Some(after) = opts.upgrade_after
+            && !upgrade_pushed
+            && t >= after
+        {
+            upgrade_pushed = true;
+            let deploy = deploy.clone();
+            upgrade = Some(tokio::spawn(async move { deploy.push(2).await }));
+            println!(
+                "       -- clean-temperature v2 (UNIT=C) pushed through the cloud broker, signed; devices keep publishing --"
+            );
+        }
+        if let Some(done) = upgrade.take_if(|u| u.is_finished()) {
+            println!("{}", upgraded(done.await?));
+        }
+        let running = gateway
+            .registry()
+            .table()
+            .get("clean-temperature")
+            .map_or("none".to_owned(), |f| format!("v{}", f.version()));
         let m = gateway.metrics();
         let buffered = m
             .records_buffered
             .saturating_sub(m.forwarded + m.dropped_records + m.upstream_rejected);
         println!(
-            "{:>4}s  {:>8} {:>8} {:>8} {:>8} {:>9} {:>8}  {}",
+            "{:>4}s  {:>8} {:>8} {:>8} {:>8} {:>9} {:>8}  {:<5}  {running}",
             t.as_secs(),
             counts.sent.load(Ordering::Relaxed),
             m.received,
@@ -183,6 +220,10 @@ concurrency = 2
             if cloud.is_dead() { "down" } else { "up" },
         );
     }
+    // An upgrade still being applied is seen through.
+    if let Some(u) = upgrade {
+        println!("{}", upgraded(u.await?));
+    }
     for t in tasks {
         t.abort();
     }
@@ -193,6 +234,96 @@ concurrency = 2
         config_path.display()
     );
     Ok(())
+}
+
+/// The table's line on the upgrade's outcome.
+fn upgraded(outcome: anyhow::Result<u128>) -> String {
+    match outcome {
+        Ok(ms) => format!("       -- v2 runs on demo-pi, {ms} ms after it was published --"),
+        Err(e) => format!("       -- v2 was not applied: {e:#} --"),
+    }
+}
+
+/// Deploys clean-temperature to the demo gateway through the cloud.
+#[derive(Clone)]
+struct Deploy {
+    /// The module.
+    module: PathBuf,
+    /// The demo's fleet key.
+    key: ed25519_dalek::SigningKey,
+    /// The stand-in cloud broker.
+    cloud: SocketAddr,
+    /// What the gateway runs.
+    registry: Arc<Registry>,
+}
+
+impl Deploy {
+    /// Publishes `version` (v1: `UNIT=F`, later ones `UNIT=C`) and waits
+    /// until the gateway runs it; returns how long that took (ms). The
+    /// stand-in cloud keeps no retained messages, so a bundle published
+    /// before the gateway's control connection subscribed is lost: it is
+    /// published again (the same version twice changes nothing).
+    async fn push(&self, version: u64) -> anyhow::Result<u128> {
+        use crate::bundle::Targets;
+        use crate::fleet::{DeployRequest, Publish};
+        let manifest = crate::config::FunctionManifest {
+            name: "clean-temperature".into(),
+            triggers: vec!["sensors/+/temperature".into()],
+            env: [(
+                "UNIT".to_owned(),
+                if version == 1 { "F" } else { "C" }.to_owned(),
+            )]
+            .into(),
+            memory_limit: Some("16MiB".into()),
+            timeout: Some("100ms".into()),
+            concurrency: Some(2),
+            ..Default::default()
+        };
+        let targets = Targets {
+            gateways: vec!["demo-pi".into()],
+            groups: vec![],
+        };
+        let request = DeployRequest {
+            manifest,
+            module: Some(self.module.clone()),
+            version,
+            targets: targets.clone(),
+        };
+        let key = self.key.clone();
+        let bundle =
+            tokio::task::spawn_blocking(move || crate::fleet::deploy_bundle(request, Some(&key)))
+                .await??;
+        let publish = Publish {
+            broker: crate::config::tool_broker(
+                &format!("mqtt://{}", self.cloud),
+                [None, None, None],
+                None,
+                None,
+                format!("demo-deploy-{version}"),
+            )
+            .map_err(|p| anyhow::anyhow!("{p:?}"))?,
+            name: "clean-temperature".into(),
+            version,
+            targets,
+            wait: None,
+        };
+        let published = Instant::now();
+        for _ in 0..30 {
+            crate::fleet::publish(&publish, bundle.clone()).await?;
+            let attempt = Instant::now();
+            while attempt.elapsed() < Duration::from_secs(1) {
+                let table = self.registry.table();
+                if table
+                    .get("clean-temperature")
+                    .is_some_and(|f| f.version() == version)
+                {
+                    return Ok(published.elapsed().as_millis());
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        anyhow::bail!("the gateway did not take version {version} within 30 s (see its log)")
+    }
 }
 
 /// The stand-in cloud: an embedded broker with no functions.

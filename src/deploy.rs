@@ -160,6 +160,14 @@ impl Deployer {
         }
     }
 
+    /// The function and version of `bytes`, if it is a bundle this
+    /// gateway's checks accept (signature, hash, targets); nothing else
+    /// is looked at.
+    pub fn peek(&self, bytes: &[u8]) -> Option<(String, u64)> {
+        let body = bundle::open(bytes, &self.verifier).ok()?;
+        Some((body.name().to_owned(), body.version))
+    }
+
     /// Follows rollbacks.
     pub fn events(&self) -> broadcast::Receiver<Event> {
         self.events.subscribe()
@@ -174,15 +182,35 @@ impl Deployer {
         bytes: &[u8],
         topic_name: Option<&str>,
     ) -> Result<Applied, Refused> {
+        self.apply_unless_superseded(bytes, topic_name, &|_, _| false)
+            .await
+    }
+
+    /// [`Deployer::apply`], giving up with `superseded` when
+    /// `newer(name, version)` says a newer bundle for the function is
+    /// waiting: asked before the module is compiled and again before the
+    /// bundle is persisted, so a deploy being checked never holds up the
+    /// one that replaces it. Nothing changes when it gives up.
+    pub async fn apply_unless_superseded(
+        self: &Arc<Self>,
+        bytes: &[u8],
+        topic_name: Option<&str>,
+        newer: &(dyn Fn(&str, u64) -> bool + Send + Sync),
+    ) -> Result<Applied, Refused> {
         let _one_at_a_time = self.applying.lock().await;
         let body = bundle::open(bytes, &self.verifier)?;
         let version = body.version;
-        self.apply_body(body, bytes, topic_name)
+        let applied = self
+            .apply_body(body, bytes, topic_name, newer)
             .await
             .map_err(|r| Refused {
                 version: Some(version),
                 ..r
-            })
+            })?;
+        // The versions no longer in memory leave the artifact cache.
+        let runtime = self.runtime.clone();
+        let _ = tokio::task::spawn_blocking(move || runtime.prune_artifacts()).await;
+        Ok(applied)
     }
 
     /// [`Deployer::apply`] once the bundle is open.
@@ -191,6 +219,7 @@ impl Deployer {
         body: Body,
         bytes: &[u8],
         topic_name: Option<&str>,
+        newer: &(dyn Fn(&str, u64) -> bool + Send + Sync),
     ) -> Result<Applied, Refused> {
         if let Some(t) = topic_name
             && t != body.name()
@@ -225,10 +254,24 @@ impl Deployer {
                 ),
             ));
         }
+        let superseded = || {
+            if newer(&name, version) {
+                Err(Refused::new(
+                    "superseded",
+                    format!(
+                        "a newer bundle for {name} arrived while version {version} was being applied"
+                    ),
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        superseded()?;
         match &body.change {
             Change::Deploy { sha256, .. } => {
                 let sha256 = hex(sha256);
                 let function = self.start(&body).await?;
+                superseded()?;
                 let stored = bytes.to_vec();
                 let n = name.clone();
                 self.blocking(move |s| s.deploy(&n, version, &stored))
@@ -274,15 +317,20 @@ impl Deployer {
                 .await
                 .expect("deployments task")?
         };
-        let mut restored = 0;
-        for s in stored {
-            let started = match bundle::open(&s.bundle, &self.verifier) {
+        // All at once: each compiles (when its artifact is missing) on a
+        // blocking thread of its own, so a Pi's cores share the work.
+        let started = futures_util::future::join_all(stored.iter().map(|s| async {
+            match bundle::open(&s.bundle, &self.verifier) {
                 Ok(body) => self.start(&body).await,
                 Err(r) => Err(r.into()),
-            };
+            }
+        }))
+        .await;
+        let mut restored = 0;
+        for (s, started) in stored.iter().zip(started) {
             match started {
                 Ok(function) => {
-                    tracing::info!(function = %s.name, version = s.version, "deployed function restored");
+                    tracing::info!(function = %s.name, version = s.version, precompiled = function.pool().function().precompiled(), "deployed function restored");
                     self.registry.install(function);
                     restored += 1;
                 }

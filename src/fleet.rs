@@ -473,7 +473,7 @@ pub async fn status(
 /// `edgefn status` as a table: one line per gateway, its functions after.
 pub fn render_status(views: &[GatewayView], now_ms: u64) -> String {
     let mut out = String::from(
-        "gateway  online  updated  version  functions (version, state, last refusal)\n",
+        "gateway  online  updated  version  functions (version, state, failed messages/min, last failure, last refusal)\n",
     );
     for v in views {
         let s = v.status.clone().unwrap_or_default();
@@ -493,7 +493,14 @@ pub fn render_status(views: &[GatewayView], now_ms: u64) -> String {
             let state = reported
                 .and_then(|r| r["state"].as_str())
                 .unwrap_or(f["origin"].as_str().unwrap_or("?"));
-            functions.push(format!("{name} v{} {state}", f["version"]));
+            let mut line = format!("{name} v{} {state}", f["version"]);
+            if let Some(rate) = f["failed_per_min"].as_f64() {
+                line.push_str(&format!(" {rate:.1} failed/min"));
+            }
+            if let Some(last) = f["last_failure"].as_str() {
+                line.push_str(&format!(" (last failure: {last})"));
+            }
+            functions.push(line);
         }
         for (name, r) in &v.functions {
             if !functions.iter().any(|f| f.starts_with(&format!("{name} "))) {

@@ -90,7 +90,12 @@ impl Gateway {
             "buffer opened"
         );
 
-        let runtime = Arc::new(Runtime::new(Target::for_host())?);
+        let artifacts = config.gateway.data_dir.join("artifacts");
+        let runtime = Arc::new(
+            Runtime::new(Target::for_host())?
+                .with_artifacts(&artifacts)
+                .with_context(|| format!("cannot create {}", artifacts.display()))?,
+        );
         let registry = Arc::new(Registry::default());
         let topic_prefix = config
             .upstream
@@ -124,6 +129,10 @@ impl Gateway {
             }
             None => None,
         };
+        {
+            let rt = runtime.clone();
+            tokio::task::spawn_blocking(move || rt.prune_artifacts()).await?;
+        }
 
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (drained, drained_rx) = watch::channel(false);
@@ -480,7 +489,7 @@ async fn start_function(
     let spec = FunctionSpec::from_config(f, topic_prefix);
     let path = f.module.clone();
     let function = tokio::task::spawn_blocking(move || rt.load_file(&path, spec)).await??;
-    tracing::info!(function = %f.name, module = %f.module.display(), "function loaded");
+    tracing::info!(function = %f.name, module = %f.module.display(), precompiled = function.precompiled(), "function loaded");
     Ok(registry.start(function, f, 0, origin)?)
 }
 

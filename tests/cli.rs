@@ -517,3 +517,47 @@ fn deploy_seals_a_bundle_a_gateway_accepts_and_refuses_what_a_gateway_would() {
         assert!(!dir.path().join("refused.cbor").exists());
     }
 }
+
+/// `edgefn demo`, as the README's first command runs it: version 1 of the
+/// function deployed through the stand-in cloud before the devices start,
+/// version 2 pushed while they publish, and the table showing which runs.
+#[cfg(feature = "embedded-broker")]
+#[test]
+fn the_demo_deploys_the_function_and_upgrades_it_while_readings_flow() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = edgefn(&[
+        "demo",
+        "--module",
+        module("clean_temperature").to_str().unwrap(),
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+        "--devices",
+        "2",
+        "--outage-after",
+        "0s",
+        "--upgrade-after",
+        "2s",
+        "--duration",
+        "4s",
+    ]);
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(
+        t.contains("clean-temperature v1 deployed through the cloud broker, signed: running"),
+        "{t}"
+    );
+    assert!(t.contains("v2 runs on demo-pi"), "{t}");
+    assert!(
+        t.lines().any(|l| l.split_whitespace().last() == Some("v1")),
+        "a row with v1 running:\n{t}"
+    );
+    // Counts go on: acknowledged readings in every row, growing.
+    let acked: Vec<u64> = t
+        .lines()
+        .filter(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit()) && l.contains("s  "))
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .collect();
+    assert!(acked.len() >= 3, "{t}");
+    assert!(acked.windows(2).all(|w| w[0] <= w[1]), "{t}");
+    assert!(*acked.last().unwrap() > 0, "{t}");
+}

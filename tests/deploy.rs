@@ -215,6 +215,13 @@ async fn bundles_are_verified_before_anything_changes_and_deployed_functions_sur
     let gateway = Gateway::start(config.clone()).await.unwrap();
     let running = gateway.registry().table();
     assert_eq!(running.get("chaos").map(|f| f.version()), Some(3));
+    // Without compiling: both modules come from their precompiled artifacts.
+    let precompiled = |gateway: &Gateway, name: &str| {
+        let table = gateway.registry().table();
+        table.get(name).unwrap().pool().function().precompiled()
+    };
+    assert!(precompiled(&gateway, "chaos"));
+    assert!(precompiled(&gateway, "clean-temperature"));
     let mut dev = Device::connect("sensor-d1", port).await;
     assert!(dev.publish_acked("chaos/g", "env", PATIENCE).await);
     flows(&mut dev, None, 100).await;
@@ -246,8 +253,28 @@ async fn bundles_are_verified_before_anything_changes_and_deployed_functions_sur
     assert!(gateway.registry().table().get("chaos").is_none());
     drop(dev);
     gateway.shutdown().await;
+    // Damaged artifacts (a torn write, a rotten card) are compiled again;
+    // the removed function's is deleted.
+    let artifacts = || -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(dir.path().join("data/artifacts"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect()
+    };
+    assert_eq!(artifacts().len(), 2, "{:?}", artifacts());
+    for a in artifacts() {
+        let mut bytes = std::fs::read(&a).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        std::fs::write(&a, bytes).unwrap();
+    }
     let gateway = Gateway::start(config).await.unwrap();
     assert!(gateway.registry().table().get("chaos").is_none());
+    assert!(!precompiled(&gateway, "clean-temperature"));
+    assert_eq!(artifacts().len(), 1, "{:?}", artifacts());
+    let mut dev = Device::connect("sensor-d1", port).await;
+    flows(&mut dev, None, 200).await;
+    drop(dev);
     assert_eq!(
         gateway.apply_bundle(&v3).await.unwrap_err().code,
         "not_newer"
@@ -255,6 +282,15 @@ async fn bundles_are_verified_before_anything_changes_and_deployed_functions_sur
     let v5 = seal(body(manifest("v5"), chaos, 5), Some(&key));
     assert!(gateway.apply_bundle(&v5).await.is_ok());
     gateway.shutdown().await;
+}
+
+/// Waits until the last status on `topic` says `version` is active.
+async fn wait_active(control: &Upstream, topic: &str, version: u64) {
+    control
+        .wait_until(&format!("v{version} active on {topic}"), |s| {
+            last_status(s, topic).is_some_and(|j| j["state"] == "active" && j["version"] == version)
+        })
+        .await;
 }
 
 /// The last status published on `topic`, parsed.
@@ -276,17 +312,7 @@ async fn bundles_on_the_control_topics_are_applied_and_every_outcome_is_on_the_s
     let status = "edgefn/pi-01/functions/chaos/status";
     let control = Upstream::subscribe(cloud.port, "edgefn/pi-01/#").await;
     let data = Upstream::subscribe(cloud.port, "site/#").await;
-    let active = |version: u64| {
-        let control = &control;
-        async move {
-            control
-                .wait_until(&format!("chaos v{version} active"), |s| {
-                    last_status(s, status)
-                        .is_some_and(|j| j["state"] == "active" && j["version"] == version)
-                })
-                .await;
-        }
-    };
+    let active = |version: u64| wait_active(&control, status, version);
     let refused = |code: &'static str| {
         let control = &control;
         async move {
@@ -407,6 +433,70 @@ async fn bundles_on_the_control_topics_are_applied_and_every_outcome_is_on_the_s
             last_status(s, "edgefn/pi-01/status").is_some_and(|j| j["online"] == false)
         })
         .await;
+
+    // While it is away: v4 on the gateway topic, whose health check takes
+    // two seconds, and v5 on the group topic. Back, it receives v4 first;
+    // v5 arrives while v4 is being applied, and v4 gives up for it instead
+    // of running first.
+    let slow = FunctionManifest {
+        timeout: Some("10s".into()),
+        ..manifest("v4")
+    };
+    publish_retained(
+        cloud.port,
+        gateway_topic,
+        seal(body(slow, slow_init_module(2_000), 4), Some(&key)),
+    )
+    .await;
+    let v5 = seal(body(manifest("v5"), chaos.clone(), 5), Some(&key));
+    publish_retained(cloud.port, group_topic, v5).await;
+    let mut daemon = Daemon::start(&path);
+    active(5).await;
+    let seen = control.seen.lock().unwrap().clone();
+    let statuses: Vec<serde_json::Value> = seen
+        .iter()
+        .filter(|m| m.topic == status)
+        .map(Seen::json)
+        .collect();
+    assert!(
+        !statuses
+            .iter()
+            .any(|j| j["state"] == "active" && j["version"] == 4),
+        "v4 never ran: {statuses:?}"
+    );
+    let s = statuses.last().unwrap();
+    assert_eq!(
+        (
+            s["refused"]["version"].clone(),
+            s["refused"]["code"].clone()
+        ),
+        (4.into(), "superseded".into()),
+        "{s}"
+    );
+    let mut dev = Device::connect("sensor-d1", port).await;
+    greeting(&mut dev, &data, "v5").await;
+    assert!(daemon.terminate().success());
+}
+
+/// A module whose `edgefn_init` sleeps `ms` in WASI's `poll_oneoff`, then
+/// succeeds.
+fn slow_init_module(ms: i64) -> Vec<u8> {
+    wat::parse_str(format!(
+        r#"(module
+          (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
+          (memory (export "memory") 1)
+          (func (export "edgefn_abi_version") (result i32) i32.const 1)
+          (func (export "edgefn_alloc") (param i32) (result i32) i32.const 1024)
+          (func (export "edgefn_init") (result i32)
+            (i32.store8 (i32.const 2056) (i32.const 0))
+            (i32.store (i32.const 2064) (i32.const 1))
+            (i64.store (i32.const 2072) (i64.const {ns}))
+            (drop (call $poll (i32.const 2048) (i32.const 2304) (i32.const 1) (i32.const 2400)))
+            i32.const 0)
+          (func (export "edgefn_on_message") (param i32 i32 i32 i32) (result i32) i32.const 0))"#,
+        ns = ms * 1_000_000
+    ))
+    .unwrap()
 }
 
 #[cfg(feature = "embedded-broker")]
@@ -577,4 +667,115 @@ async fn a_new_version_that_fails_its_first_messages_is_rolled_back_for_good() {
         Some(1)
     );
     gateway.shutdown().await;
+}
+
+/// A gateway whose control topics are on its local Mosquitto (`[deploy]
+/// broker = "local"`), with no function in its configuration: a bundle
+/// retained there before it starts runs; an upgrade published while a
+/// device publishes without pause loses no reading and duplicates none,
+/// and the readings go from the old version's output to the new one's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_through_the_local_broker_under_load_loses_and_duplicates_nothing() {
+    let local = Mosquitto::start();
+    let cloud = Mosquitto::cloud();
+    let dir = tempfile::tempdir().unwrap();
+    let key = SigningKey::from_bytes(&[7; 32]);
+    let public = edgefn::bundle::public_key_text(&key.verifying_key());
+    let path = write_config(
+        dir.path(),
+        &format!(
+            r#"
+[gateway]
+id = "pi-01"
+data_dir = "{data}"
+
+[local]
+url = "{local}"
+client_id = "edgefn-pi-01"
+
+[upstream]
+url = "mqtt://127.0.0.1:{cloud}"
+topic_prefix = "site/pi-01/"
+
+[deploy]
+broker = "local"
+trusted_keys = ["{public}"]
+"#,
+            data = dir.path().join("data").display(),
+            local = local.url(),
+            cloud = cloud.port,
+        ),
+    );
+    let clean = std::fs::read(module("clean_temperature")).unwrap();
+    let bundle = |unit: &str, version: u64| {
+        let m = FunctionManifest {
+            name: "clean-temperature".into(),
+            triggers: vec!["sensors/+/temperature".into()],
+            timeout: Some("100ms".into()),
+            concurrency: Some(2),
+            env: [("UNIT".to_owned(), unit.to_owned())].into(),
+            ..Default::default()
+        };
+        seal(body(m, clean.clone(), version), Some(&key))
+    };
+    let topic = "edgefn/pi-01/functions/clean-temperature/deploy";
+    let status = "edgefn/pi-01/functions/clean-temperature/status";
+    publish_retained(local.port, topic, bundle("F", 1)).await;
+    let control = Upstream::subscribe(local.port, "edgefn/pi-01/#").await;
+    let data = Upstream::subscribe(cloud.port, "site/#").await;
+    let active = |version: u64| wait_active(&control, status, version);
+    let _daemon = Daemon::start(&path);
+    active(1).await;
+
+    // A device publishes without pause until told to stop.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let device = {
+        let (stop, sent) = (stop.clone(), sent.clone());
+        let port = local.port;
+        tokio::spawn(async move {
+            let mut dev = Device::connect("sensor-d1", port).await;
+            let mut seq = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                assert!(
+                    dev.publish_acked("sensors/d1/temperature", reading(seq, 20.0), PATIENCE)
+                        .await
+                );
+                seq += 1;
+                sent.store(seq, std::sync::atomic::Ordering::Relaxed);
+            }
+            seq
+        })
+    };
+    let readings = |s: &[Seen]| {
+        s.iter()
+            .filter(|m| m.topic == "site/pi-01/telemetry/d1/temperature")
+            .count()
+    };
+    data.wait_until("200 readings through v1", |s| readings(s) >= 200)
+        .await;
+    publish_retained(local.port, topic, bundle("C", 2)).await;
+    active(2).await;
+    let at_swap = sent.load(std::sync::atomic::Ordering::Relaxed);
+    data.wait_until("200 more readings", |s| readings(s) as u64 >= at_swap + 200)
+        .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let total = device.await.unwrap();
+    let seen = data
+        .wait_until("every reading", |s| readings(s) as u64 >= total)
+        .await;
+    let mut by_seq: Vec<(u64, bool)> = seen
+        .iter()
+        .filter(|m| m.topic == "site/pi-01/telemetry/d1/temperature")
+        .map(|m| (m.reading().1, m.json().get("temp_f").is_some()))
+        .collect();
+    by_seq.sort();
+    let seqs: Vec<u64> = by_seq.iter().map(|r| r.0).collect();
+    assert_eq!(seqs, (0..total).collect::<Vec<_>>(), "each reading once");
+    // v1 (UNIT=F) adds temp_f, v2 does not. Messages are routed in the
+    // order they arrive, so every reading before the swap went to v1 and
+    // every one after to v2: a single switch.
+    let switches = by_seq.windows(2).filter(|w| w[0].1 != w[1].1).count();
+    assert!(by_seq.first().unwrap().1 && !by_seq.last().unwrap().1);
+    assert_eq!(switches, 1, "switches between v1 and v2");
 }

@@ -37,6 +37,7 @@
 //! threads (see [`pool`]), never on an async reactor; it blocks the calling
 //! thread until the invocation is over.
 
+pub mod artifacts;
 mod host;
 pub mod pool;
 
@@ -49,6 +50,7 @@ use wasmtime::{
     Engine, ExternType, InstancePre, Linker, Memory, Module, Store, Trap, TypedFunc, ValType,
 };
 
+use artifacts::{ArtifactCache, Lease, Source};
 pub use host::{Emitted, GuestLog, LogBudget, LogLevel, MAX_LOG_LINE, MAX_TOPIC_LEN};
 use host::{HostState, LogSink};
 
@@ -256,6 +258,8 @@ pub struct Runtime {
     metered: Flavor,
     /// Advances the epoch while this runtime or any function it loaded lives.
     ticker: Arc<Ticker>,
+    /// Where compiled modules are kept between runs, if anywhere.
+    artifacts: Option<ArtifactCache>,
 }
 
 /// An engine and the linkers built for it.
@@ -358,7 +362,23 @@ impl Runtime {
                 stop,
                 thread: Some(thread),
             }),
+            artifacts: None,
         })
+    }
+
+    /// Keeps compiled modules in `dir` and loads them from there (see
+    /// [`artifacts`]).
+    ///
+    /// Fails if the directory cannot be created.
+    pub fn with_artifacts(mut self, dir: &std::path::Path) -> std::io::Result<Runtime> {
+        self.artifacts = Some(ArtifactCache::open(dir)?);
+        Ok(self)
+    }
+
+    /// Deletes the compiled modules no loaded function uses any more;
+    /// returns how many. Nothing without [`Runtime::with_artifacts`].
+    pub fn prune_artifacts(&self) -> usize {
+        self.artifacts.as_ref().map_or(0, ArtifactCache::prune)
     }
 
     /// Reads, compiles and checks the module at `path` for `spec`, then
@@ -396,10 +416,18 @@ impl Runtime {
         } else {
             &self.plain
         };
-        let module = Module::new(&flavor.engine, bytes).map_err(|e| LoadError::NotWasm {
+        let not_wasm = |e: wasmtime::Error| LoadError::NotWasm {
             path: origin.to_owned(),
             reason: format!("{e:#}"),
-        })?;
+        };
+        let (module, artifact) = match &self.artifacts {
+            Some(cache) => {
+                let (module, lease, source) =
+                    cache.module(&flavor.engine, bytes).map_err(not_wasm)?;
+                (module, Some((lease, source)))
+            }
+            None => (Module::new(&flavor.engine, bytes).map_err(not_wasm)?, None),
+        };
         check_abi(&module).map_err(|reason| LoadError::Abi {
             path: origin.to_owned(),
             reason,
@@ -423,6 +451,8 @@ impl Runtime {
             engine: flavor.engine.clone(),
             pre,
             origin: origin.to_owned(),
+            precompiled: matches!(artifact, Some((_, Source::Cache))),
+            _artifact: artifact.map(|(lease, _)| lease),
             _ticker: self.ticker.clone(),
         };
         // Prove it starts (and reports the right ABI version) before it is
@@ -550,6 +580,10 @@ pub struct Function {
     origin: String,
     /// Log lines its instances may write, shared by them.
     log_budget: Arc<LogBudget>,
+    /// Whether its code came from a precompiled artifact.
+    precompiled: bool,
+    /// Keeps its artifact on disk while it lives.
+    _artifact: Option<Arc<Lease>>,
     /// Keeps timeouts enforced while the function lives.
     _ticker: Arc<Ticker>,
 }
@@ -580,6 +614,12 @@ impl Function {
     /// Where the module was loaded from.
     pub fn origin(&self) -> &str {
         &self.origin
+    }
+
+    /// Whether its machine code was read from a precompiled artifact
+    /// instead of compiled (see [`Runtime::with_artifacts`]).
+    pub fn precompiled(&self) -> bool {
+        self.precompiled
     }
 
     /// Log lines dropped so far by the function's rate limit.

@@ -98,6 +98,8 @@ pub struct Pool {
     metrics: Arc<FunctionMetrics>,
     /// This pool's own, shared with the workers.
     counts: Arc<VersionCounts>,
+    /// What the workers run.
+    function: Arc<Function>,
 }
 
 impl Pool {
@@ -134,6 +136,7 @@ impl Pool {
             workers,
             metrics,
             counts,
+            function,
         })
     }
 
@@ -158,6 +161,11 @@ impl Pool {
     /// The function's counters.
     pub fn metrics(&self) -> &Arc<FunctionMetrics> {
         &self.metrics
+    }
+
+    /// The function its workers run.
+    pub fn function(&self) -> &Arc<Function> {
+        &self.function
     }
 
     /// This pool's (this version's) outcomes.
