@@ -5,7 +5,11 @@
 //! ```sh
 //! functions/build.sh && cargo build --release --bins
 //! target/release/edgefn-bench --messages 20000 --devices 10
+//! target/release/edgefn-bench --only deploy,restart,fleet
 //! ```
+//!
+//! The deploy scenarios are described in `fleet.rs`; the rest of this
+//! doc is about the throughput ones.
 //!
 //! Each scenario runs on fresh private Mosquitto instances (stock config) on
 //! free loopback ports: a throughput run (every device publishes QoS 1 as
@@ -36,6 +40,8 @@ use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 
+mod fleet;
+
 /// End-to-end benchmark of edgefn against Mosquitto's bridge.
 #[derive(Debug, Parser)]
 struct Args {
@@ -51,9 +57,17 @@ struct Args {
     /// Length of each latency run.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     latency_for: Duration,
-    /// Scenarios to run (bridge, edgefn, embedded-1, embedded-n); default all.
+    /// Scenarios to run: the throughput ones (bridge, edgefn, embedded-1,
+    /// embedded-n; all of them by default) or the deploy ones (deploy,
+    /// restart, fleet; see fleet.rs).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Measurements in each of the deploy and restart scenarios.
+    #[arg(long, default_value_t = 10)]
+    samples: usize,
+    /// Gateway processes in the fleet scenario.
+    #[arg(long, default_value_t = 20)]
+    gateways: usize,
     /// Give the device-side Mosquitto `max_queued_messages N` instead of
     /// its stock limit of 1000 (0 means no limit in Mosquitto's terms).
     #[arg(long)]
@@ -630,6 +644,20 @@ async fn main() -> anyhow::Result<()> {
     } else {
         args.only.iter().map(String::as_str).collect()
     };
+    let deploys = ["deploy", "restart", "fleet"];
+    if chosen.iter().any(|c| deploys.contains(c)) {
+        anyhow::ensure!(
+            chosen.iter().all(|c| deploys.contains(c)),
+            "run the deploy scenarios ({}) apart from the throughput ones",
+            deploys.join(", ")
+        );
+        println!("| scenario | figure | | |\n| --- | --- | --- | --- |");
+        for which in chosen {
+            eprintln!("running {which} ...");
+            fleet::run(which, &module, args.samples, args.gateways)?;
+        }
+        return Ok(());
+    }
     // rounds[r][s]: round r of scenario s.
     let mut rounds: Vec<Vec<Figures>> = Vec::new();
     for round in 1..=args.rounds.max(1) {
