@@ -398,7 +398,9 @@ pub async fn status(
     let mut o = crate::broker_client::options(broker, 1 << 20);
     o.set_clean_start(true);
     let (client, mut events) = AsyncClient::new(o, 16);
-    // Subscribed last, it comes back after every retained status.
+    // Subscribed last, it comes back after every retained status: QoS 1
+    // like them, so it queues behind them (a QoS 0 message overtakes the
+    // QoS 1 ones a broker holds back beyond its in-flight window).
     let marker = format!("edgefn/status-tool/{}", broker.client_id);
     let mut views: std::collections::BTreeMap<String, GatewayView> = Default::default();
     let limit = std::time::Duration::from_secs(10);
@@ -416,7 +418,7 @@ pub async fn status(
                 }
                 Event::Incoming(Packet::SubAck(_)) => {
                     client
-                        .publish(marker.clone(), QoS::AtMostOnce, false, "")
+                        .publish(marker.clone(), QoS::AtLeastOnce, false, "")
                         .await?;
                 }
                 Event::Incoming(Packet::Publish(m)) => {
