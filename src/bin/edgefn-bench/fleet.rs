@@ -342,7 +342,7 @@ pub fn run(which: &str, module: &Path, samples: usize, gateways: usize) -> anyho
             let status_wall = started.elapsed();
             let listed = status
                 .lines()
-                .filter(|l| l.contains("clean-temperature v"))
+                .filter(|l| l.contains("clean-temperature v") && l.contains(" active"))
                 .count();
             println!(
                 "| fleet of {gateways} gateways, {} KB module, one deploy to group all | last gateway active after {last:.0} ms; each: {}; edgefn deploy --wait wall time {:.0} ms | edgefn status: {listed} of {gateways} listed running it, in {:.0} ms | RSS of the {gateways} gateways before the deploy: {:.0} MB |",
