@@ -150,8 +150,8 @@ trusted_keys = ["{public_key}"]
     let started = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut cloud_down_since: Option<Instant> = None;
+    let mut upgrade_after = opts.upgrade_after;
     let mut upgrade: Option<tokio::task::JoinHandle<anyhow::Result<u128>>> = None;
-    let mut upgrade_pushed = false;
     println!(
         "{:>5}  {:>8} {:>8} {:>8} {:>8} {:>9} {:>8}  cloud  function",
         "t", "acked", "received", "kept", "dropped", "buffered", "arrived"
@@ -184,11 +184,7 @@ trusted_keys = ["{public_key}"]
             cloud = start_cloud(cloud_addr).await?;
             println!("       -- the cloud broker is back; the buffer drains in order --");
         }
-        if let Some(after) = opts.upgrade_after
-            && !upgrade_pushed
-            && t >= after
-        {
-            upgrade_pushed = true;
+        if upgrade_after.take_if(|after| t >= *after).is_some() {
             let deploy = deploy.clone();
             upgrade = Some(tokio::spawn(async move { deploy.push(2).await }));
             println!(

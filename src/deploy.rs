@@ -207,9 +207,12 @@ impl Deployer {
                 version: Some(version),
                 ..r
             })?;
-        // The versions no longer in memory leave the artifact cache.
-        let runtime = self.runtime.clone();
-        let _ = tokio::task::spawn_blocking(move || runtime.prune_artifacts()).await;
+        // The versions no longer in memory leave the artifact cache (a
+        // bundle received again changed nothing: nothing to look at).
+        if !matches!(applied, Applied::Unchanged { .. }) {
+            let runtime = self.runtime.clone();
+            let _ = tokio::task::spawn_blocking(move || runtime.prune_artifacts()).await;
+        }
         Ok(applied)
     }
 

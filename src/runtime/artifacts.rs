@@ -54,10 +54,7 @@ pub struct ArtifactCache {
 /// A live function's hold on its artifact file: the file is kept while
 /// one exists.
 #[derive(Debug)]
-pub struct Lease {
-    /// The file's name.
-    _name: String,
-}
+pub struct Lease;
 
 /// How a module was obtained.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,11 +74,6 @@ impl ArtifactCache {
             leases: Mutex::new(HashMap::new()),
             next_tmp: AtomicU64::new(0),
         })
-    }
-
-    /// The directory.
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
 
     /// `bytes` compiled for `engine`: read from its artifact when there is
@@ -154,9 +146,7 @@ impl ArtifactCache {
         if let Some(l) = leases.get(name).and_then(Weak::upgrade) {
             return l;
         }
-        let l = Arc::new(Lease {
-            _name: name.to_owned(),
-        });
+        let l = Arc::new(Lease);
         leases.insert(name.to_owned(), Arc::downgrade(&l));
         l
     }
