@@ -262,6 +262,10 @@ impl Reporter {
                 .collect(),
             updated_ms: now_ms(),
         };
+        self.failures
+            .lock()
+            .expect("failures lock")
+            .retain(|name, _| status.functions.iter().any(|f| f.name == *name));
         serde_json::to_vec(&status).expect("status JSON")
     }
 

@@ -233,14 +233,16 @@ pub async fn publish(
     o.set_clean_start(true);
     let (client, mut events) = AsyncClient::new(o, 64);
     // Subscribed with the status topics, it comes back after the retained
-    // statuses: from then on, which gateways are in which group is known.
+    // statuses (QoS 1 like them, so it queues behind them): from then on,
+    // which gateways are in which group is known.
     let marker = format!("edgefn/deploy-tool/{}", p.broker.client_id);
     let topics = deploy_topics(&p.name, &p.targets);
     let mut gateways: HashMap<String, (bool, Vec<String>)> = HashMap::new();
     let mut reports: HashMap<String, serde_json::Value> = HashMap::new();
     let mut first_seen: HashMap<String, u128> = HashMap::new();
     let mut published: Option<Instant> = None;
-    let mut unacked = topics.len();
+    // The bundles' PUBACKs and the marker's.
+    let mut unacked = topics.len() + 1;
     let connect_limit = std::time::Duration::from_secs(10);
     let deadline = Instant::now() + connect_limit + p.wait.unwrap_or_default();
     let outcomes = |gateways: &HashMap<String, (bool, Vec<String>)>,
@@ -299,7 +301,7 @@ pub async fn publish(
             }
             Ok(Event::Incoming(Packet::SubAck(_))) => {
                 client
-                    .publish(marker.clone(), QoS::AtMostOnce, false, "")
+                    .publish(marker.clone(), QoS::AtLeastOnce, false, "")
                     .await?;
             }
             Ok(Event::Incoming(Packet::Publish(m))) => {
@@ -344,7 +346,7 @@ pub async fn publish(
                     reports.insert(gateway, json);
                 }
             }
-            Ok(Event::Incoming(Packet::PubAck(_))) if published.is_some() => {
+            Ok(Event::Incoming(Packet::PubAck(_))) => {
                 unacked = unacked.saturating_sub(1);
             }
             Ok(_) => {}
