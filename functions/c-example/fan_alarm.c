@@ -4,8 +4,9 @@
  * Output: the record {"device":"<device>","temp_c":31.5} on
  * telemetry/<device>/temperature and, when the temperature is above the env
  * variable THRESHOLD (default 30), the command "on" published to the local
- * topic devices/<device>/fan. A payload that is not a number fails the
- * invocation with an error message.
+ * topic devices/<device>/fan (the function's configuration must allow it:
+ * publish_allow = ["devices/+/fan"]). A payload that is not a number fails
+ * the invocation with an error message.
  */
 #include <stdint.h>
 #include <stdio.h>
@@ -20,6 +21,13 @@ EDGEFN_IMPORT("publish") int32_t edgefn_publish(const char *topic, int32_t topic
                                                 const char *payload, int32_t payload_len);
 EDGEFN_IMPORT("log") void edgefn_log(int32_t level, const char *msg, int32_t msg_len);
 EDGEFN_IMPORT("set_error") void edgefn_set_error(const char *msg, int32_t msg_len);
+/* Durable per-function state (not used by this function; declaring an
+ * import it does not call adds nothing to the module). */
+EDGEFN_IMPORT("state_get") int32_t edgefn_state_get(const void *key, int32_t key_len,
+                                                    void *buf, int32_t buf_len);
+EDGEFN_IMPORT("state_set") int32_t edgefn_state_set(const void *key, int32_t key_len,
+                                                    const void *value, int32_t value_len);
+EDGEFN_IMPORT("state_delete") int32_t edgefn_state_delete(const void *key, int32_t key_len);
 
 #define EXPORT(name) __attribute__((export_name(name)))
 

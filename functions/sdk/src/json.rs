@@ -6,8 +6,8 @@
 //!   twice keeps its first position and its last value.
 //! * Numbers keep their original text, so a value that passes through a
 //!   function unchanged is written back exactly as it came (`21.50` stays
-//!   `21.50`, big integers do not lose digits); [`Value::as_f64`] and
-//!   [`Value::as_i64`] read them.
+//!   `21.50`, big integers do not lose digits); [`Value::as_f64`],
+//!   [`Value::as_i64`] and [`Value::as_u64`] read them.
 //! * [`Value`]'s `Display` (so `to_string()`) writes compact JSON with
 //!   correct string escaping.
 //!
@@ -72,6 +72,12 @@ impl Value {
     /// fits (see [`Number::as_i64`]).
     pub fn as_i64(&self) -> Option<i64> {
         self.as_number().and_then(Number::as_i64)
+    }
+
+    /// The number as `u64`, if this is a number written as a non-negative
+    /// integer that fits (see [`Number::as_u64`]).
+    pub fn as_u64(&self) -> Option<u64> {
+        self.as_number().and_then(Number::as_u64)
     }
 
     /// The string, if this is one.
@@ -780,6 +786,10 @@ mod tests {
         assert_eq!(parse("2.0").unwrap().as_i64(), None);
         assert_eq!(parse("-3").unwrap().as_number().unwrap().as_u64(), None);
         assert_eq!(parse("42").unwrap().as_number().unwrap().as_u64(), Some(42));
+        assert_eq!(parse("18446744073709551615").unwrap().as_u64(), Some(u64::MAX));
+        assert_eq!(parse("-3").unwrap().as_u64(), None);
+        assert_eq!(parse("1.0").unwrap().as_u64(), None);
+        assert_eq!(parse("\"1\"").unwrap().as_u64(), None);
     }
 
     #[test]

@@ -20,10 +20,22 @@
 //! Build it as a `cdylib` for `wasm32-wasip1` (rustup) or `wasm32-wasi`
 //! (Rust before 1.78, e.g. Debian's 1.63), with `panic = "abort"`.
 //!
+//! What is here:
+//!
+//! - [`handler!`]: the exports; [`Message`]: the input, with
+//!   [`Message::schedule`] recognising a scheduled run;
+//! - [`emit`], [`publish`]: records upstream and messages to the local
+//!   broker ([`EmitError`] when the host refuses one);
+//! - [`state`]: the function's durable key-value state;
+//! - [`log`] (and [`trace`] ... [`error`]), [`set_error`], [`env()`],
+//!   [`now_ms`];
+//! - [`json`]: a small JSON reader and writer;
+//! - [`sys`]: the raw imports, for what the wrappers do not cover.
+//!
 //! Everything in this crate also builds natively, so a function's logic can
 //! be unit-tested with plain `cargo test`: the host imports are then replaced
 //! by an in-process stand-in that records what the function emitted,
-//! published and logged (see [`testing`]).
+//! published and logged, and keeps its state (see [`testing`]).
 //!
 //! The crate has no dependencies and builds with Rust 1.63.
 
@@ -32,7 +44,10 @@
 use std::fmt;
 
 pub mod json;
+pub mod state;
 pub mod sys;
+
+pub use state::StateError;
 
 #[cfg(not(target_arch = "wasm32"))]
 pub mod testing;
@@ -46,6 +61,10 @@ pub const MAX_TOPIC_LEN: usize = 65535;
 /// Most records (and, separately, most local publishes) one invocation may
 /// produce; the host refuses the rest with [`EmitError::TooManyRecords`].
 pub const MAX_RECORDS_PER_INVOCATION: usize = 1000;
+
+/// Topics of scheduled runs: this, then the function's name
+/// (`$edgefn/schedule/aggregate`). See [`Message::schedule`].
+pub const SCHEDULE_TOPIC_PREFIX: &str = "$edgefn/schedule/";
 
 // ---------------------------------------------------------------------------
 // The message handed to a handler
@@ -91,6 +110,37 @@ impl<'a> Message<'a> {
     pub fn topic_levels(&self) -> std::str::Split<'a, char> {
         self.topic.split('/')
     }
+
+    /// The scheduled run this message is, or `None` for any other message.
+    ///
+    /// A function with a `schedule` in its configuration is called on those
+    /// times with topic `$edgefn/schedule/<function name>` and payload
+    /// `{"scheduled_ms":…,"now_ms":…}`; this recognises such a message
+    /// (the topic prefix and both fields, as unsigned integers; other fields
+    /// are ignored). Device messages can never have such a topic: topics
+    /// under `$edgefn/` are the gateway's.
+    pub fn schedule(&self) -> Option<ScheduledRun> {
+        if !self.topic.starts_with(SCHEDULE_TOPIC_PREFIX) {
+            return None;
+        }
+        let payload = json::from_slice(self.payload).ok()?;
+        let field = |name: &str| payload.get(name).and_then(json::Value::as_u64);
+        Some(ScheduledRun { scheduled_ms: field("scheduled_ms")?, now_ms: field("now_ms")? })
+    }
+}
+
+/// A scheduled run of the function (see [`Message::schedule`]). Times are
+/// milliseconds since the Unix epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ScheduledRun {
+    /// When the run was due: a multiple of the interval for `every D`, a
+    /// time the expression names for `cron: …`. The run at start-up that
+    /// makes up for runs missed while the gateway was down carries the
+    /// latest time missed.
+    pub scheduled_ms: u64,
+    /// When the gateway handed the run to the function (at or a little
+    /// after `scheduled_ms`; later for the make-up run at start-up).
+    pub now_ms: u64,
 }
 
 // ---------------------------------------------------------------------------
@@ -145,6 +195,12 @@ impl From<EmitError> for Error {
     }
 }
 
+impl From<StateError> for Error {
+    fn from(e: StateError) -> Error {
+        Error::new(e.to_string())
+    }
+}
+
 impl From<json::ParseError> for Error {
     fn from(e: json::ParseError) -> Error {
         Error::new(format!("invalid JSON: {}", e))
@@ -185,7 +241,8 @@ impl From<fmt::Error> for Error {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EmitError {
     /// -1: the topic is empty, not UTF-8, contains `+`, `#` or NUL, or is
-    /// longer than 65535 bytes.
+    /// longer than 65535 bytes (for [`emit`]: less the length of the
+    /// gateway's upstream topic prefix).
     InvalidTopic,
     /// -2: the payload is larger than the gateway's record size limit.
     PayloadTooLarge,
@@ -194,6 +251,10 @@ pub enum EmitError {
     /// -4: this record would take the invocation's records (or publishes)
     /// past the function's `max_emit_bytes`.
     TooManyBytes,
+    /// -5: the topic is outside the function's `emit_allow` (for [`emit`])
+    /// or `publish_allow` (for [`publish`]; by default a function may
+    /// publish nothing). The host counts the refusal.
+    NotAllowed,
     /// A code this SDK does not know (from a newer host).
     Other(i32),
 }
@@ -206,6 +267,7 @@ impl EmitError {
             -2 => EmitError::PayloadTooLarge,
             -3 => EmitError::TooManyRecords,
             -4 => EmitError::TooManyBytes,
+            -5 => EmitError::NotAllowed,
             other => EmitError::Other(other),
         }
     }
@@ -217,6 +279,7 @@ impl EmitError {
             EmitError::PayloadTooLarge => -2,
             EmitError::TooManyRecords => -3,
             EmitError::TooManyBytes => -4,
+            EmitError::NotAllowed => -5,
             EmitError::Other(c) => c,
         }
     }
@@ -229,6 +292,7 @@ impl fmt::Display for EmitError {
             EmitError::PayloadTooLarge => f.write_str("payload larger than the record size limit"),
             EmitError::TooManyRecords => f.write_str("too many records in this invocation"),
             EmitError::TooManyBytes => f.write_str("too many bytes emitted in this invocation"),
+            EmitError::NotAllowed => f.write_str("topic not allowed by the function's emit_allow or publish_allow"),
             EmitError::Other(c) => write!(f, "refused by the host (code {})", c),
         }
     }
@@ -250,12 +314,19 @@ fn check_code(code: i32) -> Result<(), EmitError> {
 /// Emits a record for upstream. The gateway prefixes its configured upstream
 /// topic prefix to `topic`. Records are kept only if the whole invocation
 /// succeeds.
+///
+/// Fails if the host refuses the record (see [`EmitError`]); the
+/// invocation goes on, and `?` passes the refusal on as a failure.
 pub fn emit(topic: &str, payload: impl AsRef<[u8]>) -> Result<(), EmitError> {
     check_code(sys::emit_slices(topic.as_bytes(), payload.as_ref()))
 }
 
 /// Publishes a message to the local broker (a command to a device, or input
 /// for another function). Sent only after the invocation succeeded.
+///
+/// Fails if the host refuses it (see [`EmitError`]): among others with
+/// [`EmitError::NotAllowed`] unless the function's `publish_allow` covers
+/// the topic.
 pub fn publish(topic: &str, payload: impl AsRef<[u8]>) -> Result<(), EmitError> {
     check_code(sys::publish_slices(topic.as_bytes(), payload.as_ref()))
 }
@@ -316,6 +387,25 @@ pub fn env(key: &str) -> Option<String> {
         }
     }
     std::env::var(key).ok()
+}
+
+/// The current time in milliseconds since the Unix epoch, from the
+/// gateway's real-time clock (WASI `clock_time_get`, through
+/// `std::time::SystemTime`); 0 if the clock is before 1970.
+///
+/// Natively, [`testing::set_now_ms`] sets the time seen on the current
+/// thread, so tests of time-dependent logic are repeatable.
+pub fn now_ms() -> u64 {
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        if let Some(ms) = testing::now_override() {
+            return ms;
+        }
+    }
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 // ---------------------------------------------------------------------------
@@ -509,10 +599,12 @@ mod tests {
 
     #[test]
     fn emit_error_codes() {
-        for code in [-1, -2, -3, -4, -7] {
+        for code in [-1, -2, -3, -4, -5, -7] {
             assert_eq!(EmitError::from_code(code).code(), code);
         }
         assert_eq!(EmitError::from_code(-3), EmitError::TooManyRecords);
+        assert_eq!(EmitError::from_code(-5), EmitError::NotAllowed);
+        assert_eq!(EmitError::from_code(-7), EmitError::Other(-7));
         let e: Error = EmitError::InvalidTopic.into();
         assert_eq!(e.message(), "invalid topic");
     }
@@ -528,6 +620,39 @@ mod tests {
         assert_eq!(e.to_string(), "boom");
         let e: Error = json::parse("{").unwrap_err().into();
         assert!(e.message().starts_with("invalid JSON"), "{}", e);
+    }
+
+    #[test]
+    fn scheduled_runs_are_recognised() {
+        let run = |topic: &str, payload: &str| Message::new(topic, payload.as_bytes()).schedule();
+        assert_eq!(
+            run("$edgefn/schedule/aggregate", r#"{"scheduled_ms":1732540800000,"now_ms":1732540800012}"#),
+            Some(ScheduledRun { scheduled_ms: 1_732_540_800_000, now_ms: 1_732_540_800_012 })
+        );
+        // Field order and unknown fields do not matter.
+        assert_eq!(
+            run("$edgefn/schedule/f", r#"{"now_ms":5,"extra":[1],"scheduled_ms":4}"#),
+            Some(ScheduledRun { scheduled_ms: 4, now_ms: 5 })
+        );
+        // Anything else is not a scheduled run.
+        let scheduled = r#"{"scheduled_ms":1,"now_ms":2}"#;
+        assert_eq!(run("sensors/pi-7/temperature", scheduled), None);
+        assert_eq!(run("schedule/f", scheduled), None);
+        assert_eq!(run("$edgefn/schedule/f", r#"{"scheduled_ms":1}"#), None);
+        assert_eq!(run("$edgefn/schedule/f", r#"{"scheduled_ms":-1,"now_ms":2}"#), None);
+        assert_eq!(run("$edgefn/schedule/f", r#"{"scheduled_ms":1.5,"now_ms":2}"#), None);
+        assert_eq!(run("$edgefn/schedule/f", "not json"), None);
+    }
+
+    #[test]
+    fn now_ms_reads_the_clock_unless_a_test_sets_it() {
+        testing::set_now_ms(None);
+        let before = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+        let now = now_ms();
+        assert!(now >= before && now < before + 60_000, "{} vs {}", now, before);
+        testing::set_now_ms(Some(42));
+        assert_eq!(now_ms(), 42);
+        testing::set_now_ms(None);
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The raw host imports of ABI v1 (WebAssembly import module `edgefn`).
 //!
-//! Function authors use the safe wrappers in the crate root ([`crate::emit`],
-//! [`crate::publish`], [`crate::log`], [`crate::set_error`]). The raw imports
+//! Function authors use the safe wrappers: [`crate::emit`],
+//! [`crate::publish`], [`crate::log`], [`crate::set_error`] in the crate root
+//! and [`crate::state`] for the state imports. The raw imports
 //! are declared only when compiling for wasm32 (pointers are 32-bit there);
 //! natively the wrappers go to the recording stand-in in [`crate::testing`].
 //!
@@ -12,10 +13,12 @@
 #[link(wasm_import_module = "edgefn")]
 extern "C" {
     /// `edgefn.emit`: a record for upstream. 0 accepted, -1 invalid topic,
-    /// -2 payload too large, -3 too many records in this invocation.
+    /// -2 payload too large, -3 too many records in this invocation, -4 past
+    /// `max_emit_bytes`, -5 topic outside `emit_allow`.
     pub fn emit(topic_ptr: i32, topic_len: i32, payload_ptr: i32, payload_len: i32) -> i32;
 
-    /// `edgefn.publish`: a message for the local broker; codes as `emit`.
+    /// `edgefn.publish`: a message for the local broker; codes as `emit`
+    /// (-5: outside `publish_allow`).
     pub fn publish(topic_ptr: i32, topic_len: i32, payload_ptr: i32, payload_len: i32) -> i32;
 
     /// `edgefn.log`: level 0 trace, 1 debug, 2 info, 3 warn, 4 error.
@@ -23,6 +26,18 @@ extern "C" {
 
     /// `edgefn.set_error`: the message reported if the handler fails.
     pub fn set_error(msg_ptr: i32, msg_len: i32);
+
+    /// `edgefn.state_get`: the value's length (>= 0) if the key exists,
+    /// copied into the buffer only if it is at most `buf_len`; -1 no such
+    /// key; -7 invalid key (empty or longer than 1024 bytes).
+    pub fn state_get(key_ptr: i32, key_len: i32, buf_ptr: i32, buf_len: i32) -> i32;
+
+    /// `edgefn.state_set`: 0 written; -6 the function's state would pass its
+    /// `state_limit`; -7 invalid key.
+    pub fn state_set(key_ptr: i32, key_len: i32, value_ptr: i32, value_len: i32) -> i32;
+
+    /// `edgefn.state_delete`: 0 deleted (also if it was absent); -7 invalid key.
+    pub fn state_delete(key_ptr: i32, key_len: i32) -> i32;
 }
 
 #[cfg(target_arch = "wasm32")]
@@ -59,7 +74,27 @@ pub(crate) fn set_error_slice(message: &[u8]) {
     unsafe { set_error(ptr(message), len(message)) }
 }
 
+#[cfg(target_arch = "wasm32")]
+pub(crate) fn state_get_slices(key: &[u8], buf: &mut [u8]) -> i32 {
+    // SAFETY: both ranges are live slices of our own memory; the host writes
+    // at most `buf.len()` bytes into `buf`, which we hold mutably.
+    unsafe { state_get(ptr(key), len(key), buf.as_mut_ptr() as usize as i32, len(buf)) }
+}
+
+#[cfg(target_arch = "wasm32")]
+pub(crate) fn state_set_slices(key: &[u8], value: &[u8]) -> i32 {
+    // SAFETY: both ranges are live slices of our own memory.
+    unsafe { state_set(ptr(key), len(key), ptr(value), len(value)) }
+}
+
+#[cfg(target_arch = "wasm32")]
+pub(crate) fn state_delete_slice(key: &[u8]) -> i32 {
+    // SAFETY: a live slice of our own memory.
+    unsafe { state_delete(ptr(key), len(key)) }
+}
+
 #[cfg(not(target_arch = "wasm32"))]
 pub(crate) use crate::testing::{
-    emit_slices, log_slice, publish_slices, set_error_slice,
+    emit_slices, log_slice, publish_slices, set_error_slice, state_delete_slice, state_get_slices,
+    state_set_slices,
 };
