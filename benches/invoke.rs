@@ -20,6 +20,10 @@ fn spec() -> FunctionSpec {
         max_emit_bytes: 1 << 20,
         max_topic_len: edgefn::runtime::MAX_TOPIC_LEN,
         log_rate_limit: 100,
+        emit_allow: None,
+        publish_allow: std::sync::Arc::from([]),
+        state: edgefn::runtime::FunctionState::new("bench", 1 << 20),
+        calls: Default::default(),
     }
 }
 

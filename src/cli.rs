@@ -109,6 +109,14 @@ pub enum Command {
         /// Log lines per second, as `log_rate_limit` in the config.
         #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
         log_rate_limit: u32,
+        /// Start with this state: a JSON object of keys and values (a
+        /// string value is its text); the state the invocation leaves is
+        /// printed after it.
+        #[arg(long)]
+        state: Option<PathBuf>,
+        /// Most bytes of state, as `state_limit` in the config.
+        #[arg(long, default_value = "1MiB")]
+        state_limit: bytesize::ByteSize,
     },
     /// Make a new private signing key; print its public key, for
     /// `deploy.trusted_keys`.
@@ -145,6 +153,22 @@ pub enum Command {
         #[command(flatten)]
         access: BrokerAccess,
     },
+    /// Inspect, replay or delete the gateway's dead letters (safe while
+    /// the daemon runs).
+    DeadLetters {
+        /// The gateway's configuration file.
+        #[arg(
+            long,
+            short,
+            global = true,
+            env = "EDGEFN_CONFIG",
+            default_value = "/etc/edgefn/edgefn.toml"
+        )]
+        config: PathBuf,
+        /// What to do.
+        #[command(subcommand)]
+        action: DeadLettersCommand,
+    },
     /// Make a signed tombstone: the targeted gateways stop running the
     /// function.
     Remove {
@@ -154,6 +178,88 @@ pub enum Command {
         #[command(flatten)]
         bundle: BundleArgs,
     },
+}
+
+/// `edgefn dead-letters` subcommands.
+#[derive(Debug, clap::Subcommand)]
+pub enum DeadLettersCommand {
+    /// One line per dead letter, oldest first.
+    List {
+        /// Only this function's.
+        #[arg(long)]
+        function: Option<String>,
+    },
+    /// One dead letter in full, payload included.
+    Show {
+        /// Its id (from `list`).
+        id: i64,
+    },
+    /// Run dead letters again, through the current version of their
+    /// function, in the running daemon: deleted if they run, kept with
+    /// their attempts counted up if they fail again.
+    Replay {
+        /// These ids.
+        ids: Vec<i64>,
+        /// Every dead letter of this function.
+        #[arg(long)]
+        function: Option<String>,
+        /// Every dead letter.
+        #[arg(long, conflicts_with_all = ["ids", "function"])]
+        all: bool,
+    },
+    /// Delete dead letters.
+    Purge {
+        /// These ids.
+        ids: Vec<i64>,
+        /// Only this function's.
+        #[arg(long)]
+        function: Option<String>,
+        /// Only those stored longer ago than this, e.g. 7d.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        older_than: Option<std::time::Duration>,
+        /// Every dead letter.
+        #[arg(long, conflicts_with_all = ["ids", "function", "older_than"])]
+        all: bool,
+    },
+}
+
+impl DeadLettersCommand {
+    fn action(self) -> anyhow::Result<crate::dead_letters::Action> {
+        use crate::dead_letters::Action;
+        use crate::store::Selection;
+        let now_ms = crate::fleet::version_now();
+        Ok(match self {
+            DeadLettersCommand::List { function } => Action::List { function },
+            DeadLettersCommand::Show { id } => Action::Show { id },
+            DeadLettersCommand::Replay { ids, function, all } => {
+                if ids.is_empty() && function.is_none() && !all {
+                    anyhow::bail!("say which dead letters: IDs, --function NAME or --all");
+                }
+                Action::Replay(Selection {
+                    ids,
+                    function,
+                    before_ms: None,
+                })
+            }
+            DeadLettersCommand::Purge {
+                ids,
+                function,
+                older_than,
+                all,
+            } => {
+                if ids.is_empty() && function.is_none() && older_than.is_none() && !all {
+                    anyhow::bail!(
+                        "say which dead letters: IDs, --function NAME, --older-than AGE or --all"
+                    );
+                }
+                Action::Purge(Selection {
+                    ids,
+                    function,
+                    before_ms: older_than.map(|d| now_ms.saturating_sub(d.as_millis() as u64)),
+                })
+            }
+        })
+    }
 }
 
 /// Who a bundle is for, and who signs it.
@@ -355,6 +461,20 @@ pub struct ManifestArgs {
     /// `log_rate_limit`
     #[arg(long)]
     log_rate_limit: Option<i64>,
+    /// `schedule`: "every 30s" or "cron: 0 */5 * * * *".
+    #[arg(long)]
+    schedule: Option<String>,
+    /// `state_limit`, e.g. 1MiB.
+    #[arg(long)]
+    state_limit: Option<String>,
+    /// `emit_allow`: a topic filter the function may emit to (repeatable;
+    /// none given: any).
+    #[arg(long = "emit-allow")]
+    emit_allow: Vec<String>,
+    /// `publish_allow`: a topic filter the function may publish to on the
+    /// local broker (repeatable; none given: none).
+    #[arg(long = "publish-allow")]
+    publish_allow: Vec<String>,
 }
 
 impl ManifestArgs {
@@ -380,6 +500,14 @@ impl ManifestArgs {
         set(&mut m.timeout, self.timeout);
         set(&mut m.max_record_size, self.max_record_size);
         set(&mut m.max_emit_bytes, self.max_emit_bytes);
+        set(&mut m.schedule, self.schedule);
+        set(&mut m.state_limit, self.state_limit);
+        if !self.emit_allow.is_empty() {
+            m.emit_allow = Some(self.emit_allow);
+        }
+        if !self.publish_allow.is_empty() {
+            m.publish_allow = Some(self.publish_allow);
+        }
         m.concurrency = self.concurrency.or(m.concurrency);
         m.retries = self.retries.or(m.retries);
         m.fuel = self.fuel.or(m.fuel);
@@ -410,6 +538,15 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Check { config } => check(&config),
+        Command::DeadLetters { config, action } => {
+            let config = Config::load(&config)?;
+            let functions: Vec<String> = config.functions.iter().map(|f| f.name.clone()).collect();
+            print!(
+                "{}",
+                crate::dead_letters::run(&config.gateway.data_dir, &functions, action.action()?)?
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         #[cfg(feature = "embedded-broker")]
         Command::Demo {
             module,
@@ -448,6 +585,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             fuel,
             max_emit_bytes,
             log_rate_limit,
+            state,
+            state_limit,
         } => {
             let payload = match payload.strip_prefix('@') {
                 Some(file) => std::fs::read(file)
@@ -465,9 +604,17 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 fuel,
                 max_emit_bytes: max_emit_bytes.as_u64() as usize,
                 log_rate_limit,
+                state: state
+                    .as_deref()
+                    .map(crate::invoke::read_state)
+                    .transpose()?,
+                state_limit: state_limit.as_u64() as usize,
             };
-            let report = crate::invoke::invoke(&req)?;
+            let (report, after) = crate::invoke::invoke(&req)?;
             print!("{}", crate::invoke::render(&req.module, &report, fuel));
+            if req.state.is_some() || !after.is_empty() {
+                println!("state   {}", crate::invoke::state_json(&after));
+            }
             Ok(ExitCode::from(crate::invoke::exit_code(&report) as u8))
         }
         Command::Keygen { out } => {

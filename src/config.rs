@@ -199,6 +199,18 @@ pub struct FunctionManifest {
     /// `log_rate_limit`
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log_rate_limit: Option<i64>,
+    /// `schedule`
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<String>,
+    /// `state_limit`
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_limit: Option<String>,
+    /// `emit_allow`
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub emit_allow: Option<Vec<String>>,
+    /// `publish_allow`
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub publish_allow: Option<Vec<String>>,
 }
 
 impl FunctionManifest {
@@ -445,6 +457,15 @@ pub struct FunctionConfig {
     /// Log lines per second (from `log`, stdout and stderr) the function's
     /// instances may write together; the rest are counted and reported.
     pub log_rate_limit: u32,
+    /// When it runs besides its triggers, if at all.
+    pub schedule: Option<crate::schedule::Schedule>,
+    /// Most bytes of keys and values its durable state may hold.
+    pub state_limit: usize,
+    /// Topic filters it may emit to (before the upstream prefix); `None`:
+    /// any.
+    pub emit_allow: Option<Vec<TopicFilter>>,
+    /// Topic filters it may publish to on the local broker; empty: none.
+    pub publish_allow: Vec<TopicFilter>,
 }
 
 /// Default `[gateway] data_dir`.
@@ -1228,19 +1249,47 @@ fn check_function(
             ),
         );
     }
-    if raw.triggers.is_empty() {
+    if raw.triggers.is_empty() && raw.schedule.is_none() {
         p.push(
             format!("{key}.triggers"),
-            "needs at least one MQTT topic filter, e.g. [\"sensors/+/temperature\"]",
+            "needs at least one MQTT topic filter, e.g. [\"sensors/+/temperature\"], \
+             or a schedule",
         );
     }
-    let mut triggers = Vec::new();
-    for (j, t) in raw.triggers.iter().enumerate() {
-        match TopicFilter::new(t) {
-            Ok(f) => triggers.push(f),
-            Err(e) => p.push(format!("{key}.triggers[{j}]"), format!("{t:?}: {e}")),
+    let triggers = filters(p, &format!("{key}.triggers"), &raw.triggers);
+    for (j, t) in triggers.iter().enumerate() {
+        if t.as_str().starts_with("$edgefn/") {
+            p.push(
+                format!("{key}.triggers[{j}]"),
+                format!("{t:?}: topics under $edgefn/ are edgefn's own"),
+            );
         }
     }
+    let schedule = raw.schedule.as_deref().and_then(|s| {
+        crate::schedule::Schedule::parse(s)
+            .map_err(|e| p.push(format!("{key}.schedule"), e))
+            .ok()
+    });
+    let state_limit = p.size(
+        &format!("{key}.state_limit"),
+        raw.state_limit.as_deref(),
+        "1MiB",
+    );
+    if state_limit > MAX_MESSAGE_SIZE {
+        p.push(
+            format!("{key}.state_limit"),
+            format!("{state_limit} bytes is more than 256MiB"),
+        );
+    }
+    let emit_allow = raw
+        .emit_allow
+        .as_ref()
+        .map(|a| filters(p, &format!("{key}.emit_allow"), a));
+    let publish_allow = filters(
+        p,
+        &format!("{key}.publish_allow"),
+        raw.publish_allow.as_deref().unwrap_or_default(),
+    );
     for k in raw.env.keys() {
         if k.is_empty() || k.contains(['=', '\0']) {
             p.push(
@@ -1305,7 +1354,23 @@ fn check_function(
         fuel,
         max_emit_bytes: max_emit_bytes.min(MAX_MESSAGE_SIZE) as usize,
         log_rate_limit,
+        schedule,
+        state_limit: state_limit.min(MAX_MESSAGE_SIZE) as usize,
+        emit_allow,
+        publish_allow,
     }
+}
+
+/// Checks a list of topic filters (problems keyed `key[i]`).
+fn filters(p: &mut Checker, key: &str, list: &[String]) -> Vec<TopicFilter> {
+    let mut out = Vec::new();
+    for (j, t) in list.iter().enumerate() {
+        match TopicFilter::new(t) {
+            Ok(f) => out.push(f),
+            Err(e) => p.push(format!("{key}[{j}]"), format!("{t:?}: {e}")),
+        }
+    }
+    out
 }
 
 #[cfg(test)]

@@ -26,7 +26,7 @@ use crate::bundle::{self, Body, Change, Refusal, Verifier};
 use crate::config::{DeployConfig, FunctionConfig};
 use crate::registry::{Deployed, Origin, Registry};
 use crate::runtime::pool::VersionCounts;
-use crate::runtime::{FunctionSpec, LoadError, Runtime};
+use crate::runtime::{LoadError, Runtime};
 use crate::store::{Deployments, StoreError};
 
 /// Why a bundle was not applied: a stable code and a text.
@@ -295,6 +295,9 @@ impl Deployer {
                 })
             }
             Change::Remove { .. } => {
+                // Its outcomes still in flight write no state from now
+                // on, so none outlives the delete.
+                self.registry.forget_state(&name);
                 let n = name.clone();
                 self.blocking(move |s| s.remove(&n, version)).await?;
                 let removed = self.registry.remove(&name);
@@ -432,7 +435,7 @@ impl Deployer {
             let list: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
             Refused::new("invalid_manifest", list.join("; "))
         })?;
-        let spec = FunctionSpec::from_config(&config, &self.topic_prefix);
+        let spec = self.registry.spec(&config, &self.topic_prefix);
         let origin = format!("bundle {} v{}", config.name, body.version);
         let runtime = self.runtime.clone();
         let module = module.clone();

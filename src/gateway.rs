@@ -21,6 +21,7 @@ use tokio::sync::{Notify, mpsc, watch};
 
 use crate::config::{BrokerClientConfig, Config, DeployBroker, FunctionConfig, LocalSource};
 use crate::control::Control;
+use crate::dead_letters::Replayer;
 use crate::deploy::{Applied, Deployer, Refused};
 use crate::forward::Forwarder;
 use crate::ingest::mqtt::MqttIngest;
@@ -28,7 +29,8 @@ use crate::metrics::{Metrics, Snapshot};
 use crate::pipeline::Pipeline;
 use crate::registry::{Deployed, Origin, Registry};
 use crate::runtime::pool::{FunctionMetrics, Pool};
-use crate::runtime::{FunctionSpec, Runtime, Target};
+use crate::runtime::{Runtime, Target};
+use crate::schedule::Scheduler;
 use crate::store;
 
 /// How long the pipeline may take to commit what it holds at shutdown
@@ -97,6 +99,14 @@ impl Gateway {
                 .with_context(|| format!("cannot create {}", artifacts.display()))?,
         );
         let registry = Arc::new(Registry::default());
+        registry.preload_state(
+            reader
+                .function_states()
+                .context("cannot read the functions' state")?,
+        );
+        let last_runs = reader
+            .schedule_runs()
+            .context("cannot read the functions' last scheduled runs")?;
         let topic_prefix = config
             .upstream
             .as_ref()
@@ -154,6 +164,18 @@ impl Gateway {
             local_publish: Some(publish_tx),
         }
         .start(deliveries_rx);
+        tokio::spawn(
+            Scheduler::new(registry.clone(), deliveries_tx.clone(), last_runs)
+                .run(shutdown_rx.clone()),
+        );
+        tokio::spawn(
+            Replayer {
+                store: store::DeadLetters::open(&config.gateway.data_dir)
+                    .context("cannot open the dead letters")?,
+                deliveries: deliveries_tx.clone(),
+            }
+            .run(shutdown_rx.clone()),
+        );
 
         // What an external broker's persistent session may hold for us.
         let session_filters = reader.session_filters();
@@ -486,7 +508,7 @@ async fn start_function(
     origin: Origin,
 ) -> anyhow::Result<Deployed> {
     let rt = runtime.clone();
-    let spec = FunctionSpec::from_config(f, topic_prefix);
+    let spec = registry.spec(f, topic_prefix);
     let path = f.module.clone();
     let function = tokio::task::spawn_blocking(move || rt.load_file(&path, spec)).await??;
     tracing::info!(function = %f.name, module = %f.module.display(), precompiled = function.precompiled(), "function loaded");

@@ -6,7 +6,11 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::time::Duration;
 
-use crate::runtime::{FunctionSpec, GuestLog, LogLevel, Report, Runtime, Target};
+use std::sync::Arc;
+
+use crate::route::TopicFilter;
+use crate::runtime::state::{Entries, StateMap};
+use crate::runtime::{FunctionSpec, FunctionState, GuestLog, LogLevel, Report, Runtime, Target};
 
 /// What `edgefn invoke` runs.
 #[derive(Debug, Clone)]
@@ -32,18 +36,67 @@ pub struct InvokeRequest {
     pub max_emit_bytes: usize,
     /// Log lines per second (`log_rate_limit`).
     pub log_rate_limit: u32,
+    /// The function's state before the invocation (`--state`), if given.
+    pub state: Option<Entries>,
+    /// Most bytes of state (`state_limit`).
+    pub state_limit: usize,
+}
+
+/// Reads a `--state` file: a JSON object of keys and values; a string
+/// value is its text, any other value its JSON.
+pub fn read_state(path: &Path) -> anyhow::Result<Entries> {
+    use anyhow::Context as _;
+    let text = std::fs::read(path)
+        .with_context(|| format!("cannot read state file {}", path.display()))?;
+    let map: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&text)
+        .with_context(|| {
+            format!(
+                "{} is not a JSON object of state keys and values",
+                path.display()
+            )
+        })?;
+    Ok(map
+        .into_iter()
+        .map(|(k, v)| {
+            let v = match v {
+                serde_json::Value::String(s) => s.into_bytes(),
+                other => other.to_string().into_bytes(),
+            };
+            (k.into_bytes(), v)
+        })
+        .collect())
+}
+
+/// The state after an invocation, as `edgefn invoke` prints it: a JSON
+/// object (values that are not UTF-8 as hex, `0x…`).
+pub fn state_json(state: &StateMap) -> String {
+    let map: serde_json::Map<String, serde_json::Value> = state
+        .iter()
+        .map(|(k, v)| {
+            (
+                String::from_utf8_lossy(k).into_owned(),
+                serde_json::Value::String(show_payload(v)),
+            )
+        })
+        .collect();
+    serde_json::to_string_pretty(&map).expect("state JSON")
 }
 
 /// Loads the module and runs the event once on a fresh instance.
 ///
 /// Fails if the module does not load; a failing *invocation* is reported
 /// in the [`Report`].
-pub fn invoke(req: &InvokeRequest) -> anyhow::Result<Report> {
+pub fn invoke(req: &InvokeRequest) -> anyhow::Result<(Report, StateMap)> {
     let runtime = Runtime::new(if req.pulley {
         Target::Pulley
     } else {
         Target::for_host()
     })?;
+    let state = FunctionState::with(
+        "invoke",
+        req.state_limit,
+        req.state.clone().unwrap_or_default(),
+    );
     let spec = FunctionSpec {
         name: "invoke".into(),
         env: req.env.clone(),
@@ -54,12 +107,17 @@ pub fn invoke(req: &InvokeRequest) -> anyhow::Result<Report> {
         max_topic_len: crate::runtime::MAX_TOPIC_LEN,
         log_rate_limit: req.log_rate_limit,
         fuel: Some(req.fuel.unwrap_or(u64::MAX)),
+        emit_allow: None,
+        publish_allow: Arc::from([TopicFilter::new("#").expect("a filter")]),
+        state: state.clone(),
+        calls: Arc::default(),
     };
     let function = runtime.load_file(&req.module, spec)?;
     let mut instance = function
         .new_capturing_instance()
         .map_err(|f| anyhow::anyhow!("{}: {f}", req.module.display()))?;
-    Ok(instance.invoke_report(&req.topic, &req.payload))
+    let report = instance.invoke_report(&req.topic, &req.payload);
+    Ok((report, state.entries()))
 }
 
 /// Renders a payload for a terminal: UTF-8 text as is, bytes as hex.

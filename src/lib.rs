@@ -39,6 +39,7 @@ pub mod bundle;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod dead_letters;
 #[cfg(feature = "embedded-broker")]
 pub mod demo;
 pub mod deploy;
@@ -52,5 +53,6 @@ pub mod pipeline;
 pub mod registry;
 pub mod route;
 pub mod runtime;
+pub mod schedule;
 pub mod store;
 pub mod tls;

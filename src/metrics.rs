@@ -54,6 +54,12 @@ counters! {
     /// Old dead letters deleted to keep them within
     /// `buffer.dead_letters_max_size`.
     dead_letters_dropped,
+    /// Dead letters replayed (`edgefn dead-letters replay`) and run.
+    replays_done,
+    /// Replayed dead letters that failed again (they stay).
+    replays_failed,
+    /// Replays refused: the dead letter's function is not on the gateway.
+    replays_refused,
     /// Group commits.
     commit_batches,
     /// Failed commit attempts (retried; nothing acknowledged meanwhile).

@@ -37,12 +37,12 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::{Notify, mpsc, oneshot};
 
-use crate::ingest::{Ack, Backoff, Delivery};
+use crate::ingest::{Ack, Backoff, Delivery, Replay};
 use crate::metrics::Metrics;
 use crate::registry::{Deployed, Registry};
 use crate::runtime::Emitted;
 use crate::runtime::pool::Outcome;
-use crate::store::{DeadLetter, NewRecord, Outcomes, Writer};
+use crate::store::{DeadLetter, NewRecord, Outcomes, Replayed, Writer};
 
 /// A commit that takes this long is logged: on a healthy SD card a commit
 /// takes a few milliseconds, so this means storage trouble that devices
@@ -63,6 +63,8 @@ struct Pending {
     /// `(function version, outcome)` taken so far, in match order; `None`
     /// if the pool shut down before running it.
     settled: Vec<(Arc<Deployed>, Option<Outcome>)>,
+    /// Set for a replayed dead letter.
+    replay: Option<Replay>,
 }
 
 impl Pending {
@@ -95,6 +97,18 @@ impl Pending {
         debug_assert!(self.running.is_empty());
         let mut outcomes = Outcomes::default();
         let mut publishes = Vec::new();
+        if let Some(r) = &self.replay {
+            if r.function == crate::store::UPSTREAM {
+                // A record the upstream refused: sent again.
+                outcomes.records.push(NewRecord {
+                    topic: self.topic.to_string(),
+                    payload: self.payload.to_vec(),
+                });
+                outcomes.replays.push(Replayed::Done { id: r.id });
+            } else if self.settled.is_empty() {
+                outcomes.replays.push(Replayed::NoFunction { id: r.id });
+            }
+        }
         for (f, outcome) in self.settled {
             match outcome? {
                 Outcome::Ok(out) => {
@@ -105,16 +119,35 @@ impl Pending {
                             payload: e.payload,
                         }));
                     publishes.extend(out.publishes);
+                    if !out.state.is_empty() {
+                        outcomes.state.push((f.state().clone(), out.state));
+                    }
                 }
-                Outcome::Failed { attempts, failure } => outcomes.dead_letters.push(DeadLetter {
-                    function: f.name().to_owned(),
-                    topic: self.topic.to_string(),
-                    payload: self.payload.to_vec(),
-                    kind: failure.kind(),
-                    error: failure.to_string(),
-                    attempts,
-                }),
+                Outcome::Failed { attempts, failure } => {
+                    let letter = DeadLetter {
+                        function: f.name().to_owned(),
+                        topic: self.topic.to_string(),
+                        payload: self.payload.to_vec(),
+                        kind: failure.kind(),
+                        error: failure.to_string(),
+                        attempts,
+                        version: Some(f.version()),
+                    };
+                    match &self.replay {
+                        Some(r) => outcomes.replays.push(Replayed::Failed { id: r.id, letter }),
+                        None => outcomes.dead_letters.push(letter),
+                    }
+                    continue;
+                }
             }
+            if let Some(r) = &self.replay {
+                outcomes.replays.push(Replayed::Done { id: r.id });
+            }
+        }
+        if let Some(name) = crate::schedule::function_of(&self.topic)
+            && let Ok(run) = serde_json::from_slice::<crate::schedule::Run>(&self.payload)
+        {
+            outcomes.schedule_runs.push((name.into(), run.scheduled_ms));
         }
         Some(Ready {
             outcomes,
@@ -237,8 +270,23 @@ async fn dispatch(
             continue;
         }
         let table = registry.table();
-        table.route_into(&d.topic, &mut matched);
-        if matched.is_empty() {
+        if let Some(r) = &d.replay {
+            // To the function that failed on it, whatever else the topic
+            // triggers.
+            matched.clear();
+            matched.extend(table.position(&r.function));
+            if matched.is_empty() && r.function != crate::store::UPSTREAM {
+                tracing::error!(
+                    id = r.id,
+                    function = r.function,
+                    "cannot replay a dead letter: its function is not on this gateway (it stays a dead letter)"
+                );
+                Metrics::add(&metrics.replays_refused, 1);
+            }
+        } else {
+            table.route_into(&d.topic, &mut matched);
+        }
+        if matched.is_empty() && d.replay.is_none() {
             Metrics::add(&metrics.unrouted, 1);
             d.ack.complete();
             continue;
@@ -256,6 +304,7 @@ async fn dispatch(
             payload: d.payload,
             settled: Vec::with_capacity(running.len()),
             running,
+            replay: d.replay,
         };
         if pending.send(p).await.is_err() {
             return;
@@ -333,7 +382,11 @@ fn commit_loop(
             }
             let before = batch.len();
             if room.is_ok() {
-                batch.retain(|r| r.ack.claim());
+                // An outcome that wrote state is committed even if its
+                // source gave up (the device then sends a duplicate): the
+                // state in memory already holds its writes, and later
+                // invocations read them.
+                batch.retain(|r| r.ack.claim() || !r.outcomes.state.is_empty());
                 Metrics::add(&metrics.abandoned, (before - batch.len()) as u64);
             }
             let mut outcomes: Vec<&mut Outcomes> =
@@ -390,6 +443,13 @@ fn commit_loop(
             committed.notify_one();
         }
         for r in batch.drain(..) {
+            for replayed in &r.outcomes.replays {
+                match replayed {
+                    Replayed::Done { .. } => Metrics::add(&metrics.replays_done, 1),
+                    Replayed::Failed { .. } => Metrics::add(&metrics.replays_failed, 1),
+                    Replayed::NoFunction { .. } => {}
+                }
+            }
             r.ack.complete();
             for p in r.publishes {
                 if let Some(tx) = &local_publish {
@@ -483,7 +543,10 @@ mod tests {
         concurrency: usize,
     ) -> (mpsc::Sender<Delivery>, Running) {
         let rt = Runtime::new(Target::Native).unwrap();
-        let spec = FunctionSpec::for_test("f");
+        let spec = FunctionSpec {
+            publish_allow: Arc::from([TopicFilter::new("#").unwrap()]),
+            ..FunctionSpec::for_test("f")
+        };
         let f = rt.load("f", &wat::parse_str(wat).unwrap(), spec).unwrap();
         let registry = Arc::new(Registry::default());
         let pool = Pool::start(Arc::new(f), concurrency, 0, registry.metrics_for("f")).unwrap();
@@ -517,6 +580,7 @@ mod tests {
                 topic: "t".into(),
                 payload: Bytes::from(format!("go {i}")),
                 ack,
+                replay: None,
             })
             .await
             .unwrap();
@@ -550,6 +614,7 @@ mod tests {
                 topic,
                 payload,
                 ack,
+                replay: None,
             })
             .await
             .unwrap();
@@ -568,6 +633,111 @@ mod tests {
             .map(|r| r.payload)
             .collect();
         assert_eq!(order, [b"slow".to_vec(), b"fast".to_vec()]);
+        drop(tx);
+        running.drain(Duration::from_secs(5)).await;
+    }
+
+    /// Emits what state key `k` held (to `seen`, if anything), sets it to
+    /// the payload, then traps if the payload starts with `!`.
+    const STATEFUL: &str = r#"(module
+      (import "edgefn" "state_get" (func $get (param i32 i32 i32 i32) (result i32)))
+      (import "edgefn" "state_set" (func $set (param i32 i32 i32 i32) (result i32)))
+      (import "edgefn" "emit" (func $emit (param i32 i32 i32 i32) (result i32)))
+      (memory (export "memory") 2)
+      (data (i32.const 0) "k")
+      (data (i32.const 16) "seen")
+      (func (export "edgefn_abi_version") (result i32) (i32.const 1))
+      (func (export "edgefn_alloc") (param i32) (result i32) (i32.const 1024))
+      (func (export "edgefn_on_message") (param i32 i32 i32 i32) (result i32)
+        (local $n i32)
+        (local.set $n (call $get (i32.const 0) (i32.const 1) (i32.const 512) (i32.const 256)))
+        (if (i32.ge_s (local.get $n) (i32.const 0))
+          (then (drop (call $emit (i32.const 16) (i32.const 4) (i32.const 512) (local.get $n)))))
+        (drop (call $set (i32.const 0) (i32.const 1) (local.get 2) (local.get 3)))
+        (if (i32.eq (i32.load8_u (local.get 2)) (i32.const 33)) (then unreachable))
+        (i32.const 0)))"#;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn state_is_committed_with_the_outcome_and_a_failed_invocation_leaves_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let (writer, reader) = open_store(dir.path(), Durability::Full);
+        let metrics = Arc::new(Metrics::default());
+        let (tx, running) = start(STATEFUL, writer, &metrics, None, 1);
+        for payload in ["one", "!trap", "two"] {
+            let (ack, waiter) = Ack::waiter();
+            tx.send(Delivery {
+                topic: "t".into(),
+                payload: Bytes::from(payload),
+                ack,
+                replay: None,
+            })
+            .await
+            .unwrap();
+            assert_eq!(waiter.await, Ok(()));
+        }
+        // "two" saw "one": the write of the failed "trap" was discarded.
+        let seen: Vec<Vec<u8>> = reader
+            .after(0, 10)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.payload)
+            .collect();
+        assert_eq!(seen, [b"one".to_vec()]);
+        assert_eq!(metrics.dead_letters.load(Ordering::Relaxed), 1);
+        let stored = reader.function_states().unwrap();
+        assert_eq!(stored["f"], [(b"k".to_vec(), b"two".to_vec())]);
+        drop(tx);
+        running.drain(Duration::from_secs(5)).await;
+    }
+
+    /// Adds one to the little-endian u32 under state key `k`.
+    const COUNTER: &str = r#"(module
+      (import "edgefn" "state_get" (func $get (param i32 i32 i32 i32) (result i32)))
+      (import "edgefn" "state_set" (func $set (param i32 i32 i32 i32) (result i32)))
+      (memory (export "memory") 2)
+      (data (i32.const 0) "k")
+      (func (export "edgefn_abi_version") (result i32) (i32.const 1))
+      (func (export "edgefn_alloc") (param i32) (result i32) (i32.const 1024))
+      (func (export "edgefn_on_message") (param i32 i32 i32 i32) (result i32)
+        (if (i32.ne (call $get (i32.const 0) (i32.const 1) (i32.const 512) (i32.const 4)) (i32.const 4))
+          (then (i32.store (i32.const 512) (i32.const 0))))
+        (i32.store (i32.const 512) (i32.add (i32.load (i32.const 512)) (i32.const 1)))
+        (drop (call $set (i32.const 0) (i32.const 1) (i32.const 512) (i32.const 4)))
+        (i32.const 0)))"#;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn messages_in_flight_together_each_see_the_state_the_one_before_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let (writer, reader) = open_store(dir.path(), Durability::Full);
+        let metrics = Arc::new(Metrics::default());
+        let (tx, running) = start(COUNTER, writer, &metrics, None, 1);
+        // All sent before any is acknowledged: most run while the ones
+        // before them wait for their commit.
+        let mut waiters = Vec::new();
+        for i in 0..200 {
+            let (ack, waiter) = Ack::waiter();
+            tx.send(Delivery {
+                topic: "t".into(),
+                payload: Bytes::from(format!("{i}")),
+                ack,
+                replay: None,
+            })
+            .await
+            .unwrap();
+            waiters.push(waiter);
+        }
+        for w in waiters {
+            assert_eq!(w.await, Ok(()));
+        }
+        assert!(
+            metrics.commit_batches.load(Ordering::Relaxed) < 200,
+            "no two messages shared a commit: the test proves nothing"
+        );
+        let stored = reader.function_states().unwrap();
+        assert_eq!(
+            stored["f"],
+            [(b"k".to_vec(), 200u32.to_le_bytes().to_vec())]
+        );
         drop(tx);
         running.drain(Duration::from_secs(5)).await;
     }
@@ -596,6 +766,7 @@ mod tests {
             topic: "t".into(),
             payload,
             ack,
+            replay: None,
         })
         .await
         .unwrap();

@@ -25,6 +25,9 @@ use tokio::sync::watch;
 
 use crate::route::{Router, TopicFilter};
 use crate::runtime::pool::{FunctionMetrics, Pool};
+use crate::runtime::state::Entries;
+use crate::runtime::{FunctionSpec, FunctionState, RefusedCalls};
+use crate::schedule::Schedule;
 
 /// Where a function comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,6 +53,10 @@ pub struct Deployed {
     origin: Origin,
     /// SHA-256 of its module (hex), for a deployed one.
     sha256: Option<String>,
+    /// When it runs besides its triggers.
+    schedule: Option<Arc<Schedule>>,
+    /// What routes to it: its triggers, and its schedule's topic.
+    routes: Vec<TopicFilter>,
 }
 
 impl Deployed {
@@ -64,11 +71,27 @@ impl Deployed {
         Deployed {
             name: name.into(),
             version,
+            routes: triggers.clone(),
             triggers,
             pool,
             origin,
             sha256: None,
+            schedule: None,
         }
+    }
+
+    /// The same, run on `schedule` too.
+    pub fn with_schedule(mut self, schedule: Schedule) -> Deployed {
+        let topic = crate::schedule::topic(&self.name);
+        self.routes
+            .push(TopicFilter::new(&topic).expect("a function name makes a topic"));
+        self.schedule = Some(Arc::new(schedule));
+        self
+    }
+
+    /// When it runs besides its triggers, if at all.
+    pub fn schedule(&self) -> Option<&Arc<Schedule>> {
+        self.schedule.as_ref()
     }
 
     /// The same, with the SHA-256 of its module (hex).
@@ -104,6 +127,11 @@ impl Deployed {
         self.origin
     }
 
+    /// Its durable state (its name's, shared by its versions).
+    pub fn state(&self) -> &Arc<FunctionState> {
+        &self.pool.function().spec().state
+    }
+
     /// Its pool, to submit messages to.
     pub fn pool(&self) -> &Pool {
         &self.pool
@@ -128,7 +156,7 @@ pub struct Table {
 
 impl Table {
     fn new(functions: Vec<Arc<Deployed>>) -> Table {
-        let router = Router::new(functions.iter().map(|f| f.triggers()));
+        let router = Router::new(functions.iter().map(|f| f.routes.as_slice()));
         Table { functions, router }
     }
 
@@ -159,18 +187,36 @@ impl Table {
         self.functions.iter().find(|f| f.name() == name)
     }
 
-    /// Every distinct trigger filter, in installation order.
+    /// The index (for [`Table::function`]) of the function called `name`.
+    pub fn position(&self, name: &str) -> Option<usize> {
+        self.functions.iter().position(|f| f.name() == name)
+    }
+
+    /// Every distinct trigger filter, in installation order (not the
+    /// schedules' topics, which no broker delivers).
     pub fn filters(&self) -> Vec<String> {
         self.router
             .filters()
             .into_iter()
+            .filter(|f| !f.as_str().starts_with(crate::schedule::TOPIC_PREFIX))
             .map(|f| f.to_string())
+            .collect()
+    }
+
+    /// The scheduled functions and their schedules.
+    pub fn schedules(&self) -> Schedules {
+        self.functions
+            .iter()
+            .filter_map(|f| Some((f.name.clone(), f.schedule.clone()?)))
             .collect()
     }
 }
 
 /// The set of trigger filters, as ingest subscribes to it.
 pub type Filters = Arc<[String]>;
+
+/// The scheduled functions, as the scheduler follows them.
+pub type Schedules = Arc<[(Arc<str>, Arc<Schedule>)]>;
 
 /// The functions that run now (see the module doc).
 pub struct Registry {
@@ -180,13 +226,19 @@ pub struct Registry {
     changing: Mutex<Counters>,
     /// The current table's filters; sent only when they change.
     filters: watch::Sender<Filters>,
+    /// The current table's schedules; sent only when they change.
+    schedules: watch::Sender<Schedules>,
 }
 
-/// Per-name counters, kept across versions of a function.
+/// What belongs to a function's name and is kept across its versions.
 #[derive(Default)]
 struct Counters {
-    /// By function name.
+    /// Counters, by function name.
     by_name: HashMap<String, Arc<FunctionMetrics>>,
+    /// Refused import calls, by function name.
+    calls: HashMap<String, Arc<RefusedCalls>>,
+    /// Durable state, by function name.
+    states: HashMap<String, Arc<FunctionState>>,
 }
 
 impl Default for Registry {
@@ -195,6 +247,7 @@ impl Default for Registry {
             current: ArcSwap::from_pointee(Table::default()),
             changing: Mutex::new(Counters::default()),
             filters: watch::channel(Filters::from(Vec::new())).0,
+            schedules: watch::channel(Schedules::from(Vec::new())).0,
         }
     }
 }
@@ -205,9 +258,57 @@ impl Registry {
         self.current.load_full()
     }
 
-    /// Whether any current function is triggered by `topic`.
+    /// Whether any current function is triggered by `topic` as a broker
+    /// delivers it: never by a schedule's topic, which only the scheduler
+    /// uses.
     pub fn matches_any(&self, topic: &str) -> bool {
-        self.current.load().matches_any(topic)
+        !topic.starts_with(crate::schedule::TOPIC_PREFIX) && self.current.load().matches_any(topic)
+    }
+
+    /// Loads the committed state of functions (by name) read from the
+    /// store at start-up; a function started later with that name gets it.
+    pub fn preload_state(&self, states: HashMap<String, Entries>) {
+        let mut c = self.changing.lock().expect("registry lock");
+        for (name, entries) in states {
+            let state = FunctionState::with(&name, crate::runtime::state::DEFAULT_LIMIT, entries);
+            c.states.insert(name, state);
+        }
+    }
+
+    /// The spec to load `f`'s module with: its limits, and the state and
+    /// counters its name keeps across versions.
+    pub fn spec(&self, f: &crate::config::FunctionConfig, topic_prefix: &str) -> FunctionSpec {
+        let mut spec = FunctionSpec::from_config(f, topic_prefix);
+        let mut c = self.changing.lock().expect("registry lock");
+        let state = c
+            .states
+            .entry(f.name.clone())
+            .or_insert_with(|| spec.state.clone());
+        state.set_limit(f.state_limit);
+        spec.state = state.clone();
+        spec.calls = c.calls.entry(f.name.clone()).or_default().clone();
+        spec
+    }
+
+    /// The state of the function called `name`, if it has one.
+    pub fn state(&self, name: &str) -> Option<Arc<FunctionState>> {
+        let c = self.changing.lock().expect("registry lock");
+        c.states.get(name).cloned()
+    }
+
+    /// The refused import calls of the function called `name`.
+    pub fn refused_calls(&self, name: &str) -> Arc<RefusedCalls> {
+        let mut c = self.changing.lock().expect("registry lock");
+        c.calls.entry(name.to_owned()).or_default().clone()
+    }
+
+    /// Forgets the state of the function called `name` (it was removed):
+    /// its outcomes still in flight write none.
+    pub fn forget_state(&self, name: &str) {
+        let mut c = self.changing.lock().expect("registry lock");
+        if let Some(s) = c.states.remove(name) {
+            s.mark_removed();
+        }
     }
 
     /// Starts `function`'s instances as `f` says (counted under its name)
@@ -225,13 +326,11 @@ impl Registry {
             f.retries,
             self.metrics_for(&f.name),
         )?;
-        Ok(Deployed::new(
-            &f.name,
-            version,
-            f.triggers.clone(),
-            pool,
-            origin,
-        ))
+        let deployed = Deployed::new(&f.name, version, f.triggers.clone(), pool, origin);
+        Ok(match &f.schedule {
+            Some(s) => deployed.with_schedule(s.clone()),
+            None => deployed,
+        })
     }
 
     /// Whether `function` is the version of its name that runs now.
@@ -293,6 +392,11 @@ impl Registry {
             *f = Filters::from(Vec::new());
             changed
         });
+        self.schedules.send_if_modified(|s| {
+            let changed = !s.is_empty();
+            *s = Schedules::from(Vec::new());
+            changed
+        });
         match Arc::try_unwrap(old) {
             Ok(t) => t.functions,
             Err(shared) => shared.functions.clone(),
@@ -305,12 +409,30 @@ impl Registry {
         self.filters.subscribe()
     }
 
+    /// Follows the scheduled functions: the current ones, then every
+    /// change.
+    pub fn schedules(&self) -> watch::Receiver<Schedules> {
+        self.schedules.subscribe()
+    }
+
     /// Installs a table of `functions` and publishes its filters if they
     /// changed. The caller holds `changing`.
     fn swap(&self, functions: Vec<Arc<Deployed>>) {
         let table = Table::new(functions);
         let filters = table.filters();
+        let schedules = table.schedules();
         self.current.store(Arc::new(table));
+        self.schedules.send_if_modified(|s| {
+            let same = s.len() == schedules.len()
+                && s.iter()
+                    .zip(schedules.iter())
+                    .all(|(a, b)| a.0 == b.0 && Arc::ptr_eq(&a.1, &b.1));
+            if same {
+                return false;
+            }
+            *s = schedules;
+            true
+        });
         self.filters.send_if_modified(|f| {
             if **f == *filters {
                 return false;

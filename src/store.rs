@@ -46,7 +46,7 @@
 //!    its own before the records that use it, because a commit that is not
 //!    synced can vanish after its records were sent upstream.
 //!
-//! # Schema (version 4, in `PRAGMA user_version`)
+//! # Schema (version 5, in `PRAGMA user_version`)
 //!
 //! - `outbox(seq INTEGER PRIMARY KEY, topic TEXT, payload BLOB,
 //!   created_ms INTEGER)`: records waiting for upstream. `topic` is what the
@@ -73,6 +73,16 @@
 //! - `deployed_functions(name TEXT PRIMARY KEY, version INTEGER, bundle
 //!   BLOB, previous_version INTEGER, previous_bundle BLOB)` (version 4):
 //!   the bundle each deployed function runs, and the one before it.
+//! - `function_state(function TEXT, key BLOB, value BLOB)` (version 5):
+//!   each function's durable state (`state_set`), written in the
+//!   transaction of the invocation's outcome; deleted with the function.
+//! - `schedule_runs(function TEXT PRIMARY KEY, last_ms INTEGER)` (version
+//!   5): when each scheduled function's last run was committed, for the
+//!   one catch-up run at start-up ([`crate::schedule`]).
+//! - `dead_letters.version`, `dead_letters.replay` (version 5): the
+//!   version of the function that failed (none for a function of the
+//!   configuration file, or before version 5), and whether an operator
+//!   asked for a replay ([`DeadLetters`]), which the daemon picks up.
 //!
 //! Later schema versions append to `MIGRATIONS`; a database newer than
 //! this binary is refused rather than misread.
@@ -110,6 +120,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::config::{BufferConfig, Durability, FullPolicy};
+use crate::runtime::state::Entries;
+use crate::runtime::{FunctionState, StateWrite};
 
 /// File name of the database inside `data_dir`.
 pub const DB_FILE: &str = "edgefn.db";
@@ -170,6 +182,21 @@ const MIGRATIONS: &[&str] = &[
         previous_version INTEGER,
         previous_bundle  BLOB
     );
+",
+    "
+    CREATE TABLE function_state (
+        function TEXT NOT NULL,
+        key      BLOB NOT NULL,
+        value    BLOB NOT NULL,
+        PRIMARY KEY (function, key)
+    ) WITHOUT ROWID;
+    CREATE TABLE schedule_runs (
+        function TEXT PRIMARY KEY,
+        last_ms  INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    ALTER TABLE dead_letters ADD COLUMN version INTEGER;
+    ALTER TABLE dead_letters ADD COLUMN replay INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX dead_letters_replay ON dead_letters (id) WHERE replay = 1;
 ",
 ];
 
@@ -282,6 +309,30 @@ pub struct DeadLetter {
     pub error: String,
     /// Attempts made.
     pub attempts: u32,
+    /// The version of the function that failed (a deployed one's).
+    pub version: Option<u64>,
+}
+
+/// What became of a replayed dead letter (`edgefn dead-letters replay`).
+#[derive(Debug, Clone)]
+pub enum Replayed {
+    /// It ran: the dead letter goes.
+    Done {
+        /// Its id.
+        id: i64,
+    },
+    /// It failed again: it stays, with the attempts counted up.
+    Failed {
+        /// Its id.
+        id: i64,
+        /// The new failure.
+        letter: DeadLetter,
+    },
+    /// Its function is not on the gateway: it stays as it was.
+    NoFunction {
+        /// Its id.
+        id: i64,
+    },
 }
 
 /// What one group commit did.
@@ -636,6 +687,13 @@ pub struct Outcomes {
     pub records: Vec<NewRecord>,
     /// Failures, one per failed function.
     pub dead_letters: Vec<DeadLetter>,
+    /// State writes of successful invocations, per function, in order
+    /// (already applied to the [`FunctionState`]s in memory).
+    pub state: Vec<(Arc<FunctionState>, Vec<StateWrite>)>,
+    /// Scheduled runs: the function and when it was due.
+    pub schedule_runs: Vec<(Arc<str>, u64)>,
+    /// Replayed dead letters.
+    pub replays: Vec<Replayed>,
 }
 
 impl Outcomes {
@@ -793,19 +851,31 @@ impl Writer {
             done.last_seq = (next > first).then_some(next - 1);
             let mut dead = tx
                 .prepare_cached(
-                    "INSERT INTO dead_letters (function, topic, payload, kind, error, attempts, created_ms)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    "INSERT INTO dead_letters (function, topic, payload, kind, error, attempts, created_ms, version)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                 )
                 .map_err(err)?;
             for outcome in batch.iter() {
                 for d in &outcome.dead_letters {
                     dead.execute(params![
-                        d.function, d.topic, d.payload, d.kind, d.error, d.attempts, now
+                        d.function,
+                        d.topic,
+                        d.payload,
+                        d.kind,
+                        d.error,
+                        d.attempts,
+                        now,
+                        d.version.map(|v| v as i64)
                     ])
                     .map_err(err)?;
                     dead_bytes += d.size();
                     done.dead_letters += 1;
                 }
+            }
+            dead_bytes = replay(&tx, batch, dead_bytes).map_err(err)?;
+            if dead_bytes > self.dead_letters_max_size {
+                // `edgefn dead-letters purge` may have deleted some.
+                dead_bytes = dead_letter_bytes(&tx).map_err(err)?;
             }
             if dead_bytes > self.dead_letters_max_size {
                 let (rows, bytes) =
@@ -822,6 +892,7 @@ impl Writer {
                     );
                 }
             }
+            write_state(&tx, batch).map_err(err)?;
             for (name, n) in [
                 ("dropped_records", done.dropped),
                 ("dead_letters_dropped", done.dead_letters_dropped),
@@ -1029,6 +1100,97 @@ fn save_subscriptions(
     )?;
     for f in filters {
         insert.execute([session, f])?;
+    }
+    Ok(())
+}
+
+/// Settles the batch's replayed dead letters; returns `dead_bytes` after.
+fn replay(
+    tx: &rusqlite::Transaction<'_>,
+    batch: &[&mut Outcomes],
+    mut dead_bytes: u64,
+) -> rusqlite::Result<u64> {
+    let mut done = tx.prepare_cached(&format!(
+        "DELETE FROM dead_letters WHERE id = ?1 RETURNING {DEAD_LETTER_SIZE}"
+    ))?;
+    let mut failed = tx.prepare_cached(
+        "UPDATE dead_letters SET attempts = attempts + ?2, kind = ?3, error = ?4, version = ?5,
+             replay = 0 WHERE id = ?1",
+    )?;
+    let mut kept = tx.prepare_cached("UPDATE dead_letters SET replay = 0 WHERE id = ?1")?;
+    for outcome in batch {
+        for r in &outcome.replays {
+            match r {
+                Replayed::Done { id } => {
+                    let mut rows = done.query([id])?;
+                    while let Some(row) = rows.next()? {
+                        dead_bytes = dead_bytes.saturating_sub(row.get::<_, i64>(0)? as u64);
+                    }
+                }
+                Replayed::Failed { id, letter } => {
+                    failed.execute(params![
+                        id,
+                        letter.attempts,
+                        letter.kind,
+                        letter.error,
+                        letter.version.map(|v| v as i64)
+                    ])?;
+                }
+                Replayed::NoFunction { id } => {
+                    kept.execute([id])?;
+                }
+            }
+        }
+    }
+    // A failure's new error text changes its size: count them again.
+    if batch.iter().any(|o| {
+        o.replays
+            .iter()
+            .any(|r| matches!(r, Replayed::Failed { .. }))
+    }) {
+        dead_bytes = dead_letter_bytes(tx)?;
+    }
+    Ok(dead_bytes)
+}
+
+/// The bytes the dead letters count against their bound, counted.
+fn dead_letter_bytes(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<u64> {
+    tx.query_row(
+        &format!("SELECT COALESCE(SUM({DEAD_LETTER_SIZE}), 0) FROM dead_letters"),
+        [],
+        |r| r.get::<_, i64>(0),
+    )
+    .map(|n| n as u64)
+}
+
+/// Writes the batch's state changes (of functions not removed meanwhile)
+/// and scheduled runs.
+fn write_state(tx: &rusqlite::Transaction<'_>, batch: &[&mut Outcomes]) -> rusqlite::Result<()> {
+    let mut set = tx.prepare_cached(
+        "INSERT INTO function_state (function, key, value) VALUES (?1, ?2, ?3)
+         ON CONFLICT(function, key) DO UPDATE SET value = excluded.value",
+    )?;
+    let mut delete =
+        tx.prepare_cached("DELETE FROM function_state WHERE function = ?1 AND key = ?2")?;
+    let mut run = tx.prepare_cached(
+        "INSERT INTO schedule_runs (function, last_ms) VALUES (?1, ?2)
+         ON CONFLICT(function) DO UPDATE SET last_ms = excluded.last_ms",
+    )?;
+    for outcome in batch {
+        for (state, writes) in &outcome.state {
+            if state.is_removed() {
+                continue;
+            }
+            for w in writes {
+                match &w.value {
+                    Some(v) => set.execute(params![state.name(), w.key, v])?,
+                    None => delete.execute(params![state.name(), w.key])?,
+                };
+            }
+        }
+        for (function, due_ms) in &outcome.schedule_runs {
+            run.execute(params![&**function, *due_ms as i64])?;
+        }
     }
     Ok(())
 }
@@ -1261,6 +1423,39 @@ impl Reader {
         Outbox(self.shared.clone())
     }
 
+    /// Every function's committed state (`function_state`), by function.
+    pub fn function_states(
+        &self,
+    ) -> Result<std::collections::HashMap<String, Entries>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT function, key, value FROM function_state")
+            .map_err(self.err())?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?)))
+            .map_err(self.err())?;
+        let mut out: std::collections::HashMap<String, Vec<_>> = Default::default();
+        for row in rows {
+            let (function, key, value) = row.map_err(self.err())?;
+            out.entry(function).or_default().push((key, value));
+        }
+        Ok(out)
+    }
+
+    /// When each scheduled function's last run was due (`schedule_runs`).
+    pub fn schedule_runs(&self) -> Result<std::collections::HashMap<String, u64>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT function, last_ms FROM schedule_runs")
+            .map_err(self.err())?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+            })
+            .map_err(self.err())?;
+        rows.collect::<Result<_, _>>().map_err(self.err())
+    }
+
     /// The filters remembered for the local broker session `session` (see
     /// [`SessionFilters`]); none for another session.
     pub fn local_subscriptions(&self, session: &str) -> Result<Vec<String>, StoreError> {
@@ -1431,6 +1626,8 @@ impl Deployments {
     pub fn remove(&mut self, name: &str, version: u64) -> Result<(), StoreError> {
         self.in_transaction(|tx| {
             raise_highest(tx, name, version)?;
+            tx.execute("DELETE FROM function_state WHERE function = ?1", [name])?;
+            tx.execute("DELETE FROM schedule_runs WHERE function = ?1", [name])?;
             tx.execute("DELETE FROM deployed_functions WHERE name = ?1", [name])
         })
     }
@@ -1494,41 +1691,195 @@ fn raise_highest(tx: &rusqlite::Transaction, name: &str, version: u64) -> rusqli
     )
 }
 
-/// Reads the dead letters (for tests and, later, `edgefn dead-letters`).
+/// Reads the dead letters, oldest first.
 pub fn dead_letters(data_dir: &Path) -> Result<Vec<DeadLetter>, StoreError> {
-    let path = data_dir.join(DB_FILE);
-    let err = |source| StoreError::Sqlite {
-        path: path.clone(),
-        source,
-    };
-    let conn = open_connection(&path, "NORMAL")?;
-    let mut stmt = conn
-        .prepare(
-            "SELECT function, topic, payload, kind, error, attempts FROM dead_letters ORDER BY id",
-        )
-        .map_err(err)?;
-    let rows = stmt
-        .query_map([], |r| {
-            let kind: String = r.get(3)?;
-            Ok(DeadLetter {
-                function: r.get(0)?,
-                topic: r.get(1)?,
-                payload: r.get(2)?,
-                kind: match kind.as_str() {
-                    "error" => "error",
-                    "timeout" => "timeout",
-                    "fuel" => "fuel",
-                    "trap" => "trap",
-                    "exit" => "exit",
-                    "rejected" => "rejected",
-                    _ => "start",
-                },
-                error: r.get(4)?,
-                attempts: r.get(5)?,
-            })
-        })
-        .map_err(err)?;
-    rows.collect::<Result<_, _>>().map_err(err)
+    Ok(DeadLetters::open(data_dir)?
+        .list(None)?
+        .into_iter()
+        .map(|d| d.letter)
+        .collect())
+}
+
+/// A dead letter as stored.
+#[derive(Debug, Clone)]
+pub struct StoredDeadLetter {
+    /// Its id.
+    pub id: i64,
+    /// What failed, and on what.
+    pub letter: DeadLetter,
+    /// When it was first stored, ms since the epoch.
+    pub created_ms: u64,
+    /// Whether a replay was asked for and not yet done.
+    pub replay: bool,
+}
+
+/// Which dead letters `edgefn dead-letters replay` or `purge` takes.
+#[derive(Debug, Clone, Default)]
+pub struct Selection {
+    /// These ids (none: not narrowed by id).
+    pub ids: Vec<i64>,
+    /// Only this function's.
+    pub function: Option<String>,
+    /// Only those stored before this time, ms since the epoch.
+    pub before_ms: Option<u64>,
+}
+
+/// The dead letters, for `edgefn dead-letters` and the daemon's replays:
+/// its own connection, so it works beside a running daemon.
+pub struct DeadLetters {
+    conn: Connection,
+    path: PathBuf,
+}
+
+/// A failure kind as stored, as the `&'static str` [`DeadLetter`] holds.
+fn kind_of(kind: &str) -> &'static str {
+    match kind {
+        "error" => "error",
+        "timeout" => "timeout",
+        "fuel" => "fuel",
+        "trap" => "trap",
+        "exit" => "exit",
+        "rejected" => "rejected",
+        _ => "start",
+    }
+}
+
+const STORED_COLUMNS: &str =
+    "id, function, topic, payload, kind, error, attempts, version, created_ms, replay";
+
+fn stored(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredDeadLetter> {
+    let kind: String = r.get(4)?;
+    Ok(StoredDeadLetter {
+        id: r.get(0)?,
+        letter: DeadLetter {
+            function: r.get(1)?,
+            topic: r.get(2)?,
+            payload: r.get(3)?,
+            kind: kind_of(&kind),
+            error: r.get(5)?,
+            attempts: r.get(6)?,
+            version: r.get::<_, Option<i64>>(7)?.map(|v| v as u64),
+        },
+        created_ms: r.get::<_, i64>(8)? as u64,
+        replay: r.get::<_, i64>(9)? != 0,
+    })
+}
+
+impl DeadLetters {
+    /// Opens the database in `data_dir` (migrating it if it is older).
+    ///
+    /// Fails if there is none: the gateway has not run with this
+    /// `data_dir`.
+    pub fn open(data_dir: &Path) -> Result<DeadLetters, StoreError> {
+        let path = data_dir.join(DB_FILE);
+        if !path.exists() {
+            return Err(StoreError::DataDir {
+                path: path.clone(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no database here: has the gateway run with this data_dir?",
+                ),
+            });
+        }
+        let mut conn = open_connection(&path, "FULL")?;
+        migrate(&mut conn, &path)?;
+        Ok(DeadLetters { conn, path })
+    }
+
+    fn err(&self) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
+        |source| StoreError::Sqlite {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// Every dead letter (of `function`, if given), oldest first.
+    pub fn list(&self, function: Option<&str>) -> Result<Vec<StoredDeadLetter>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare(&format!(
+                "SELECT {STORED_COLUMNS} FROM dead_letters
+                 WHERE ?1 IS NULL OR function = ?1 ORDER BY id"
+            ))
+            .map_err(self.err())?;
+        let rows = stmt.query_map([function], stored).map_err(self.err())?;
+        rows.collect::<Result<_, _>>().map_err(self.err())
+    }
+
+    /// The dead letter `id`, if there is one.
+    pub fn get(&self, id: i64) -> Result<Option<StoredDeadLetter>, StoreError> {
+        self.conn
+            .query_row(
+                &format!("SELECT {STORED_COLUMNS} FROM dead_letters WHERE id = ?1"),
+                [id],
+                stored,
+            )
+            .optional()
+            .map_err(self.err())
+    }
+
+    /// Up to `limit` dead letters a replay was asked for, oldest first.
+    pub fn requested(&self, limit: usize) -> Result<Vec<StoredDeadLetter>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT {STORED_COLUMNS} FROM dead_letters WHERE replay = 1 ORDER BY id LIMIT ?1"
+            ))
+            .map_err(self.err())?;
+        let rows = stmt.query_map([limit as i64], stored).map_err(self.err())?;
+        rows.collect::<Result<_, _>>().map_err(self.err())
+    }
+
+    /// The ids `selection` takes, oldest first.
+    pub fn select(&self, selection: &Selection) -> Result<Vec<i64>, StoreError> {
+        let all = self.list(selection.function.as_deref())?;
+        Ok(all
+            .into_iter()
+            .filter(|d| selection.ids.is_empty() || selection.ids.contains(&d.id))
+            .filter(|d| selection.before_ms.is_none_or(|b| d.created_ms < b))
+            .map(|d| d.id)
+            .collect())
+    }
+
+    /// Asks the daemon to replay the dead letters `ids`: returns how many
+    /// were marked.
+    pub fn request_replay(&mut self, ids: &[i64]) -> Result<usize, StoreError> {
+        self.each(ids, "UPDATE dead_letters SET replay = 1 WHERE id = ?1")
+    }
+
+    /// Deletes the dead letters `ids`: returns how many.
+    pub fn purge(&mut self, ids: &[i64]) -> Result<usize, StoreError> {
+        self.each(ids, "DELETE FROM dead_letters WHERE id = ?1")
+    }
+
+    fn each(&mut self, ids: &[i64], sql: &str) -> Result<usize, StoreError> {
+        let path = self.path.clone();
+        let err = |source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(err)?;
+        let mut n = 0;
+        {
+            let mut stmt = tx.prepare(sql).map_err(err)?;
+            for id in ids {
+                n += stmt.execute([id]).map_err(err)?;
+            }
+        }
+        tx.commit().map_err(err)?;
+        Ok(n)
+    }
+
+    /// The names of the deployed functions (for checking a replay's
+    /// function is still on the gateway).
+    pub fn deployed_functions(&self) -> Result<Vec<String>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT name FROM deployed_functions ORDER BY name")
+            .map_err(self.err())?;
+        let rows = stmt.query_map([], |r| r.get(0)).map_err(self.err())?;
+        rows.collect::<Result<_, _>>().map_err(self.err())
+    }
 }
 
 #[cfg(test)]
@@ -1546,6 +1897,7 @@ mod tests {
         Outcomes {
             records,
             dead_letters: vec![],
+            ..Default::default()
         }
     }
 
@@ -1827,6 +2179,7 @@ mod tests {
             kind: "trap",
             error: format!("e{i}"),
             attempts: 1,
+            version: None,
         };
         // 45 bytes each: two fit in 100, a third pushes the oldest out.
         assert_eq!(letter(0).size(), 45);
@@ -1836,6 +2189,7 @@ mod tests {
             let mut o = Outcomes {
                 records: vec![],
                 dead_letters: vec![letter(i)],
+                ..Default::default()
             };
             dropped += w
                 .commit(&mut [&mut o], NEVER)
@@ -1857,6 +2211,7 @@ mod tests {
         let mut o = Outcomes {
             records: vec![],
             dead_letters: vec![letter(4)],
+            ..Default::default()
         };
         let done = w.commit(&mut [&mut o], NEVER).unwrap().unwrap();
         assert_eq!(done.dead_letters_dropped, 1);
@@ -1866,6 +2221,7 @@ mod tests {
         let mut o = Outcomes {
             records: vec![],
             dead_letters: vec![big],
+            ..Default::default()
         };
         w.commit(&mut [&mut o], NEVER).unwrap();
         let left = dead_letters(dir.path()).unwrap();
@@ -1950,7 +2306,9 @@ mod tests {
                 kind: "trap",
                 error: "boom".into(),
                 attempts: 2,
+                version: None,
             }],
+            ..Default::default()
         };
         assert_eq!(
             w.commit(&mut [&mut o], NEVER)

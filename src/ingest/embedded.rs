@@ -594,6 +594,7 @@ impl Inner {
             topic: topic.to_owned(),
             payload,
             ack,
+            replay: None,
         };
         tokio::select! {
             biased;
@@ -643,6 +644,7 @@ impl Inner {
             topic: topic.clone(),
             payload,
             ack,
+            replay: None,
         };
         match self.hand_over(delivery).await {
             Ok(()) => {

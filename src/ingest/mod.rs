@@ -40,6 +40,19 @@ pub struct Delivery {
     pub payload: Bytes,
     /// Completed after the outcome is committed.
     pub ack: Ack,
+    /// Set when this is a dead letter replayed (`edgefn dead-letters
+    /// replay`): it goes to that function only.
+    pub replay: Option<Replay>,
+}
+
+/// A dead letter to run again.
+#[derive(Debug, Clone)]
+pub struct Replay {
+    /// Its id in the dead letters.
+    pub id: i64,
+    /// The function that failed on it (`upstream` for a record the
+    /// upstream refused: sent again).
+    pub function: String,
 }
 
 /// Acknowledges a delivery to its source; see the module doc.

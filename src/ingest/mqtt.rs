@@ -448,6 +448,7 @@ impl MqttIngest {
                     topic,
                     payload: p.payload,
                     ack,
+                    replay: None,
                 })
                 .await;
         }

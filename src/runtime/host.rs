@@ -23,10 +23,19 @@ use wasmtime::{Caller, Linker, StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::WasiCtxBuilder;
 use wasmtime_wasi::p1::WasiP1Ctx;
 
+use super::state::{MAX_KEY_LEN, Overlay, Refused};
 use super::{FunctionSpec, MAX_CAPTURED_OUTPUT, MAX_RECORDS_PER_INVOCATION, Output};
 
 /// Names of the `edgefn` module's imports, for error messages.
-pub(super) const IMPORTS: &[&str] = &["emit", "publish", "log", "set_error"];
+pub(super) const IMPORTS: &[&str] = &[
+    "emit",
+    "publish",
+    "log",
+    "set_error",
+    "state_get",
+    "state_set",
+    "state_delete",
+];
 
 /// Most bytes of a `set_error` message kept.
 const MAX_ERROR_MESSAGE: usize = 1024;
@@ -38,8 +47,8 @@ pub const MAX_TOPIC_LEN: usize = 65535;
 /// much): a journal line, not a payload dump.
 pub const MAX_LOG_LINE: usize = 4096;
 
-/// Return codes of `emit` and `publish` (docs/ABI.md).
-mod code {
+/// Return codes of `emit`, `publish` and the state imports (docs/ABI.md).
+pub(super) mod code {
     /// Accepted.
     pub const OK: i32 = 0;
     /// Empty, not UTF-8, wildcard or NUL in the topic, or too long.
@@ -50,6 +59,27 @@ mod code {
     pub const TOO_MANY: i32 = -3;
     /// Past the function's `max_emit_bytes` in one invocation.
     pub const TOO_MANY_BYTES: i32 = -4;
+    /// The topic is outside the function's `emit_allow` / `publish_allow`.
+    pub const NOT_ALLOWED: i32 = -5;
+    /// The write would take the function's state past its `state_limit`.
+    pub const STATE_LIMIT: i32 = -6;
+    /// A state key that is empty or longer than 1 KiB.
+    pub const INVALID_KEY: i32 = -7;
+    /// `state_get`: no such key.
+    pub const ABSENT: i32 = -1;
+}
+
+/// Import calls a function's instances made that were refused, by why:
+/// shared by the instances of one function (all its versions, in a
+/// gateway).
+#[derive(Debug, Default)]
+pub struct RefusedCalls {
+    /// `emit` to a topic outside `emit_allow`.
+    pub emit_denied: AtomicU64,
+    /// `publish` to a topic outside `publish_allow`.
+    pub publish_denied: AtomicU64,
+    /// `state_set` past `state_limit`.
+    pub state_refused: AtomicU64,
 }
 
 /// A function's allowance of log lines, shared by all its instances: a
@@ -249,6 +279,8 @@ pub(super) struct HostState {
     publishes: Vec<Emitted>,
     /// Bytes (topics and payloads) of `publishes`.
     publish_bytes: usize,
+    /// State written so far in this invocation.
+    overlay: Overlay,
     /// Last `set_error` message.
     pub(super) error: Option<String>,
     /// Where logs go.
@@ -284,6 +316,7 @@ impl HostState {
             record_bytes: 0,
             publishes: Vec::new(),
             publish_bytes: 0,
+            overlay: Overlay::default(),
             error: None,
             sink: LogSink::Tracing,
             stdout,
@@ -297,6 +330,7 @@ impl HostState {
         self.publishes.clear();
         self.record_bytes = 0;
         self.publish_bytes = 0;
+        self.overlay.clear();
         self.error = None;
     }
 
@@ -307,6 +341,7 @@ impl HostState {
         Output {
             records: std::mem::take(&mut self.records),
             publishes: std::mem::take(&mut self.publishes),
+            state: self.overlay.take(),
         }
     }
 
@@ -443,20 +478,27 @@ impl tokio::io::AsyncWrite for Capture {
 ///
 /// Fails (and so traps the guest) if the range is outside memory.
 fn read_guest(caller: &mut Caller<'_, HostState>, ptr: i32, len: i32) -> wasmtime::Result<Vec<u8>> {
-    let memory = caller
-        .get_export("memory")
-        .and_then(|e| e.into_memory())
-        .ok_or_else(|| wasmtime::format_err!("guest has no memory export"))?;
+    let memory = guest_memory(caller)?;
     let data = memory.data(&caller);
     let (start, len) = (ptr as u32 as usize, len as u32 as usize);
     data.get(start..start.saturating_add(len))
         .map(<[u8]>::to_vec)
-        .ok_or_else(|| {
-            wasmtime::format_err!(
-                "guest passed an out-of-bounds range {start:#x}+{len} (memory is {} bytes)",
-                data.len()
-            )
-        })
+        .ok_or_else(|| out_of_bounds(start, len, data.len()))
+}
+
+/// The guest's exported memory.
+fn guest_memory(caller: &mut Caller<'_, HostState>) -> wasmtime::Result<wasmtime::Memory> {
+    caller
+        .get_export("memory")
+        .and_then(|e| e.into_memory())
+        .ok_or_else(|| wasmtime::format_err!("guest has no memory export"))
+}
+
+/// The trap for a range outside the guest's memory.
+fn out_of_bounds(start: usize, len: usize, size: usize) -> wasmtime::Error {
+    wasmtime::format_err!(
+        "guest passed an out-of-bounds range {start:#x}+{len} (memory is {size} bytes)"
+    )
 }
 
 /// Whether an emitted/published topic is a valid MQTT topic name of at
@@ -491,6 +533,25 @@ fn record(
     let Some(topic) = valid_topic(&topic, max_topic) else {
         return Ok(code::INVALID_TOPIC);
     };
+    let allowed = if publish {
+        state.spec.publish_allow.iter().any(|f| f.matches(&topic))
+    } else {
+        state
+            .spec
+            .emit_allow
+            .as_ref()
+            .is_none_or(|a| a.iter().any(|f| f.matches(&topic)))
+    };
+    if !allowed {
+        let calls = &state.spec.calls;
+        let denied = if publish {
+            &calls.publish_denied
+        } else {
+            &calls.emit_denied
+        };
+        denied.fetch_add(1, Ordering::Relaxed);
+        return Ok(code::NOT_ALLOWED);
+    }
     if payload.len() > state.spec.max_record_size {
         return Ok(code::TOO_LARGE);
     }
@@ -510,6 +571,57 @@ fn record(
     *bytes += size;
     list.push(Emitted { topic, payload });
     Ok(code::OK)
+}
+
+/// `state_get`: copies the value into the buffer if it fits; returns its
+/// length, or [`code::ABSENT`].
+fn state_get(
+    caller: &mut Caller<'_, HostState>,
+    (kp, kl, bp, bl): (i32, i32, i32, i32),
+) -> wasmtime::Result<i32> {
+    let key = read_guest(caller, kp, kl)?;
+    if key.is_empty() || key.len() > MAX_KEY_LEN {
+        return Ok(code::INVALID_KEY);
+    }
+    let memory = guest_memory(caller)?;
+    let (data, host) = memory.data_and_store_mut(&mut *caller);
+    let (start, cap) = (bp as u32 as usize, bl as u32 as usize);
+    let Some(buf) = data.get_mut(start..start.saturating_add(cap)) else {
+        return Err(out_of_bounds(start, cap, data.len()));
+    };
+    Ok(host.overlay.read(&host.spec.state, &key, |v| match v {
+        None => code::ABSENT,
+        Some(v) => {
+            if let Some(dst) = buf.get_mut(..v.len()) {
+                dst.copy_from_slice(v);
+            }
+            i32::try_from(v.len()).unwrap_or(i32::MAX)
+        }
+    }))
+}
+
+/// `state_set` (a value) and `state_delete` (`None`).
+fn state_write(
+    caller: &mut Caller<'_, HostState>,
+    (kp, kl): (i32, i32),
+    value: Option<(i32, i32)>,
+) -> wasmtime::Result<i32> {
+    let key = read_guest(caller, kp, kl)?;
+    let value = value.map(|(p, l)| read_guest(caller, p, l)).transpose()?;
+    let host = caller.data_mut();
+    Ok(
+        match host.overlay.write(&host.spec.state, &key, value.as_deref()) {
+            Ok(()) => code::OK,
+            Err(Refused::InvalidKey) => code::INVALID_KEY,
+            Err(Refused::OverLimit) => {
+                host.spec
+                    .calls
+                    .state_refused
+                    .fetch_add(1, Ordering::Relaxed);
+                code::STATE_LIMIT
+            }
+        },
+    )
 }
 
 /// Adds the `edgefn` imports to `linker`.
@@ -547,6 +659,25 @@ pub(super) fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<
             c.data_mut().error = Some(String::from_utf8_lossy(&bytes).into_owned());
             Ok(())
         },
+    )?;
+    linker.func_wrap(
+        "edgefn",
+        "state_get",
+        |mut c: Caller<'_, HostState>, kp: i32, kl: i32, bp: i32, bl: i32| {
+            state_get(&mut c, (kp, kl, bp, bl))
+        },
+    )?;
+    linker.func_wrap(
+        "edgefn",
+        "state_set",
+        |mut c: Caller<'_, HostState>, kp: i32, kl: i32, vp: i32, vl: i32| {
+            state_write(&mut c, (kp, kl), Some((vp, vl)))
+        },
+    )?;
+    linker.func_wrap(
+        "edgefn",
+        "state_delete",
+        |mut c: Caller<'_, HostState>, kp: i32, kl: i32| state_write(&mut c, (kp, kl), None),
     )?;
     Ok(())
 }

@@ -40,6 +40,7 @@
 pub mod artifacts;
 mod host;
 pub mod pool;
+pub mod state;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -50,9 +51,11 @@ use wasmtime::{
     Engine, ExternType, InstancePre, Linker, Memory, Module, Store, Trap, TypedFunc, ValType,
 };
 
+use crate::route::TopicFilter;
 use artifacts::{ArtifactCache, Lease, Source};
-pub use host::{Emitted, GuestLog, LogBudget, LogLevel, MAX_LOG_LINE, MAX_TOPIC_LEN};
+pub use host::{Emitted, GuestLog, LogBudget, LogLevel, MAX_LOG_LINE, MAX_TOPIC_LEN, RefusedCalls};
 use host::{HostState, LogSink};
+pub use state::{FunctionState, StateWrite};
 
 /// The ABI version this runtime speaks (`edgefn_abi_version()` must return it).
 pub const ABI_VERSION: i32 = 1;
@@ -186,6 +189,8 @@ pub struct Output {
     pub records: Vec<Emitted>,
     /// Messages for the local broker (`publish`), in call order.
     pub publishes: Vec<Emitted>,
+    /// State writes, to commit with the records.
+    pub state: Vec<StateWrite>,
 }
 
 /// A function's limits and environment: what the runtime needs to run it.
@@ -214,6 +219,15 @@ pub struct FunctionSpec {
     /// Starting an instance gets it twice more: once for `_initialize` (with
     /// the start function and `edgefn_abi_version`), once for `edgefn_init`.
     pub fuel: Option<u64>,
+    /// Topic filters `emit` may use (before the upstream prefix); `None`:
+    /// any topic.
+    pub emit_allow: Option<Arc<[TopicFilter]>>,
+    /// Topic filters `publish` may use; empty: none.
+    pub publish_allow: Arc<[TopicFilter]>,
+    /// The function's durable state.
+    pub state: Arc<FunctionState>,
+    /// Import calls refused, counted.
+    pub calls: Arc<RefusedCalls>,
 }
 
 impl FunctionSpec {
@@ -230,6 +244,10 @@ impl FunctionSpec {
             max_topic_len: MAX_TOPIC_LEN.saturating_sub(topic_prefix.len()),
             log_rate_limit: f.log_rate_limit,
             fuel: f.fuel,
+            emit_allow: f.emit_allow.clone().map(Arc::from),
+            publish_allow: f.publish_allow.clone().into(),
+            state: FunctionState::new(&f.name, f.state_limit),
+            calls: Arc::default(),
         }
     }
 
@@ -246,6 +264,10 @@ impl FunctionSpec {
             max_topic_len: MAX_TOPIC_LEN,
             log_rate_limit: 100,
             fuel: None,
+            emit_allow: None,
+            publish_allow: Arc::from([]),
+            state: FunctionState::new(name, state::DEFAULT_LIMIT),
+            calls: Arc::default(),
         }
     }
 }
@@ -828,7 +850,10 @@ impl Instance {
         match result {
             Ok(0) => {
                 self.invocations += 1;
-                Ok(state.take_output())
+                let out = state.take_output();
+                // Seen by the next invocation at once (see [`state`]).
+                state.spec.state.apply(&out.state);
+                Ok(out)
             }
             Ok(code) => Err(Failure::Returned {
                 code,

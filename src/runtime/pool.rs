@@ -56,6 +56,8 @@ pub struct FunctionMetrics {
     pub instances_started: AtomicU64,
     /// Sum of successful attempts' durations, microseconds.
     pub busy_micros: AtomicU64,
+    /// Scheduled runs skipped because the one before was still going.
+    pub schedule_skipped: AtomicU64,
 }
 
 /// What this pool's messages came to: counted per version of a function

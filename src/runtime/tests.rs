@@ -40,8 +40,7 @@ fn spec(timeout_ms: u64) -> FunctionSpec {
         max_record_size: 1024,
         max_emit_bytes: 1 << 20,
         max_topic_len: crate::runtime::MAX_TOPIC_LEN,
-        log_rate_limit: 100,
-        fuel: None,
+        ..FunctionSpec::for_test("test")
     }
 }
 

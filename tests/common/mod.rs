@@ -646,6 +646,7 @@ env = {{ GREETING = "hi" }}
 timeout = "200ms"
 fuel = 2_000_000
 retries = 1
+publish_allow = ["devices/chaos/cmd"]
 "#,
             data = dir.join("data").display(),
             clean = module("clean_temperature").display(),

@@ -1,0 +1,277 @@
+//! Dead letters as a tool: `edgefn dead-letters list|show|replay|purge`,
+//! and the daemon's side of a replay.
+//!
+//! The command works on the gateway's database with a connection of its
+//! own, so it is safe while the daemon runs. `replay` only marks dead
+//! letters (`dead_letters.replay`); the running daemon ([`Replayer`])
+//! looks for marked ones every [`POLL`], hands each to the current version
+//! of its function (only that function, whatever else its topic
+//! triggers), and commits the outcome like a device message's: in the same
+//! transaction the dead letter is deleted (it ran) or kept with its
+//! attempts counted up and its new error (it failed again). A dead letter
+//! of a function that is not on the gateway any more stays as it was, and
+//! the command says so before marking it. A record the upstream refused
+//! (function `upstream`) is put back in the outbox. Marked dead letters
+//! wait for the daemon if it is not running.
+
+use std::collections::HashSet;
+use std::fmt::Write as _;
+use std::path::Path;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use crate::ingest::{Ack, AckWaiter, Delivery, Replay};
+use crate::store::{DeadLetters, Selection, StoredDeadLetter, UPSTREAM};
+
+/// How often the daemon looks for replays asked for.
+pub const POLL: Duration = Duration::from_secs(1);
+
+/// Most replays handed on per look.
+const BATCH: usize = 64;
+
+/// The daemon's side: hands marked dead letters to the pipeline.
+pub struct Replayer {
+    /// The database's dead letters.
+    pub store: DeadLetters,
+    /// The pipeline's input.
+    pub deliveries: mpsc::Sender<Delivery>,
+}
+
+impl Replayer {
+    /// Runs until `shutdown` says so or the pipeline's input closes.
+    pub async fn run(self, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        let store = std::sync::Arc::new(std::sync::Mutex::new(self.store));
+        let mut in_flight: Vec<(i64, AckWaiter)> = Vec::new();
+        let mut tick = tokio::time::interval(POLL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = crate::ingest::stopped(&mut shutdown) => return,
+            }
+            in_flight.retain_mut(|(_, w)| w.try_get().is_none());
+            let busy: HashSet<i64> = in_flight.iter().map(|(id, _)| *id).collect();
+            let store = store.clone();
+            let marked = tokio::task::spawn_blocking(move || {
+                store.lock().expect("dead letters lock").requested(BATCH)
+            })
+            .await
+            .expect("dead letters task");
+            let marked = match marked {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the dead letters to replay");
+                    continue;
+                }
+            };
+            for d in marked.into_iter().filter(|d| !busy.contains(&d.id)) {
+                tracing::info!(
+                    id = d.id,
+                    function = d.letter.function,
+                    "replaying a dead letter"
+                );
+                let (ack, waiter) = Ack::waiter();
+                let delivery = Delivery {
+                    topic: d.letter.topic,
+                    payload: Bytes::from(d.letter.payload),
+                    ack,
+                    replay: Some(Replay {
+                        id: d.id,
+                        function: d.letter.function,
+                    }),
+                };
+                in_flight.push((d.id, waiter));
+                tokio::select! {
+                    sent = self.deliveries.send(delivery) => if sent.is_err() { return },
+                    _ = crate::ingest::stopped(&mut shutdown) => return,
+                }
+            }
+        }
+    }
+}
+
+/// What `edgefn dead-letters` does.
+#[derive(Debug, Clone)]
+pub enum Action {
+    /// Lists them (of one function).
+    List {
+        /// Only this function's.
+        function: Option<String>,
+    },
+    /// Shows one in full.
+    Show {
+        /// Its id.
+        id: i64,
+    },
+    /// Marks them for the daemon to run again.
+    Replay(Selection),
+    /// Deletes them.
+    Purge(Selection),
+}
+
+/// Runs `action` on the database in `data_dir`; `functions` are the names
+/// of the configuration's functions (the deployed ones are read from the
+/// database). Returns what to print.
+pub fn run(data_dir: &Path, functions: &[String], action: Action) -> anyhow::Result<String> {
+    let mut store = DeadLetters::open(data_dir)?;
+    match action {
+        Action::List { function } => Ok(render_list(&store.list(function.as_deref())?)),
+        Action::Show { id } => match store.get(id)? {
+            Some(d) => Ok(render_one(&d)),
+            None => anyhow::bail!("there is no dead letter {id}"),
+        },
+        Action::Replay(selection) => {
+            let ids = selected(&store, &selection)?;
+            let mut on_gateway: Vec<String> = functions.to_vec();
+            on_gateway.extend(store.deployed_functions()?);
+            on_gateway.push(UPSTREAM.to_owned());
+            let mut missing = Vec::new();
+            for id in &ids {
+                if let Some(d) = store.get(*id)?
+                    && !on_gateway.contains(&d.letter.function)
+                {
+                    missing.push(format!("{} ({})", id, d.letter.function));
+                }
+            }
+            if !missing.is_empty() {
+                anyhow::bail!(
+                    "not replayed: the function of dead letter(s) {} is not on this gateway \
+                     (removed?); nothing was changed, the dead letters stay",
+                    missing.join(", ")
+                );
+            }
+            let n = store.request_replay(&ids)?;
+            Ok(format!(
+                "{n} dead letter(s) marked for replay ({}); the running daemon runs each through \
+                 the current version of its function within {}s: one that runs is deleted, one \
+                 that fails again stays with its attempts counted up\n",
+                list_ids(&ids),
+                POLL.as_secs()
+            ))
+        }
+        Action::Purge(selection) => {
+            let ids = selected(&store, &selection)?;
+            let n = store.purge(&ids)?;
+            Ok(format!("{n} dead letter(s) deleted\n"))
+        }
+    }
+}
+
+/// The ids `selection` takes; an error if it names an id there is not, or
+/// takes none.
+fn selected(store: &DeadLetters, selection: &Selection) -> Result<Vec<i64>, anyhow::Error> {
+    let ids = store.select(selection)?;
+    let unknown: Vec<String> = selection
+        .ids
+        .iter()
+        .filter(|id| !ids.contains(id))
+        .map(|id| id.to_string())
+        .collect();
+    if !unknown.is_empty() {
+        anyhow::bail!(
+            "there is no dead letter {} (of the selection given); nothing was changed",
+            unknown.join(", ")
+        );
+    }
+    if ids.is_empty() {
+        anyhow::bail!("no dead letter matches; nothing was changed");
+    }
+    Ok(ids)
+}
+
+fn list_ids(ids: &[i64]) -> String {
+    let shown: Vec<String> = ids.iter().take(20).map(|i| i.to_string()).collect();
+    if ids.len() > 20 {
+        format!("ids {} and {} more", shown.join(", "), ids.len() - 20)
+    } else {
+        format!("ids {}", shown.join(", "))
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// How long ago `ms` was, roughly ("3m", "2h", "5d").
+fn age(ms: u64) -> String {
+    let secs = now_ms().saturating_sub(ms) / 1000;
+    match secs {
+        0..60 => format!("{secs}s"),
+        60..3600 => format!("{}m", secs / 60),
+        3600..86400 => format!("{}h", secs / 3600),
+        _ => format!("{}d", secs / 86400),
+    }
+}
+
+fn version(d: &StoredDeadLetter) -> String {
+    match d.letter.version {
+        Some(0) => "config".into(),
+        Some(v) => format!("v{v}"),
+        None => "-".into(),
+    }
+}
+
+/// `list` output: one line per dead letter.
+pub fn render_list(all: &[StoredDeadLetter]) -> String {
+    if all.is_empty() {
+        return "no dead letters\n".into();
+    }
+    let mut out = format!(
+        "{:>6}  {:<20} {:<15} {:<8} {:>8} {:>5}  {:<28} error\n",
+        "id", "function", "version", "kind", "attempts", "age", "topic"
+    );
+    for d in all {
+        let mut error = d.letter.error.replace('\n', " ");
+        if error.len() > 60 {
+            let cut = (0..=60)
+                .rev()
+                .find(|&i| error.is_char_boundary(i))
+                .unwrap_or(0);
+            error.truncate(cut);
+            error.push('…');
+        }
+        let _ = writeln!(
+            out,
+            "{:>6}  {:<20} {:<15} {:<8} {:>8} {:>5}  {:<28} {}{}",
+            d.id,
+            d.letter.function,
+            version(d),
+            d.letter.kind,
+            d.letter.attempts,
+            age(d.created_ms),
+            d.letter.topic,
+            if d.replay { "[replay pending] " } else { "" },
+            error
+        );
+    }
+    out
+}
+
+/// `show` output: every field, the payload as text (or hex).
+pub fn render_one(d: &StoredDeadLetter) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "id        {}", d.id);
+    let _ = writeln!(out, "function  {} ({})", d.letter.function, version(d));
+    let _ = writeln!(out, "kind      {}", d.letter.kind);
+    let _ = writeln!(out, "error     {}", d.letter.error);
+    let _ = writeln!(out, "attempts  {}", d.letter.attempts);
+    let _ = writeln!(
+        out,
+        "stored    {} ago ({} ms since the epoch)",
+        age(d.created_ms),
+        d.created_ms
+    );
+    let _ = writeln!(out, "replay    {}", if d.replay { "pending" } else { "no" });
+    let _ = writeln!(out, "topic     {}", d.letter.topic);
+    let _ = writeln!(
+        out,
+        "payload   {} ({} bytes)",
+        crate::invoke::show_payload(&d.letter.payload),
+        d.letter.payload.len()
+    );
+    out
+}

@@ -1,0 +1,302 @@
+//! Durable per-function state: what `state_get`, `state_set` and
+//! `state_delete` read and write (docs/ABI.md "State").
+//!
+//! A function's state is held here in memory (it is bounded by the
+//! function's `state_limit`) and in SQLite (table `function_state`). An
+//! invocation's writes go into an overlay ([`Overlay`]) that it reads
+//! through; when it succeeds they are applied here at once, so the next
+//! invocation sees them, and they become part of its outcome, written to
+//! SQLite in the same transaction as its records. A failed invocation's
+//! overlay is dropped. Invocations run in ingest order for a function with
+//! one instance, and commits follow ingest order, so the state in memory
+//! is the committed state plus the writes of outcomes still on their way
+//! to the disk: a crash loses those writes together with the records and
+//! acknowledgements of their messages, which are then delivered and run
+//! again. (The commit stage never leaves out the outcome of an invocation
+//! that wrote state: [`crate::pipeline`].)
+//!
+//! The state belongs to the function's name: it is kept across versions
+//! (an upgrade sees it) and restarts, and deleted when the function is
+//! removed.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+
+/// Longest state key, bytes.
+pub const MAX_KEY_LEN: usize = 1024;
+
+/// Default `state_limit`: keys and values of one function together.
+pub const DEFAULT_LIMIT: usize = 1 << 20;
+
+/// Keys and values, as read from the store.
+pub type Entries = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// Keys and values, sorted by key.
+pub type StateMap = BTreeMap<Vec<u8>, Vec<u8>>;
+
+/// One write of an invocation: a value, or `None` to delete.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateWrite {
+    /// The key.
+    pub key: Vec<u8>,
+    /// The new value; `None` deletes the key.
+    pub value: Option<Vec<u8>>,
+}
+
+/// One function's state.
+pub struct FunctionState {
+    /// The function's name.
+    name: Arc<str>,
+    /// Most bytes of keys and values together.
+    limit: AtomicUsize,
+    /// Set when the function is removed: its outcomes still in flight
+    /// write no state.
+    removed: AtomicBool,
+    /// The keys and values.
+    committed: RwLock<Committed>,
+}
+
+#[derive(Default)]
+struct Committed {
+    map: HashMap<Vec<u8>, Vec<u8>>,
+    /// Σ key + value lengths.
+    bytes: usize,
+}
+
+impl fmt::Debug for FunctionState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FunctionState")
+            .field("name", &self.name)
+            .field("bytes", &self.bytes())
+            .field("limit", &self.limit())
+            .finish()
+    }
+}
+
+impl FunctionState {
+    /// An empty state for `name`, bounded by `limit` bytes.
+    pub fn new(name: &str, limit: usize) -> Arc<FunctionState> {
+        Self::with(name, limit, std::iter::empty())
+    }
+
+    /// A state for `name` holding `entries` (as committed before).
+    pub fn with(
+        name: &str,
+        limit: usize,
+        entries: impl IntoIterator<Item = (Vec<u8>, Vec<u8>)>,
+    ) -> Arc<FunctionState> {
+        let mut c = Committed::default();
+        for (k, v) in entries {
+            c.bytes += k.len() + v.len();
+            c.map.insert(k, v);
+        }
+        Arc::new(FunctionState {
+            name: name.into(),
+            limit: AtomicUsize::new(limit),
+            removed: AtomicBool::new(false),
+            committed: RwLock::new(c),
+        })
+    }
+
+    /// The function's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Most bytes of keys and values together.
+    pub fn limit(&self) -> usize {
+        self.limit.load(Ordering::Relaxed)
+    }
+
+    /// Sets the limit (a new version may have another).
+    pub fn set_limit(&self, limit: usize) {
+        self.limit.store(limit, Ordering::Relaxed);
+    }
+
+    /// Bytes of keys and values committed.
+    pub fn bytes(&self) -> usize {
+        self.committed.read().expect("state lock").bytes
+    }
+
+    /// Keys committed.
+    pub fn len(&self) -> usize {
+        self.committed.read().expect("state lock").map.len()
+    }
+
+    /// Whether nothing is committed.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Calls `f` with the committed value of `key`, if any.
+    pub fn read<T>(&self, key: &[u8], f: impl FnOnce(Option<&[u8]>) -> T) -> T {
+        let c = self.committed.read().expect("state lock");
+        f(c.map.get(key).map(Vec::as_slice))
+    }
+
+    /// Every committed key and value, sorted by key.
+    pub fn entries(&self) -> StateMap {
+        let c = self.committed.read().expect("state lock");
+        c.map.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+
+    /// Marks the function removed: [`FunctionState::apply`] does nothing
+    /// from now on.
+    pub fn mark_removed(&self) {
+        self.removed.store(true, Ordering::Relaxed);
+        let mut c = self.committed.write().expect("state lock");
+        *c = Committed::default();
+    }
+
+    /// Whether the function was removed.
+    pub fn is_removed(&self) -> bool {
+        self.removed.load(Ordering::Relaxed)
+    }
+
+    /// Applies a successful invocation's writes, in order.
+    pub fn apply(&self, writes: &[StateWrite]) {
+        if self.is_removed() {
+            return;
+        }
+        let mut c = self.committed.write().expect("state lock");
+        for w in writes {
+            if let Some(old) = c.map.remove(&w.key) {
+                c.bytes -= w.key.len() + old.len();
+            }
+            if let Some(v) = &w.value {
+                c.bytes += w.key.len() + v.len();
+                c.map.insert(w.key.clone(), v.clone());
+            }
+        }
+    }
+}
+
+/// Why a `state_set` or `state_delete` was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// Empty, or longer than [`MAX_KEY_LEN`].
+    InvalidKey,
+    /// The state would be larger than the function's `state_limit`.
+    OverLimit,
+}
+
+/// One invocation's writes over the committed state.
+#[derive(Debug, Default)]
+pub struct Overlay {
+    /// Key → new value (`None`: deleted).
+    writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    /// Bytes the state would grow (or shrink) by if committed now.
+    delta: isize,
+}
+
+impl Overlay {
+    /// Forgets every write.
+    pub fn clear(&mut self) {
+        self.writes.clear();
+        self.delta = 0;
+    }
+
+    /// Calls `f` with `key`'s value as this invocation sees it.
+    pub fn read<T>(
+        &self,
+        state: &FunctionState,
+        key: &[u8],
+        f: impl FnOnce(Option<&[u8]>) -> T,
+    ) -> T {
+        match self.writes.get(key) {
+            Some(v) => f(v.as_deref()),
+            None => state.read(key, f),
+        }
+    }
+
+    /// Writes `key` (`value` `None`: deletes it), unless the key is invalid
+    /// or the state would pass its limit.
+    pub fn write(
+        &mut self,
+        state: &FunctionState,
+        key: &[u8],
+        value: Option<&[u8]>,
+    ) -> Result<(), Refused> {
+        if key.is_empty() || key.len() > MAX_KEY_LEN {
+            return Err(Refused::InvalidKey);
+        }
+        let size = |v: Option<&[u8]>| v.map_or(0, |v| key.len() + v.len()) as isize;
+        let before = self.read(state, key, size);
+        let delta = self.delta + size(value) - before;
+        // A delete never grows the state: always allowed.
+        if value.is_some() && delta > 0 && state.bytes() as isize + delta > state.limit() as isize {
+            return Err(Refused::OverLimit);
+        }
+        self.delta = delta;
+        self.writes.insert(key.to_vec(), value.map(<[u8]>::to_vec));
+        Ok(())
+    }
+
+    /// The writes, in key order, leaving the overlay empty.
+    pub fn take(&mut self) -> Vec<StateWrite> {
+        self.delta = 0;
+        std::mem::take(&mut self.writes)
+            .into_iter()
+            .map(|(key, value)| StateWrite { key, value })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_invocation_reads_its_own_writes_over_the_committed_state() {
+        let s = FunctionState::with("f", 100, [(b"a".to_vec(), b"1".to_vec())]);
+        let mut o = Overlay::default();
+        assert_eq!(
+            o.read(&s, b"a", |v| v.map(<[u8]>::to_vec)),
+            Some(b"1".to_vec())
+        );
+        o.write(&s, b"a", Some(b"2")).unwrap();
+        o.write(&s, b"b", Some(b"3")).unwrap();
+        o.write(&s, b"b", None).unwrap();
+        assert_eq!(
+            o.read(&s, b"a", |v| v.map(<[u8]>::to_vec)),
+            Some(b"2".to_vec())
+        );
+        assert!(!o.read(&s, b"b", |v| v.is_some()));
+        // Not applied yet: others see the old value.
+        assert_eq!(s.read(b"a", |v| v.map(<[u8]>::to_vec)), Some(b"1".to_vec()));
+        let writes = o.take();
+        s.apply(&writes);
+        assert_eq!(s.read(b"a", |v| v.map(<[u8]>::to_vec)), Some(b"2".to_vec()));
+        assert_eq!(s.len(), 1);
+        assert_eq!(s.bytes(), 2);
+    }
+
+    #[test]
+    fn writes_past_the_limit_are_refused_and_deletes_make_room() {
+        let s = FunctionState::with("f", 10, [(b"k".to_vec(), vec![0; 5])]);
+        let mut o = Overlay::default();
+        assert_eq!(o.write(&s, b"x", Some(&[0; 3])), Ok(()));
+        assert_eq!(o.write(&s, b"y", Some(&[0; 1])), Err(Refused::OverLimit));
+        o.write(&s, b"k", None).unwrap();
+        assert_eq!(o.write(&s, b"y", Some(&[0; 1])), Ok(()));
+        assert_eq!(o.write(&s, b"", Some(b"v")), Err(Refused::InvalidKey));
+        let long = vec![b'k'; MAX_KEY_LEN + 1];
+        assert_eq!(o.write(&s, &long, None), Err(Refused::InvalidKey));
+        s.apply(&o.take());
+        assert_eq!(s.bytes(), 6);
+    }
+
+    #[test]
+    fn a_removed_function_keeps_no_state() {
+        let s = FunctionState::with("f", 10, [(b"k".to_vec(), b"v".to_vec())]);
+        s.mark_removed();
+        s.apply(&[StateWrite {
+            key: b"x".to_vec(),
+            value: Some(b"y".to_vec()),
+        }]);
+        assert!(s.is_empty());
+        assert_eq!(s.bytes(), 0);
+    }
+}

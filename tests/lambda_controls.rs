@@ -1,0 +1,406 @@
+//! The Lambda controls of a function on the device: schedules, durable
+//! state, permissions. Each against the real daemon, its built-in broker
+//! and a real Mosquitto standing in for the cloud.
+
+#![cfg(feature = "embedded-broker")]
+
+mod common;
+
+use common::*;
+
+/// Emits every payload it gets to `tick`.
+const TICK: &str = r#"(module
+  (import "edgefn" "emit" (func $emit (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 0) "tick")
+  (func (export "edgefn_abi_version") (result i32) i32.const 1)
+  (func (export "edgefn_alloc") (param i32) (result i32) i32.const 1024)
+  (func (export "edgefn_on_message") (param i32 i32 i32 i32) (result i32)
+    (drop (call $emit (i32.const 0) (i32.const 4) (local.get 2) (local.get 3)))
+    i32.const 0))"#;
+
+/// Sleeps 1.5 s (WASI `poll_oneoff`), then emits the payload to `slow`.
+const SLOW: &str = r#"(module
+  (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
+  (import "edgefn" "emit" (func $emit (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 0) "slow")
+  (func (export "edgefn_abi_version") (result i32) i32.const 1)
+  (func (export "edgefn_alloc") (param i32) (result i32) i32.const 1024)
+  (func (export "edgefn_on_message") (param i32 i32 i32 i32) (result i32)
+    (i32.store8 (i32.const 2056) (i32.const 0))
+    (i32.store (i32.const 2064) (i32.const 1))
+    (i64.store (i32.const 2072) (i64.const 1500000000))
+    (drop (call $poll (i32.const 2048) (i32.const 2304) (i32.const 1) (i32.const 2400)))
+    (drop (call $emit (i32.const 0) (i32.const 4) (local.get 2) (local.get 3)))
+    i32.const 0))"#;
+
+/// On each message: emits to `allowed/x` and `secret/x`, publishes to
+/// `cmd/x`, then emits `e=<emit code> p=<publish code>` (codes as one
+/// character each: `0` ok, `5` for −5) to `result`.
+const PERMISSIONS: &str = r#"(module
+  (import "edgefn" "emit" (func $emit (param i32 i32 i32 i32) (result i32)))
+  (import "edgefn" "publish" (func $publish (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 0) "allowed/x")
+  (data (i32.const 16) "secret/x")
+  (data (i32.const 32) "cmd/x")
+  (data (i32.const 48) "result")
+  (data (i32.const 64) "e=? p=?")
+  (func (export "edgefn_abi_version") (result i32) i32.const 1)
+  (func (export "edgefn_alloc") (param i32) (result i32) i32.const 1024)
+  (func (export "edgefn_on_message") (param i32 i32 i32 i32) (result i32)
+    (drop (call $emit (i32.const 0) (i32.const 9) (local.get 2) (local.get 3)))
+    (i32.store8 (i32.const 66)
+      (i32.sub (i32.const 48) (call $emit (i32.const 16) (i32.const 8) (local.get 2) (local.get 3))))
+    (i32.store8 (i32.const 70)
+      (i32.sub (i32.const 48) (call $publish (i32.const 32) (i32.const 5) (local.get 2) (local.get 3))))
+    (drop (call $emit (i32.const 48) (i32.const 6) (i32.const 64) (i32.const 7)))
+    i32.const 0))"#;
+
+/// A gateway `pi-01` with the built-in broker on `port`, the cloud at
+/// `cloud_port`, and `functions` (TOML `[[functions]]` tables).
+fn config(
+    dir: &std::path::Path,
+    port: u16,
+    cloud_port: u16,
+    functions: &str,
+) -> std::path::PathBuf {
+    write_config(
+        dir,
+        &format!(
+            r#"
+[gateway]
+id = "pi-01"
+data_dir = "{data}"
+
+[local]
+embedded = true
+listen = "127.0.0.1:{port}"
+
+[upstream]
+url = "mqtt://127.0.0.1:{cloud_port}"
+topic_prefix = "site/pi-01/"
+
+{functions}
+"#,
+            data = dir.join("data").display(),
+        ),
+    )
+}
+
+/// Writes the module `wat` as `name.wasm` in `dir`.
+fn module_file(dir: &std::path::Path, name: &str, wat: &str) -> std::path::PathBuf {
+    let path = dir.join(format!("{name}.wasm"));
+    std::fs::write(&path, wat::parse_str(wat).unwrap()).unwrap();
+    path
+}
+
+/// The scheduled runs seen upstream on `topic`: their payloads, parsed.
+fn runs(seen: &[Seen], topic: &str) -> Vec<serde_json::Value> {
+    Upstream::distinct(seen)
+        .into_iter()
+        .filter(|s| s.topic == topic)
+        .map(|s| s.json())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schedule_runs_the_function_and_one_missed_run_is_made_up_at_start_up() {
+    let cloud = Mosquitto::cloud();
+    let upstream = Upstream::subscribe(cloud.port, "site/pi-01/#").await;
+    let dir = tempfile::tempdir().unwrap();
+    let tick = module_file(dir.path(), "tick", TICK);
+    let functions = |schedule: &str| {
+        format!(
+            "[[functions]]\nname = \"tick\"\nmodule = \"{}\"\nschedule = \"{schedule}\"\n",
+            tick.display()
+        )
+    };
+    let port = free_port();
+    let cfg = config(dir.path(), port, cloud.port, &functions("every 1s"));
+    let mut daemon = Daemon::start(&cfg);
+    let seen = upstream
+        .wait_until("three scheduled runs", |s| {
+            runs(s, "site/pi-01/tick").len() >= 3
+        })
+        .await;
+    let ticks = runs(&seen, "site/pi-01/tick");
+    for pair in ticks.windows(2) {
+        let (a, b) = (
+            pair[0]["scheduled_ms"].as_u64().unwrap(),
+            pair[1]["scheduled_ms"].as_u64().unwrap(),
+        );
+        assert_eq!(a % 1000, 0, "{ticks:?}");
+        assert!(b > a, "{ticks:?}");
+    }
+    for t in &ticks {
+        assert!(
+            t["now_ms"].as_u64().unwrap() >= t["scheduled_ms"].as_u64().unwrap(),
+            "{t}"
+        );
+    }
+    assert!(daemon.terminate().success());
+
+    // Down for "two hours": the last run was before the latest due time of
+    // an hourly schedule, which runs once at start-up.
+    let db = dir.path().join("data").join("edgefn.db");
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let last: i64 = conn
+        .query_row(
+            "SELECT last_ms FROM schedule_runs WHERE function = 'tick'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    conn.execute("UPDATE schedule_runs SET last_ms = last_ms - 7200000", [])
+        .unwrap();
+    drop(conn);
+    let before = upstream.seen.lock().unwrap().len();
+    config(dir.path(), port, cloud.port, &functions("every 1h"));
+    let mut daemon = Daemon::start(&cfg);
+    let seen = upstream
+        .wait_until("the missed run", |s| {
+            runs(&s[before..], "site/pi-01/tick").len() == 1
+        })
+        .await;
+    let made_up = &runs(&seen[before..], "site/pi-01/tick")[0];
+    let due = made_up["scheduled_ms"].as_u64().unwrap();
+    assert_eq!(due % 3_600_000, 0, "{made_up}");
+    assert!(due > last as u64 - 7_200_000, "{made_up}");
+    daemon.wait_for_log("a scheduled run was missed while edgefn was down");
+    assert!(daemon.terminate().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_still_going_when_the_next_is_due_makes_that_one_skipped_not_queued() {
+    let cloud = Mosquitto::cloud();
+    let upstream = Upstream::subscribe(cloud.port, "site/pi-01/#").await;
+    let dir = tempfile::tempdir().unwrap();
+    let slow = module_file(dir.path(), "slow", SLOW);
+    let functions = format!(
+        "[[functions]]\nname = \"slow\"\nmodule = \"{}\"\nschedule = \"every 1s\"\ntimeout = \"10s\"\n",
+        slow.display()
+    );
+    let port = free_port();
+    let mut daemon = Daemon::start(&config(dir.path(), port, cloud.port, &functions));
+    let seen = upstream
+        .wait_until("three slow runs", |s| runs(s, "site/pi-01/slow").len() >= 3)
+        .await;
+    // Each run takes 1.5 s, so the run due 1 s after it is skipped: the
+    // runs that happen are at least 2 s apart, none queued behind another.
+    let done = runs(&seen, "site/pi-01/slow");
+    for pair in done.windows(2) {
+        let gap =
+            pair[1]["scheduled_ms"].as_u64().unwrap() - pair[0]["scheduled_ms"].as_u64().unwrap();
+        assert!(gap >= 2000, "{done:?}");
+    }
+    daemon.wait_for_log("skipped a scheduled run: the one before is still going");
+    assert!(daemon.terminate().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permissions_refuse_exactly_the_topics_outside_the_allow_lists() {
+    let cloud = Mosquitto::cloud();
+    let upstream = Upstream::subscribe(cloud.port, "site/pi-01/#").await;
+    let dir = tempfile::tempdir().unwrap();
+    let m = module_file(dir.path(), "permissions", PERMISSIONS);
+    let functions = format!(
+        r#"
+[[functions]]
+name = "narrow"
+module = "{m}"
+triggers = ["narrow/go"]
+emit_allow = ["allowed/#", "result"]
+
+[[functions]]
+name = "commander"
+module = "{m}"
+triggers = ["commander/go"]
+publish_allow = ["cmd/+"]
+"#,
+        m = m.display()
+    );
+    let port = free_port();
+    let mut daemon = Daemon::start(&config(dir.path(), port, cloud.port, &functions));
+    wait_for_port(port);
+    let commands = Upstream::subscribe(port, "cmd/#").await;
+    let mut dev = Device::connect("device-p", port).await;
+    assert!(dev.publish_acked("narrow/go", "n", PATIENCE).await);
+    assert!(dev.publish_acked("commander/go", "c", PATIENCE).await);
+    let seen = upstream
+        .wait_until("both results", |s| {
+            s.iter().filter(|m| m.topic == "site/pi-01/result").count() >= 2
+        })
+        .await;
+    let got: Vec<(String, String)> = Upstream::distinct(&seen)
+        .into_iter()
+        .map(|s| (s.topic, s.payload))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            // narrow: emits only under allowed/# and result; publishes nothing.
+            ("site/pi-01/allowed/x".to_owned(), "n".to_owned()),
+            ("site/pi-01/result".to_owned(), "e=5 p=5".to_owned()),
+            // commander: emits anywhere (no emit_allow), publishes to cmd/+.
+            ("site/pi-01/allowed/x".to_owned(), "c".to_owned()),
+            ("site/pi-01/secret/x".to_owned(), "c".to_owned()),
+            ("site/pi-01/result".to_owned(), "e=0 p=0".to_owned()),
+        ]
+    );
+    let published = commands.wait_for(1).await;
+    assert_eq!(published[0].topic, "cmd/x");
+    assert_eq!(published[0].payload, "c");
+    assert!(daemon.terminate().success());
+}
+
+/// Runs `edgefn dead-letters ARGS --config CONFIG`: (success, stdout +
+/// stderr).
+fn dead_letters_cli(config: &std::path::Path, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_edgefn"))
+        .arg("dead-letters")
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .env("EDGEFN_LOG", "error")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// The dead letters in `dir`'s database: (id, function, attempts, replay).
+fn stored_dead_letters(dir: &std::path::Path) -> Vec<(i64, String, u32, bool)> {
+    edgefn::store::DeadLetters::open(&dir.join("data"))
+        .unwrap()
+        .list(None)
+        .unwrap()
+        .into_iter()
+        .map(|d| (d.id, d.letter.function, d.letter.attempts, d.replay))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_replayed_through_the_fixed_version_and_refused_for_a_removed_function() {
+    let cloud = Mosquitto::cloud();
+    let upstream = Upstream::subscribe(cloud.port, "site/pi-01/#").await;
+    let dir = tempfile::tempdir().unwrap();
+    let chaos = module("chaos");
+    let fixed = module_file(dir.path(), "fixed", TICK);
+    let broken = format!(
+        r#"
+[[functions]]
+name = "worker"
+module = "{chaos}"
+triggers = ["jobs/#"]
+retries = 1
+
+[[functions]]
+name = "other"
+module = "{chaos}"
+triggers = ["others/#"]
+"#,
+        chaos = chaos.display()
+    );
+    let port = free_port();
+    let cfg = config(dir.path(), port, cloud.port, &broken);
+    let mut daemon = Daemon::start(&cfg);
+    wait_for_port(port);
+    let mut dev = Device::connect("device-d", port).await;
+    for topic in ["jobs/1", "jobs/2", "others/1"] {
+        assert!(dev.publish_acked(topic, "fail", PATIENCE).await);
+    }
+    let first = stored_dead_letters(dir.path());
+    let ids: Vec<i64> = first.iter().map(|d| d.0).collect();
+    assert_eq!(
+        first,
+        [
+            (ids[0], "worker".into(), 2, false),
+            (ids[1], "worker".into(), 2, false),
+            (ids[2], "other".into(), 1, false),
+        ]
+    );
+    let (ok, listed) = dead_letters_cli(&cfg, &["list"]);
+    assert!(ok, "{listed}");
+    assert!(
+        listed.contains("worker") && listed.contains("jobs/2"),
+        "{listed}"
+    );
+    let (ok, shown) = dead_letters_cli(&cfg, &["show", &ids[0].to_string()]);
+    assert!(ok && shown.contains("payload   fail (4 bytes)"), "{shown}");
+
+    // Replayed through the same broken version: it fails again and stays,
+    // its attempts counted up.
+    let (ok, said) = dead_letters_cli(&cfg, &["replay", &ids[0].to_string()]);
+    assert!(ok, "{said}");
+    eventually("the replay failed again", || {
+        stored_dead_letters(dir.path())[0] == (ids[0], "worker".into(), 4, false)
+    })
+    .await;
+
+    // The fixed version, "other" removed.
+    assert!(daemon.terminate().success());
+    config(
+        dir.path(),
+        port,
+        cloud.port,
+        &format!(
+            "[[functions]]\nname = \"worker\"\nmodule = \"{}\"\ntriggers = [\"jobs/#\"]\n",
+            fixed.display()
+        ),
+    );
+    let mut daemon = Daemon::start(&cfg);
+    wait_for_port(port);
+    let (ok, said) = dead_letters_cli(&cfg, &["replay", "--all"]);
+    assert!(!ok, "{said}");
+    assert!(
+        said.contains(&format!("{} (other)", ids[2])) && said.contains("nothing was changed"),
+        "{said}"
+    );
+    assert!(stored_dead_letters(dir.path()).iter().all(|d| !d.3));
+
+    let (ok, said) = dead_letters_cli(&cfg, &["replay", "--function", "worker"]);
+    assert!(
+        ok && said.contains("2 dead letter(s) marked for replay"),
+        "{said}"
+    );
+    let seen = upstream
+        .wait_until("both jobs through the fixed version", |s| {
+            s.iter().filter(|m| m.topic == "site/pi-01/tick").count() >= 2
+        })
+        .await;
+    let done: Vec<&str> = seen
+        .iter()
+        .filter(|m| m.topic == "site/pi-01/tick")
+        .map(|m| m.payload.as_str())
+        .collect();
+    assert_eq!(done, ["fail", "fail"]);
+    eventually("the replayed dead letters deleted", || {
+        stored_dead_letters(dir.path()).len() == 1
+    })
+    .await;
+
+    // Marked behind the command's back (as if removed after marking): the
+    // daemon refuses it, and it stays.
+    let db = dir.path().join("data").join("edgefn.db");
+    rusqlite::Connection::open(&db)
+        .unwrap()
+        .execute("UPDATE dead_letters SET replay = 1", [])
+        .unwrap();
+    daemon.wait_for_log("cannot replay a dead letter: its function is not on this gateway");
+    eventually("the refused replay unmarked", || {
+        stored_dead_letters(dir.path()) == [(ids[2], "other".into(), 1, false)]
+    })
+    .await;
+
+    let (ok, said) = dead_letters_cli(&cfg, &["purge", "--function", "other"]);
+    assert!(ok && said.contains("1 dead letter(s) deleted"), "{said}");
+    let (_, listed) = dead_letters_cli(&cfg, &["list"]);
+    assert_eq!(listed, "no dead letters\n");
+    assert!(daemon.terminate().success());
+}
