@@ -404,3 +404,178 @@ triggers = ["others/#"]
     assert_eq!(listed, "no dead letters\n");
     assert!(daemon.terminate().success());
 }
+
+/// A clean-temperature bundle for `pi-01`, version `version`, with
+/// de-duplication over an hour, `timeout` as given, signed by `key`.
+fn clean_temperature_bundle(
+    key: &ed25519_dalek::SigningKey,
+    version: u64,
+    timeout: &str,
+) -> Vec<u8> {
+    use edgefn::bundle::{Body, Change, Targets, seal};
+    let manifest = edgefn::config::FunctionManifest {
+        name: "clean-temperature".into(),
+        triggers: vec!["sensors/+/temperature".into()],
+        timeout: Some(timeout.into()),
+        env: [
+            ("UNIT".to_owned(), "F".to_owned()),
+            ("DEDUP_WINDOW".to_owned(), "1h".to_owned()),
+        ]
+        .into(),
+        ..Default::default()
+    };
+    let body = Body {
+        version,
+        targets: Targets {
+            gateways: vec!["pi-01".into()],
+            groups: vec![],
+        },
+        key_id: None,
+        change: Change::Deploy {
+            manifest: Box::new(manifest),
+            module: std::fs::read(module("clean_temperature")).unwrap(),
+            sha256: vec![],
+        },
+    };
+    seal(body, Some(key))
+}
+
+/// The readings (`seq`s) seen upstream, first arrival of each record.
+fn seqs(seen: &[Seen]) -> Vec<u64> {
+    Upstream::distinct(seen)
+        .iter()
+        .filter(|s| s.topic.ends_with("/temperature"))
+        .map(|s| s.reading().1)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_survives_a_sigkill_a_restart_and_an_upgrade() {
+    let cloud = Mosquitto::cloud();
+    let upstream = Upstream::subscribe(cloud.port, "site/pi-01/#").await;
+    let statuses = Upstream::subscribe(cloud.port, "edgefn/pi-01/functions/+/status").await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+    let public = edgefn::bundle::public_key_text(&key.verifying_key());
+    let port = free_port();
+    let cfg = config(
+        dir.path(),
+        port,
+        cloud.port,
+        &format!("[deploy]\ntrusted_keys = [\"{public}\"]\n"),
+    );
+    let deploy_topic = "edgefn/pi-01/functions/clean-temperature/deploy";
+    let active = |version: u64| {
+        move |s: &[Seen]| {
+            s.iter()
+                .rev()
+                .find(|m| m.topic.ends_with("/clean-temperature/status"))
+                .is_some_and(|m| {
+                    let j = m.json();
+                    j["state"] == "active" && j["version"] == version
+                })
+        }
+    };
+    publish_retained(
+        cloud.port,
+        deploy_topic,
+        clean_temperature_bundle(&key, 1, "100ms"),
+    )
+    .await;
+    let mut daemon = Daemon::start(&cfg);
+    statuses.wait_until("v1 active", active(1)).await;
+    wait_for_port(port);
+
+    // The same reading twice: the second is a duplicate, dropped.
+    let mut dev = Device::connect("device-s", port).await;
+    for (seq, temp) in [(1, 20.0), (1, 20.0), (2, 21.0)] {
+        assert!(
+            dev.publish_acked("sensors/d1/temperature", reading(seq, temp), PATIENCE)
+                .await
+        );
+    }
+    upstream
+        .wait_until("readings 1 and 2", |s| seqs(s).contains(&2))
+        .await;
+
+    // Killed: the state of reading 2 was committed with it.
+    daemon.kill();
+    let mut daemon = Daemon::start(&cfg);
+    wait_for_port(port);
+    let mut dev = Device::connect("device-s", port).await;
+    for (seq, temp) in [(2, 21.0), (3, 22.0)] {
+        assert!(
+            dev.publish_acked("sensors/d1/temperature", reading(seq, temp), PATIENCE)
+                .await
+        );
+    }
+    upstream
+        .wait_until("reading 3", |s| seqs(s).contains(&3))
+        .await;
+
+    // A new version: the state is the function's, not the version's.
+    publish_retained(
+        cloud.port,
+        deploy_topic,
+        clean_temperature_bundle(&key, 2, "200ms"),
+    )
+    .await;
+    statuses.wait_until("v2 active", active(2)).await;
+    for (seq, temp) in [(3, 22.0), (4, 23.0)] {
+        assert!(
+            dev.publish_acked("sensors/d1/temperature", reading(seq, temp), PATIENCE)
+                .await
+        );
+    }
+    let seen = upstream
+        .wait_until("reading 4", |s| seqs(s).contains(&4))
+        .await;
+    assert_eq!(seqs(&seen), [1, 2, 3, 4]);
+    assert!(daemon.terminate().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aggregate_sums_up_each_devices_readings_on_its_schedule() {
+    let cloud = Mosquitto::cloud();
+    let upstream = Upstream::subscribe(cloud.port, "site/pi-01/summary/#").await;
+    let dir = tempfile::tempdir().unwrap();
+    let functions = format!(
+        "[[functions]]\nname = \"aggregate\"\nmodule = \"{}\"\ntriggers = [\"sensors/+/temperature\"]\n\
+         schedule = \"every 1s\"\nemit_allow = [\"summary/#\"]\n",
+        module("aggregate").display()
+    );
+    let port = free_port();
+    let mut daemon = Daemon::start(&config(dir.path(), port, cloud.port, &functions));
+    wait_for_port(port);
+    let mut dev = Device::connect("device-a", port).await;
+    for (device, temp) in [("d1", 20.0), ("d2", -5.0), ("d1", 22.0), ("d1", 24.0)] {
+        let topic = format!("sensors/{device}/temperature");
+        assert!(dev.publish_acked(&topic, reading(0, temp), PATIENCE).await);
+    }
+    // Runs may close a window between readings: add up every summary.
+    let totals = |s: &[Seen]| {
+        let mut by_device = std::collections::BTreeMap::<String, (u64, f64, f64, f64)>::new();
+        for m in Upstream::distinct(s) {
+            let j = m.json();
+            let e = by_device
+                .entry(j["device"].as_str().unwrap().to_owned())
+                .or_insert((0, f64::MAX, f64::MIN, 0.0));
+            let n = j["count"].as_u64().unwrap();
+            e.0 += n;
+            e.1 = e.1.min(j["min"].as_f64().unwrap());
+            e.2 = e.2.max(j["max"].as_f64().unwrap());
+            e.3 += j["mean"].as_f64().unwrap() * n as f64;
+        }
+        by_device
+    };
+    let seen = upstream
+        .wait_until("every reading summed up", |s| {
+            let t = totals(s);
+            t.get("d1").is_some_and(|d| d.0 == 3) && t.get("d2").is_some_and(|d| d.0 == 1)
+        })
+        .await;
+    let t = totals(&seen);
+    assert_eq!(t["d1"], (3, 20.0, 24.0, 66.0));
+    assert_eq!(t["d2"], (1, -5.0, -5.0, -5.0));
+    assert!(daemon.terminate().success());
+}
