@@ -35,6 +35,13 @@ need_rust() {
     fi
 }
 
+# Python's Prometheus client, whose parser the metrics tests scrape with.
+need_prometheus_parser() {
+    if ! /usr/bin/python3 -c 'import prometheus_client.openmetrics.parser' 2>/dev/null; then
+        apt_install python3 python3-prometheus-client
+    fi
+}
+
 need_mosquitto() {
     if [[ ! -x /usr/sbin/mosquitto && ! -x /usr/bin/mosquitto ]] && ! command -v mosquitto >/dev/null 2>&1; then
         apt_install mosquitto mosquitto-clients

@@ -138,11 +138,15 @@ pub enum Command {
         bundle: BundleArgs,
     },
     /// Show what every gateway on a control broker runs, from their
-    /// retained status topics.
+    /// retained status topics (--broker); or, on a gateway, its figures
+    /// (--config): from the running daemon, or from its database.
     Status {
         /// The control broker: mqtt://HOST[:PORT] or mqtts://HOST[:PORT].
-        #[arg(long)]
-        broker: String,
+        #[arg(long, required_unless_present = "config", conflicts_with = "config")]
+        broker: Option<String>,
+        /// This gateway's configuration file.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
         /// Only this gateway.
         #[arg(long)]
         gateway: Option<String>,
@@ -633,19 +637,28 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => deploy(module, manifest, bundle),
         Command::Status {
             broker,
+            config,
             gateway,
             group,
             access,
         } => {
-            let client = access.broker(&broker, "status")?;
-            let views = tokio::runtime::Builder::new_current_thread()
+            let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
-                .build()?
-                .block_on(crate::fleet::status(
-                    &client,
-                    gateway.as_deref(),
-                    group.as_deref(),
-                ))?;
+                .build()?;
+            let Some(broker) = broker else {
+                let config = Config::load(&config.expect("clap: --broker or --config"))?;
+                print!(
+                    "{}",
+                    runtime.block_on(crate::local_status::status(&config))?
+                );
+                return Ok(ExitCode::SUCCESS);
+            };
+            let client = access.broker(&broker, "status")?;
+            let views = runtime.block_on(crate::fleet::status(
+                &client,
+                gateway.as_deref(),
+                group.as_deref(),
+            ))?;
             print!(
                 "{}",
                 crate::fleet::render_status(&views, crate::fleet::version_now())

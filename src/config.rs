@@ -91,8 +91,16 @@ pub struct RawConfig {
     #[serde(default)]
     buffer: RawBuffer,
     deploy: Option<RawDeploy>,
+    metrics: Option<RawMetrics>,
     #[serde(default)]
     functions: Vec<FunctionManifest>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: Option<String>,
+    interval: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -253,6 +261,8 @@ pub struct Config {
     /// `[deploy]`: functions pushed over MQTT. `None`: only the
     /// configuration's functions run.
     pub deploy: Option<DeployConfig>,
+    /// `[metrics]`
+    pub metrics: MetricsConfig,
     /// `[[functions]]`
     pub functions: Vec<FunctionConfig>,
     /// Settings that work but are probably not what the operator wants
@@ -650,6 +660,7 @@ impl Config {
         let deploy = raw
             .deploy
             .map(|d| check_deploy(&mut p, d, has_upstream, embedded));
+        let metrics = check_metrics(&mut p, raw.metrics);
         if functions.is_empty() && deploy.is_none() {
             p.push(
                 "functions",
@@ -666,10 +677,47 @@ impl Config {
             upstream: upstream.map(|u| u.expect("checked")),
             buffer,
             deploy,
+            metrics,
             functions,
             warnings: p.warnings,
         })
     }
+}
+
+/// `[metrics]`: where the metrics model is shown (docs/CONFIG.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricsConfig {
+    /// The HTTP listener for `/metrics` and `/metrics.json`; none: off.
+    pub listen: Option<SocketAddr>,
+    /// How often the report is published on `edgefn/<id>/metrics`.
+    pub interval: Duration,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> MetricsConfig {
+        MetricsConfig {
+            listen: None,
+            interval: Duration::from_secs(60),
+        }
+    }
+}
+
+fn check_metrics(p: &mut Checker, raw: Option<RawMetrics>) -> MetricsConfig {
+    let Some(raw) = raw else {
+        return MetricsConfig::default();
+    };
+    let listen = raw.listen.as_deref().and_then(|l| {
+        l.parse::<SocketAddr>()
+            .map_err(|_| {
+                p.push(
+                    "metrics.listen",
+                    format!("{l:?} is not an address; expected e.g. \"127.0.0.1:9464\""),
+                )
+            })
+            .ok()
+    });
+    let interval = p.duration("metrics.interval", raw.interval.as_deref(), "60s");
+    MetricsConfig { listen, interval }
 }
 
 /// Collects problems (and warnings) while the check goes on.

@@ -55,6 +55,10 @@ pub struct Control {
     pub registry: Arc<Registry>,
     /// Largest bundle (the connection's packet limit follows it).
     pub max_bundle_size: usize,
+    /// The metrics model, published on `edgefn/<id>/metrics`.
+    pub telemetry: Arc<crate::telemetry::Telemetry>,
+    /// How often.
+    pub metrics_interval: Duration,
 }
 
 /// A function's status, as published.
@@ -359,11 +363,29 @@ impl Control {
         ));
         let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
         let mut refresh = tokio::time::interval(REFRESH);
+        let mut metrics_tick = tokio::time::interval(self.metrics_interval);
+        metrics_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let publish_status = |online: bool| reporter.publish_gateway(&client, online);
+        let publish_metrics = || {
+            let telemetry = self.telemetry.clone();
+            let client = client.clone();
+            let topic = format!("edgefn/{}/metrics", self.gateway_id);
+            let retain = reporter.retain.load(Ordering::Relaxed);
+            tokio::spawn(async move {
+                // Reads SQLite (the oldest record): not on the reactor.
+                let Ok(report) = tokio::task::spawn_blocking(move || telemetry.report()).await
+                else {
+                    return;
+                };
+                let json = serde_json::to_vec(&report).expect("report JSON");
+                let _ = client.try_publish(topic, QoS::AtMostOnce, retain, json);
+            });
+        };
         loop {
             tokio::select! {
                 _ = crate::ingest::stopped(&mut shutdown) => break,
                 _ = refresh.tick() => publish_status(true),
+                _ = metrics_tick.tick() => publish_metrics(),
                 event = events.poll() => match event {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
                         backoff.reset();

@@ -23,7 +23,7 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use crate::ingest::{Ack, AckWaiter, Delivery, Replay};
-use crate::store::{DeadLetters, Selection, StoredDeadLetter, UPSTREAM};
+use crate::store::{Inspector, Selection, StoredDeadLetter, UPSTREAM};
 
 /// How often the daemon looks for replays asked for.
 pub const POLL: Duration = Duration::from_secs(1);
@@ -34,7 +34,7 @@ const BATCH: usize = 64;
 /// The daemon's side: hands marked dead letters to the pipeline.
 pub struct Replayer {
     /// The database's dead letters.
-    pub store: DeadLetters,
+    pub store: Inspector,
     /// The pipeline's input.
     pub deliveries: mpsc::Sender<Delivery>,
 }
@@ -115,7 +115,7 @@ pub enum Action {
 /// of the configuration's functions (the deployed ones are read from the
 /// database). Returns what to print.
 pub fn run(data_dir: &Path, functions: &[String], action: Action) -> anyhow::Result<String> {
-    let mut store = DeadLetters::open(data_dir)?;
+    let mut store = Inspector::open(data_dir)?;
     match action {
         Action::List { function } => Ok(render_list(&store.list(function.as_deref())?)),
         Action::Show { id } => match store.get(id)? {
@@ -161,7 +161,7 @@ pub fn run(data_dir: &Path, functions: &[String], action: Action) -> anyhow::Res
 
 /// The ids `selection` takes; an error if it names an id there is not, or
 /// takes none.
-fn selected(store: &DeadLetters, selection: &Selection) -> Result<Vec<i64>, anyhow::Error> {
+fn selected(store: &Inspector, selection: &Selection) -> Result<Vec<i64>, anyhow::Error> {
     let ids = store.select(selection)?;
     let unknown: Vec<String> = selection
         .ids

@@ -226,6 +226,7 @@ impl Forwarder {
                             conn.max_packet = ack.properties.and_then(|p| p.max_packet_size);
                             backoff.reset();
                             Metrics::add(&self.metrics.upstream_connects, 1);
+                            Metrics::set(&self.metrics.upstream_connected, 1);
                             tracing::info!(
                                 host = %self.config.broker.host,
                                 port = self.config.broker.port,
@@ -250,6 +251,7 @@ impl Forwarder {
                     }
                 }
             };
+            Metrics::set(&self.metrics.upstream_connected, 0);
             let delay = backoff.next_delay();
             tracing::warn!(error = %lost, retry_in = ?delay, pending = conn.in_flight(), "upstream connection lost");
             if conn.connected {

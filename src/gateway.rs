@@ -72,6 +72,8 @@ pub struct Gateway {
     broker: Option<crate::ingest::embedded::EmbeddedBroker>,
     /// Compiles functions; keeps the engine (and its epoch ticker) alive.
     runtime: Arc<Runtime>,
+    /// The metrics model.
+    telemetry: Arc<crate::telemetry::Telemetry>,
 }
 
 /// How often the status line is logged.
@@ -84,6 +86,16 @@ impl Gateway {
     /// embedded broker cannot listen; nothing is left running then.
     pub async fn start(config: Config) -> anyhow::Result<Gateway> {
         let metrics = Arc::new(Metrics::default());
+        let started = std::time::Instant::now();
+        // First, so a port in use stops start-up before anything runs.
+        let metrics_listener = match config.metrics.listen {
+            Some(addr) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen on metrics.listen {addr}"))?,
+            ),
+            None => None,
+        };
         let (writer, reader) = store::open(&config.gateway.data_dir, &config.buffer)
             .context("cannot open the buffer")?;
         tracing::info!(
@@ -154,6 +166,7 @@ impl Gateway {
             LocalSource::Embedded { .. } => 1024,
         };
         let (deliveries_tx, deliveries_rx) = mpsc::channel(in_flight);
+        let commit_latency = Arc::new(crate::telemetry::Window::default());
         let pipeline = Pipeline {
             registry: registry.clone(),
             writer,
@@ -162,6 +175,7 @@ impl Gateway {
             metrics: metrics.clone(),
             committed: committed.clone(),
             local_publish: Some(publish_tx),
+            commit_latency: commit_latency.clone(),
         }
         .start(deliveries_rx);
         tokio::spawn(
@@ -170,7 +184,7 @@ impl Gateway {
         );
         tokio::spawn(
             Replayer {
-                store: store::DeadLetters::open(&config.gateway.data_dir)
+                store: store::Inspector::open(&config.gateway.data_dir)
                     .context("cannot open the dead letters")?,
                 deliveries: deliveries_tx.clone(),
             }
@@ -185,14 +199,17 @@ impl Gateway {
                 .context("cannot read the local broker session's filters")?,
             LocalSource::Embedded { .. } => Vec::new(),
         };
+        let incarnation = reader.incarnation();
+        let outbox = reader.outbox();
+        let reader = Arc::new(Mutex::new(reader));
         let forward = config.upstream.clone().map(|upstream| {
             tokio::spawn(
                 Forwarder {
                     config: upstream,
                     gateway_id: config.gateway.id.clone(),
-                    incarnation: reader.incarnation(),
-                    outbox: reader.outbox(),
-                    reader: Arc::new(Mutex::new(reader)),
+                    incarnation,
+                    outbox,
+                    reader: reader.clone(),
                     committed,
                     metrics: metrics.clone(),
                 }
@@ -261,6 +278,39 @@ impl Gateway {
             }
         }
 
+        let counts = Counts {
+            metrics: metrics.clone(),
+            #[cfg(feature = "embedded-broker")]
+            broker: broker.as_ref().map(|b| b.publisher()),
+        };
+        let telemetry = Arc::new(crate::telemetry::Telemetry {
+            gateway_id: config.gateway.id.clone(),
+            started,
+            metrics: metrics.clone(),
+            snapshot: Box::new({
+                let counts = counts.clone();
+                move || counts.snapshot()
+            }),
+            registry: registry.clone(),
+            commit_latency,
+            buffer: Box::new(move || {
+                let r = reader.lock().expect("reader lock");
+                let oldest = r.oldest_created_ms().unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, "cannot read the oldest buffered record");
+                    None
+                });
+                (r.records(), r.outbox_bytes(), oldest)
+            }),
+        });
+        if let Some(listener) = metrics_listener {
+            tracing::info!(listen = %listener.local_addr()?, "metrics listening (/metrics, /metrics.json)");
+            tokio::spawn(crate::telemetry::serve(
+                listener,
+                telemetry.clone(),
+                shutdown_rx.clone(),
+            ));
+        }
+
         let control = match (&config.deploy, &deployer) {
             (Some(d), Some(deployer)) => {
                 #[cfg(feature = "embedded-broker")]
@@ -276,6 +326,8 @@ impl Gateway {
                         deployer: deployer.clone(),
                         registry: registry.clone(),
                         max_bundle_size: d.max_bundle_size,
+                        telemetry: telemetry.clone(),
+                        metrics_interval: config.metrics.interval,
                     }
                     .run(shutdown_rx.clone()),
                 ))
@@ -283,11 +335,6 @@ impl Gateway {
             _ => None,
         };
 
-        let counts = Counts {
-            metrics: metrics.clone(),
-            #[cfg(feature = "embedded-broker")]
-            broker: broker.as_ref().map(|b| b.publisher()),
-        };
         let status = tokio::spawn(status_loop(counts.clone(), registry.clone()));
 
         Ok(Gateway {
@@ -306,6 +353,7 @@ impl Gateway {
             #[cfg(feature = "embedded-broker")]
             broker,
             runtime,
+            telemetry,
         })
     }
 
@@ -351,6 +399,12 @@ impl Gateway {
                 version: None,
             }),
         }
+    }
+
+    /// The metrics model's report now (reads SQLite: call from a blocking
+    /// thread, or accept a short wait).
+    pub fn report(&self) -> crate::telemetry::Report {
+        self.telemetry.report()
     }
 
     /// The functions that run now.
@@ -557,8 +611,8 @@ async fn status_loop(counts: Counts, registry: Arc<Registry>) {
                 version = function.version(),
                 invocations = f.invocations.load(Relaxed),
                 failures = f.failures.load(Relaxed),
-                timeouts = f.timeouts.load(Relaxed),
-                out_of_fuel = f.out_of_fuel.load(Relaxed),
+                timeouts = f.failures_by_kind[1].load(Relaxed),
+                out_of_fuel = f.failures_by_kind[2].load(Relaxed),
                 "function status"
             );
         }

@@ -3,11 +3,12 @@
 //! Plain relaxed atomics, bumped once per event (or per batch) and read by
 //! the periodic status line and the tests; the embedded broker's client
 //! counts are gauges, set when a snapshot is taken. Per-function
-//! counters live in [`crate::runtime::pool::FunctionMetrics`].
+//! counters live in [`crate::runtime::pool::FunctionMetrics`]; both are
+//! read into one report by [`crate::telemetry`].
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 macro_rules! counters {
     ($($(#[doc = $doc:literal])* $name:ident),* $(,)?) => {
@@ -18,7 +19,8 @@ macro_rules! counters {
         }
 
         /// A point-in-time copy of [`Metrics`].
-        #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+        #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+        #[serde(default)]
         pub struct Snapshot {
             $($(#[doc = $doc])* pub $name: u64,)*
         }
@@ -35,6 +37,8 @@ macro_rules! counters {
 counters! {
     /// Device messages that reached the pipeline (from either source).
     received,
+    /// Scheduled runs handed to the pipeline.
+    scheduled_runs,
     /// Device messages refused for exceeding `local.max_message_size`.
     refused_too_large,
     /// Device messages whose topic matched no function.
@@ -80,6 +84,8 @@ counters! {
     upstream_rejected,
     /// Successful connections to the upstream broker.
     upstream_connects,
+    /// Upstream connection, now: 1 up, 0 down.
+    upstream_connected,
     /// Successful connections to the local broker.
     local_connects,
     /// Embedded broker: QoS 1/2 device publishes not acknowledged because

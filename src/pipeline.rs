@@ -184,6 +184,8 @@ pub struct Pipeline {
     pub committed: Arc<Notify>,
     /// Where functions' local publishes go after commit.
     pub local_publish: Option<mpsc::Sender<Emitted>>,
+    /// Commit times.
+    pub commit_latency: Arc<crate::telemetry::Window>,
 }
 
 /// Handles of a running pipeline.
@@ -257,7 +259,11 @@ async fn dispatch(
 ) {
     let mut matched = Vec::new();
     while let Some(d) = deliveries.recv().await {
-        Metrics::add(&metrics.received, 1);
+        if crate::schedule::function_of(&d.topic).is_some() {
+            Metrics::add(&metrics.scheduled_runs, 1);
+        } else if d.replay.is_none() {
+            Metrics::add(&metrics.received, 1);
+        }
         if d.payload.len() > max_message_size {
             Metrics::add(&metrics.refused_too_large, 1);
             tracing::warn!(
@@ -324,6 +330,7 @@ fn commit_loop(
         metrics,
         committed,
         local_publish,
+        commit_latency,
         ..
     } = pipeline;
     let mut batch: Vec<Ready> = Vec::with_capacity(max_batch);
@@ -395,6 +402,9 @@ fn commit_loop(
             match room.and_then(|_| writer.commit(&mut outcomes, &stop)) {
                 Ok(done) => {
                     let took = started.elapsed();
+                    if !outcomes.is_empty() {
+                        commit_latency.record(took);
+                    }
                     if took >= SLOW_COMMIT {
                         tracing::warn!(
                             took = ?took,
@@ -561,6 +571,7 @@ mod tests {
             metrics: metrics.clone(),
             committed: Arc::new(Notify::new()),
             local_publish,
+            commit_latency: Arc::default(),
         }
         .start(rx);
         (tx, running)

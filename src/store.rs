@@ -82,7 +82,7 @@
 //! - `dead_letters.version`, `dead_letters.replay` (version 5): the
 //!   version of the function that failed (none for a function of the
 //!   configuration file, or before version 5), and whether an operator
-//!   asked for a replay ([`DeadLetters`]), which the daemon picks up.
+//!   asked for a replay ([`Inspector`]), which the daemon picks up.
 //!
 //! Later schema versions append to `MIGRATIONS`; a database newer than
 //! this binary is refused rather than misread.
@@ -479,6 +479,8 @@ impl Leaving {
 struct Shared {
     /// Bytes of topics + payloads in the outbox.
     bytes: AtomicU64,
+    /// Records in the outbox.
+    records: AtomicU64,
     /// Highest committed seq (for waking the forwarder).
     last_seq: AtomicU64,
     /// Records the upstream acknowledged or refused, still in the outbox;
@@ -539,11 +541,12 @@ pub fn open(data_dir: &Path, buffer: &BufferConfig) -> Result<(Writer, Reader), 
     migrate(&mut conn, &path)?;
     let incarnation = incarnation(&mut conn).map_err(err)?;
     conn.pragma_update(None, "synchronous", sync).map_err(err)?;
-    let (bytes, last): (i64, Option<i64>) = conn
+    let (bytes, last, records): (i64, Option<i64>, i64) = conn
         .query_row(
-            "SELECT COALESCE(SUM(length(CAST(topic AS BLOB)) + length(payload)), 0), MAX(seq) FROM outbox",
+            "SELECT COALESCE(SUM(length(CAST(topic AS BLOB)) + length(payload)), 0), MAX(seq),
+                    COUNT(*) FROM outbox",
             [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )
         .map_err(err)?;
     let reserved: i64 = conn
@@ -567,6 +570,7 @@ pub fn open(data_dir: &Path, buffer: &BufferConfig) -> Result<(Writer, Reader), 
         ..Shared::default()
     });
     shared.bytes.store(bytes as u64, Ordering::Relaxed);
+    shared.records.store(records as u64, Ordering::Relaxed);
     shared
         .last_seq
         .store(last.unwrap_or(0) as u64, Ordering::Relaxed);
@@ -805,7 +809,7 @@ impl Writer {
         let mut reserved = self.reserved;
         let mut dead_bytes = self.dead_bytes;
         let tx = self.conn.transaction().map_err(err)?;
-        let mut freed = delete(&tx, &taken.delivered).map_err(err)?;
+        let (mut gone, mut freed) = delete(&tx, &taken.delivered).map_err(err)?;
         done.deleted = taken.delivered.len() as u64;
         if let Some((session, filters)) = subscriptions {
             save_subscriptions(&tx, session, filters).map_err(err)?;
@@ -813,6 +817,7 @@ impl Writer {
         {
             let refused = refuse(&tx, &taken.refused, now).map_err(err)?;
             freed += refused.outbox_bytes;
+            gone += refused.rows;
             dead_bytes += refused.dead_letter_bytes;
             done.refused = refused.rows;
             if self.policy == FullPolicy::DropOldest {
@@ -823,6 +828,7 @@ impl Writer {
                     (done.dropped, dropped_bytes, dropped_through) =
                         drop_oldest(&tx, over).map_err(err)?;
                     freed += dropped_bytes;
+                    gone += done.dropped;
                 }
             }
             let mut insert = tx
@@ -914,6 +920,9 @@ impl Writer {
         let b = &self.shared.bytes;
         b.fetch_add(incoming, Ordering::Relaxed);
         b.fetch_sub(freed.min(b.load(Ordering::Relaxed)), Ordering::Relaxed);
+        let n = &self.shared.records;
+        n.fetch_add(done.records, Ordering::Relaxed);
+        n.fetch_sub(gone.min(n.load(Ordering::Relaxed)), Ordering::Relaxed);
         self.keep_recent(batch, first, dropped_through);
         if let Some(seq) = done.last_seq {
             self.shared.last_seq.store(seq as u64, Ordering::Release);
@@ -1104,6 +1113,18 @@ fn save_subscriptions(
     Ok(())
 }
 
+/// The rows of `sql`, a name and a non-negative number each.
+fn named_numbers<C: FromIterator<(String, u64)>>(
+    conn: &Connection,
+    sql: &str,
+) -> rusqlite::Result<C> {
+    let mut stmt = conn.prepare(sql)?;
+    let rows = stmt.query_map([], |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+    })?;
+    rows.collect()
+}
+
 /// Settles the batch's replayed dead letters; returns `dead_bytes` after.
 fn replay(
     tx: &rusqlite::Transaction<'_>,
@@ -1196,9 +1217,9 @@ fn write_state(tx: &rusqlite::Transaction<'_>, batch: &[&mut Outcomes]) -> rusql
 }
 
 /// Deletes acknowledged records by seq; returns the bytes freed.
-fn delete(tx: &rusqlite::Transaction<'_>, acked: &[i64]) -> rusqlite::Result<u64> {
+fn delete(tx: &rusqlite::Transaction<'_>, acked: &[i64]) -> rusqlite::Result<(u64, u64)> {
     if acked.is_empty() {
-        return Ok(0);
+        return Ok((0, 0));
     }
     let mut seqs = acked.to_vec();
     seqs.sort_unstable();
@@ -1212,7 +1233,7 @@ fn delete(tx: &rusqlite::Transaction<'_>, acked: &[i64]) -> rusqlite::Result<u64
         "DELETE FROM outbox WHERE seq BETWEEN ?1 AND ?2
          RETURNING length(CAST(topic AS BLOB)) + length(payload)",
     )?;
-    let mut freed = 0;
+    let (mut deleted, mut freed) = (0, 0);
     let mut start = 0;
     while start < seqs.len() {
         let mut end = start;
@@ -1222,10 +1243,11 @@ fn delete(tx: &rusqlite::Transaction<'_>, acked: &[i64]) -> rusqlite::Result<u64
         let mut rows = stmt.query([seqs[start], seqs[end]])?;
         while let Some(row) = rows.next()? {
             freed += row.get::<_, i64>(0)? as u64;
+            deleted += 1;
         }
         start = end + 1;
     }
-    Ok(freed)
+    Ok((deleted, freed))
 }
 
 /// What moving refused records to the dead letters did.
@@ -1410,6 +1432,25 @@ impl Reader {
         Ok(records)
     }
 
+    /// Records in the outbox (kept in memory).
+    pub fn records(&self) -> u64 {
+        self.shared.records.load(Ordering::Relaxed)
+    }
+
+    /// When the oldest record in the outbox was committed, ms since the
+    /// epoch.
+    pub fn oldest_created_ms(&self) -> Result<Option<u64>, StoreError> {
+        self.conn
+            .query_row(
+                "SELECT created_ms FROM outbox ORDER BY seq LIMIT 1",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()
+            .map(|v| v.map(|v| v as u64))
+            .map_err(self.err())
+    }
+
     /// Number of records waiting.
     pub fn pending(&self) -> Result<u64, StoreError> {
         self.conn
@@ -1444,16 +1485,7 @@ impl Reader {
 
     /// When each scheduled function's last run was due (`schedule_runs`).
     pub fn schedule_runs(&self) -> Result<std::collections::HashMap<String, u64>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT function, last_ms FROM schedule_runs")
-            .map_err(self.err())?;
-        let rows = stmt
-            .query_map([], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
-            })
-            .map_err(self.err())?;
-        rows.collect::<Result<_, _>>().map_err(self.err())
+        named_numbers(&self.conn, "SELECT function, last_ms FROM schedule_runs").map_err(self.err())
     }
 
     /// The filters remembered for the local broker session `session` (see
@@ -1693,7 +1725,7 @@ fn raise_highest(tx: &rusqlite::Transaction, name: &str, version: u64) -> rusqli
 
 /// Reads the dead letters, oldest first.
 pub fn dead_letters(data_dir: &Path) -> Result<Vec<DeadLetter>, StoreError> {
-    Ok(DeadLetters::open(data_dir)?
+    Ok(Inspector::open(data_dir)?
         .list(None)?
         .into_iter()
         .map(|d| d.letter)
@@ -1724,9 +1756,10 @@ pub struct Selection {
     pub before_ms: Option<u64>,
 }
 
-/// The dead letters, for `edgefn dead-letters` and the daemon's replays:
-/// its own connection, so it works beside a running daemon.
-pub struct DeadLetters {
+/// The database as the tools see it (`edgefn dead-letters`, `edgefn
+/// status --config`) and the daemon's replays: a connection of its own,
+/// so it works beside a running daemon.
+pub struct Inspector {
     conn: Connection,
     path: PathBuf,
 }
@@ -1765,12 +1798,12 @@ fn stored(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredDeadLetter> {
     })
 }
 
-impl DeadLetters {
+impl Inspector {
     /// Opens the database in `data_dir` (migrating it if it is older).
     ///
     /// Fails if there is none: the gateway has not run with this
     /// `data_dir`.
-    pub fn open(data_dir: &Path) -> Result<DeadLetters, StoreError> {
+    pub fn open(data_dir: &Path) -> Result<Inspector, StoreError> {
         let path = data_dir.join(DB_FILE);
         if !path.exists() {
             return Err(StoreError::DataDir {
@@ -1783,7 +1816,7 @@ impl DeadLetters {
         }
         let mut conn = open_connection(&path, "FULL")?;
         migrate(&mut conn, &path)?;
-        Ok(DeadLetters { conn, path })
+        Ok(Inspector { conn, path })
     }
 
     fn err(&self) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
@@ -1868,6 +1901,61 @@ impl DeadLetters {
         }
         tx.commit().map_err(err)?;
         Ok(n)
+    }
+
+    /// The buffer: (records, bytes, when the oldest was committed).
+    pub fn buffer(&self) -> Result<(u64, u64, Option<u64>), StoreError> {
+        self.conn
+            .query_row(
+                "SELECT COUNT(*), COALESCE(SUM(length(CAST(topic AS BLOB)) + length(payload)), 0),
+                        (SELECT created_ms FROM outbox ORDER BY seq LIMIT 1) FROM outbox",
+                [],
+                |r| {
+                    Ok((
+                        r.get::<_, i64>(0)? as u64,
+                        r.get::<_, i64>(1)? as u64,
+                        r.get::<_, Option<i64>>(2)?.map(|v| v as u64),
+                    ))
+                },
+            )
+            .map_err(self.err())
+    }
+
+    /// Per function: (dead letters, replays asked for).
+    pub fn dead_letter_counts(
+        &self,
+    ) -> Result<std::collections::BTreeMap<String, (u64, u64)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT function, COUNT(*), SUM(replay) FROM dead_letters GROUP BY function")
+            .map_err(self.err())?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    (r.get::<_, i64>(1)? as u64, r.get::<_, i64>(2)? as u64),
+                ))
+            })
+            .map_err(self.err())?;
+        rows.collect::<Result<_, _>>().map_err(self.err())
+    }
+
+    /// Per function: bytes of state (keys and values).
+    pub fn state_bytes(&self) -> Result<std::collections::BTreeMap<String, u64>, StoreError> {
+        named_numbers(
+            &self.conn,
+            "SELECT function, SUM(length(key) + length(value)) FROM function_state GROUP BY function",
+        )
+        .map_err(self.err())
+    }
+
+    /// The deployed functions: (name, version).
+    pub fn deployed(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        named_numbers(
+            &self.conn,
+            "SELECT name, version FROM deployed_functions ORDER BY name",
+        )
+        .map_err(self.err())
     }
 
     /// The names of the deployed functions (for checking a replay's

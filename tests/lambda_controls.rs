@@ -59,7 +59,8 @@ const PERMISSIONS: &str = r#"(module
     i32.const 0))"#;
 
 /// A gateway `pi-01` with the built-in broker on `port`, the cloud at
-/// `cloud_port`, and `functions` (TOML `[[functions]]` tables).
+/// `cloud_port`, and `functions` (TOML `[[functions]]` tables, and any
+/// other section after them).
 fn config(
     dir: &std::path::Path,
     port: u16,
@@ -178,8 +179,10 @@ async fn a_run_still_going_when_the_next_is_due_makes_that_one_skipped_not_queue
     let upstream = Upstream::subscribe(cloud.port, "site/pi-01/#").await;
     let dir = tempfile::tempdir().unwrap();
     let slow = module_file(dir.path(), "slow", SLOW);
+    let metrics = free_port();
     let functions = format!(
-        "[[functions]]\nname = \"slow\"\nmodule = \"{}\"\nschedule = \"every 1s\"\ntimeout = \"10s\"\n",
+        "[[functions]]\nname = \"slow\"\nmodule = \"{}\"\nschedule = \"every 1s\"\ntimeout = \"10s\"\n\n\
+         [metrics]\nlisten = \"127.0.0.1:{metrics}\"\n",
         slow.display()
     );
     let port = free_port();
@@ -195,7 +198,10 @@ async fn a_run_still_going_when_the_next_is_due_makes_that_one_skipped_not_queue
             pair[1]["scheduled_ms"].as_u64().unwrap() - pair[0]["scheduled_ms"].as_u64().unwrap();
         assert!(gap >= 2000, "{done:?}");
     }
-    daemon.wait_for_log("skipped a scheduled run: the one before is still going");
+    let skipped = function_report(&report(metrics), "slow")["schedule_skipped"]
+        .as_u64()
+        .unwrap();
+    assert!(skipped >= 2, "{skipped} skipped");
     assert!(daemon.terminate().success());
 }
 
@@ -205,6 +211,7 @@ async fn permissions_refuse_exactly_the_topics_outside_the_allow_lists() {
     let upstream = Upstream::subscribe(cloud.port, "site/pi-01/#").await;
     let dir = tempfile::tempdir().unwrap();
     let m = module_file(dir.path(), "permissions", PERMISSIONS);
+    let metrics = free_port();
     let functions = format!(
         r#"
 [[functions]]
@@ -218,6 +225,9 @@ name = "commander"
 module = "{m}"
 triggers = ["commander/go"]
 publish_allow = ["cmd/+"]
+
+[metrics]
+listen = "127.0.0.1:{metrics}"
 "#,
         m = m.display()
     );
@@ -252,6 +262,14 @@ publish_allow = ["cmd/+"]
     let published = commands.wait_for(1).await;
     assert_eq!(published[0].topic, "cmd/x");
     assert_eq!(published[0].payload, "c");
+    // Counted, each by what was refused.
+    let r = report(metrics);
+    let counts = |name: &str| {
+        let f = function_report(&r, name);
+        (f["emit_denied"].as_u64(), f["publish_denied"].as_u64())
+    };
+    assert_eq!(counts("narrow"), (Some(1), Some(1)));
+    assert_eq!(counts("commander"), (Some(0), Some(0)));
     assert!(daemon.terminate().success());
 }
 
@@ -276,7 +294,7 @@ fn dead_letters_cli(config: &std::path::Path, args: &[&str]) -> (bool, String) {
 
 /// The dead letters in `dir`'s database: (id, function, attempts, replay).
 fn stored_dead_letters(dir: &std::path::Path) -> Vec<(i64, String, u32, bool)> {
-    edgefn::store::DeadLetters::open(&dir.join("data"))
+    edgefn::store::Inspector::open(&dir.join("data"))
         .unwrap()
         .list(None)
         .unwrap()

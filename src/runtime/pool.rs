@@ -25,6 +25,10 @@ use super::{Failure, Function, Instance, Output};
 /// that a stalled function holds few messages.
 const QUEUE_PER_WORKER: usize = 4;
 
+/// Every [`Failure::kind`], in the order of
+/// [`FunctionMetrics::failures_by_kind`].
+pub const FAILURE_KINDS: [&str; 6] = ["error", "timeout", "fuel", "trap", "exit", "start"];
+
 /// The result of a job.
 #[derive(Debug)]
 pub enum Outcome {
@@ -39,17 +43,29 @@ pub enum Outcome {
     },
 }
 
-/// Counters for one function, read by status reports and tests.
+/// Counters for one function (all its versions), read by the metrics
+/// model ([`crate::telemetry`]) and tests.
 #[derive(Debug, Default)]
 pub struct FunctionMetrics {
     /// Attempts started (first tries and retries).
     pub invocations: AtomicU64,
     /// Attempts that failed.
     pub failures: AtomicU64,
-    /// Attempts that failed by timing out.
-    pub timeouts: AtomicU64,
-    /// Attempts that failed by using up their fuel budget.
-    pub out_of_fuel: AtomicU64,
+    /// Attempts that failed, by [`Failure::kind`], in the order of
+    /// [`FAILURE_KINDS`].
+    pub failures_by_kind: [AtomicU64; FAILURE_KINDS.len()],
+    /// Attempts that were retries (after a failed one).
+    pub retries: AtomicU64,
+    /// Messages that waited for a free instance (the queue was full).
+    pub throttles: AtomicU64,
+    /// Records successful invocations emitted.
+    pub emitted_records: AtomicU64,
+    /// Bytes (topics and payloads) of those records.
+    pub emitted_bytes: AtomicU64,
+    /// Messages successful invocations published locally.
+    pub published: AtomicU64,
+    /// Wall-clock times of recent successful attempts.
+    pub durations: crate::telemetry::Window,
     /// Jobs that failed every attempt.
     pub dead_letters: AtomicU64,
     /// Fresh instances started (the first, and after each failure).
@@ -147,16 +163,17 @@ impl Pool {
     /// down before the job ran.
     pub async fn submit(&self, topic: Arc<str>, payload: Bytes) -> oneshot::Receiver<Outcome> {
         let (reply, rx) = oneshot::channel();
+        let job = Job {
+            topic,
+            payload,
+            reply,
+        };
         // A send error means the pool is shut down: dropping the job drops
         // `reply`, which the caller sees as "not run".
-        let _ = self
-            .jobs
-            .send(Job {
-                topic,
-                payload,
-                reply,
-            })
-            .await;
+        if let Err(async_channel::TrySendError::Full(job)) = self.jobs.try_send(job) {
+            self.metrics.throttles.fetch_add(1, Ordering::Relaxed);
+            let _ = self.jobs.send(job).await;
+        }
         rx
     }
 
@@ -222,26 +239,35 @@ impl Worker {
         loop {
             attempts += 1;
             self.metrics.invocations.fetch_add(1, Ordering::Relaxed);
+            if attempts > 1 {
+                self.metrics.retries.fetch_add(1, Ordering::Relaxed);
+            }
             let started = Instant::now();
             let result = self.instance().and_then(|i| i.invoke(topic, payload));
             match result {
                 Ok(output) => {
-                    let micros = started.elapsed().as_micros() as u64;
-                    self.metrics
-                        .busy_micros
-                        .fetch_add(micros, Ordering::Relaxed);
+                    let took = started.elapsed();
+                    let m = &self.metrics;
+                    m.busy_micros
+                        .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+                    m.durations.record(took);
+                    m.emitted_records
+                        .fetch_add(output.records.len() as u64, Ordering::Relaxed);
+                    let bytes: usize = output
+                        .records
+                        .iter()
+                        .map(|r| r.topic.len() + r.payload.len())
+                        .sum();
+                    m.emitted_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+                    m.published
+                        .fetch_add(output.publishes.len() as u64, Ordering::Relaxed);
                     return Outcome::Ok(output);
                 }
                 Err(failure) => {
                     self.instance = None;
                     self.metrics.failures.fetch_add(1, Ordering::Relaxed);
-                    let limit = match failure {
-                        Failure::Timeout(_) => Some(&self.metrics.timeouts),
-                        Failure::OutOfFuel(_) => Some(&self.metrics.out_of_fuel),
-                        _ => None,
-                    };
-                    if let Some(counter) = limit {
-                        counter.fetch_add(1, Ordering::Relaxed);
+                    if let Some(i) = FAILURE_KINDS.iter().position(|k| *k == failure.kind()) {
+                        self.metrics.failures_by_kind[i].fetch_add(1, Ordering::Relaxed);
                     }
                     tracing::warn!(
                         function = name,

@@ -851,3 +851,36 @@ pub async fn connected_to(local: Mosquitto, cloud: Mosquitto) -> Connected {
 pub fn reading(seq: u64, temp_c: f64) -> String {
     format!(r#"{{"seq":{seq},"temp_c":{temp_c}}}"#)
 }
+
+/// GETs `path` from the HTTP listener on `port` of this machine (the
+/// metrics listener): the body.
+pub fn get(port: u16, path: &str) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    assert!(
+        head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
+        "{head}"
+    );
+    body.to_owned()
+}
+
+/// The metrics model's report from the listener on `port`
+/// (`/metrics.json`).
+pub fn report(port: u16) -> serde_json::Value {
+    serde_json::from_str(&get(port, "/metrics.json")).unwrap()
+}
+
+/// The function called `name` in a [`report`].
+pub fn function_report(report: &serde_json::Value, name: &str) -> serde_json::Value {
+    report["functions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["name"] == name)
+        .unwrap_or_else(|| panic!("no function {name} in {report}"))
+        .clone()
+}

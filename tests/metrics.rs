@@ -1,0 +1,275 @@
+//! The one metrics model, shown three ways: the Prometheus endpoint
+//! (scraped with Python's prometheus_client parser), the JSON report on
+//! the metrics topic, and `edgefn status --config`; each with exact counts
+//! of what was sent.
+
+#![cfg(feature = "embedded-broker")]
+
+mod common;
+
+use std::io::Write as _;
+
+use common::*;
+
+/// `edgefn status --config CONFIG`: (success, output).
+fn status(config: &std::path::Path) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_edgefn"))
+        .args(["status", "--config"])
+        .arg(config)
+        .env("EDGEFN_LOG", "error")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// Parses Prometheus text with Python's prometheus_client (OpenMetrics
+/// parser): `name{labels} value` lines, sorted, for the samples named.
+fn scrape_with_python(text: &str, names: &[&str]) -> Vec<String> {
+    let script = r#"
+import json, sys
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
+names = set(json.loads(sys.argv[1]))
+out = []
+for family in text_string_to_metric_families(sys.stdin.read()):
+    for s in family.samples:
+        if s.name in names:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+            out.append(f"{s.name}{{{labels}}} {s.value:g}")
+print("\n".join(sorted(out)))
+"#;
+    let mut child = std::process::Command::new("/usr/bin/python3")
+        .args(["-c", script, &serde_json::to_string(names).unwrap()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("/usr/bin/python3 (apt-get install python3 python3-prometheus-client)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the Prometheus text does not parse (or python3-prometheus-client is missing): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_model_counts_exactly_what_was_sent_on_every_view() {
+    let cloud = Mosquitto::cloud();
+    let upstream = Upstream::subscribe(cloud.port, "site/pi-01/#").await;
+    let reports = Upstream::subscribe(cloud.port, "edgefn/pi-01/metrics").await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let metrics_port = free_port();
+    let config = standard_config(dir.path(), &format!("embedded:{port}"), cloud.port);
+    let text = std::fs::read_to_string(&config).unwrap();
+    let key = edgefn::bundle::public_key_text(
+        &ed25519_dalek::SigningKey::from_bytes(&[3; 32]).verifying_key(),
+    );
+    std::fs::write(
+        &config,
+        format!(
+            "{text}\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\ninterval = \"1s\"\n\n\
+             [deploy]\ntrusted_keys = [\"{key}\"]\n"
+        ),
+    )
+    .unwrap();
+    let mut daemon = Daemon::start(&config);
+    wait_for_port(port);
+    wait_for_port(metrics_port);
+
+    // A second daemon on the same metrics port stops at start-up, saying
+    // why.
+    let dir2 = tempfile::tempdir().unwrap();
+    let other = standard_config(
+        dir2.path(),
+        &format!("embedded:{}", free_port()),
+        cloud.port,
+    );
+    let text = std::fs::read_to_string(&other).unwrap();
+    std::fs::write(
+        &other,
+        format!("{text}\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n"),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_edgefn"))
+        .args(["run", "--config"])
+        .arg(&other)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        said.contains(&format!(
+            "cannot listen on metrics.listen 127.0.0.1:{metrics_port}"
+        )),
+        "{said}"
+    );
+
+    // 20 readings, 3 messages chaos traps on (two attempts each), and one
+    // no function takes, which the built-in broker handles as any broker
+    // (it never reaches the pipeline).
+    let mut dev = Device::connect("device-m", port).await;
+    for i in 0..20 {
+        assert!(
+            dev.publish_acked("sensors/d1/temperature", reading(i, 20.0), PATIENCE)
+                .await
+        );
+    }
+    for _ in 0..3 {
+        assert!(dev.publish_acked("chaos/x", "trap", PATIENCE).await);
+    }
+    assert!(dev.publish_acked("nobody/listens", "x", PATIENCE).await);
+    upstream
+        .wait_until("20 readings upstream", |s| {
+            s.iter()
+                .filter(|m| m.topic.ends_with("/temperature"))
+                .count()
+                >= 20
+        })
+        .await;
+
+    let report = || -> serde_json::Value {
+        serde_json::from_str(&get(metrics_port, "/metrics.json")).unwrap()
+    };
+    eventually("the 20 records acknowledged upstream", || {
+        report()["gateway"]["counters"]["forwarded"] == 20
+    })
+    .await;
+    let r = report();
+    let c = &r["gateway"]["counters"];
+    assert_eq!(r["gateway"]["id"], "pi-01");
+    assert_eq!(
+        (c["received"].as_u64(), c["committed"].as_u64()),
+        (Some(23), Some(23))
+    );
+    assert_eq!(
+        (c["unrouted"].as_u64(), c["dead_letters"].as_u64()),
+        (Some(0), Some(3))
+    );
+    assert_eq!(r["gateway"]["buffer_records"], 0);
+    assert_eq!(r["gateway"]["upstream_connected"], true);
+    let f = |name: &str| {
+        r["functions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["name"] == name)
+            .unwrap()
+            .clone()
+    };
+    let clean = f("clean-temperature");
+    assert_eq!(
+        (
+            clean["invocations"].as_u64(),
+            clean["emitted_records"].as_u64()
+        ),
+        (Some(20), Some(20))
+    );
+    assert_eq!(clean["duration"]["samples"], 20);
+    let chaos = f("chaos");
+    assert_eq!(chaos["invocations"], 6);
+    assert_eq!(chaos["errors"]["trap"], 6);
+    assert_eq!(
+        (chaos["retries"].as_u64(), chaos["dead_letters"].as_u64()),
+        (Some(3), Some(3))
+    );
+
+    // The same counts in the Prometheus text, as a real client parses it.
+    let scraped = scrape_with_python(
+        &get(metrics_port, "/metrics"),
+        &[
+            "edgefn_messages_received_total",
+            "edgefn_records_forwarded_total",
+            "edgefn_function_dead_letters_total",
+            "edgefn_emitted_records_total",
+        ],
+    );
+    assert_eq!(
+        scraped,
+        [
+            "edgefn_emitted_records_total{function=chaos} 0",
+            "edgefn_emitted_records_total{function=clean-temperature} 20",
+            "edgefn_function_dead_letters_total{function=chaos} 3",
+            "edgefn_function_dead_letters_total{function=clean-temperature} 0",
+            "edgefn_messages_received_total{} 23",
+            "edgefn_records_forwarded_total{} 20",
+        ]
+    );
+    let invocations = scrape_with_python(
+        &get(metrics_port, "/metrics"),
+        &["edgefn_invocations_total"],
+    );
+    assert!(
+        invocations.contains(&"edgefn_invocations_total{function=chaos,outcome=trap} 6".to_owned()),
+        "{invocations:?}"
+    );
+    assert!(
+        invocations.contains(
+            &"edgefn_invocations_total{function=clean-temperature,outcome=ok} 20".to_owned()
+        ),
+        "{invocations:?}"
+    );
+
+    // The metrics topic carries the same report.
+    let published = reports
+        .wait_until("a report with every message", |s| {
+            s.iter()
+                .any(|m| m.json()["gateway"]["counters"]["received"] == 23)
+        })
+        .await;
+    let last = published
+        .iter()
+        .rev()
+        .find(|m| m.json()["gateway"]["counters"]["received"] == 23)
+        .unwrap()
+        .json();
+    assert_eq!(last["gateway"]["counters"]["dead_letters"], 3);
+
+    // `edgefn status --config`: from the running daemon ...
+    let (ok, live) = status(&config);
+    assert!(ok, "{live}");
+    assert!(
+        live.contains("messages    received 23  committed 23"),
+        "{live}"
+    );
+    let chaos_line = live
+        .lines()
+        .find(|l| l.trim_start().starts_with("chaos"))
+        .unwrap();
+    let cols: Vec<&str> = chaos_line.split_whitespace().collect();
+    assert_eq!(
+        &cols[..6],
+        ["chaos", "config", "6", "6", "3", "3"],
+        "{live}"
+    );
+    assert!(daemon.terminate().success());
+
+    // ... and from the database when it is not running.
+    let (ok, offline) = status(&config);
+    assert!(ok, "{offline}");
+    assert!(offline.contains("not running?"), "{offline}");
+    let chaos_line = offline
+        .lines()
+        .find(|l| l.trim_start().starts_with("chaos"))
+        .unwrap();
+    let cols: Vec<&str> = chaos_line.split_whitespace().collect();
+    assert_eq!(&cols[..4], ["chaos", "config", "3", "0"], "{offline}");
+}
