@@ -1585,6 +1585,55 @@ concurrency = 2
         }
     }
 
+    #[test]
+    fn lambda_controls_are_checked_and_each_problem_names_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let with = |extra: &str| {
+            EXAMPLE.replace("concurrency = 2\n", &format!("concurrency = 2\n{extra}\n"))
+        };
+        let c = Config::load(&write(
+            dir.path(),
+            &with("schedule = \"cron: 0 */5 * * * *\"\nstate_limit = \"64KiB\"\nemit_allow = [\"clean/#\"]\npublish_allow = [\"devices/+/cmd\"]"),
+        ))
+        .unwrap();
+        let f = &c.functions[0];
+        assert!(f.schedule.is_some());
+        assert_eq!(f.state_limit, 64 << 10);
+        assert_eq!(f.emit_allow.as_ref().unwrap()[0].as_str(), "clean/#");
+        assert_eq!(f.publish_allow[0].as_str(), "devices/+/cmd");
+        assert_eq!(c.metrics.listen, None);
+        for (extra, key) in [
+            ("schedule = \"every now and then\"", "functions[0].schedule"),
+            ("schedule = \"cron: 0 */5 * * *\"", "functions[0].schedule"),
+            ("schedule = \"cron: 0 61 * * * *\"", "functions[0].schedule"),
+            ("state_limit = \"lots\"", "functions[0].state_limit"),
+            ("emit_allow = [\"a/#/b\"]", "functions[0].emit_allow[0]"),
+            (
+                "publish_allow = [\"ok\", \"x+\"]",
+                "functions[0].publish_allow[1]",
+            ),
+            (
+                "triggers = [\"$edgefn/schedule/x\"]",
+                "functions[0].triggers[0]",
+            ),
+        ] {
+            let text = with(extra).replace(
+                if extra.starts_with("triggers") {
+                    "triggers = [\"sensors/+/temperature\"]\n"
+                } else {
+                    "\u{0}"
+                },
+                "",
+            );
+            assert_eq!(problem_keys(dir.path(), &text), [key], "{extra}");
+        }
+        let text = format!("{EXAMPLE}\n[metrics]\nlisten = \"localhost\"\ninterval = \"0s\"\n");
+        assert_eq!(
+            problem_keys(dir.path(), &text),
+            ["metrics.listen", "metrics.interval"]
+        );
+    }
+
     /// A public key as `edgefn keygen` prints it.
     fn key() -> String {
         let k = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);

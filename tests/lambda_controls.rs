@@ -597,3 +597,90 @@ async fn aggregate_sums_up_each_devices_readings_on_its_schedule() {
     assert_eq!(t["d2"], (1, -5.0, -5.0, -5.0));
     assert!(daemon.terminate().success());
 }
+
+/// On each message, by its first byte: `b` sets key `k` to 2,000 bytes,
+/// `l` sets a 2,000-byte key, `o` asks `state_get` to write far outside
+/// memory (a trap), anything else sets `k` to the payload; then emits the
+/// call's code as one character (`0` ok, `6` for −6, `7` for −7) to
+/// `result`.
+const HOG: &str = r#"(module
+  (import "edgefn" "state_get" (func $get (param i32 i32 i32 i32) (result i32)))
+  (import "edgefn" "state_set" (func $set (param i32 i32 i32 i32) (result i32)))
+  (import "edgefn" "emit" (func $emit (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 0) "k")
+  (data (i32.const 16) "result")
+  (func (export "edgefn_abi_version") (result i32) i32.const 1)
+  (func (export "edgefn_alloc") (param i32) (result i32) i32.const 8192)
+  (func (export "edgefn_on_message") (param i32 i32 i32 i32) (result i32)
+    (local $code i32) (local $first i32)
+    (local.set $first (i32.load8_u (local.get 2)))
+    (if (i32.eq (local.get $first) (i32.const 98))
+      (then (local.set $code (call $set (i32.const 0) (i32.const 1) (i32.const 4096) (i32.const 2000))))
+    (else (if (i32.eq (local.get $first) (i32.const 108))
+      (then (local.set $code (call $set (i32.const 4096) (i32.const 2000) (i32.const 0) (i32.const 1))))
+    (else (if (i32.eq (local.get $first) (i32.const 111))
+      (then (local.set $code (call $get (i32.const 0) (i32.const 1) (i32.const 1000000) (i32.const 16))))
+    (else
+      (local.set $code (call $set (i32.const 0) (i32.const 1) (local.get 2) (local.get 3)))))))))
+    (i32.store8 (i32.const 32) (i32.sub (i32.const 48) (local.get $code)))
+    (drop (call $emit (i32.const 16) (i32.const 6) (i32.const 32) (i32.const 1)))
+    i32.const 0))"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_state_calls_fail_only_themselves_each_with_its_code_and_counter() {
+    let cloud = Mosquitto::cloud();
+    let upstream = Upstream::subscribe(cloud.port, "site/pi-01/#").await;
+    let dir = tempfile::tempdir().unwrap();
+    let hog = module_file(dir.path(), "hog", HOG);
+    let metrics = free_port();
+    let functions = format!(
+        "[[functions]]\nname = \"hog\"\nmodule = \"{}\"\ntriggers = [\"hog/#\"]\nstate_limit = \"1KiB\"\n\n\
+         [[functions]]\nname = \"clean-temperature\"\nmodule = \"{}\"\ntriggers = [\"sensors/+/temperature\"]\n\n\
+         [metrics]\nlisten = \"127.0.0.1:{metrics}\"\n",
+        hog.display(),
+        module("clean_temperature").display()
+    );
+    let port = free_port();
+    let mut daemon = Daemon::start(&config(dir.path(), port, cloud.port, &functions));
+    wait_for_port(port);
+    let mut dev = Device::connect("device-h", port).await;
+    for (topic, payload) in [
+        ("hog/1", "big value"),
+        ("hog/2", "long key"),
+        ("hog/3", "out of bounds"),
+        ("sensors/d1/temperature", reading(1, 20.0).as_str()),
+        ("hog/4", "small"),
+    ] {
+        assert!(dev.publish_acked(topic, payload, PATIENCE).await);
+    }
+    let seen = upstream
+        .wait_until("the last result", |s| {
+            s.iter().filter(|m| m.topic == "site/pi-01/result").count() >= 3
+        })
+        .await;
+    let results: Vec<String> = Upstream::distinct(&seen)
+        .into_iter()
+        .filter(|m| m.topic == "site/pi-01/result")
+        .map(|m| m.payload)
+        .collect();
+    // Over the limit (−6), a key too long (−7), then a write that fits; the
+    // out-of-bounds call trapped its invocation only, and the reading went
+    // through.
+    assert_eq!(results, ["6", "7", "0"]);
+    assert!(seen.iter().any(|m| m.topic.ends_with("/temperature")));
+    let r = report(metrics);
+    let f = function_report(&r, "hog");
+    assert_eq!(f["state_refused"], 1);
+    assert_eq!(f["errors"]["trap"], 1);
+    assert_eq!(f["dead_letters"], 1);
+    assert_eq!(f["state_bytes"], 1 + "small".len());
+    let dead = edgefn::store::dead_letters(&dir.path().join("data")).unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(
+        (dead[0].kind, dead[0].payload.as_slice()),
+        ("trap", &b"out of bounds"[..])
+    );
+    assert!(dead[0].error.contains("out-of-bounds"), "{}", dead[0].error);
+    assert!(daemon.terminate().success());
+}
