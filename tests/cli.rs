@@ -217,6 +217,67 @@ fn invoke_shows_what_a_function_emitted() {
 }
 
 #[test]
+fn invoke_starts_from_a_given_state_and_prints_the_state_it_leaves() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.json");
+    std::fs::write(
+        &state,
+        r#"{"devices": "[\"pi-7\"]", "window/pi-7": "{\"count\":1,\"min\":20,\"max\":20,\"sum\":20,\"from_ms\":1000}"}"#,
+    )
+    .unwrap();
+    let m = module("aggregate");
+    let run = |topic: &str, payload: &str| {
+        let out = edgefn(&[
+            "invoke",
+            m.to_str().unwrap(),
+            "--topic",
+            topic,
+            "--payload",
+            payload,
+            "--state",
+            state.to_str().unwrap(),
+        ]);
+        let t = text(&out);
+        assert!(out.status.success(), "{t}");
+        t
+    };
+    let t = run("sensors/pi-7/temperature", r#"{"temp_c":22}"#);
+    assert!(t.contains("ok      0 record(s)"), "{t}");
+    assert!(
+        t.contains(
+            r#""window/pi-7": "{\"count\":2,\"min\":20,\"max\":22,\"sum\":42,\"from_ms\":1000}""#
+        ),
+        "{t}"
+    );
+    // A scheduled run, from the same state: the summary, the window closed.
+    let t = run(
+        "$edgefn/schedule/aggregate",
+        r#"{"scheduled_ms":61000,"now_ms":61001}"#,
+    );
+    assert!(
+        t.contains(r#"emit    summary/pi-7/temperature {"device":"pi-7","count":1,"min":20,"max":20,"mean":20,"from_ms":1000,"to_ms":61000}"#),
+        "{t}"
+    );
+    assert!(!t.contains("window/pi-7"), "{t}");
+    // Not a JSON object: the error says what is expected.
+    std::fs::write(&state, "[1, 2]").unwrap();
+    let out = edgefn(&[
+        "invoke",
+        m.to_str().unwrap(),
+        "--topic",
+        "t",
+        "--state",
+        state.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("is not a JSON object of state keys and values"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
 fn invoke_reads_a_payload_file_and_shows_logs() {
     let dir = tempfile::tempdir().unwrap();
     let payload = dir.path().join("reading.json");
