@@ -717,6 +717,12 @@ fn check_metrics(p: &mut Checker, raw: Option<RawMetrics>) -> MetricsConfig {
             .ok()
     });
     let interval = p.duration("metrics.interval", raw.interval.as_deref(), "60s");
+    if interval < Duration::from_secs(1) {
+        p.push(
+            "metrics.interval",
+            format!("{interval:?} is too short; expected at least 1s"),
+        );
+    }
     MetricsConfig { listen, interval }
 }
 
@@ -1295,6 +1301,12 @@ fn check_function(
                 "{:?} must be non-empty letters, digits, '-' or '_'",
                 raw.name
             ),
+        );
+    }
+    if raw.name == crate::store::UPSTREAM {
+        p.push(
+            format!("{key}.name"),
+            "\"upstream\" is edgefn's own (the dead letters of records the upstream refused)",
         );
     }
     if raw.triggers.is_empty() && raw.schedule.is_none() {

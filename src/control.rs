@@ -366,19 +366,25 @@ impl Control {
         let mut metrics_tick = tokio::time::interval(self.metrics_interval);
         metrics_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let publish_status = |online: bool| reporter.publish_gateway(&client, online);
+        let reporting = Arc::new(AtomicBool::new(false));
         let publish_metrics = || {
+            // A report still being made (a slow disk): this tick is skipped.
+            if reporting.swap(true, Ordering::AcqRel) {
+                return;
+            }
+            let reporting = reporting.clone();
             let telemetry = self.telemetry.clone();
             let client = client.clone();
             let topic = format!("edgefn/{}/metrics", self.gateway_id);
             let retain = reporter.retain.load(Ordering::Relaxed);
             tokio::spawn(async move {
                 // Reads SQLite (the oldest record): not on the reactor.
-                let Ok(report) = tokio::task::spawn_blocking(move || telemetry.report()).await
-                else {
-                    return;
-                };
-                let json = serde_json::to_vec(&report).expect("report JSON");
-                let _ = client.try_publish(topic, QoS::AtMostOnce, retain, json);
+                let report = tokio::task::spawn_blocking(move || telemetry.report()).await;
+                reporting.store(false, Ordering::Release);
+                if let Ok(report) = report {
+                    let json = serde_json::to_vec(&report).expect("report JSON");
+                    let _ = client.try_publish(topic, QoS::AtMostOnce, retain, json);
+                }
             });
         };
         loop {

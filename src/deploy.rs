@@ -295,12 +295,16 @@ impl Deployer {
                 })
             }
             Change::Remove { .. } => {
-                // Its outcomes still in flight write no state from now
-                // on, so none outlives the delete.
-                self.registry.forget_state(&name);
                 let n = name.clone();
                 self.blocking(move |s| s.remove(&n, version)).await?;
                 let removed = self.registry.remove(&name);
+                // Its outcomes still in flight write no state from now on;
+                // what one wrote since the delete above goes too.
+                self.registry.forget_state(&name);
+                let n = name.clone();
+                if let Err(e) = self.blocking(move |s| s.delete_state(&n)).await {
+                    tracing::warn!(function = %name, error = %e.text, "could not delete the removed function's last state writes; they are deleted with its next removal");
+                }
                 tracing::info!(
                     function = %name,
                     version,

@@ -145,6 +145,7 @@ impl Pending {
             }
         }
         if let Some(name) = crate::schedule::function_of(&self.topic)
+            && self.replay.is_none()
             && let Ok(run) = serde_json::from_slice::<crate::schedule::Run>(&self.payload)
         {
             outcomes.schedule_runs.push((name.into(), run.scheduled_ms));
@@ -259,12 +260,15 @@ async fn dispatch(
 ) {
     let mut matched = Vec::new();
     while let Some(d) = deliveries.recv().await {
-        if crate::schedule::function_of(&d.topic).is_some() {
+        if d.replay.is_some() {
+            // Counted by outcome (`replays_*`).
+        } else if crate::schedule::function_of(&d.topic).is_some() {
             Metrics::add(&metrics.scheduled_runs, 1);
-        } else if d.replay.is_none() {
+        } else {
             Metrics::add(&metrics.received, 1);
         }
-        if d.payload.len() > max_message_size {
+        // A replayed dead letter was taken once: no second size check.
+        if d.payload.len() > max_message_size && d.replay.is_none() {
             Metrics::add(&metrics.refused_too_large, 1);
             tracing::warn!(
                 topic = d.topic,
@@ -718,10 +722,17 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn messages_in_flight_together_each_see_the_state_the_one_before_left() {
+        for concurrency in [1, 4] {
+            counts_to_200(concurrency).await;
+        }
+    }
+
+    /// 200 messages through [`COUNTER`] with `concurrency` instances.
+    async fn counts_to_200(concurrency: usize) {
         let dir = tempfile::tempdir().unwrap();
         let (writer, reader) = open_store(dir.path(), Durability::Full);
         let metrics = Arc::new(Metrics::default());
-        let (tx, running) = start(COUNTER, writer, &metrics, None, 1);
+        let (tx, running) = start(COUNTER, writer, &metrics, None, concurrency);
         // All sent before any is acknowledged: most run while the ones
         // before them wait for their commit.
         let mut waiters = Vec::new();

@@ -189,11 +189,10 @@ impl Scheduler {
             let now = now_ms();
             {
                 let current = changes.borrow_and_update().clone();
-                entries.retain(|name, e| {
-                    current
-                        .iter()
-                        .any(|(n, s)| n == name && Arc::ptr_eq(s, &e.schedule))
-                });
+                // A new version with the same schedule keeps its entry (and
+                // its run still going); a changed schedule starts again.
+                entries
+                    .retain(|name, e| current.iter().any(|(n, s)| n == name && **s == *e.schedule));
                 for (name, schedule) in current.iter() {
                     if entries.contains_key(name) {
                         continue;
@@ -257,7 +256,11 @@ impl Scheduler {
                 }
             }
             let next = entries.values().map(|e| e.next_ms).min();
-            let wait = next.map(|n| Duration::from_millis(n.saturating_sub(now_ms())));
+            // Woken at least every minute: a clock set back (a Pi without
+            // a real-time clock, corrected by NTP) stalls nothing long.
+            let wait = next.map(|n| {
+                Duration::from_millis(n.saturating_sub(now_ms())).min(Duration::from_secs(60))
+            });
             tokio::select! {
                 changed = changes.changed() => if changed.is_err() { return },
                 _ = sleep(wait) => {}

@@ -80,8 +80,8 @@
 //!   5): when each scheduled function's last run was committed, for the
 //!   one catch-up run at start-up ([`crate::schedule`]).
 //! - `dead_letters.version`, `dead_letters.replay` (version 5): the
-//!   version of the function that failed (none for a function of the
-//!   configuration file, or before version 5), and whether an operator
+//!   version of the function that failed (0 for a function of the
+//!   configuration file; none before version 5), and whether an operator
 //!   asked for a replay ([`Inspector`]), which the daemon picks up.
 //!
 //! Later schema versions append to `MIGRATIONS`; a database newer than
@@ -276,6 +276,20 @@ pub enum StoreError {
         "database {path} has schema version {found}, newer than this edgefn's {supported}; upgrade edgefn"
     )]
     TooNew {
+        /// The database file.
+        path: PathBuf,
+        /// Its version.
+        found: i64,
+        /// Ours.
+        supported: i64,
+    },
+    /// The database is older than this edgefn's tools read; the daemon
+    /// migrates it when it starts.
+    #[error(
+        "database {path} has schema version {found}, older than this edgefn's {supported}; \
+         start the daemon of this edgefn once (it migrates the database), then try again"
+    )]
+    TooOld {
         /// The database file.
         path: PathBuf,
         /// Its version.
@@ -563,6 +577,13 @@ pub fn open(data_dir: &Path, buffer: &BufferConfig) -> Result<(Writer, Reader), 
             |r| r.get(0),
         )
         .map_err(err)?;
+    let purges_seen: i64 = conn
+        .query_row(
+            "SELECT COALESCE(MAX(value), 0) FROM counters WHERE name = 'dead_letters_purges'",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(err)?;
     // Seqs up to the reservation may have been handed out before a crash.
     let next_seq = last.unwrap_or(0).max(reserved) + 1;
     let shared = Arc::new(Shared {
@@ -594,6 +615,7 @@ pub fn open(data_dir: &Path, buffer: &BufferConfig) -> Result<(Writer, Reader), 
             dead_bytes: dead_bytes as u64,
             dead_letters_max_size: buffer.dead_letters_max_size,
             dead_letter_warning: Every::new(Duration::from_secs(60)),
+            purges_seen,
             #[cfg(test)]
             disk_full: Arc::default(),
         },
@@ -679,6 +701,9 @@ pub struct Writer {
     dead_letters_max_size: u64,
     /// Rate limit of the warning about dropped dead letters.
     dead_letter_warning: Every,
+    /// `dead_letters_purges` when the dead letters' bytes were last
+    /// counted.
+    purges_seen: i64,
     /// See [`Writer::disk_full_switch`].
     #[cfg(test)]
     disk_full: Arc<std::sync::atomic::AtomicBool>,
@@ -880,8 +905,19 @@ impl Writer {
             }
             dead_bytes = replay(&tx, batch, dead_bytes).map_err(err)?;
             if dead_bytes > self.dead_letters_max_size {
-                // `edgefn dead-letters purge` may have deleted some.
-                dead_bytes = dead_letter_bytes(&tx).map_err(err)?;
+                // `edgefn dead-letters purge` may have deleted some: count
+                // again, only then.
+                let purges: i64 = tx
+                    .query_row(
+                        "SELECT COALESCE(MAX(value), 0) FROM counters WHERE name = 'dead_letters_purges'",
+                        [],
+                        |r| r.get(0),
+                    )
+                    .map_err(err)?;
+                if purges != self.purges_seen {
+                    dead_bytes = dead_letter_bytes(&tx).map_err(err)?;
+                    self.purges_seen = purges;
+                }
             }
             if dead_bytes > self.dead_letters_max_size {
                 let (rows, bytes) =
@@ -1653,6 +1689,13 @@ impl Deployments {
         })
     }
 
+    /// Deletes the state of the function called `name`.
+    pub fn delete_state(&mut self, name: &str) -> Result<(), StoreError> {
+        self.in_transaction(|tx| {
+            tx.execute("DELETE FROM function_state WHERE function = ?1", [name])
+        })
+    }
+
     /// Records that `name` no longer runs, and `version` (a tombstone's) as
     /// the highest for the name.
     pub fn remove(&mut self, name: &str, version: u64) -> Result<(), StoreError> {
@@ -1814,8 +1857,30 @@ impl Inspector {
                 ),
             });
         }
-        let mut conn = open_connection(&path, "FULL")?;
-        migrate(&mut conn, &path)?;
+        let conn = open_connection(&path, "FULL")?;
+        // Never migrated here: a tool run beside an older daemon must not
+        // change the schema under it.
+        let found: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(|source| StoreError::Sqlite {
+                path: path.clone(),
+                source,
+            })?;
+        let supported = MIGRATIONS.len() as i64;
+        if found > supported {
+            return Err(StoreError::TooNew {
+                path,
+                found,
+                supported,
+            });
+        }
+        if found < supported {
+            return Err(StoreError::TooOld {
+                path,
+                found,
+                supported,
+            });
+        }
         Ok(Inspector { conn, path })
     }
 
@@ -1880,9 +1945,18 @@ impl Inspector {
         self.each(ids, "UPDATE dead_letters SET replay = 1 WHERE id = ?1")
     }
 
-    /// Deletes the dead letters `ids`: returns how many.
+    /// Deletes the dead letters `ids`: returns how many. Counted in
+    /// `dead_letters_purges`, so the daemon counts their bytes again.
     pub fn purge(&mut self, ids: &[i64]) -> Result<usize, StoreError> {
-        self.each(ids, "DELETE FROM dead_letters WHERE id = ?1")
+        let n = self.each(ids, "DELETE FROM dead_letters WHERE id = ?1")?;
+        self.conn
+            .execute(
+                "INSERT INTO counters (name, value) VALUES ('dead_letters_purges', 1)
+                 ON CONFLICT(name) DO UPDATE SET value = value + 1",
+                [],
+            )
+            .map_err(self.err())?;
+        Ok(n)
     }
 
     fn each(&mut self, ids: &[i64], sql: &str) -> Result<usize, StoreError> {

@@ -144,6 +144,8 @@ pub struct FunctionReport {
     pub origin: String,
     /// Attempts (first tries and retries).
     pub invocations: u64,
+    /// Attempts that succeeded.
+    pub succeeded: u64,
     /// Failed attempts by kind (`error`, `timeout`, `fuel`, `trap`,
     /// `exit`, `start`).
     pub errors: BTreeMap<String, u64>,
@@ -275,6 +277,7 @@ fn function_report(
         }
         .to_owned(),
         invocations: load(&m.invocations),
+        succeeded: load(&m.succeeded),
         errors: FAILURE_KINDS
             .iter()
             .zip(&m.failures_by_kind)
@@ -380,7 +383,7 @@ impl Collector for Exporter {
         counter(
             e,
             "edgefn_messages_committed",
-            "Device messages whose outcome was committed.",
+            "Deliveries whose outcome was committed (device messages, scheduled runs, replays).",
             &[(none, c.committed)],
         )?;
         counter(
@@ -505,14 +508,14 @@ impl Collector for Exporter {
         counter(
             e,
             "edgefn_local_publishes",
-            "Messages functions published to the local broker, by outcome.",
-            &[
-                (
-                    &[("outcome", "sent")],
-                    c.local_publishes.saturating_sub(c.local_publishes_dropped),
-                ),
-                (&[("outcome", "dropped")], c.local_publishes_dropped),
-            ],
+            "Messages functions published, handed to the local broker after their commit.",
+            &[(none, c.local_publishes)],
+        )?;
+        counter(
+            e,
+            "edgefn_local_publishes_dropped",
+            "Of those, lost: the queue to the local broker full, or refused by it.",
+            &[(none, c.local_publishes_dropped)],
         )?;
         gauge(
             e,
@@ -568,10 +571,7 @@ impl Collector for Exporter {
         let mut values = Vec::new();
         let mut i = 0;
         for f in fs {
-            values.push((
-                &outcomes[i][..],
-                f.invocations.saturating_sub(f.errors_total()),
-            ));
+            values.push((&outcomes[i][..], f.succeeded));
             i += 1;
             for n in f.errors.values() {
                 values.push((&outcomes[i][..], *n));

@@ -455,6 +455,9 @@ impl Runtime {
             reason,
         })?;
         let waits = can_wait(&module);
+        let uses_state = module
+            .imports()
+            .any(|i| i.module() == "edgefn" && i.name().starts_with("state_"));
         let linker = if waits {
             &flavor.waiting
         } else {
@@ -468,6 +471,7 @@ impl Runtime {
             })?;
         let function = Function {
             waits,
+            uses_state,
             log_budget: Arc::new(LogBudget::new(spec.log_rate_limit)),
             spec: Arc::new(spec),
             engine: flavor.engine.clone(),
@@ -592,6 +596,9 @@ pub struct Function {
     /// Whether it can wait in WASI: then its guest calls are async, under a
     /// timeout (see the module doc).
     waits: bool,
+    /// Whether it imports a state call: then its invocations take turns
+    /// ([`state::Turns`]).
+    uses_state: bool,
     /// Name, limits, env.
     spec: Arc<FunctionSpec>,
     /// The engine it was compiled for.
@@ -631,6 +638,12 @@ impl Function {
     /// The function's name and limits.
     pub fn spec(&self) -> &FunctionSpec {
         &self.spec
+    }
+
+    /// Whether it imports a state call (its invocations then run one at a
+    /// time, in the order their messages came).
+    pub fn uses_state(&self) -> bool {
+        self.uses_state
     }
 
     /// Where the module was loaded from.

@@ -49,6 +49,8 @@ pub enum Outcome {
 pub struct FunctionMetrics {
     /// Attempts started (first tries and retries).
     pub invocations: AtomicU64,
+    /// Attempts that succeeded.
+    pub succeeded: AtomicU64,
     /// Attempts that failed.
     pub failures: AtomicU64,
     /// Attempts that failed, by [`Failure::kind`], in the order of
@@ -103,6 +105,8 @@ struct Job {
     payload: Bytes,
     /// Where the outcome goes.
     reply: oneshot::Sender<Outcome>,
+    /// For a function that uses state: when it may run.
+    turn: Option<crate::runtime::state::Turn>,
 }
 
 /// A function's workers and their queue. Dropping it closes the queue:
@@ -164,6 +168,10 @@ impl Pool {
     pub async fn submit(&self, topic: Arc<str>, payload: Bytes) -> oneshot::Receiver<Outcome> {
         let (reply, rx) = oneshot::channel();
         let job = Job {
+            turn: self
+                .function
+                .uses_state()
+                .then(|| self.function.spec().state.take_turn()),
             topic,
             payload,
             reply,
@@ -218,7 +226,13 @@ struct Worker {
 impl Worker {
     fn run(mut self, jobs: async_channel::Receiver<Job>) {
         while let Ok(job) = jobs.recv_blocking() {
+            if let Some(t) = &job.turn {
+                t.wait();
+            }
             let outcome = self.handle(&job.topic, &job.payload);
+            // The next message's invocation may start: this one's state
+            // writes are applied.
+            drop(job.turn);
             if let Outcome::Failed { failure, .. } = &outcome {
                 *self.counts.last_failure.lock().expect("counts lock") = Some(failure.to_string());
                 self.counts.failed.fetch_add(1, Ordering::Relaxed);
@@ -248,6 +262,7 @@ impl Worker {
                 Ok(output) => {
                     let took = started.elapsed();
                     let m = &self.metrics;
+                    m.succeeded.fetch_add(1, Ordering::Relaxed);
                     m.busy_micros
                         .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
                     m.durations.record(took);

@@ -45,6 +45,63 @@ pub struct StateWrite {
     pub value: Option<Vec<u8>>,
 }
 
+/// The order in which the invocations of a function that uses state run:
+/// one at a time, in the order their messages were handed to its pools
+/// (ingest order, which is also commit order), across all its instances
+/// and versions. Each message gets a [`Turn`] when it is queued; its
+/// invocation waits for it, and finishing (or dropping) it lets the next
+/// one go.
+#[derive(Debug, Default)]
+pub struct Turns {
+    /// The next turn to hand out.
+    next: std::sync::atomic::AtomicU64,
+    /// The turn whose invocation may run, and turns given up early.
+    serving: std::sync::Mutex<(u64, std::collections::BTreeSet<u64>)>,
+    /// Woken when `serving` moves.
+    moved: std::sync::Condvar,
+}
+
+/// A message's place in its function's [`Turns`]; given back when dropped.
+#[derive(Debug)]
+pub struct Turn {
+    turns: Arc<FunctionState>,
+    n: u64,
+}
+
+impl Turns {
+    fn done(&self, n: u64) {
+        let mut s = self.serving.lock().expect("turns lock");
+        let (serving, skipped) = &mut *s;
+        if *serving == n {
+            *serving += 1;
+            while skipped.remove(serving) {
+                *serving += 1;
+            }
+            self.moved.notify_all();
+        } else {
+            // Given up before its turn: skipped when the turn comes.
+            skipped.insert(n);
+        }
+    }
+}
+
+impl Turn {
+    /// Waits (blocking the thread) until it is this turn's go.
+    pub fn wait(&self) {
+        let t = &self.turns.turns;
+        let mut s = t.serving.lock().expect("turns lock");
+        while s.0 != self.n {
+            s = t.moved.wait(s).expect("turns lock");
+        }
+    }
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        self.turns.turns.done(self.n);
+    }
+}
+
 /// One function's state.
 pub struct FunctionState {
     /// The function's name.
@@ -56,6 +113,8 @@ pub struct FunctionState {
     removed: AtomicBool,
     /// The keys and values.
     committed: RwLock<Committed>,
+    /// The order its invocations run in.
+    turns: Turns,
 }
 
 #[derive(Default)]
@@ -97,7 +156,17 @@ impl FunctionState {
             limit: AtomicUsize::new(limit),
             removed: AtomicBool::new(false),
             committed: RwLock::new(c),
+            turns: Turns::default(),
         })
+    }
+
+    /// The next turn, for a message handed to one of the function's pools
+    /// now.
+    pub fn take_turn(self: &Arc<Self>) -> Turn {
+        Turn {
+            n: self.turns.next.fetch_add(1, Ordering::Relaxed),
+            turns: self.clone(),
+        }
     }
 
     /// The function's name.
@@ -286,6 +355,26 @@ mod tests {
         assert_eq!(o.write(&s, &long, None), Err(Refused::InvalidKey));
         s.apply(&o.take());
         assert_eq!(s.bytes(), 6);
+    }
+
+    #[test]
+    fn turns_go_in_order_and_one_given_up_is_skipped() {
+        let s = FunctionState::new("f", 10);
+        let (a, b, c) = (s.take_turn(), s.take_turn(), s.take_turn());
+        let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let run = |t: Turn, name: &'static str| {
+            let order = order.clone();
+            std::thread::spawn(move || {
+                t.wait();
+                order.lock().unwrap().push(name);
+            })
+        };
+        let third = run(c, "c");
+        drop(b);
+        let first = run(a, "a");
+        first.join().unwrap();
+        third.join().unwrap();
+        assert_eq!(*order.lock().unwrap(), ["a", "c"]);
     }
 
     #[test]
