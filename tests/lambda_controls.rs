@@ -684,3 +684,90 @@ async fn hostile_state_calls_fail_only_themselves_each_with_its_code_and_counter
     assert!(dead[0].error.contains("out-of-bounds"), "{}", dead[0].error);
     assert!(daemon.terminate().success());
 }
+
+/// A bundle deploying `module` as `worker` on `jobs/#` to `pi-01`.
+fn worker_bundle(key: &ed25519_dalek::SigningKey, version: u64, module: Vec<u8>) -> Vec<u8> {
+    use edgefn::bundle::{Body, Change, Targets, seal};
+    let manifest = edgefn::config::FunctionManifest {
+        name: "worker".into(),
+        triggers: vec!["jobs/#".into()],
+        ..Default::default()
+    };
+    let body = Body {
+        version,
+        targets: Targets {
+            gateways: vec!["pi-01".into()],
+            groups: vec![],
+        },
+        key_id: None,
+        change: Change::Deploy {
+            manifest: Box::new(manifest),
+            module,
+            sha256: vec![],
+        },
+    };
+    seal(body, Some(key))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_replayed_after_a_fixed_version_is_deployed_runs_through_that_version() {
+    let cloud = Mosquitto::cloud();
+    let upstream = Upstream::subscribe(cloud.port, "site/pi-01/#").await;
+    let statuses = Upstream::subscribe(cloud.port, "edgefn/pi-01/functions/+/status").await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
+    let public = edgefn::bundle::public_key_text(&key.verifying_key());
+    let port = free_port();
+    let cfg = config(
+        dir.path(),
+        port,
+        cloud.port,
+        &format!("[deploy]\ntrusted_keys = [\"{public}\"]\n"),
+    );
+    let topic = "edgefn/pi-01/functions/worker/deploy";
+    let active = |version: u64| {
+        move |s: &[Seen]| {
+            s.iter()
+                .rev()
+                .find(|m| m.topic.ends_with("/worker/status"))
+                .is_some_and(|m| {
+                    let j = m.json();
+                    j["state"] == "active" && j["version"] == version
+                })
+        }
+    };
+    let chaos = std::fs::read(module("chaos")).unwrap();
+    publish_retained(cloud.port, topic, worker_bundle(&key, 1, chaos)).await;
+    let mut daemon = Daemon::start(&cfg);
+    statuses.wait_until("v1 active", active(1)).await;
+    wait_for_port(port);
+    let mut dev = Device::connect("device-w", port).await;
+    assert!(dev.publish_acked("jobs/7", "fail", PATIENCE).await);
+    let (ok, listed) = dead_letters_cli(&cfg, &["list"]);
+    assert!(
+        ok && listed.contains("worker") && listed.contains(" v1 "),
+        "{listed}"
+    );
+
+    let fixed = wat::parse_str(TICK).unwrap();
+    publish_retained(cloud.port, topic, worker_bundle(&key, 2, fixed)).await;
+    statuses.wait_until("v2 active", active(2)).await;
+    let (ok, said) = dead_letters_cli(&cfg, &["replay", "--all"]);
+    assert!(ok, "{said}");
+    let seen = upstream
+        .wait_until("the job through v2", |s| {
+            s.iter().any(|m| m.topic == "site/pi-01/tick")
+        })
+        .await;
+    let done: Vec<&Seen> = seen
+        .iter()
+        .filter(|m| m.topic == "site/pi-01/tick")
+        .collect();
+    assert_eq!(done.len(), 1);
+    assert_eq!(done[0].payload, "fail");
+    eventually("the dead letter deleted", || {
+        stored_dead_letters(dir.path()).is_empty()
+    })
+    .await;
+    assert!(daemon.terminate().success());
+}
