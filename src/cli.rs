@@ -732,6 +732,9 @@ fn check(path: &std::path::Path) -> anyhow::Result<ExitCode> {
         ),
         None => println!("upstream none (records stay buffered)"),
     }
+    if let Some(listen) = config.metrics.listen {
+        println!("metrics  http://{listen}/metrics (and /metrics.json)");
+    }
     for w in &config.warnings {
         println!("warning: {w}");
     }
@@ -759,6 +762,28 @@ fn check(path: &std::path::Path) -> anyhow::Result<ExitCode> {
                     f.concurrency,
                     f.retries,
                     f.fuel.map_or("unlimited".to_owned(), |n| n.to_string())
+                );
+                let filters = |list: &[crate::route::TopicFilter]| {
+                    list.iter()
+                        .map(|t| t.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
+                println!(
+                    "         state limit {}, emits to {}, publishes to {}{}",
+                    bytesize::ByteSize(f.state_limit as u64),
+                    f.emit_allow
+                        .as_deref()
+                        .map_or("any topic".to_owned(), filters),
+                    if f.publish_allow.is_empty() {
+                        "nothing".to_owned()
+                    } else {
+                        filters(&f.publish_allow)
+                    },
+                    match &f.schedule {
+                        Some(s) => format!(", runs {s}"),
+                        None => String::new(),
+                    }
                 );
             }
             Err(e) => {

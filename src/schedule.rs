@@ -123,6 +123,15 @@ impl Schedule {
     }
 }
 
+impl std::fmt::Display for Schedule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Schedule::Every(d) => write!(f, "every {}", humantime::format_duration(*d)),
+            Schedule::Cron(c) => write!(f, "cron: {} (local time)", c.pattern),
+        }
+    }
+}
+
 /// The payload of a scheduled run.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct Run {
