@@ -6,6 +6,7 @@
 //! functions/build.sh && cargo build --release --bins
 //! target/release/edgefn-bench --messages 20000 --devices 10
 //! target/release/edgefn-bench --only deploy,restart,fleet
+//! target/release/edgefn-bench --only wear
 //! ```
 //!
 //! The deploy scenarios are described in `fleet.rs`; the rest of this
@@ -41,6 +42,7 @@ use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 
 mod fleet;
+mod wear;
 
 /// End-to-end benchmark of edgefn against Mosquitto's bridge.
 #[derive(Debug, Parser)]
@@ -88,6 +90,12 @@ struct Args {
     /// on a shared machine.
     #[arg(long, default_value_t = 1)]
     rounds: usize,
+    /// Measured window of each `wear` row (after a 5 s warm-up).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    wear_for: Duration,
+    /// `wear`: count fsync/fdatasync calls with strace (slows the daemon).
+    #[arg(long)]
+    wear_strace: bool,
 }
 
 fn now_us() -> u64 {
@@ -644,6 +652,10 @@ async fn main() -> anyhow::Result<()> {
     } else {
         args.only.iter().map(String::as_str).collect()
     };
+    if chosen.contains(&"wear") {
+        anyhow::ensure!(chosen.len() == 1, "run the wear scenario on its own");
+        return wear::run(&module, args.wear_for, args.wear_strace).await;
+    }
     let deploys = ["deploy", "restart", "fleet"];
     if chosen.iter().any(|c| deploys.contains(c)) {
         anyhow::ensure!(
