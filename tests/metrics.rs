@@ -149,8 +149,9 @@ async fn the_metrics_model_counts_exactly_what_was_sent_on_every_view() {
     let report = || -> serde_json::Value {
         serde_json::from_str(&get(metrics_port, "/metrics.json")).unwrap()
     };
-    eventually("the 20 records acknowledged upstream", || {
-        report()["gateway"]["counters"]["forwarded"] == 20
+    eventually("the 20 records acknowledged upstream and deleted", || {
+        let r = report();
+        r["gateway"]["counters"]["forwarded"] == 20 && r["gateway"]["buffer_records"] == 0
     })
     .await;
     let r = report();
