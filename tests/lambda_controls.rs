@@ -423,6 +423,45 @@ triggers = ["others/#"]
     assert!(daemon.terminate().success());
 }
 
+/// `manifest` with `module` as a bundle for `pi-01`, version `version`,
+/// signed by `key`.
+fn sealed(
+    key: &ed25519_dalek::SigningKey,
+    version: u64,
+    manifest: edgefn::config::FunctionManifest,
+    module: Vec<u8>,
+) -> Vec<u8> {
+    use edgefn::bundle::{Body, Change, Targets, seal};
+    let body = Body {
+        version,
+        targets: Targets {
+            gateways: vec!["pi-01".into()],
+            groups: vec![],
+        },
+        key_id: None,
+        change: Change::Deploy {
+            manifest: Box::new(manifest),
+            module,
+            sha256: vec![],
+        },
+    };
+    seal(body, Some(key))
+}
+
+/// Whether the last status of `function` seen says `version` is active.
+fn active(function: &str, version: u64) -> impl Fn(&[Seen]) -> bool {
+    let topic = format!("/{function}/status");
+    move |s: &[Seen]| {
+        s.iter()
+            .rev()
+            .find(|m| m.topic.ends_with(&topic))
+            .is_some_and(|m| {
+                let j = m.json();
+                j["state"] == "active" && j["version"] == version
+            })
+    }
+}
+
 /// A clean-temperature bundle for `pi-01`, version `version`, with
 /// de-duplication over an hour, `timeout` as given, signed by `key`.
 fn clean_temperature_bundle(
@@ -430,7 +469,6 @@ fn clean_temperature_bundle(
     version: u64,
     timeout: &str,
 ) -> Vec<u8> {
-    use edgefn::bundle::{Body, Change, Targets, seal};
     let manifest = edgefn::config::FunctionManifest {
         name: "clean-temperature".into(),
         triggers: vec!["sensors/+/temperature".into()],
@@ -442,20 +480,8 @@ fn clean_temperature_bundle(
         .into(),
         ..Default::default()
     };
-    let body = Body {
-        version,
-        targets: Targets {
-            gateways: vec!["pi-01".into()],
-            groups: vec![],
-        },
-        key_id: None,
-        change: Change::Deploy {
-            manifest: Box::new(manifest),
-            module: std::fs::read(module("clean_temperature")).unwrap(),
-            sha256: vec![],
-        },
-    };
-    seal(body, Some(key))
+    let module = std::fs::read(module("clean_temperature")).unwrap();
+    sealed(key, version, manifest, module)
 }
 
 /// The readings (`seq`s) seen upstream, first arrival of each record.
@@ -483,17 +509,6 @@ async fn state_survives_a_sigkill_a_restart_and_an_upgrade() {
         &format!("[deploy]\ntrusted_keys = [\"{public}\"]\n"),
     );
     let deploy_topic = "edgefn/pi-01/functions/clean-temperature/deploy";
-    let active = |version: u64| {
-        move |s: &[Seen]| {
-            s.iter()
-                .rev()
-                .find(|m| m.topic.ends_with("/clean-temperature/status"))
-                .is_some_and(|m| {
-                    let j = m.json();
-                    j["state"] == "active" && j["version"] == version
-                })
-        }
-    };
     publish_retained(
         cloud.port,
         deploy_topic,
@@ -501,7 +516,9 @@ async fn state_survives_a_sigkill_a_restart_and_an_upgrade() {
     )
     .await;
     let mut daemon = Daemon::start(&cfg);
-    statuses.wait_until("v1 active", active(1)).await;
+    statuses
+        .wait_until("v1 active", active("clean-temperature", 1))
+        .await;
     wait_for_port(port);
 
     // The same reading twice: the second is a duplicate, dropped.
@@ -538,7 +555,9 @@ async fn state_survives_a_sigkill_a_restart_and_an_upgrade() {
         clean_temperature_bundle(&key, 2, "200ms"),
     )
     .await;
-    statuses.wait_until("v2 active", active(2)).await;
+    statuses
+        .wait_until("v2 active", active("clean-temperature", 2))
+        .await;
     for (seq, temp) in [(3, 22.0), (4, 23.0)] {
         assert!(
             dev.publish_acked("sensors/d1/temperature", reading(seq, temp), PATIENCE)
@@ -687,26 +706,12 @@ async fn hostile_state_calls_fail_only_themselves_each_with_its_code_and_counter
 
 /// A bundle deploying `module` as `worker` on `jobs/#` to `pi-01`.
 fn worker_bundle(key: &ed25519_dalek::SigningKey, version: u64, module: Vec<u8>) -> Vec<u8> {
-    use edgefn::bundle::{Body, Change, Targets, seal};
     let manifest = edgefn::config::FunctionManifest {
         name: "worker".into(),
         triggers: vec!["jobs/#".into()],
         ..Default::default()
     };
-    let body = Body {
-        version,
-        targets: Targets {
-            gateways: vec!["pi-01".into()],
-            groups: vec![],
-        },
-        key_id: None,
-        change: Change::Deploy {
-            manifest: Box::new(manifest),
-            module,
-            sha256: vec![],
-        },
-    };
-    seal(body, Some(key))
+    sealed(key, version, manifest, module)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -725,21 +730,10 @@ async fn a_dead_letter_replayed_after_a_fixed_version_is_deployed_runs_through_t
         &format!("[deploy]\ntrusted_keys = [\"{public}\"]\n"),
     );
     let topic = "edgefn/pi-01/functions/worker/deploy";
-    let active = |version: u64| {
-        move |s: &[Seen]| {
-            s.iter()
-                .rev()
-                .find(|m| m.topic.ends_with("/worker/status"))
-                .is_some_and(|m| {
-                    let j = m.json();
-                    j["state"] == "active" && j["version"] == version
-                })
-        }
-    };
     let chaos = std::fs::read(module("chaos")).unwrap();
     publish_retained(cloud.port, topic, worker_bundle(&key, 1, chaos)).await;
     let mut daemon = Daemon::start(&cfg);
-    statuses.wait_until("v1 active", active(1)).await;
+    statuses.wait_until("v1 active", active("worker", 1)).await;
     wait_for_port(port);
     let mut dev = Device::connect("device-w", port).await;
     assert!(dev.publish_acked("jobs/7", "fail", PATIENCE).await);
@@ -751,7 +745,7 @@ async fn a_dead_letter_replayed_after_a_fixed_version_is_deployed_runs_through_t
 
     let fixed = wat::parse_str(TICK).unwrap();
     publish_retained(cloud.port, topic, worker_bundle(&key, 2, fixed)).await;
-    statuses.wait_until("v2 active", active(2)).await;
+    statuses.wait_until("v2 active", active("worker", 2)).await;
     let (ok, said) = dead_letters_cli(&cfg, &["replay", "--all"]);
     assert!(ok, "{said}");
     let seen = upstream
