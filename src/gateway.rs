@@ -286,7 +286,6 @@ impl Gateway {
         let telemetry = Arc::new(crate::telemetry::Telemetry {
             gateway_id: config.gateway.id.clone(),
             started,
-            metrics: metrics.clone(),
             snapshot: Box::new({
                 let counts = counts.clone();
                 move || counts.snapshot()

@@ -25,7 +25,7 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use serde::{Deserialize, Serialize};
 
-use crate::metrics::{Metrics, Snapshot};
+use crate::metrics::Snapshot;
 use crate::registry::{Origin, Registry};
 use crate::runtime::pool::{FAILURE_KINDS, FunctionMetrics};
 
@@ -202,8 +202,6 @@ pub struct Telemetry {
     pub gateway_id: String,
     /// When the daemon started.
     pub started: Instant,
-    /// The gateway's counters.
-    pub metrics: Arc<Metrics>,
     /// Takes a snapshot of them with the gauges read fresh.
     pub snapshot: Box<dyn Fn() -> Snapshot + Send + Sync>,
     /// The functions.
