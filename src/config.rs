@@ -164,6 +164,7 @@ struct RawBuffer {
     durability: Option<String>,
     max_batch: Option<i64>,
     dead_letters_max_size: Option<String>,
+    commit_delay: Option<String>,
 }
 
 /// A `[[functions]]` table as written, before its checks: also the
@@ -426,6 +427,10 @@ pub struct BufferConfig {
     /// and error texts); beyond it the oldest are deleted, counted and
     /// logged.
     pub dead_letters_max_size: u64,
+    /// How long a commit waits, after its first message is ready, for more
+    /// to share its fsync (0: none). Every message's PUBACK waits up to
+    /// this much longer; in exchange fewer commits write fewer pages.
+    pub commit_delay: Duration,
 }
 
 impl Default for BufferConfig {
@@ -520,6 +525,9 @@ fn default_buffer_size() -> &'static str {
 fn default_dead_letters_max_size(max_size: u64) -> u64 {
     max_size / 4
 }
+/// Longest `[buffer] commit_delay`: a device's PUBACK waits for it.
+const MAX_COMMIT_DELAY: Duration = Duration::from_secs(1);
+
 /// Default invocations per group commit.
 fn default_max_batch() -> i64 {
     512
@@ -1195,12 +1203,36 @@ fn check_buffer(p: &mut Checker, raw: RawBuffer) -> BufferConfig {
             default_buffer_size(),
         ),
     };
+    let commit_delay = match raw.commit_delay.as_deref() {
+        None => Duration::ZERO,
+        Some(text) => match humantime::parse_duration(text) {
+            Ok(d) if d <= MAX_COMMIT_DELAY => d,
+            Ok(_) => {
+                p.push(
+                    "buffer.commit_delay",
+                    format!(
+                        "{text:?} is too long: every PUBACK waits for it; at most {}",
+                        humantime::format_duration(MAX_COMMIT_DELAY)
+                    ),
+                );
+                Duration::ZERO
+            }
+            Err(_) => {
+                p.push(
+                    "buffer.commit_delay",
+                    format!("{text:?} is not a duration; expected e.g. \"0\", \"10ms\", \"20ms\""),
+                );
+                Duration::ZERO
+            }
+        },
+    };
     BufferConfig {
         max_size,
         full_policy,
         durability,
         max_batch,
         dead_letters_max_size,
+        commit_delay,
     }
 }
 
@@ -1550,6 +1582,33 @@ concurrency = 2
             ]
         );
         assert!(problems[3].message.contains("\"soon\""));
+    }
+
+    #[test]
+    fn commit_delay_is_off_by_default_and_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Config::load(&write(dir.path(), EXAMPLE)).unwrap();
+        assert_eq!(c.buffer.commit_delay, Duration::ZERO);
+        let with = |v: &str| {
+            EXAMPLE.replace(
+                "max_size = \"256MiB\"",
+                &format!("max_size = \"256MiB\"\ncommit_delay = \"{v}\""),
+            )
+        };
+        let c = Config::load(&write(dir.path(), &with("20ms"))).unwrap();
+        assert_eq!(c.buffer.commit_delay, Duration::from_millis(20));
+        let c = Config::load(&write(dir.path(), &with("0"))).unwrap();
+        assert_eq!(c.buffer.commit_delay, Duration::ZERO);
+        for bad in ["2s", "soon"] {
+            let Err(ConfigError::Invalid { problems, .. }) =
+                Config::load(&write(dir.path(), &with(bad)))
+            else {
+                panic!("{bad}: expected a problem")
+            };
+            assert_eq!(problems.len(), 1, "{bad}: {problems:?}");
+            assert_eq!(problems[0].key, "buffer.commit_delay");
+            assert!(problems[0].message.contains(bad), "{}", problems[0].message);
+        }
     }
 
     #[test]

@@ -171,6 +171,7 @@ impl Gateway {
             registry: registry.clone(),
             writer,
             max_batch: config.buffer.max_batch,
+            commit_delay: config.buffer.commit_delay,
             max_message_size: config.local.max_message_size,
             metrics: metrics.clone(),
             committed: committed.clone(),
@@ -283,6 +284,7 @@ impl Gateway {
             #[cfg(feature = "embedded-broker")]
             broker: broker.as_ref().map(|b| b.publisher()),
         };
+        let wear = Arc::new(crate::telemetry::DiskWear::default());
         let telemetry = Arc::new(crate::telemetry::Telemetry {
             gateway_id: config.gateway.id.clone(),
             started,
@@ -300,6 +302,7 @@ impl Gateway {
                 });
                 (r.records(), r.outbox_bytes(), oldest)
             }),
+            wear: wear.clone(),
         });
         if let Some(listener) = metrics_listener {
             tracing::info!(listen = %listener.local_addr()?, "metrics listening (/metrics, /metrics.json)");
@@ -334,7 +337,10 @@ impl Gateway {
             _ => None,
         };
 
-        let status = tokio::spawn(status_loop(counts.clone(), registry.clone()));
+        // Start-up is over: what is written from here on is the card's
+        // steady cost.
+        wear.rate(counts.snapshot().committed);
+        let status = tokio::spawn(status_loop(counts.clone(), registry.clone(), wear));
 
         Ok(Gateway {
             shutdown,
@@ -568,14 +574,21 @@ async fn start_function(
     Ok(registry.start(function, f, 0, origin)?)
 }
 
-async fn status_loop(counts: Counts, registry: Arc<Registry>) {
+async fn status_loop(
+    counts: Counts,
+    registry: Arc<Registry>,
+    wear: Arc<crate::telemetry::DiskWear>,
+) {
     use std::sync::atomic::Ordering::Relaxed;
     let mut tick = tokio::time::interval(STATUS_INTERVAL);
     tick.tick().await;
     loop {
         tick.tick().await;
         let m = counts.snapshot();
+        let disk = wear.rate(m.committed);
         tracing::info!(
+            disk_bytes_per_message = disk.and_then(|d| d.bytes_per_message).map(|b| b.round()),
+            disk_mb_per_day = disk.map(|d| (d.bytes_per_day / 1e6).round()),
             received = m.received,
             committed = m.committed,
             buffered = m.records_buffered,

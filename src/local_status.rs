@@ -122,14 +122,22 @@ pub fn render(r: &Report) -> String {
     );
     let _ = writeln!(
         out,
-        "  commits     {} (p50 {} ms, p99 {} ms), {} failed{}",
+        "  commits     {} (p50 {} ms, p99 {} ms), {} failed",
         c.commit_batches,
         ms(g.commit_latency, |p| p.p50_ms),
         ms(g.commit_latency, |p| p.p99_ms),
         c.commit_failures,
-        g.disk_bytes_per_message
-            .map_or(String::new(), |b| format!("; disk {b:.0} B per message"))
     );
+    if let (Some(day), Some(window)) = (g.disk_bytes_per_day, g.disk_window_s) {
+        let _ = writeln!(
+            out,
+            "  disk        {} per message, {} per day (last {})",
+            g.disk_bytes_per_message
+                .map_or("-".to_owned(), |b| bytes(b.round() as u64)),
+            bytes(day.round() as u64),
+            age(window),
+        );
+    }
     let _ = writeln!(
         out,
         "  dead letters {} written, {} dropped; replays {} done, {} failed again, {} refused",

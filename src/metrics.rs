@@ -64,7 +64,9 @@ counters! {
     replays_failed,
     /// Replays refused: the dead letter's function is not on the gateway.
     replays_refused,
-    /// Group commits.
+    /// Transactions committed, each one fsync of the WAL with `durability
+    /// = "full"`: group commits of messages, and commits of deletes of
+    /// forwarded records alone.
     commit_batches,
     /// Failed commit attempts (retried; nothing acknowledged meanwhile).
     commit_failures,

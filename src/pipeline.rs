@@ -92,10 +92,13 @@ impl Pending {
         true
     }
 
-    /// Waits for every outcome.
+    /// Waits for every outcome. Cancel-safe: an outcome is taken only
+    /// once it is in, so a timed-out wait can be resumed.
     async fn settle(&mut self) {
-        while let Some((f, rx)) = self.running.pop_front() {
-            self.settled.push((f, rx.await.ok()));
+        while let Some((_, rx)) = self.running.front_mut() {
+            let outcome = rx.await.ok();
+            let (f, _) = self.running.pop_front().expect("the front");
+            self.settled.push((f, outcome));
         }
     }
 
@@ -185,6 +188,9 @@ pub struct Pipeline {
     pub writer: Writer,
     /// Most deliveries per group commit.
     pub max_batch: usize,
+    /// How long a commit waits for more deliveries after its first
+    /// (`[buffer] commit_delay`).
+    pub commit_delay: Duration,
     /// Larger payloads are refused (acknowledged, counted, logged), whichever
     /// source they came from.
     pub max_message_size: usize,
@@ -340,6 +346,7 @@ fn commit_loop(
     let Pipeline {
         mut writer,
         max_batch,
+        commit_delay,
         metrics,
         committed,
         local_publish,
@@ -393,6 +400,31 @@ fn commit_loop(
             } else {
                 held = Some(p);
                 break;
+            }
+        }
+        // With a commit delay, what comes in order until it is over.
+        if !commit_delay.is_zero() && !batch.is_empty() {
+            let deadline = tokio::time::Instant::now() + commit_delay;
+            while batch.len() < max_batch {
+                let next = match held.take() {
+                    Some(p) => Some(p),
+                    // Timers are made inside the runtime (this thread is not).
+                    None => rt
+                        .block_on(async { tokio::time::timeout_at(deadline, pending.recv()).await })
+                        .ok()
+                        .flatten(),
+                };
+                let Some(mut p) = next else { break };
+                if p.poll()
+                    || rt
+                        .block_on(async { tokio::time::timeout_at(deadline, p.settle()).await })
+                        .is_ok()
+                {
+                    batch.extend(p.into_ready());
+                } else {
+                    held = Some(p);
+                    break;
+                }
             }
         }
         let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
@@ -459,9 +491,7 @@ fn commit_loop(
             batch.clear();
             continue;
         };
-        if !batch.is_empty() {
-            Metrics::add(&metrics.commit_batches, 1);
-        }
+        Metrics::add(&metrics.commit_batches, done.transactions);
         Metrics::add(&metrics.committed, batch.len() as u64);
         Metrics::add(&metrics.records_buffered, done.records);
         Metrics::add(&metrics.dead_letters, done.dead_letters);
@@ -570,6 +600,26 @@ mod tests {
         local_publish: Option<mpsc::Sender<Emitted>>,
         concurrency: usize,
     ) -> (mpsc::Sender<Delivery>, Running) {
+        let (tx, running, _) = start_with(
+            wat,
+            writer,
+            metrics,
+            local_publish,
+            concurrency,
+            Duration::ZERO,
+        );
+        (tx, running)
+    }
+
+    /// [`start`] with a commit delay; also returns the registry.
+    fn start_with(
+        wat: &str,
+        writer: Writer,
+        metrics: &Arc<Metrics>,
+        local_publish: Option<mpsc::Sender<Emitted>>,
+        concurrency: usize,
+        commit_delay: Duration,
+    ) -> (mpsc::Sender<Delivery>, Running, Arc<Registry>) {
         let rt = Runtime::new(Target::Native).unwrap();
         let spec = FunctionSpec {
             publish_allow: Arc::from([TopicFilter::new("#").unwrap()]),
@@ -582,9 +632,10 @@ mod tests {
         registry.install(Deployed::new("f", 0, triggers, pool, Origin::Config));
         let (tx, rx) = mpsc::channel(16);
         let running = Pipeline {
-            registry,
+            registry: registry.clone(),
             writer,
             max_batch: 16,
+            commit_delay,
             max_message_size: 1 << 20,
             metrics: metrics.clone(),
             committed: Arc::new(Notify::new()),
@@ -592,7 +643,50 @@ mod tests {
             commit_latency: Arc::default(),
         }
         .start(rx);
-        (tx, running)
+        (tx, running, registry)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn with_a_commit_delay_a_message_that_comes_meanwhile_shares_the_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let (writer, reader) = open_store(dir.path(), Durability::Full);
+        let metrics = Arc::new(Metrics::default());
+        let (tx, running, registry) =
+            start_with(&echo(), writer, &metrics, None, 1, Duration::from_secs(3));
+        let f = registry.metrics_for("f");
+        let mut waiters = Vec::new();
+        for (i, payload) in ["a", "b"].into_iter().enumerate() {
+            let (ack, waiter) = Ack::waiter();
+            tx.send(Delivery {
+                topic: "t".into(),
+                payload: Bytes::from(payload),
+                ack,
+                replay: None,
+            })
+            .await
+            .unwrap();
+            waiters.push(waiter);
+            until("the invocation is done", || {
+                f.succeeded.load(Ordering::Relaxed) == i as u64 + 1
+            })
+            .await;
+            // Its outcome is in, and still it waits for the delay.
+            assert_eq!(metrics.committed.load(Ordering::Relaxed), 0);
+        }
+        for w in waiters {
+            assert_eq!(w.await, Ok(()));
+        }
+        assert_eq!(metrics.committed.load(Ordering::Relaxed), 2);
+        assert_eq!(metrics.commit_batches.load(Ordering::Relaxed), 1);
+        let payloads: Vec<_> = reader
+            .after(0, 10)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.payload)
+            .collect();
+        assert_eq!(payloads, [b"a".to_vec(), b"b".to_vec()]);
+        drop(tx);
+        running.drain(Duration::from_secs(5)).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

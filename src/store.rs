@@ -204,6 +204,19 @@ const MIGRATIONS: &[&str] = &[
 /// this many records, and the most a restart skips.
 pub const SEQ_BLOCK: i64 = 4096;
 
+/// Bytes per database page, for new databases (and existing ones,
+/// [`convert_page_size`]). A WAL frame is one page plus 24 bytes, and a
+/// commit of one small record writes one frame, so this, not the record,
+/// sizes what a one-record commit writes: 4 KiB pages make 4,120-byte
+/// frames, which always span two 4 KiB pages of the file (8 KiB to the
+/// card per fsync); 512-byte frames mostly fit in one (docs/DELIVERY.md
+/// "SD cards").
+pub const PAGE_SIZE: i64 = 512;
+
+/// Largest database (bytes in use) rewritten at open to [`PAGE_SIZE`]
+/// (1 MiB in the unit tests, which fill one past it).
+const CONVERT_LIMIT: u64 = if cfg!(test) { 1 << 20 } else { 64 << 20 };
+
 /// Most records the recent tail holds: a few upstream windows, so the
 /// forwarder reads from memory while it keeps up.
 pub const TAIL_RECORDS: usize = 4096;
@@ -366,6 +379,9 @@ pub struct Committed {
     pub dead_letters_dropped: u64,
     /// The highest `seq` written, if any.
     pub last_seq: Option<i64>,
+    /// Transactions committed: 1, or 0 when there was nothing to write.
+    /// Each one fsyncs the WAL with `durability = "full"`.
+    pub transactions: u64,
 }
 
 /// A buffered record, as the forwarder reads it.
@@ -523,11 +539,89 @@ fn open_connection(path: &Path, synchronous: &str) -> Result<Connection, StoreEr
     };
     let conn = Connection::open(path).map_err(err)?;
     conn.busy_timeout(BUSY_TIMEOUT).map_err(err)?;
+    // Takes effect only in a database without pages yet (then before WAL
+    // mode writes its first page); an existing one keeps its page size
+    // until [`convert_page_size`].
+    conn.pragma_update(None, "page_size", PAGE_SIZE)
+        .map_err(err)?;
     conn.pragma_update(None, "journal_mode", "WAL")
         .map_err(err)?;
     conn.pragma_update(None, "synchronous", synchronous)
         .map_err(err)?;
     Ok(conn)
+}
+
+/// Rewrites a database whose pages are not [`PAGE_SIZE`] bytes (one made
+/// by an older edgefn, or by another program) with pages of that size, if
+/// it is at most [`CONVERT_LIMIT`] bytes (as it is while the upstream
+/// keeps up): `VACUUM` in rollback-journal mode, synced, so a crash
+/// meanwhile leaves the old database or the new one. A larger one keeps
+/// its pages (logged); it is converted at a later start, once forwarded.
+/// Nothing is lost if the rewrite fails (a tool holding the database, a
+/// full disk): logged, and the database stays as it was.
+fn convert_page_size(conn: &Connection, path: &Path) -> Result<(), StoreError> {
+    let err = |source| StoreError::Sqlite {
+        path: path.to_owned(),
+        source,
+    };
+    let want = PAGE_SIZE;
+    let found: i64 = conn
+        .pragma_query_value(None, "page_size", |r| r.get(0))
+        .map_err(err)?;
+    if found == want {
+        return Ok(());
+    }
+    let (pages, free): (i64, i64) = (
+        conn.pragma_query_value(None, "page_count", |r| r.get(0))
+            .map_err(err)?,
+        conn.pragma_query_value(None, "freelist_count", |r| r.get(0))
+            .map_err(err)?,
+    );
+    let used = (pages - free).max(0) as u64 * found as u64;
+    if used > CONVERT_LIMIT {
+        tracing::info!(
+            path = %path.display(),
+            page_size = found,
+            used_bytes = used,
+            "the database keeps its page size: it is rewritten with {want}-byte pages \
+             (fewer bytes written per commit) at a start when it holds at most {} MiB",
+            CONVERT_LIMIT >> 20
+        );
+        return Ok(());
+    }
+    let started = std::time::Instant::now();
+    let result = conn
+        .pragma_update(None, "journal_mode", "DELETE")
+        .and_then(|()| conn.pragma_update(None, "page_size", want))
+        .and_then(|()| conn.execute_batch("VACUUM"));
+    // Back to WAL whatever happened (a failed switch left it in WAL).
+    let wal = conn.pragma_update(None, "journal_mode", "WAL");
+    match result.and(wal) {
+        Ok(()) => {
+            let now: i64 = conn
+                .pragma_query_value(None, "page_size", |r| r.get(0))
+                .map_err(err)?;
+            tracing::info!(
+                path = %path.display(),
+                from = found,
+                to = now,
+                took = ?started.elapsed(),
+                "database rewritten with smaller pages"
+            );
+        }
+        Err(e) => {
+            // Left as it was; the next start tries again.
+            tracing::warn!(
+                path = %path.display(),
+                page_size = found,
+                error = %e,
+                "could not rewrite the database with smaller pages; it keeps its page size"
+            );
+            conn.pragma_update(None, "journal_mode", "WAL")
+                .map_err(err)?;
+        }
+    }
+    Ok(())
 }
 
 /// Opens (creating and migrating if needed) the database in `data_dir`,
@@ -553,6 +647,7 @@ pub fn open(data_dir: &Path, buffer: &BufferConfig) -> Result<(Writer, Reader), 
     // whatever the durability: ids rest on them (invariant 5).
     let mut conn = open_connection(&path, "FULL")?;
     migrate(&mut conn, &path)?;
+    convert_page_size(&conn, &path)?;
     let incarnation = incarnation(&mut conn).map_err(err)?;
     conn.pragma_update(None, "synchronous", sync).map_err(err)?;
     let (bytes, last, records): (i64, Option<i64>, i64) = conn
@@ -950,6 +1045,7 @@ impl Writer {
             }
         }
         tx.commit().map_err(err)?;
+        done.transactions = 1;
         self.next_seq = next;
         self.reserved = reserved;
         self.dead_bytes = dead_bytes;
@@ -1842,7 +1938,7 @@ fn stored(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredDeadLetter> {
 }
 
 impl Inspector {
-    /// Opens the database in `data_dir` (migrating it if it is older).
+    /// Opens the database in `data_dir`.
     ///
     /// Fails if there is none: the gateway has not run with this
     /// `data_dir`.
@@ -2105,6 +2201,86 @@ mod tests {
         assert_eq!(r.after(0, 10).unwrap(), got[1..]);
         assert_eq!(r.pending().unwrap(), 2);
         assert_eq!(w.outbox_bytes(), 2 * 4);
+    }
+
+    fn page_size_of(dir: &Path) -> i64 {
+        Connection::open(dir.join(DB_FILE))
+            .unwrap()
+            .pragma_query_value(None, "page_size", |r| r.get(0))
+            .unwrap()
+    }
+
+    /// Rewrites the database in `dir` with `size`-byte pages, as an older
+    /// edgefn made it.
+    fn set_page_size(dir: &Path, size: i64) {
+        let c = Connection::open(dir.join(DB_FILE)).unwrap();
+        c.pragma_update(None, "journal_mode", "DELETE").unwrap();
+        c.pragma_update(None, "page_size", size).unwrap();
+        c.execute_batch("VACUUM").unwrap();
+        c.pragma_update(None, "journal_mode", "WAL").unwrap();
+        drop(c);
+        assert_eq!(page_size_of(dir), size);
+    }
+
+    #[test]
+    fn new_databases_get_small_pages_and_old_ones_are_rewritten_keeping_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        let (kept, last) = {
+            let (mut w, r) = open_plain(dir.path());
+            let mut a = outcomes(vec![rec("t/1", "a"), rec("t/2", "b"), rec("t/3", "c")]);
+            w.commit(&mut [&mut a], NEVER).unwrap();
+            let all = r.after(0, 10).unwrap();
+            r.outbox().acknowledged(&[all[0].seq]);
+            w.commit(&mut [], NEVER).unwrap();
+            (all[1..].to_vec(), all[2].seq)
+        };
+        assert_eq!(page_size_of(dir.path()), PAGE_SIZE);
+        set_page_size(dir.path(), 4096);
+        let (mut w, r) = open_plain(dir.path());
+        assert_eq!(page_size_of(dir.path()), PAGE_SIZE);
+        assert_eq!(r.after(0, 10).unwrap(), kept);
+        assert_eq!(w.outbox_bytes(), 2 * 4);
+        let done = w
+            .commit(&mut [&mut outcomes(vec![rec("t", "d")])], NEVER)
+            .unwrap()
+            .unwrap();
+        assert!(done.last_seq.unwrap() > last);
+        let mode: String = w
+            .conn
+            .pragma_query_value(None, "journal_mode", |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+    }
+
+    #[test]
+    fn a_database_past_the_rewrite_limit_keeps_its_pages_until_it_is_forwarded() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = "x".repeat(4096);
+        let seqs: Vec<i64> = {
+            let (mut w, r) = open(
+                dir.path(),
+                &buffer(Durability::Relaxed, 1 << 30, FullPolicy::Backpressure),
+            )
+            .unwrap();
+            let mut a = outcomes((0..400).map(|_| rec("t", &big)).collect());
+            w.commit(&mut [&mut a], NEVER).unwrap();
+            r.after(0, 1000).unwrap().iter().map(|r| r.seq).collect()
+        };
+        set_page_size(dir.path(), 4096);
+        {
+            let (mut w, r) = open_plain(dir.path());
+            assert_eq!(
+                page_size_of(dir.path()),
+                4096,
+                "more than CONVERT_LIMIT in use"
+            );
+            assert_eq!(r.pending().unwrap(), 400);
+            r.outbox().acknowledged(&seqs);
+            w.commit(&mut [], NEVER).unwrap();
+        }
+        let (_w, r) = open_plain(dir.path());
+        assert_eq!(page_size_of(dir.path()), PAGE_SIZE);
+        assert_eq!(r.pending().unwrap(), 0);
     }
 
     #[test]

@@ -129,8 +129,14 @@ pub struct GatewayReport {
     /// Bytes this process caused to be written to storage since it started
     /// (`write_bytes` of /proc/self/io), if the system says.
     pub disk_write_bytes: Option<u64>,
-    /// `disk_write_bytes` per committed message.
+    /// Bytes written per committed message over the last
+    /// `disk_window_s` (none if no message was committed in it).
     pub disk_bytes_per_message: Option<f64>,
+    /// Bytes written per day at the rate of the last `disk_window_s`.
+    pub disk_bytes_per_day: Option<f64>,
+    /// Seconds the two figures above are over: since start-up finished, up
+    /// to [`WEAR_WINDOW`] and a little more.
+    pub disk_window_s: Option<f64>,
 }
 
 /// One function's figures (all versions of its name since the start).
@@ -182,6 +188,77 @@ impl FunctionReport {
     }
 }
 
+/// Over about how long [`DiskWear`] takes its rates.
+pub const WEAR_WINDOW: Duration = Duration::from_secs(300);
+
+/// [`DiskWear`] keeps a reading at most this often.
+const WEAR_SAMPLE: Duration = Duration::from_secs(10);
+
+/// What the daemon writes to storage lately: readings of `write_bytes`
+/// (/proc/self/io) and of the committed messages, the oldest about
+/// [`WEAR_WINDOW`] old, so the rates leave out start-up (compiling
+/// modules writes too) and follow changes in load.
+#[derive(Debug, Default)]
+pub struct DiskWear(Mutex<std::collections::VecDeque<WearSample>>);
+
+#[derive(Debug, Clone, Copy)]
+struct WearSample {
+    at: Instant,
+    bytes: u64,
+    committed: u64,
+}
+
+/// [`DiskWear`]'s rates.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DiskRate {
+    /// Bytes per committed message; none if none was committed.
+    pub bytes_per_message: Option<f64>,
+    /// Bytes per day at this rate.
+    pub bytes_per_day: f64,
+    /// Seconds they are over.
+    pub window_s: f64,
+}
+
+impl DiskWear {
+    /// Takes a reading, and returns the rates from the oldest kept up to
+    /// it; none before the first reading, or if the system does not say.
+    pub fn rate(&self, committed: u64) -> Option<DiskRate> {
+        let bytes = disk_write_bytes()?;
+        self.rate_at(Instant::now(), bytes, committed)
+    }
+
+    fn rate_at(&self, now: Instant, bytes: u64, committed: u64) -> Option<DiskRate> {
+        let mut samples = self.0.lock().expect("wear lock");
+        // The base is the newest reading at least WEAR_WINDOW old.
+        while samples.len() > 1 && now.duration_since(samples[1].at) >= WEAR_WINDOW {
+            samples.pop_front();
+        }
+        let base = samples.front().copied();
+        if samples
+            .back()
+            .is_none_or(|last| now.duration_since(last.at) >= WEAR_SAMPLE)
+        {
+            samples.push_back(WearSample {
+                at: now,
+                bytes,
+                committed,
+            });
+        }
+        let base = base?;
+        let secs = now.duration_since(base.at).as_secs_f64();
+        if secs <= 0.0 {
+            return None;
+        }
+        let written = bytes.saturating_sub(base.bytes) as f64;
+        let messages = committed.saturating_sub(base.committed);
+        Some(DiskRate {
+            bytes_per_message: (messages > 0).then(|| written / messages as f64),
+            bytes_per_day: written / secs * 86_400.0,
+            window_s: secs,
+        })
+    }
+}
+
 /// Reads `write_bytes` from /proc/self/io.
 fn disk_write_bytes() -> Option<u64> {
     let io = std::fs::read_to_string("/proc/self/io").ok()?;
@@ -210,6 +287,9 @@ pub struct Telemetry {
     pub commit_latency: Arc<Window>,
     /// The buffer's gauges: (records, bytes, oldest record's time).
     pub buffer: Box<dyn Fn() -> (u64, u64, Option<u64>) + Send + Sync>,
+    /// Storage writes lately; its first reading is taken when start-up is
+    /// over.
+    pub wear: Arc<DiskWear>,
 }
 
 impl Telemetry {
@@ -220,6 +300,7 @@ impl Telemetry {
         let (buffer_records, buffer_bytes, oldest) = (self.buffer)();
         let now = now_ms();
         let disk = disk_write_bytes();
+        let wear = self.wear.rate(counters.committed);
         let gateway = GatewayReport {
             id: self.gateway_id.clone(),
             edgefn_version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -232,9 +313,9 @@ impl Telemetry {
             upstream_connected: counters.upstream_connected == 1,
             commit_latency: self.commit_latency.percentiles(),
             disk_write_bytes: disk,
-            disk_bytes_per_message: disk
-                .filter(|_| counters.committed > 0)
-                .map(|d| d as f64 / counters.committed as f64),
+            disk_bytes_per_message: wear.and_then(|w| w.bytes_per_message),
+            disk_bytes_per_day: wear.map(|w| w.bytes_per_day),
+            disk_window_s: wear.map(|w| w.window_s),
         };
         let functions = self
             .registry
@@ -499,7 +580,15 @@ impl Collector for Exporter {
             gauge(
                 e,
                 "edgefn_disk_bytes_per_message",
-                "Bytes written to storage per committed message.",
+                "Bytes written to storage per committed message, over the last 5 minutes.",
+                &[(none, d)],
+            )?;
+        }
+        if let Some(d) = g.disk_bytes_per_day {
+            gauge(
+                e,
+                "edgefn_disk_bytes_per_day",
+                "Bytes written to storage per day at the rate of the last 5 minutes.",
                 &[(none, d)],
             )?;
         }
@@ -742,6 +831,35 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn disk_wear_is_over_the_recent_window_from_the_first_reading_on() {
+        let w = DiskWear::default();
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        // Start-up wrote 5 MB; the window starts after it.
+        assert_eq!(w.rate_at(t0, 5_000_000, 0), None);
+        let r = w.rate_at(at(1), 5_004_000, 1).unwrap();
+        assert_eq!(r.bytes_per_message, Some(4_000.0));
+        assert_eq!((r.bytes_per_day, r.window_s), (4_000.0 * 86_400.0, 1.0));
+        // Nothing committed: no per-message figure, the rate still shown.
+        let w2 = DiskWear::default();
+        w2.rate_at(t0, 0, 7);
+        assert_eq!(w2.rate_at(at(2), 100, 7).unwrap().bytes_per_message, None);
+        // A reading every 10 s at 4 kB and 1 message per second, then the
+        // load changes to 1 kB per message: after a window the rate is of
+        // the new load only.
+        let (mut bytes, mut committed) = (5_004_000, 1);
+        for s in (10..=600).step_by(10) {
+            let per = if s <= 300 { 4_000 } else { 1_000 };
+            bytes += 10 * per;
+            committed += 10;
+            w.rate_at(at(s), bytes, committed);
+        }
+        let r = w.rate_at(at(610), bytes + 10_000, committed + 10).unwrap();
+        assert_eq!(r.bytes_per_message, Some(1_000.0));
+        assert_eq!(r.window_s, 300.0);
+    }
 
     #[test]
     fn percentiles_are_of_the_most_recent_durations() {

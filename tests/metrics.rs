@@ -167,6 +167,12 @@ async fn the_metrics_model_counts_exactly_what_was_sent_on_every_view() {
     );
     assert_eq!(r["gateway"]["buffer_records"], 0);
     assert_eq!(r["gateway"]["upstream_connected"], true);
+    // What the card takes, from the end of start-up on: every message
+    // came after it.
+    let g = &r["gateway"];
+    assert!(g["disk_window_s"].as_f64().unwrap() > 0.0, "{g}");
+    assert!(g["disk_bytes_per_day"].as_f64().unwrap() >= 0.0, "{g}");
+    assert!(g["disk_bytes_per_message"].as_f64().unwrap() >= 0.0, "{g}");
     let f = |name: &str| {
         r["functions"]
             .as_array()
@@ -249,6 +255,12 @@ async fn the_metrics_model_counts_exactly_what_was_sent_on_every_view() {
     assert!(ok, "{live}");
     assert!(
         live.contains("messages    received 23  committed 23"),
+        "{live}"
+    );
+    assert!(
+        live.lines().any(|l| l.starts_with("  disk ")
+            && l.contains(" per message, ")
+            && l.contains(" per day (last ")),
         "{live}"
     );
     let chaos_line = live

@@ -483,12 +483,15 @@ async fn measure(
     })
 }
 
+/// The daemon's configuration: `local` is the `[local]` table's body,
+/// `buffer` the `[buffer]` table's, `extra` whole tables after them.
 fn edgefn_config(
     dir: &Path,
     local: &str,
     cloud_port: u16,
     module: &Path,
-    durability: &str,
+    buffer: &str,
+    extra: &str,
 ) -> PathBuf {
     let path = dir.join("edgefn.toml");
     std::fs::write(
@@ -506,7 +509,9 @@ url = "mqtt://127.0.0.1:{cloud_port}"
 topic_prefix = "site/bench/"
 
 [buffer]
-durability = "{durability}"
+{buffer}
+
+{extra}
 
 [[functions]]
 name = "clean-temperature"
@@ -598,7 +603,8 @@ async fn scenario(args: &Args, which: &str, module: &Path) -> anyhow::Result<Fig
                 &format!("url = \"mqtt://127.0.0.1:{local_port}\""),
                 cloud_port,
                 module,
-                &args.durability,
+                &format!("durability = \"{}\"", args.durability),
+                "",
             );
             let e = start_edgefn(&config)?;
             tokio::time::sleep(Duration::from_secs(1)).await;
@@ -619,7 +625,8 @@ async fn scenario(args: &Args, which: &str, module: &Path) -> anyhow::Result<Fig
                 &format!("embedded = true\nlisten = \"127.0.0.1:{port}\""),
                 cloud_port,
                 module,
-                &args.durability,
+                &format!("durability = \"{}\"", args.durability),
+                "",
             );
             let e = start_edgefn(&config)?;
             wait_for_port(port)?;
