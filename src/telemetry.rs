@@ -300,7 +300,7 @@ impl Telemetry {
         let (buffer_records, buffer_bytes, oldest) = (self.buffer)();
         let now = now_ms();
         let disk = disk_write_bytes();
-        let wear = self.wear.rate(counters.committed);
+        let wear = disk.and_then(|b| self.wear.rate_at(Instant::now(), b, counters.committed));
         let gateway = GatewayReport {
             id: self.gateway_id.clone(),
             edgefn_version: env!("CARGO_PKG_VERSION").to_owned(),
