@@ -529,6 +529,7 @@ fn commit_loop(
 mod tests {
     use super::*;
     use crate::config::{Durability, FullPolicy};
+    use crate::ingest::AckWaiter;
     use crate::registry::Origin;
     use crate::route::TopicFilter;
     use crate::runtime::pool::Pool;
@@ -646,6 +647,20 @@ mod tests {
         (tx, running, registry)
     }
 
+    /// Sends `payload` on topic `t`; returns the waiter for its ack.
+    async fn deliver(tx: &mpsc::Sender<Delivery>, payload: impl Into<Bytes>) -> AckWaiter {
+        let (ack, waiter) = Ack::waiter();
+        tx.send(Delivery {
+            topic: "t".into(),
+            payload: payload.into(),
+            ack,
+            replay: None,
+        })
+        .await
+        .unwrap();
+        waiter
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn with_a_commit_delay_a_message_that_comes_meanwhile_shares_the_commit() {
         let dir = tempfile::tempdir().unwrap();
@@ -656,15 +671,7 @@ mod tests {
         let f = registry.metrics_for("f");
         let mut waiters = Vec::new();
         for (i, payload) in ["a", "b"].into_iter().enumerate() {
-            let (ack, waiter) = Ack::waiter();
-            tx.send(Delivery {
-                topic: "t".into(),
-                payload: Bytes::from(payload),
-                ack,
-                replay: None,
-            })
-            .await
-            .unwrap();
+            let waiter = deliver(&tx, Bytes::from(payload)).await;
             waiters.push(waiter);
             until("the invocation is done", || {
                 f.succeeded.load(Ordering::Relaxed) == i as u64 + 1
@@ -698,15 +705,7 @@ mod tests {
         let (publish_tx, mut publish_rx) = mpsc::channel(1);
         let (tx, running) = start(&publisher(), writer, &metrics, Some(publish_tx), 1);
         for i in 0..3 {
-            let (ack, waiter) = Ack::waiter();
-            tx.send(Delivery {
-                topic: "t".into(),
-                payload: Bytes::from(format!("go {i}")),
-                ack,
-                replay: None,
-            })
-            .await
-            .unwrap();
+            let waiter = deliver(&tx, Bytes::from(format!("go {i}"))).await;
             assert_eq!(waiter.await, Ok(()));
         }
         // Acks go out first, then the publishes.
@@ -787,15 +786,7 @@ mod tests {
         let metrics = Arc::new(Metrics::default());
         let (tx, running) = start(STATEFUL, writer, &metrics, None, 1);
         for payload in ["one", "!trap", "two"] {
-            let (ack, waiter) = Ack::waiter();
-            tx.send(Delivery {
-                topic: "t".into(),
-                payload: Bytes::from(payload),
-                ack,
-                replay: None,
-            })
-            .await
-            .unwrap();
+            let waiter = deliver(&tx, Bytes::from(payload)).await;
             assert_eq!(waiter.await, Ok(()));
         }
         // "two" saw "one": the write of the failed "trap" was discarded.
@@ -845,15 +836,7 @@ mod tests {
         // before them wait for their commit.
         let mut waiters = Vec::new();
         for i in 0..200 {
-            let (ack, waiter) = Ack::waiter();
-            tx.send(Delivery {
-                topic: "t".into(),
-                payload: Bytes::from(format!("{i}")),
-                ack,
-                replay: None,
-            })
-            .await
-            .unwrap();
+            let waiter = deliver(&tx, Bytes::from(format!("{i}"))).await;
             waiters.push(waiter);
         }
         for w in waiters {
@@ -890,16 +873,7 @@ mod tests {
         let (tx, running) = start(&echo(), writer, &metrics, None, 1);
 
         // Large enough that the database must grow to hold it.
-        let (ack, mut waiter) = Ack::waiter();
-        let payload = Bytes::from(vec![b'x'; 64 * 1024]);
-        tx.send(Delivery {
-            topic: "t".into(),
-            payload,
-            ack,
-            replay: None,
-        })
-        .await
-        .unwrap();
+        let mut waiter = deliver(&tx, Bytes::from(vec![b'x'; 64 * 1024])).await;
 
         until("two failed commits", || {
             metrics.commit_failures.load(Ordering::Relaxed) >= 2
