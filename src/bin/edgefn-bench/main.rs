@@ -93,9 +93,13 @@ struct Args {
     /// Measured window of each `wear` row (after a 5 s warm-up).
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     wear_for: Duration,
-    /// `wear`: count fsync/fdatasync calls with strace (slows the daemon).
+    /// `wear`: trace the daemon's writes and syncs with strace (fsyncs per
+    /// second, and which file the bytes go to; slows the daemon).
     #[arg(long)]
     wear_strace: bool,
+    /// `wear`: run only these rows (numbered from 1 as printed).
+    #[arg(long, value_delimiter = ',')]
+    wear_rows: Vec<usize>,
 }
 
 fn now_us() -> u64 {
@@ -661,7 +665,7 @@ async fn main() -> anyhow::Result<()> {
     };
     if chosen.contains(&"wear") {
         anyhow::ensure!(chosen.len() == 1, "run the wear scenario on its own");
-        return wear::run(&module, args.wear_for, args.wear_strace).await;
+        return wear::run(&module, &args).await;
     }
     let deploys = ["deploy", "restart", "fleet"];
     if chosen.iter().any(|c| deploys.contains(c)) {
