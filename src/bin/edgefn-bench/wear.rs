@@ -21,13 +21,12 @@
 //! such a run are not the daemon's), which also splits the bytes between
 //! the WAL, the database file and the rest (`Traced`); the PUBACK latency
 //! each device saw, p50 and p99 (with an external Mosquitto, Mosquitto's
-//! PUBACK); the
-//! daemon's own live figure (`disk_bytes_per_message` of `/metrics.json`
-//! at the end, over its last 5 minutes: warm-up included); and what the
-//! whole block device holding the data directory took per reading
-//! (/sys/dev/block/…/stat: every process on the machine, the file
-//! system's journal included; meaningful only on an otherwise idle
-//! machine). The last two rows set `[buffer] commit_delay = "20ms"`.
+//! PUBACK); the daemon's own live figure (`disk_bytes_per_message` of
+//! `/metrics.json` at the end, over its last 5 minutes: warm-up
+//! included); and what the whole block device holding the data directory
+//! took per reading (/sys/dev/block/…/stat: every process on the machine,
+//! the file system's journal included; meaningful only on an otherwise
+//! idle machine). The last two rows set `[buffer] commit_delay = "20ms"`.
 
 use std::time::{Duration, Instant};
 
