@@ -647,6 +647,16 @@ mod tests {
         (tx, running, registry)
     }
 
+    /// The payloads in the outbox, in order (the first 10).
+    fn buffered(reader: &crate::store::Reader) -> Vec<Vec<u8>> {
+        reader
+            .after(0, 10)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.payload)
+            .collect()
+    }
+
     /// Sends `payload` on topic `t`; returns the waiter for its ack.
     async fn deliver(tx: &mpsc::Sender<Delivery>, payload: impl Into<Bytes>) -> AckWaiter {
         let (ack, waiter) = Ack::waiter();
@@ -671,7 +681,7 @@ mod tests {
         let f = registry.metrics_for("f");
         let mut waiters = Vec::new();
         for (i, payload) in ["a", "b"].into_iter().enumerate() {
-            let waiter = deliver(&tx, Bytes::from(payload)).await;
+            let waiter = deliver(&tx, payload).await;
             waiters.push(waiter);
             until("the invocation is done", || {
                 f.succeeded.load(Ordering::Relaxed) == i as u64 + 1
@@ -685,13 +695,7 @@ mod tests {
         }
         assert_eq!(metrics.committed.load(Ordering::Relaxed), 2);
         assert_eq!(metrics.commit_batches.load(Ordering::Relaxed), 1);
-        let payloads: Vec<_> = reader
-            .after(0, 10)
-            .unwrap()
-            .into_iter()
-            .map(|r| r.payload)
-            .collect();
-        assert_eq!(payloads, [b"a".to_vec(), b"b".to_vec()]);
+        assert_eq!(buffered(&reader), [b"a".to_vec(), b"b".to_vec()]);
         drop(tx);
         running.drain(Duration::from_secs(5)).await;
     }
@@ -705,7 +709,7 @@ mod tests {
         let (publish_tx, mut publish_rx) = mpsc::channel(1);
         let (tx, running) = start(&publisher(), writer, &metrics, Some(publish_tx), 1);
         for i in 0..3 {
-            let waiter = deliver(&tx, Bytes::from(format!("go {i}"))).await;
+            let waiter = deliver(&tx, format!("go {i}")).await;
             assert_eq!(waiter.await, Ok(()));
         }
         // Acks go out first, then the publishes.
@@ -748,13 +752,7 @@ mod tests {
             Some(Ok(())),
             "the later message was acked first"
         );
-        let order: Vec<Vec<u8>> = reader
-            .after(0, 10)
-            .unwrap()
-            .into_iter()
-            .map(|r| r.payload)
-            .collect();
-        assert_eq!(order, [b"slow".to_vec(), b"fast".to_vec()]);
+        assert_eq!(buffered(&reader), [b"slow".to_vec(), b"fast".to_vec()]);
         drop(tx);
         running.drain(Duration::from_secs(5)).await;
     }
@@ -786,17 +784,11 @@ mod tests {
         let metrics = Arc::new(Metrics::default());
         let (tx, running) = start(STATEFUL, writer, &metrics, None, 1);
         for payload in ["one", "!trap", "two"] {
-            let waiter = deliver(&tx, Bytes::from(payload)).await;
+            let waiter = deliver(&tx, payload).await;
             assert_eq!(waiter.await, Ok(()));
         }
         // "two" saw "one": the write of the failed "trap" was discarded.
-        let seen: Vec<Vec<u8>> = reader
-            .after(0, 10)
-            .unwrap()
-            .into_iter()
-            .map(|r| r.payload)
-            .collect();
-        assert_eq!(seen, [b"one".to_vec()]);
+        assert_eq!(buffered(&reader), [b"one".to_vec()]);
         assert_eq!(metrics.dead_letters.load(Ordering::Relaxed), 1);
         let stored = reader.function_states().unwrap();
         assert_eq!(stored["f"], [(b"k".to_vec(), b"two".to_vec())]);
@@ -836,7 +828,7 @@ mod tests {
         // before them wait for their commit.
         let mut waiters = Vec::new();
         for i in 0..200 {
-            let waiter = deliver(&tx, Bytes::from(format!("{i}"))).await;
+            let waiter = deliver(&tx, format!("{i}")).await;
             waiters.push(waiter);
         }
         for w in waiters {
@@ -873,7 +865,7 @@ mod tests {
         let (tx, running) = start(&echo(), writer, &metrics, None, 1);
 
         // Large enough that the database must grow to hold it.
-        let mut waiter = deliver(&tx, Bytes::from(vec![b'x'; 64 * 1024])).await;
+        let mut waiter = deliver(&tx, vec![b'x'; 64 * 1024]).await;
 
         until("two failed commits", || {
             metrics.commit_failures.load(Ordering::Relaxed) >= 2
