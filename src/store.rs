@@ -590,13 +590,14 @@ fn convert_page_size(conn: &Connection, path: &Path) -> Result<(), StoreError> {
         return Ok(());
     }
     let started = std::time::Instant::now();
-    let result = conn
+    let rewritten = conn
         .pragma_update(None, "journal_mode", "DELETE")
         .and_then(|()| conn.pragma_update(None, "page_size", want))
         .and_then(|()| conn.execute_batch("VACUUM"));
-    // Back to WAL whatever happened (a failed switch left it in WAL).
-    let wal = conn.pragma_update(None, "journal_mode", "WAL");
-    match result.and(wal) {
+    // Back to WAL whatever happened: the store runs in no other mode.
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(err)?;
+    match rewritten {
         Ok(()) => {
             let now: i64 = conn
                 .pragma_query_value(None, "page_size", |r| r.get(0))
@@ -617,8 +618,6 @@ fn convert_page_size(conn: &Connection, path: &Path) -> Result<(), StoreError> {
                 error = %e,
                 "could not rewrite the database with smaller pages; it keeps its page size"
             );
-            conn.pragma_update(None, "journal_mode", "WAL")
-                .map_err(err)?;
         }
     }
     Ok(())
