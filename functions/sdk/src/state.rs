@@ -33,6 +33,14 @@
 //!   plus values of the function together are bounded by its `state_limit`
 //!   (default [`DEFAULT_LIMIT`]). There is no way to list the keys: keep a
 //!   key that lists the others if the function needs one.
+//! - What one invocation writes is held by the gateway until its outcome is
+//!   committed, so it is bounded too: the bytes its writes hold (the keys
+//!   written plus the values set) are at most `state_limit` as well, and it
+//!   may call [`set`] and [`delete`] at most [`MAX_WRITES_PER_INVOCATION`]
+//!   times in all, refused calls included (those with an invalid key
+//!   aside); later calls fail with [`StateError::TooManyWrites`]. Deleting
+//!   a key the invocation does not see (absent, or already deleted by it)
+//!   holds nothing, and deleting a key only it set forgets that set.
 //!
 //! Natively (`cargo test`) these calls go to a per-thread map in
 //! [`crate::testing`], which a test can fill and inspect.
@@ -47,6 +55,11 @@ pub const MAX_KEY_LEN: usize = 1024;
 /// function together (1 MiB).
 pub const DEFAULT_LIMIT: usize = 1 << 20;
 
+/// Most [`set`] and [`delete`] calls one invocation may make, refused ones
+/// included (but not those with an invalid key); the host refuses every
+/// call after that with [`StateError::TooManyWrites`].
+pub const MAX_WRITES_PER_INVOCATION: usize = 10_000;
+
 /// Bytes [`get`] first offers the host for the value; a longer value takes
 /// a second call with a buffer of its exact size.
 const FIRST_READ: usize = 256;
@@ -57,9 +70,16 @@ const ABSENT: i32 = -1;
 /// Why the host refused a state call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StateError {
+    /// -3: this invocation already made [`MAX_WRITES_PER_INVOCATION`]
+    /// state writes ([`set`] and [`delete`] calls, refused ones included);
+    /// every later one is refused. Nothing was written.
+    TooManyWrites,
     /// -6 (only from [`set`]): the write would take the function's state
-    /// (keys plus values) past its `state_limit`. Nothing was written;
-    /// deleting keys makes room.
+    /// (keys plus values) past its `state_limit`, or the bytes this
+    /// invocation's writes hold (keys written plus values set) past
+    /// `state_limit`. Nothing was written; deleting keys makes room in the
+    /// state, and overwriting a value set earlier in the invocation with a
+    /// shorter one (or deleting a key it set) makes room among its writes.
     LimitReached,
     /// -7: the key is empty or longer than [`MAX_KEY_LEN`] bytes.
     InvalidKey,
@@ -72,6 +92,7 @@ impl StateError {
     /// `state_get`'s -1, which means the key is absent).
     pub fn from_code(code: i32) -> StateError {
         match code {
+            -3 => StateError::TooManyWrites,
             -6 => StateError::LimitReached,
             -7 => StateError::InvalidKey,
             other => StateError::Other(other),
@@ -81,6 +102,7 @@ impl StateError {
     /// The ABI return code.
     pub fn code(self) -> i32 {
         match self {
+            StateError::TooManyWrites => -3,
             StateError::LimitReached => -6,
             StateError::InvalidKey => -7,
             StateError::Other(c) => c,
@@ -91,6 +113,9 @@ impl StateError {
 impl fmt::Display for StateError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            StateError::TooManyWrites => {
+                write!(f, "this invocation made the most state writes the host allows ({})", MAX_WRITES_PER_INVOCATION)
+            }
             StateError::LimitReached => f.write_str("the function's state_limit is reached"),
             StateError::InvalidKey => write!(f, "invalid state key (empty or longer than {} bytes)", MAX_KEY_LEN),
             StateError::Other(c) => write!(f, "state call refused by the host (code {})", c),
@@ -152,9 +177,17 @@ pub fn get_str(key: impl AsRef<[u8]>) -> Result<Option<String>, crate::Error> {
 /// Sets `key` to `value` (an empty value is a value: the key then exists).
 /// Later invocations read it once this one succeeds.
 ///
-/// Fails with [`StateError::LimitReached`] if the function's state would
-/// pass its `state_limit`, and [`StateError::InvalidKey`] if the key is
-/// empty or longer than [`MAX_KEY_LEN`]; nothing is written then.
+/// Fails, writing nothing, with:
+/// - [`StateError::InvalidKey`] if the key is empty or longer than
+///   [`MAX_KEY_LEN`];
+/// - [`StateError::TooManyWrites`] if this invocation already made
+///   [`MAX_WRITES_PER_INVOCATION`] writes ([`set`] and [`delete`] calls);
+/// - [`StateError::LimitReached`] if the function's state would pass its
+///   `state_limit`, or the bytes this invocation's writes hold (keys
+///   written plus values set) would.
+///
+/// Every call but one with an invalid key counts toward
+/// [`MAX_WRITES_PER_INVOCATION`], a refused one too.
 pub fn set(key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) -> Result<(), StateError> {
     check(sys::state_set_slices(key.as_ref(), value.as_ref()))
 }
@@ -162,8 +195,16 @@ pub fn set(key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) -> Result<(), StateEr
 /// Deletes `key`; deleting a key that does not exist is not an error.
 /// Later invocations see the key gone once this one succeeds.
 ///
-/// Fails only with [`StateError::InvalidKey`], if the key is empty or
-/// longer than [`MAX_KEY_LEN`]: a delete is never refused for the limit.
+/// Deleting a key this invocation does not see (absent, or already deleted
+/// by it) changes nothing and holds nothing; deleting a key only this
+/// invocation set forgets that set. Either way the call counts toward
+/// [`MAX_WRITES_PER_INVOCATION`].
+///
+/// Fails, deleting nothing, with [`StateError::InvalidKey`] if the key is
+/// empty or longer than [`MAX_KEY_LEN`], and with
+/// [`StateError::TooManyWrites`] if this invocation already made
+/// [`MAX_WRITES_PER_INVOCATION`] writes. A delete is never refused for the
+/// `state_limit` ([`StateError::LimitReached`]).
 pub fn delete(key: impl AsRef<[u8]>) -> Result<(), StateError> {
     check(sys::state_delete_slice(key.as_ref()))
 }
@@ -226,13 +267,17 @@ mod tests {
 
     #[test]
     fn error_codes() {
-        for code in [-6, -7, -2] {
+        for code in [-3, -6, -7, -2] {
             assert_eq!(StateError::from_code(code).code(), code);
         }
+        assert_eq!(StateError::from_code(-3), StateError::TooManyWrites);
         assert_eq!(StateError::from_code(-6), StateError::LimitReached);
+        assert_eq!(StateError::from_code(-2), StateError::Other(-2));
         assert_eq!(StateError::from_code(-9), StateError::Other(-9));
         let e: crate::Error = StateError::LimitReached.into();
         assert_eq!(e.message(), "the function's state_limit is reached");
+        let e: crate::Error = StateError::TooManyWrites.into();
+        assert_eq!(e.message(), "this invocation made the most state writes the host allows (10000)");
     }
 
     fn bump(msg: &crate::Message) -> Result<(), crate::Error> {

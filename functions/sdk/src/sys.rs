@@ -32,11 +32,17 @@ extern "C" {
     /// key; -7 invalid key (empty or longer than 1024 bytes).
     pub fn state_get(key_ptr: i32, key_len: i32, buf_ptr: i32, buf_len: i32) -> i32;
 
-    /// `edgefn.state_set`: 0 written; -6 the function's state would pass its
-    /// `state_limit`; -7 invalid key.
+    /// `edgefn.state_set`: 0 written; -3 this invocation already made
+    /// 10,000 state writes (`state_set` and `state_delete` calls, refused
+    /// ones included, invalid keys aside); -6 the function's state, or the
+    /// bytes this invocation's writes hold, would pass its `state_limit`;
+    /// -7 invalid key.
     pub fn state_set(key_ptr: i32, key_len: i32, value_ptr: i32, value_len: i32) -> i32;
 
-    /// `edgefn.state_delete`: 0 deleted (also if it was absent); -7 invalid key.
+    /// `edgefn.state_delete`: 0 deleted (also if it was absent: then it
+    /// changes nothing and holds nothing); -3 this invocation already made
+    /// 10,000 state writes (as `state_set`); -7 invalid key. Never refused
+    /// for the `state_limit`.
     pub fn state_delete(key_ptr: i32, key_len: i32) -> i32;
 }
 

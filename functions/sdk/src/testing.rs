@@ -34,10 +34,17 @@
 //! function's state. It lasts across invocations on the thread, as the
 //! gateway's lasts across invocations, so a test can run several messages
 //! through a stateful handler, set the state it starts from ([`set_state`])
-//! and look at the state afterwards ([`state`], [`state_entries`]). Keys are
-//! checked as the gateway does (-7), and the `state_limit` (-6, for a set
-//! that grows the state; a delete is never refused) the same way too: the
-//! default 1 MiB, or what [`set_state_limit`] sets. As on the gateway, an
+//! and look at the state afterwards ([`state`], [`state_entries`]). Writes
+//! are checked as the gateway checks them, in the same order: the key
+//! (-7), then the count of write calls of the invocation (-3 past
+//! [`crate::state::MAX_WRITES_PER_INVOCATION`], refused calls included),
+//! then the `state_limit` (-6, for a set only: one that grows the state
+//! past it, or that makes the bytes the invocation's writes hold, keys
+//! written plus values set, pass it; a delete is never refused for it),
+//! with the default 1 MiB limit or what [`set_state_limit`] sets. As on
+//! the gateway, a delete of a key the invocation does not see changes
+//! nothing and holds nothing, and a delete of a key only the invocation
+//! set forgets that set. As on the gateway, an
 //! invocation reads the state with its own writes on top, and they are its
 //! own until it ends; [`invoke`] then applies them at once, so the next
 //! invocation reads them, or discards them if the handler failed. This is
@@ -64,7 +71,7 @@
 //! `--test-threads=1` all run on one thread: a test that depends on the
 //! state (or env, clock, allow lists) being fresh starts with [`reset`].
 
-use crate::state::{DEFAULT_LIMIT, MAX_KEY_LEN};
+use crate::state::{DEFAULT_LIMIT, MAX_KEY_LEN, MAX_WRITES_PER_INVOCATION};
 use crate::{Error, Level, Message, MAX_RECORDS_PER_INVOCATION, MAX_TOPIC_LEN, SCHEDULE_TOPIC_PREFIX};
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap};
@@ -125,10 +132,20 @@ struct State {
 /// One invocation's writes, as the gateway's overlay.
 #[derive(Debug, Default)]
 struct Overlay {
-    /// The writes, latest per key.
+    /// The writes, latest per key; only writes that change something (a
+    /// delete of a key the invocation does not see is no write).
     writes: Writes,
     /// Bytes the state would grow (or shrink) by if applied now.
     delta: isize,
+    /// Bytes `writes` holds: keys, and the values of sets.
+    pending: usize,
+    /// Write calls made, refused ones included (invalid keys aside).
+    calls: usize,
+}
+
+/// Bytes one write holds.
+fn held(key: &[u8], value: Option<&[u8]>) -> usize {
+    key.len() + value.map_or(0, <[u8]>::len)
 }
 
 impl Default for State {
@@ -146,20 +163,52 @@ impl State {
         }
     }
 
-    /// A write of the current invocation, checked as the gateway checks it:
-    /// a set that would grow the state past the limit is refused, a delete
-    /// never.
+    /// A write of the current invocation (`value` `None`: a delete),
+    /// checked as the gateway checks it, in the same order: -7 for an
+    /// invalid key (not counted); -3 once the invocation made
+    /// [`MAX_WRITES_PER_INVOCATION`] write calls (refused ones included);
+    /// for a set, -6 if the state would grow past the limit, or if the bytes
+    /// the invocation's writes hold would pass it. A delete of a key the
+    /// invocation does not see changes nothing, and one of a key only it
+    /// set forgets that set.
     fn write(&mut self, key: &[u8], value: Option<&[u8]>) -> i32 {
         if !key_is_valid(key) {
             return -7;
         }
+        let State { entries, bytes, limit, overlay } = self;
+        let overlay = overlay.get_or_insert_with(Overlay::default);
+        overlay.calls += 1;
+        if overlay.calls > MAX_WRITES_PER_INVOCATION {
+            return -3;
+        }
+        let committed = entries.get(key).map(Vec::as_slice);
+        let written = overlay.writes.get(key).map(Option::as_deref);
+        let seen = match written {
+            Some(v) => v,
+            None => committed,
+        };
+        if value.is_none() && seen.is_none() {
+            return 0;
+        }
         let size = |v: Option<&[u8]>| v.map_or(0, |v| key.len() + v.len()) as isize;
-        let before = size(self.read(key).map(Vec::as_slice));
-        let overlay = self.overlay.get_or_insert_with(Overlay::default);
-        let delta = overlay.delta + size(value) - before;
-        if value.is_some() && delta > 0 && self.bytes as isize + delta > self.limit as isize {
+        let delta = overlay.delta + size(value) - size(seen);
+        // A delete never grows the state: always allowed.
+        if value.is_some() && delta > 0 && *bytes as isize + delta > *limit as isize {
             return -6;
         }
+        let pending = overlay.pending - written.map_or(0, |v| held(key, v));
+        if value.is_none() && committed.is_none() {
+            // Set by this invocation only: forgetting the set deletes it.
+            overlay.writes.remove(key);
+            overlay.pending = pending;
+            overlay.delta = delta;
+            return 0;
+        }
+        let pending = pending + held(key, value);
+        if value.is_some() && pending > *limit {
+            return -6;
+        }
+        overlay.pending = pending;
         overlay.delta = delta;
         overlay.writes.insert(key.to_vec(), value.map(<[u8]>::to_vec));
         0
@@ -639,14 +688,128 @@ mod tests {
         });
         assert_eq!(state_str("x").map(|v| v.len()), Some(2));
         assert_eq!(state("k"), None);
-        // A state already over a lowered limit can still change without
-        // growing.
-        set_state_limit(2);
+        // A state already over a lowered limit (7 bytes over 4) can still
+        // change without growing, as long as the invocation's writes hold
+        // no more than the limit either.
+        set_state_limit(4);
         let (_, _) = run(|| {
-            assert_eq!(state::delete("x"), Ok(()));
+            assert_eq!(state::delete("x"), Ok(())); // holds 1 byte
             assert_eq!(state::set("z", [0u8; 2]), Ok(()), "the invocation's writes do not grow the state");
-            assert_eq!(state::set("w", b""), Err(StateError::LimitReached));
+            assert_eq!(state::set("w", b""), Err(StateError::LimitReached), "grows the state");
         });
+        assert_eq!(state_entries().len(), 2);
+        assert_eq!(state("z").map(|v| v.len()), Some(2));
+    }
+
+    #[test]
+    fn at_most_10000_state_writes_per_invocation() {
+        reset();
+        set_state_limit(100);
+        set_state("k", "v");
+        let (_, _) = run(|| {
+            // Invalid keys are refused before they are counted.
+            for _ in 0..5 {
+                assert_eq!(state::set("", "v"), Err(StateError::InvalidKey));
+                assert_eq!(state::delete(""), Err(StateError::InvalidKey));
+            }
+            // Refused sets and deletes of absent keys count.
+            assert_eq!(state::set("big", [0u8; 200]), Err(StateError::LimitReached));
+            for i in 0..state::MAX_WRITES_PER_INVOCATION - 2 {
+                assert_eq!(state::delete(format!("absent-{}", i)), Ok(()), "write {}", i + 2);
+            }
+            assert_eq!(state::set("n", "1"), Ok(()), "the 10,000th write");
+            assert_eq!(state::set("n", "2"), Err(StateError::TooManyWrites));
+            assert_eq!(state::delete("k"), Err(StateError::TooManyWrites));
+            assert_eq!(state::delete("absent"), Err(StateError::TooManyWrites));
+            assert_eq!(state::set("", "v"), Err(StateError::InvalidKey), "the key is checked first");
+            // Reads go on, and the refused writes changed nothing.
+            assert_eq!(state::get("n"), Ok(Some(b"1".to_vec())));
+            assert_eq!(state::get("k"), Ok(Some(b"v".to_vec())));
+        });
+        assert_eq!(state_str("n").as_deref(), Some("1"), "the accepted writes are applied");
+        assert_eq!(state_str("k").as_deref(), Some("v"));
+        // The count is per invocation.
+        let (_, _) = run(|| {
+            assert_eq!(state::set("n", "2"), Ok(()));
+            assert_eq!(state::delete("k"), Ok(()));
+        });
+        assert_eq!(state_str("n").as_deref(), Some("2"));
+        assert_eq!(state("k"), None);
+        // A handler that passes the error on fails with its message.
+        fn many(_: &Message) -> Result<(), Error> {
+            for i in 0..=state::MAX_WRITES_PER_INVOCATION {
+                state::set("i", i.to_string())?;
+            }
+            Ok(())
+        }
+        let (r, c) = invoke(many, "t", b"");
+        assert_eq!(r, Err(Error::new("this invocation made the most state writes the host allows (10000)")));
+        assert!(c.error.is_some());
+        assert_eq!(state("i"), None, "the failed invocation wrote nothing");
+    }
+
+    #[test]
+    fn deletes_of_keys_the_invocation_does_not_see_hold_nothing() {
+        reset();
+        set_state_limit(20);
+        set_state("k", "v"); // 2 bytes
+        let (_, _) = run(|| {
+            // 1,000 bytes of keys, if they were held.
+            for i in 0..100 {
+                assert_eq!(state::delete(format!("absent-{:03}", i)), Ok(()));
+            }
+            assert_eq!(state::delete("k"), Ok(()), "holds its key: 1 byte");
+            assert_eq!(state::delete("k"), Ok(()), "already deleted: holds nothing more");
+            // A key set and deleted by the invocation: the set is forgotten.
+            assert_eq!(state::set("t", [0u8; 15]), Ok(())); // holds 16 bytes
+            assert_eq!(state::delete("t"), Ok(()));
+            assert_eq!(state::get("t"), Ok(None));
+            // 1 + 19 bytes held, the state at 19 bytes: within the limit.
+            assert_eq!(state::set("a", [0u8; 18]), Ok(()));
+            assert_eq!(state::set("b", b""), Err(StateError::LimitReached), "1 + 19 + 1 bytes held");
+        });
+        let entries = state_entries();
+        assert_eq!(entries.len(), 1, "{:?}", entries.keys().collect::<Vec<_>>());
+        assert_eq!(state("a").map(|v| v.len()), Some(18));
+    }
+
+    #[test]
+    fn the_bytes_an_invocations_sets_hold_are_bounded_by_the_limit() {
+        reset();
+        set_state_limit(20);
+        set_state("a", [0u8; 9]); // 10 bytes
+        set_state("b", [0u8; 9]); // 20 bytes: at the limit
+        let (_, _) = run(|| {
+            assert_eq!(state::delete("a"), Ok(())); // holds 1 byte
+            assert_eq!(state::delete("b"), Ok(())); // 2; the state would be 0
+            // Overwriting one key holds only its latest value.
+            for _ in 0..100 {
+                assert_eq!(state::set("c", [0u8; 9]), Ok(())); // 12 held, state 10
+            }
+            // The state would be at 20 bytes, within the limit, but the
+            // writes would hold 22.
+            assert_eq!(state::set("d", [0u8; 9]), Err(StateError::LimitReached));
+            assert_eq!(state::get("d"), Ok(None), "a refused set writes nothing");
+            // Shortening a value set earlier makes room among the writes.
+            assert_eq!(state::set("c", [0u8; 1]), Ok(())); // 4 held
+            assert_eq!(state::set("d", [0u8; 9]), Ok(())); // 14 held
+        });
+        assert_eq!(state("a"), None);
+        assert_eq!(state("b"), None);
+        assert_eq!(state("c").map(|v| v.len()), Some(1));
+        assert_eq!(state("d").map(|v| v.len()), Some(9));
+        // A delete is never refused for the limit, even with the writes
+        // holding all of it; a set then is, though the state shrinks.
+        set_state_limit(3);
+        set_state("e", b""); // the state at 13 bytes
+        let (_, _) = run(|| {
+            assert_eq!(state::delete("d"), Ok(())); // 1 held
+            assert_eq!(state::set("c", b"x"), Ok(())); // 3 held: at the limit
+            assert_eq!(state::delete("e"), Ok(()), "4 held: a delete is not refused");
+            assert_eq!(state::set("x", b""), Err(StateError::LimitReached), "5 held");
+        });
+        assert_eq!(state_entries().len(), 1);
+        assert_eq!(state_str("c").as_deref(), Some("x"));
     }
 
     #[test]
