@@ -24,6 +24,10 @@ use crate::config::FunctionManifest;
 /// The bundle format this edgefn writes and reads.
 pub const FORMAT: u32 = 1;
 
+/// The highest version a bundle may have: versions are kept in SQLite's
+/// signed 64-bit integers, where a larger one would compare as negative.
+pub const MAX_VERSION: u64 = i64::MAX as u64;
+
 /// Signed together with the body, so a signature over a bundle cannot be
 /// taken for a signature over anything else.
 const DOMAIN: &[u8] = b"edgefn bundle v1\0";
@@ -50,8 +54,19 @@ struct Envelope {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Body {
-    /// Strictly increasing per function name.
+    /// Strictly increasing per function name; at most [`MAX_VERSION`].
     pub version: u64,
+    /// The signed floor: the lowest version of this function a gateway
+    /// may run once it accepted this bundle, rollbacks included; absent:
+    /// none. At most `version`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_version: Option<u64>,
+    /// Until when (ms since the Unix epoch) a gateway accepts this bundle
+    /// from the control topics; absent: no end. A bundle already accepted
+    /// keeps running past it (restarts included): the end only stops a
+    /// captured old bundle from being served to a gateway later.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_ms: Option<u64>,
     /// Who may apply it.
     pub targets: Targets,
     /// The signer's public key (`ed25519:BASE64`), absent when unsigned.
@@ -104,6 +119,42 @@ pub enum Change {
 }
 
 impl Body {
+    /// A bundle of `change` at `version` for `targets`, unsigned, with no
+    /// floor and no end (set `min_version` and `expires_ms` as wanted).
+    pub fn new(version: u64, targets: Targets, change: Change) -> Body {
+        Body {
+            version,
+            min_version: None,
+            expires_ms: None,
+            targets,
+            key_id: None,
+            change,
+        }
+    }
+
+    /// Why the version numbers are wrong, if they are: a version above
+    /// [`MAX_VERSION`], or a floor above the version.
+    pub fn version_problem(&self) -> Option<String> {
+        if self.version > MAX_VERSION {
+            return Some(format!(
+                "version {} is above {MAX_VERSION}, the highest a gateway can keep",
+                self.version
+            ));
+        }
+        match self.min_version {
+            Some(floor) if floor > self.version => Some(format!(
+                "min_version {floor} is above the bundle's own version {}",
+                self.version
+            )),
+            _ => None,
+        }
+    }
+
+    /// Whether it is past its end at `now_ms` (ms since the epoch).
+    pub fn expired_at(&self, now_ms: u64) -> bool {
+        self.expires_ms.is_some_and(|end| now_ms > end)
+    }
+
     /// The function this bundle is about.
     pub fn name(&self) -> &str {
         match &self.change {
@@ -330,11 +381,10 @@ mod tests {
     }
 
     fn deploy(targets: Targets) -> Body {
-        Body {
-            version: 7,
+        Body::new(
+            7,
             targets,
-            key_id: None,
-            change: Change::Deploy {
+            Change::Deploy {
                 manifest: Box::new(FunctionManifest {
                     name: "clean".into(),
                     triggers: vec!["sensors/#".into()],
@@ -344,7 +394,7 @@ mod tests {
                 module: b"\0asm\x01\0\0\0".to_vec(),
                 sha256: vec![],
             },
-        }
+        )
     }
 
     fn to_pi01() -> Targets {
@@ -446,14 +496,13 @@ mod tests {
 
     #[test]
     fn a_tombstone_is_signed_like_a_deploy() {
-        let remove = Body {
-            version: 9,
-            targets: to_pi01(),
-            key_id: None,
-            change: Change::Remove {
+        let remove = Body::new(
+            9,
+            to_pi01(),
+            Change::Remove {
                 name: "clean".into(),
             },
-        };
+        );
         let body = open(&seal(remove.clone(), Some(&key(1))), &verifier()).unwrap();
         assert_eq!((body.name(), body.version), ("clean", 9));
         assert_eq!(

@@ -276,9 +276,21 @@ pub struct BundleArgs {
     #[arg(long = "group")]
     groups: Vec<String>,
     /// The bundle's version: higher than any before for this function
-    /// name [default: the current time in milliseconds].
+    /// name, at most 9223372036854775807 [default: the current time in
+    /// milliseconds].
     #[arg(long)]
     version: Option<u64>,
+    /// The signed floor: gateways that accept this bundle never run a
+    /// version of the function below N again, rollbacks included (give
+    /// the bundle's own version for a security fix).
+    #[arg(long, value_name = "N")]
+    min_version: Option<u64>,
+    /// How long gateways accept the bundle from the broker (a captured
+    /// old bundle served later is refused `expired`); re-sign to renew. A
+    /// gateway that accepted it keeps running it after that. `never` for
+    /// no end.
+    #[arg(long, value_name = "DURATION", default_value = "30d", value_parser = parse_expires)]
+    expires: Expires,
     /// The private key file `edgefn keygen` wrote.
     #[arg(long, required_unless_present = "unsigned")]
     signing_key: Option<PathBuf>,
@@ -300,6 +312,24 @@ pub struct BundleArgs {
     /// How to reach the broker.
     #[command(flatten)]
     access: BrokerAccess,
+}
+
+/// `--expires`: a duration from now, or never.
+#[derive(Debug, Clone, Copy)]
+enum Expires {
+    /// This long after signing.
+    After(std::time::Duration),
+    /// No end.
+    Never,
+}
+
+fn parse_expires(text: &str) -> Result<Expires, String> {
+    if text == "never" {
+        return Ok(Expires::Never);
+    }
+    humantime::parse_duration(text)
+        .map(Expires::After)
+        .map_err(|e| format!("{text:?}: {e}; expected a duration such as 30d, or never"))
 }
 
 /// TLS files and credentials for `--broker`.
@@ -359,6 +389,21 @@ impl BundleArgs {
         self.version.unwrap_or_else(crate::fleet::version_now)
     }
 
+    /// Version, floor, end and targets of the bundle to make.
+    fn release(&self, version: u64) -> crate::fleet::Release {
+        crate::fleet::Release {
+            version,
+            min_version: self.min_version,
+            expires_ms: match self.expires {
+                Expires::After(d) => {
+                    Some(crate::fleet::version_now().saturating_add(d.as_millis() as u64))
+                }
+                Expires::Never => None,
+            },
+            targets: self.targets(),
+        }
+    }
+
     /// Writes `bundle` to `--output`, publishes it with `--broker`
     /// (waiting for reports with `--wait`), and says so.
     fn deliver(
@@ -412,7 +457,10 @@ impl BundleArgs {
                     "no report".to_owned()
                 }
             };
-            println!("  {gateway}  {name} v{version}  {text}");
+            println!(
+                "  {}",
+                crate::text::Printable(&format!("{gateway}  {name} v{version}  {text}"))
+            );
         }
         if outcomes.is_empty() {
             println!("  no targeted gateway has reported on this broker");
@@ -479,6 +527,10 @@ pub struct ManifestArgs {
     /// local broker (repeatable; none given: none).
     #[arg(long = "publish-allow")]
     publish_allow: Vec<String>,
+    /// `rollback`: "auto" (default: the gateway rolls a new version back
+    /// only when its instances cannot start) or "never".
+    #[arg(long)]
+    rollback: Option<String>,
 }
 
 impl ManifestArgs {
@@ -506,6 +558,7 @@ impl ManifestArgs {
         set(&mut m.max_emit_bytes, self.max_emit_bytes);
         set(&mut m.schedule, self.schedule);
         set(&mut m.state_limit, self.state_limit);
+        set(&mut m.rollback, self.rollback);
         if !self.emit_allow.is_empty() {
             m.emit_allow = Some(self.emit_allow);
         }
@@ -669,8 +722,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let version = bundle.version();
             let sealed = crate::fleet::remove_bundle(
                 &name,
-                version,
-                bundle.targets(),
+                bundle.release(version),
                 bundle.key()?.as_ref(),
             )?;
             bundle.deliver(sealed, &name, &format!("removal of {name}"), version)
@@ -689,8 +741,7 @@ fn deploy(
     let req = crate::fleet::DeployRequest {
         manifest,
         module,
-        version,
-        targets: bundle.targets(),
+        release: bundle.release(version),
     };
     let sealed = crate::fleet::deploy_bundle(req, bundle.key()?.as_ref())?;
     bundle.deliver(sealed, &name, &name, version)

@@ -151,6 +151,7 @@ struct RawUpstream {
     in_flight: Option<i64>,
     keep_alive: Option<String>,
     max_message_size: Option<String>,
+    refused_topic_timeout: Option<String>,
     ca_file: Option<String>,
     cert_file: Option<String>,
     key_file: Option<String>,
@@ -220,6 +221,9 @@ pub struct FunctionManifest {
     /// `publish_allow`
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub publish_allow: Option<Vec<String>>,
+    /// `rollback`: in a bundle only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback: Option<String>,
 }
 
 impl FunctionManifest {
@@ -389,6 +393,11 @@ pub struct UpstreamConfig {
     pub topic_prefix: String,
     /// Largest packet exchanged with the upstream broker.
     pub max_message_size: usize,
+    /// How long the upstream may refuse one topic's records (not
+    /// authorised, quota exceeded, …) while it accepts other topics before
+    /// that topic's records go to the dead letters; while it refuses every
+    /// topic, records are kept however long that lasts.
+    pub refused_topic_timeout: Duration,
 }
 
 /// What happens when the buffer is full.
@@ -481,6 +490,22 @@ pub struct FunctionConfig {
     pub emit_allow: Option<Vec<TopicFilter>>,
     /// Topic filters it may publish to on the local broker; empty: none.
     pub publish_allow: Vec<TopicFilter>,
+    /// When a gateway may roll a new version of it back on its own (a
+    /// deployed function's; those of the configuration file are never
+    /// rolled back).
+    pub rollback: Rollback,
+}
+
+/// `rollback`: when a gateway may go back, on its own, from a new version
+/// of a deployed function to the one before (docs/DEPLOY.md "Rollback").
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Rollback {
+    /// Only on evidence no input can produce: the version's instances
+    /// cannot start.
+    #[default]
+    Auto,
+    /// Never: the publisher decides, by signing another version.
+    Never,
 }
 
 /// Default `[gateway] data_dir`.
@@ -657,6 +682,13 @@ impl Config {
                 p.push(
                     format!("{key}.module"),
                     "missing: the path of the function's .wasm module",
+                );
+            }
+            if f.rollback.is_some() {
+                p.push(
+                    format!("{key}.rollback"),
+                    "only in a deployed bundle (edgefn deploy --rollback): \
+                     the configuration file's functions are never rolled back",
                 );
             }
             functions.push(check_function(&mut p, &key, f, base));
@@ -1130,6 +1162,11 @@ fn check_upstream(
         );
     }
     let max_message_size = max_message_size.min(MAX_MESSAGE_SIZE) as usize;
+    let refused_topic_timeout = p.duration(
+        "upstream.refused_topic_timeout",
+        raw.refused_topic_timeout.as_deref(),
+        "1h",
+    );
     let topic_prefix = raw.topic_prefix.unwrap_or_default();
     if topic_prefix.contains(['+', '#', '\0']) {
         p.push(
@@ -1158,6 +1195,7 @@ fn check_upstream(
         },
         topic_prefix,
         max_message_size,
+        refused_topic_timeout,
     })
 }
 
@@ -1433,6 +1471,17 @@ fn check_function(
         default_log_rate_limit(),
         (1, 100_000),
     ) as u32;
+    let rollback = match raw.rollback.as_deref() {
+        None | Some("auto") => Rollback::Auto,
+        Some("never") => Rollback::Never,
+        Some(other) => {
+            p.push(
+                format!("{key}.rollback"),
+                format!("{other:?}: expected \"auto\" or \"never\""),
+            );
+            Rollback::Auto
+        }
+    };
     FunctionConfig {
         name: raw.name,
         module: raw.module.map(|m| base.join(m)).unwrap_or_default(),
@@ -1450,6 +1499,7 @@ fn check_function(
         state_limit: state_limit.min(MAX_MESSAGE_SIZE) as usize,
         emit_allow,
         publish_allow,
+        rollback,
     }
 }
 

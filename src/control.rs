@@ -59,6 +59,8 @@ pub struct Control {
     pub telemetry: Arc<crate::telemetry::Telemetry>,
     /// How often.
     pub metrics_interval: Duration,
+    /// Gateway counters (bundles refused).
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// A function's status, as published.
@@ -140,6 +142,20 @@ fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
 }
+
+/// Most functions with a status (published, and kept to publish again at
+/// each connection): functions that ran here or had a verified bundle
+/// refused. Beyond it a refusal is counted and logged, not published, so
+/// no flood of deploy topics can grow this map or the broker's retained
+/// messages.
+const MAX_STATUSES: usize = 1024;
+
+/// Refused bundles logged per minute; the rest are counted
+/// (`bundles_refused`), and the next line says how many were not logged.
+static REFUSALS_LOGGED: crate::throttle::Throttle = crate::throttle::Throttle::per_minute(10);
+
+/// Empty messages on deploy topics logged per minute.
+static EMPTY_LOGGED: crate::throttle::Throttle = crate::throttle::Throttle::per_minute(3);
 
 /// Most bundles waiting to be applied (each up to `max_bundle_size`):
 /// beyond it the connection stops reading until one is taken, so a flood
@@ -360,6 +376,7 @@ impl Control {
             client.clone(),
             statuses.clone(),
             reporter.clone(),
+            self.metrics.clone(),
         ));
         let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
         let mut refresh = tokio::time::interval(REFRESH);
@@ -417,7 +434,9 @@ impl Control {
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         let topic = String::from_utf8_lossy(&p.topic).into_owned();
                         if p.payload.is_empty() {
-                            tracing::info!(topic, "an empty message on a deploy topic changes nothing (a removal is a signed tombstone)");
+                            if let Some(not_logged) = EMPTY_LOGGED.admit() {
+                                tracing::info!(topic, not_logged, "an empty message on a deploy topic changes nothing (a removal is a signed tombstone)");
+                            }
                         } else {
                             inbox.put(topic, p.payload).await;
                         }
@@ -473,13 +492,17 @@ fn entry<'a>(all: &'a mut BTreeMap<String, FunctionStatus>, name: &str) -> &'a m
 }
 
 /// Applies bundles one at a time, follows rollbacks, and publishes each
-/// function's status.
+/// function's status. A refused bundle gets a status only when its
+/// function is known here (it runs, or has a status) or the bundle itself
+/// passed the signature checks: junk on the deploy topics is counted and
+/// logged (throttled), nothing more.
 async fn apply_loop(
     inbox: Arc<Inbox>,
     deployer: Arc<Deployer>,
     client: AsyncClient,
     statuses: Arc<Mutex<BTreeMap<String, FunctionStatus>>>,
     reporter: Arc<Reporter>,
+    metrics: Arc<crate::metrics::Metrics>,
 ) {
     let mut events = deployer.events();
     loop {
@@ -508,7 +531,19 @@ async fn apply_loop(
         let result = deployer
             .apply_unless_superseded(&bundle, Some(&name), &newer)
             .await;
+        if let Err(refused) = &result {
+            crate::metrics::Metrics::add(&metrics.bundles_refused, 1);
+            if let Some(not_logged) = REFUSALS_LOGGED.admit() {
+                tracing::warn!(topic = %crate::text::Printable(&topic), code = refused.code, error = %crate::text::Printable(&refused.text), not_logged, "bundle refused");
+            }
+        }
         let mut all = statuses.lock().expect("statuses lock");
+        let known = all.contains_key(&name)
+            || reporter.registry.table().get(&name).is_some()
+            || matches!(&result, Err(r) if r.version.is_some());
+        if !known || (!all.contains_key(&name) && all.len() >= MAX_STATUSES) {
+            continue;
+        }
         let status = entry(&mut all, &name);
         let changed = matches!(
             result,
@@ -529,7 +564,6 @@ async fn apply_loop(
                 status.sha256 = None;
             }
             Err(refused) => {
-                tracing::warn!(topic, code = refused.code, error = %refused.text, "bundle refused");
                 status.refused = Some(RefusedStatus {
                     topic: topic.clone(),
                     version: refused.version,

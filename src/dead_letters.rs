@@ -24,6 +24,7 @@ use tokio::sync::mpsc;
 
 use crate::ingest::{Ack, AckWaiter, Delivery, Replay};
 use crate::store::{Inspector, Selection, StoredDeadLetter, UPSTREAM};
+use crate::text::{Printable, printable};
 
 /// How often the daemon looks for replays asked for.
 pub const POLL: Duration = Duration::from_secs(1);
@@ -225,7 +226,7 @@ pub fn render_list(all: &[StoredDeadLetter]) -> String {
         "id", "function", "version", "kind", "attempts", "age", "topic"
     );
     for d in all {
-        let mut error = d.letter.error.replace('\n', " ");
+        let mut error = printable(&d.letter.error.replace('\n', " ")).into_owned();
         if error.len() > 60 {
             let cut = (0..=60)
                 .rev()
@@ -243,7 +244,7 @@ pub fn render_list(all: &[StoredDeadLetter]) -> String {
             d.letter.kind,
             d.letter.attempts,
             age(d.created_ms),
-            d.letter.topic,
+            Printable(&d.letter.topic),
             if d.replay { "[replay pending] " } else { "" },
             error
         );
@@ -257,7 +258,7 @@ pub fn render_one(d: &StoredDeadLetter) -> String {
     let _ = writeln!(out, "id        {}", d.id);
     let _ = writeln!(out, "function  {} ({})", d.letter.function, version(d));
     let _ = writeln!(out, "kind      {}", d.letter.kind);
-    let _ = writeln!(out, "error     {}", d.letter.error);
+    let _ = writeln!(out, "error     {}", Printable(&d.letter.error));
     let _ = writeln!(out, "attempts  {}", d.letter.attempts);
     let _ = writeln!(
         out,
@@ -266,7 +267,7 @@ pub fn render_one(d: &StoredDeadLetter) -> String {
         d.created_ms
     );
     let _ = writeln!(out, "replay    {}", if d.replay { "pending" } else { "no" });
-    let _ = writeln!(out, "topic     {}", d.letter.topic);
+    let _ = writeln!(out, "topic     {}", Printable(&d.letter.topic));
     let _ = writeln!(
         out,
         "payload   {} ({} bytes)",

@@ -282,8 +282,12 @@ impl Deploy {
         let request = DeployRequest {
             manifest,
             module: Some(self.module.clone()),
-            version,
-            targets: targets.clone(),
+            release: crate::fleet::Release {
+                version,
+                min_version: None,
+                expires_ms: Some(crate::fleet::version_now() + 86_400_000),
+                targets: targets.clone(),
+            },
         };
         let key = self.key.clone();
         let bundle =

@@ -2,18 +2,28 @@
 //!
 //! [`Deployer::apply`] takes a bundle as received and either changes what
 //! runs or refuses it with a [`Refused`] reason, leaving what runs
-//! untouched. In order: the bundle's own checks ([`bundle::open`]); a
-//! version higher than any accepted or removed before for the name (kept
+//! untouched. In order: the bundle's own checks ([`bundle::open`]); its
+//! version numbers (at most [`bundle::MAX_VERSION`], its floor not above
+//! it); its end (`expires_ms`) not passed; a version not below the floor
+//! and higher than any accepted or removed before for the name (both kept
 //! in SQLite, so a replayed or restored older bundle cannot downgrade the
-//! gateway; the same version again is [`Applied::Unchanged`]); a name not defined in the configuration file; the manifest as
-//! strictly as a `[[functions]]` table; the module compiled and checked
-//! against the ABI; one instance started (`_initialize`, `edgefn_init`)
-//! within the function's limits, as a health check; the bundle persisted
-//! (synced). Only then is the new version installed in the registry.
+//! gateway; the same version again is [`Applied::Unchanged`]); a name not
+//! defined in the configuration file; the manifest as strictly as a
+//! `[[functions]]` table; the module compiled and checked against the ABI;
+//! one instance started (`_initialize`, `edgefn_init`) within the
+//! function's limits, as a health check; the bundle persisted (synced).
+//! Only then is the new version installed in the registry.
+//!
+//! A new version is then on probation for its first minute: with
+//! `rollback = "auto"` it is rolled back only on evidence that no input
+//! can produce (its instances fail to start; see [`Deployer::probation`]),
+//! never below the floor; with `"never"`, not at all (a broken version is
+//! logged and counted).
 //!
 //! At start-up [`Deployer::restore`] installs the deployed functions from
 //! SQLite, before any network connection, each checked again as it was
-//! when it came.
+//! when it came (its end aside: a bundle once accepted keeps running), and
+//! none whose name the configuration file defines.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
@@ -23,9 +33,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::broadcast;
 
 use crate::bundle::{self, Body, Change, Refusal, Verifier};
-use crate::config::{DeployConfig, FunctionConfig};
+use crate::config::{Config, DeployConfig, Rollback};
+use crate::metrics::Metrics;
 use crate::registry::{Deployed, Origin, Registry};
-use crate::runtime::pool::VersionCounts;
 use crate::runtime::{LoadError, Runtime};
 use crate::store::{Deployments, StoreError};
 
@@ -86,8 +96,13 @@ pub enum Applied {
     },
 }
 
-/// How long a new version is on probation at most.
+/// How long a new version is on probation.
 const PROBATION: Duration = Duration::from_secs(60);
+
+/// Failed instance starts that, when they are more than half of its
+/// starts in probation, make a new version broken: one failed start can be
+/// chance (a clock read in `edgefn_init`), three in a minute are not.
+const BROKEN_STARTS: u64 = 3;
 
 /// How often a version on probation is looked at.
 const PROBATION_CHECK: Duration = Duration::from_millis(100);
@@ -129,19 +144,26 @@ pub struct Deployer {
     applying: tokio::sync::Mutex<()>,
     /// Rollbacks, for the status topics.
     events: broadcast::Sender<Event>,
+    /// Counts rollbacks.
+    metrics: Arc<Metrics>,
 }
 
 impl Deployer {
-    /// A deployer for the gateway `gateway_id`, with `config`.
+    /// A deployer for the gateway `gateway`, with its `[deploy]` section
+    /// `config`.
     pub fn new(
+        gateway: &Config,
         config: &DeployConfig,
-        gateway_id: &str,
         store: Deployments,
-        config_functions: &[FunctionConfig],
         runtime: Arc<Runtime>,
         registry: Arc<Registry>,
-        topic_prefix: &str,
+        metrics: Arc<Metrics>,
     ) -> Deployer {
+        let gateway_id = &gateway.gateway.id;
+        let topic_prefix = gateway
+            .upstream
+            .as_ref()
+            .map_or("", |u| u.topic_prefix.as_str());
         Deployer {
             verifier: Verifier {
                 trusted_keys: config.trusted_keys.clone(),
@@ -151,12 +173,13 @@ impl Deployer {
                 max_size: config.max_bundle_size,
             },
             store: Arc::new(Mutex::new(store)),
-            config_names: config_functions.iter().map(|f| f.name.clone()).collect(),
+            config_names: gateway.functions.iter().map(|f| f.name.clone()).collect(),
             runtime,
             registry,
             topic_prefix: topic_prefix.to_owned(),
             applying: tokio::sync::Mutex::new(()),
             events: broadcast::channel(64).0,
+            metrics,
         }
     }
 
@@ -232,10 +255,36 @@ impl Deployer {
                 format!("a bundle for {} on the deploy topic of {t}", body.name()),
             ));
         }
+        if let Some(problem) = body.version_problem() {
+            return Err(Refused::new("invalid_manifest", problem));
+        }
+        let now = now_ms();
+        if body.expired_at(now) {
+            return Err(Refused::new(
+                "expired",
+                format!(
+                    "the bundle's end (expires_ms {}) is {} s before this gateway's clock; \
+                     sign it again to renew it",
+                    body.expires_ms.unwrap_or_default(),
+                    now.saturating_sub(body.expires_ms.unwrap_or_default()) / 1000
+                ),
+            ));
+        }
         let name = body.name().to_owned();
         let version = body.version;
-        let highest = self.blocking(move |s| s.highest(&name)).await?;
+        let recorded = self.blocking(move |s| s.versions(&name)).await?;
         let name = body.name().to_owned();
+        if let Some(floor) = recorded.and_then(|r| r.floor)
+            && version < floor
+        {
+            return Err(Refused::new(
+                "below_floor",
+                format!(
+                    "version {version} of {name} is below {floor}, the min_version of a bundle this gateway accepted"
+                ),
+            ));
+        }
+        let highest = recorded.map(|r| r.highest);
         if highest == Some(version) {
             return Ok(Applied::Unchanged { name, version });
         }
@@ -273,12 +322,18 @@ impl Deployer {
         match &body.change {
             Change::Deploy { sha256, .. } => {
                 let sha256 = hex(sha256);
-                let function = self.start(&body).await?;
+                let (function, rollback) = self.start(&body).await?;
                 superseded()?;
                 let stored = bytes.to_vec();
                 let n = name.clone();
-                self.blocking(move |s| s.deploy(&n, version, &stored))
-                    .await?;
+                let min_version = body.min_version;
+                let floor = self
+                    .blocking(move |s| {
+                        s.deploy(&n, version, min_version, &stored)?;
+                        s.versions(&n)
+                    })
+                    .await?
+                    .and_then(|v| v.floor);
                 let function = Arc::new(function);
                 let previous = self.registry.reinstate(function.clone());
                 tracing::info!(
@@ -287,7 +342,7 @@ impl Deployer {
                     replaced = previous.as_ref().map(|p| p.version()),
                     "bundle applied"
                 );
-                tokio::spawn(self.clone().probation(function, previous));
+                tokio::spawn(self.clone().probation(function, previous, rollback, floor));
                 Ok(Applied::Deployed {
                     name,
                     version,
@@ -330,8 +385,26 @@ impl Deployer {
         // All at once: each compiles (when its artifact is missing) on a
         // blocking thread of its own, so a Pi's cores share the work.
         let started = futures_util::future::join_all(stored.iter().map(|s| async {
+            if self.config_names.contains(&s.name) {
+                return Err(Refused::new(
+                    "defined_in_config",
+                    format!(
+                        "{} is defined in the gateway's configuration file, which wins over a deployed bundle; \
+                         remove the [[functions]] table to run the deployed version",
+                        s.name
+                    ),
+                ));
+            }
+            if let Some(floor) = s.floor
+                && s.version < floor
+            {
+                return Err(Refused::new(
+                    "below_floor",
+                    format!("version {} is below the floor {floor}", s.version),
+                ));
+            }
             match bundle::open(&s.bundle, &self.verifier) {
-                Ok(body) => self.start(&body).await,
+                Ok(body) => self.start(&body).await.map(|(f, _)| f),
                 Err(r) => Err(r.into()),
             }
         }))
@@ -344,6 +417,12 @@ impl Deployer {
                     self.registry.install(function);
                     restored += 1;
                 }
+                Err(e) if e.code == "defined_in_config" => tracing::warn!(
+                    function = %s.name,
+                    version = s.version,
+                    error = %e.text,
+                    "a deployed function is not restored: the configuration file's runs"
+                ),
                 Err(e) => tracing::error!(
                     function = %s.name,
                     version = s.version,
@@ -356,37 +435,38 @@ impl Deployer {
         Ok(restored)
     }
 
-    /// Watches a new version's first messages: when it fails more than
-    /// half of its first [`VersionCounts::FIRST`], or every one in its
-    /// first [`PROBATION`], the version before runs again (none: the
-    /// function stops). Ends early when another version replaces it.
-    async fn probation(self: Arc<Self>, new: Arc<Deployed>, previous: Option<Arc<Deployed>>) {
+    /// Watches a new version for its first [`PROBATION`]. It is broken
+    /// when its instances fail to start: at least [`BROKEN_STARTS`] failed
+    /// starts, more than half of its starts. With `rollback = "auto"` a
+    /// broken version is rolled back (to the version before, or, if there
+    /// was none, the function stops); with `"never"` it is kept, logged and
+    /// counted (`rollbacks_declined`). Nothing else counts, since any other failure can be
+    /// caused by a message, and a message must not be able to bring back
+    /// an older version (docs/DEPLOY.md "Rollback"). For the same reason a
+    /// function that uses state is never rolled back: its `edgefn_init`
+    /// can read state that messages wrote. Never below `floor`. Ends early
+    /// when another version replaces it.
+    async fn probation(
+        self: Arc<Self>,
+        new: Arc<Deployed>,
+        previous: Option<Arc<Deployed>>,
+        rollback: Rollback,
+        floor: Option<u64>,
+    ) {
+        if new.pool().function().uses_state() {
+            return;
+        }
         let started = Instant::now();
         let counts = new.pool().counts().clone();
         let reason = loop {
             tokio::time::sleep(PROBATION_CHECK).await;
-            if !self.registry.is_running(&new) {
+            if !self.registry.is_running(&new) || started.elapsed() >= PROBATION {
                 return;
             }
-            let messages = counts.messages.load(Ordering::Relaxed);
-            let failed = counts.failed.load(Ordering::Relaxed);
-            let failed_first = counts.failed_of_first.load(Ordering::Relaxed);
-            if failed_first * 2 > VersionCounts::FIRST {
-                break format!(
-                    "failed {failed_first} of its first {} messages",
-                    messages.min(VersionCounts::FIRST)
-                );
-            }
-            if messages >= VersionCounts::FIRST {
-                return;
-            }
-            if started.elapsed() >= PROBATION {
-                if messages > 0 && failed == messages {
-                    break format!(
-                        "failed every one of its {messages} messages in its first minute"
-                    );
-                }
-                return;
+            let starts = counts.starts.load(Ordering::Relaxed);
+            let failed = counts.failed_starts.load(Ordering::Relaxed);
+            if failed >= BROKEN_STARTS && failed * 2 > starts {
+                break format!("{failed} of its {starts} instance starts failed");
             }
         };
         let last = counts.last_failure.lock().expect("counts lock").clone();
@@ -399,6 +479,30 @@ impl Deployer {
             return;
         }
         let name = new.name().to_owned();
+        if rollback == Rollback::Never {
+            Metrics::add(&self.metrics.rollbacks_declined, 1);
+            tracing::error!(
+                function = %name,
+                version = new.version(),
+                reason,
+                "a new version is broken, but its bundle says rollback = \"never\": it keeps running; sign a fixed version"
+            );
+            return;
+        }
+        let below = |v: u64| floor.is_some_and(|f| v < f);
+        if previous.as_ref().is_some_and(|p| below(p.version())) {
+            Metrics::add(&self.metrics.rollbacks_declined, 1);
+            tracing::error!(
+                function = %name,
+                version = new.version(),
+                previous = previous.as_ref().map(|p| p.version()),
+                floor,
+                reason,
+                "a new version is broken, but the version before is below the floor (min_version): it keeps running; sign a fixed version"
+            );
+            return;
+        }
+        Metrics::add(&self.metrics.rollbacks, 1);
         let n = name.clone();
         if let Err(e) = self.blocking(move |s| s.roll_back(&n)).await {
             tracing::error!(function = %name, error = %e.text, "could not record a rollback; rolling back in memory only");
@@ -425,8 +529,9 @@ impl Deployer {
     }
 
     /// Checks the deploy `body`'s manifest and module and starts the
-    /// function's instances (one at once, as a health check).
-    async fn start(&self, body: &Body) -> Result<Deployed, Refused> {
+    /// function's instances (one at once, as a health check). Also returns
+    /// its rollback setting.
+    async fn start(&self, body: &Body) -> Result<(Deployed, Rollback), Refused> {
         let Change::Deploy {
             manifest,
             module,
@@ -457,7 +562,7 @@ impl Deployer {
             .registry
             .start(function, &config, body.version, Origin::Deployed)
             .map_err(|e| Refused::new("init_failed", format!("cannot start its threads: {e}")))?;
-        Ok(deployed.with_sha256(hex(sha256)))
+        Ok((deployed.with_sha256(hex(sha256)), config.rollback))
     }
 
     /// Runs `f` on the store on a blocking thread; a store error refuses
@@ -472,6 +577,13 @@ impl Deployer {
             .expect("deployments task")
             .map_err(|e| Refused::new("persist_failed", e.to_string()))
     }
+}
+
+/// The wall clock, in ms since the epoch (0 before it).
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// `bytes` in lowercase hex.

@@ -70,6 +70,34 @@ pub fn read_manifest(path: &Path) -> anyhow::Result<FunctionManifest> {
     Ok(m)
 }
 
+/// What every bundle carries besides its change: who it is for, its
+/// version, its floor and its end.
+#[derive(Debug, Clone)]
+pub struct Release {
+    /// The bundle's version.
+    pub version: u64,
+    /// The signed floor (`min_version`), if any.
+    pub min_version: Option<u64>,
+    /// Until when gateways accept it (ms since the epoch), if not for ever.
+    pub expires_ms: Option<u64>,
+    /// Who it is for.
+    pub targets: Targets,
+}
+
+impl Release {
+    /// A body making `change`, checked as a gateway checks it.
+    fn body(self, change: Change) -> anyhow::Result<Body> {
+        check_targets(&self.targets)?;
+        let mut body = Body::new(self.version, self.targets, change);
+        body.min_version = self.min_version;
+        body.expires_ms = self.expires_ms;
+        if let Some(problem) = body.version_problem() {
+            bail!("{problem}");
+        }
+        Ok(body)
+    }
+}
+
 /// What `edgefn deploy` makes a bundle of.
 #[derive(Debug, Clone)]
 pub struct DeployRequest {
@@ -78,20 +106,18 @@ pub struct DeployRequest {
     pub manifest: FunctionManifest,
     /// The module's path, if not the manifest's.
     pub module: Option<PathBuf>,
-    /// The bundle's version.
-    pub version: u64,
-    /// Who it is for.
-    pub targets: Targets,
+    /// Version, floor, end and targets.
+    pub release: Release,
 }
 
 /// Checks the request as a gateway would (the manifest's keys, the module
-/// against the ABI and its limits) and seals it as a bundle, signed with
-/// `key` (unsigned without one).
+/// against the ABI and its limits, the version numbers) and seals it as a
+/// bundle, signed with `key` (unsigned without one).
 pub fn deploy_bundle(
     req: DeployRequest,
     key: Option<&ed25519_dalek::SigningKey>,
 ) -> anyhow::Result<Vec<u8>> {
-    check_targets(&req.targets)?;
+    check_targets(&req.release.targets)?;
     let mut manifest = req.manifest;
     let path = match (req.module, manifest.module.take()) {
         (Some(p), _) => p,
@@ -113,33 +139,21 @@ pub fn deploy_bundle(
         &module,
         FunctionSpec::from_config(&config, ""),
     )?;
-    let body = Body {
-        version: req.version,
-        targets: req.targets,
-        key_id: None,
-        change: Change::Deploy {
-            manifest: Box::new(manifest),
-            module,
-            sha256: Vec::new(),
-        },
-    };
+    let body = req.release.body(Change::Deploy {
+        manifest: Box::new(manifest),
+        module,
+        sha256: Vec::new(),
+    })?;
     Ok(bundle::seal(body, key))
 }
 
 /// A signed tombstone for the function `name`.
 pub fn remove_bundle(
     name: &str,
-    version: u64,
-    targets: Targets,
+    release: Release,
     key: Option<&ed25519_dalek::SigningKey>,
 ) -> anyhow::Result<Vec<u8>> {
-    check_targets(&targets)?;
-    let body = Body {
-        version,
-        targets,
-        key_id: None,
-        change: Change::Remove { name: name.into() },
-    };
+    let body = release.body(Change::Remove { name: name.into() })?;
     Ok(bundle::seal(body, key))
 }
 
@@ -516,11 +530,15 @@ pub fn render_status(views: &[GatewayView], now_ms: u64) -> String {
                 functions.push(format!("{name}: last refused {code}"));
             }
         }
-        out.push_str(&format!(
-            "{}  {online}  {updated}  {version}  {}\n",
+        // Anything on the status topics may have been published by anyone
+        // who can publish there: printed escaped.
+        let line = format!(
+            "{}  {online}  {updated}  {version}  {}",
             v.gateway,
             functions.join("; ")
-        ));
+        );
+        out.push_str(&crate::text::printable(&line));
+        out.push('\n');
     }
     out
 }

@@ -135,13 +135,12 @@ impl Gateway {
                 let deployments = store::Deployments::open(&config.gateway.data_dir)
                     .context("cannot open the deployed functions")?;
                 let deployer = Deployer::new(
+                    &config,
                     d,
-                    &config.gateway.id,
                     deployments,
-                    &config.functions,
                     runtime.clone(),
                     registry.clone(),
-                    &topic_prefix,
+                    metrics.clone(),
                 );
                 deployer
                     .restore()
@@ -309,6 +308,7 @@ impl Gateway {
             tokio::spawn(crate::telemetry::serve(
                 listener,
                 telemetry.clone(),
+                metrics.clone(),
                 shutdown_rx.clone(),
             ));
         }
@@ -330,6 +330,7 @@ impl Gateway {
                         max_bundle_size: d.max_bundle_size,
                         telemetry: telemetry.clone(),
                         metrics_interval: config.metrics.interval,
+                        metrics: metrics.clone(),
                     }
                     .run(shutdown_rx.clone()),
                 ))

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use crate::route::TopicFilter;
 use crate::runtime::state::{Entries, StateMap};
 use crate::runtime::{FunctionSpec, FunctionState, GuestLog, LogLevel, Report, Runtime, Target};
+use crate::text::Printable;
 
 /// What `edgefn invoke` runs.
 #[derive(Debug, Clone)]
@@ -74,7 +75,7 @@ pub fn state_json(state: &StateMap) -> String {
         .iter()
         .map(|(k, v)| {
             (
-                String::from_utf8_lossy(k).into_owned(),
+                crate::text::printable_bytes(k),
                 serde_json::Value::String(show_payload(v)),
             )
         })
@@ -123,7 +124,7 @@ pub fn invoke(req: &InvokeRequest) -> anyhow::Result<(Report, StateMap)> {
 /// Renders a payload for a terminal: UTF-8 text as is, bytes as hex.
 pub fn show_payload(payload: &[u8]) -> String {
     match std::str::from_utf8(payload) {
-        Ok(s) => s.to_owned(),
+        Ok(s) => crate::text::printable(s).into_owned(),
         Err(_) => {
             let mut out = String::from("0x");
             for b in payload {
@@ -151,14 +152,29 @@ pub fn render(module: &Path, report: &Report, budget: Option<u64>) -> String {
         message,
     } in &report.logs
     {
-        let _ = writeln!(out, "log     {:5} [{stream}] {message}", level(*l));
+        let _ = writeln!(
+            out,
+            "log     {:5} [{stream}] {}",
+            level(*l),
+            Printable(message)
+        );
     }
     if let Ok(output) = &report.result {
         for e in &output.records {
-            let _ = writeln!(out, "emit    {} {}", e.topic, show_payload(&e.payload));
+            let _ = writeln!(
+                out,
+                "emit    {} {}",
+                Printable(&e.topic),
+                show_payload(&e.payload)
+            );
         }
         for p in &output.publishes {
-            let _ = writeln!(out, "publish {} {}", p.topic, show_payload(&p.payload));
+            let _ = writeln!(
+                out,
+                "publish {} {}",
+                Printable(&p.topic),
+                show_payload(&p.payload)
+            );
         }
     }
     if let Some(used) = report.fuel_used {
@@ -185,7 +201,7 @@ pub fn render(module: &Path, report: &Report, budget: Option<u64>) -> String {
             let _ = writeln!(
                 out,
                 "failed  {} after {:.3} ms ({}); nothing it emitted is kept",
-                f,
+                Printable(&f.to_string()),
                 report.elapsed.as_secs_f64() * 1000.0,
                 module.display()
             );

@@ -29,6 +29,8 @@
 //! - [`metrics`] — counters for status lines and tests.
 //! - [`broker_client`] and [`tls`] — what edgefn's two MQTT client connections
 //!   share: options, and `mqtts://` (CA and client certificate files → rustls).
+//! - [`text`] and [`throttle`] — device- and guest-supplied text escaped
+//!   for terminals; log lines a peer can cause, throttled.
 //! - [`invoke`] — `edgefn invoke`, the runtime without a broker.
 //! - [`fleet`] — `edgefn keygen`, `edgefn deploy`, `edgefn remove`: keys and bundles.
 //! - `demo` — `edgefn demo`: gateway, devices and a stand-in cloud in one process.
@@ -57,4 +59,6 @@ pub mod runtime;
 pub mod schedule;
 pub mod store;
 pub mod telemetry;
+pub mod text;
+pub mod throttle;
 pub mod tls;

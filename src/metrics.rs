@@ -81,9 +81,20 @@ counters! {
     forwarded,
     /// Records sent again after a reconnect: possible duplicates upstream.
     resent,
-    /// Records the upstream refused with an error reason code (moved to the
-    /// dead letters).
+    /// Records moved to the dead letters instead of delivered: the
+    /// upstream refused them for what they are (an invalid topic name or
+    /// payload format), kept refusing their topic while it accepted others,
+    /// or can never take them (too large).
     upstream_rejected,
+    /// PUBACKs that refused a record for who sends it (not authorised,
+    /// quota exceeded, …): the record was kept, to be sent again.
+    upstream_refusals,
+    /// Topics whose records the upstream refuses now (held back, sent
+    /// again after a backoff).
+    upstream_refused_topics,
+    /// The MQTT reason code of the last refusal while a topic is refused
+    /// (e.g. 135 = 0x87 not authorised); 0 when none is.
+    upstream_refusal_reason,
     /// Successful connections to the upstream broker.
     upstream_connects,
     /// Upstream connection, now: 1 up, 0 down.
@@ -100,6 +111,19 @@ counters! {
     /// Embedded broker: last wills and functions' own publishes on trigger
     /// topics that never reached a commit; nobody sends these again.
     broker_lost_internal,
+    /// Bundles refused on the control topics (any reason, junk included).
+    bundles_refused,
+    /// New versions rolled back: their instances failed to start.
+    rollbacks,
+    /// New versions whose instances failed to start, kept running:
+    /// `rollback = "never"`, or the version before is below the floor.
+    rollbacks_declined,
+    /// Connections to the metrics listener closed at once: it was serving
+    /// its most.
+    metrics_connections_refused,
+    /// Connections to the metrics listener cut: headers not sent within
+    /// its header timeout, or open past its connection timeout.
+    metrics_connections_cut,
     /// Embedded broker, now: open connections.
     broker_connections,
     /// Embedded broker, now: sessions (connected clients and the persistent

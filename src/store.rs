@@ -46,7 +46,7 @@
 //!    its own before the records that use it, because a commit that is not
 //!    synced can vanish after its records were sent upstream.
 //!
-//! # Schema (version 5, in `PRAGMA user_version`)
+//! # Schema (version 6, in `PRAGMA user_version`)
 //!
 //! - `outbox(seq INTEGER PRIMARY KEY, topic TEXT, payload BLOB,
 //!   created_ms INTEGER)`: records waiting for upstream. `topic` is what the
@@ -69,7 +69,11 @@
 //! - `function_versions(name TEXT PRIMARY KEY, highest INTEGER)` (version
 //!   4): per function name, the highest bundle version ever accepted or
 //!   removed, so a replayed older bundle cannot downgrade the gateway
-//!   ([`Deployments`]). Versions are u64 stored in SQLite's i64 bits.
+//!   ([`Deployments`]). Versions are at most `i64::MAX`
+//!   ([`crate::bundle::MAX_VERSION`]), so they compare correctly in SQL.
+//!   `floor` (version 6): the highest `min_version` of the bundles
+//!   accepted for the name; nothing below it runs again, rollbacks
+//!   included.
 //! - `deployed_functions(name TEXT PRIMARY KEY, version INTEGER, bundle
 //!   BLOB, previous_version INTEGER, previous_bundle BLOB)` (version 4):
 //!   the bundle each deployed function runs, and the one before it.
@@ -197,6 +201,9 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE dead_letters ADD COLUMN version INTEGER;
     ALTER TABLE dead_letters ADD COLUMN replay INTEGER NOT NULL DEFAULT 0;
     CREATE INDEX dead_letters_replay ON dead_letters (id) WHERE replay = 1;
+",
+    "
+    ALTER TABLE function_versions ADD COLUMN floor INTEGER;
 ",
 ];
 
@@ -1728,6 +1735,15 @@ pub struct Deployments {
     path: PathBuf,
 }
 
+/// What is recorded of a function name's versions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Versions {
+    /// The highest version ever accepted or removed.
+    pub highest: u64,
+    /// The highest `min_version` of the bundles accepted, if any.
+    pub floor: Option<u64>,
+}
+
 /// A deployed function's bundle as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredBundle {
@@ -1735,6 +1751,8 @@ pub struct StoredBundle {
     pub name: String,
     /// The bundle's version.
     pub version: u64,
+    /// The floor recorded for the name, if any.
+    pub floor: Option<u64>,
     /// The bundle, as received.
     pub bundle: Vec<u8>,
 }
@@ -1758,22 +1776,45 @@ impl Deployments {
 
     /// The highest version ever accepted or removed for `name`.
     pub fn highest(&self, name: &str) -> Result<Option<u64>, StoreError> {
+        Ok(self.versions(name)?.map(|v| v.highest))
+    }
+
+    /// The highest version and the floor recorded for `name`, if any
+    /// bundle for it was ever accepted.
+    pub fn versions(&self, name: &str) -> Result<Option<Versions>, StoreError> {
         self.conn
             .query_row(
-                "SELECT highest FROM function_versions WHERE name = ?1",
+                "SELECT highest, floor FROM function_versions WHERE name = ?1",
                 [name],
-                |r| r.get::<_, i64>(0),
+                |r| {
+                    Ok(Versions {
+                        highest: r.get::<_, i64>(0)? as u64,
+                        floor: r.get::<_, Option<i64>>(1)?.map(|f| f as u64),
+                    })
+                },
             )
             .optional()
-            .map(|v| v.map(|v| v as u64))
             .map_err(self.err())
     }
 
     /// Records `bundle` as what `name` runs, the one before kept as its
-    /// previous, and `version` as the highest for the name.
-    pub fn deploy(&mut self, name: &str, version: u64, bundle: &[u8]) -> Result<(), StoreError> {
+    /// previous, `version` as the highest for the name, and raises its
+    /// floor to `floor` (the bundle's `min_version`).
+    pub fn deploy(
+        &mut self,
+        name: &str,
+        version: u64,
+        floor: Option<u64>,
+        bundle: &[u8],
+    ) -> Result<(), StoreError> {
         self.in_transaction(|tx| {
             raise_highest(tx, name, version)?;
+            if let Some(floor) = floor {
+                tx.execute(
+                    "UPDATE function_versions SET floor = MAX(COALESCE(floor, 0), ?2) WHERE name = ?1",
+                    rusqlite::params![name, floor as i64],
+                )?;
+            }
             tx.execute(
                 "INSERT INTO deployed_functions (name, version, bundle) VALUES (?1, ?2, ?3)
                  ON CONFLICT (name) DO UPDATE SET
@@ -1838,13 +1879,17 @@ impl Deployments {
     pub fn all(&self) -> Result<Vec<StoredBundle>, StoreError> {
         let mut stmt = self
             .conn
-            .prepare("SELECT name, version, bundle FROM deployed_functions ORDER BY name")
+            .prepare(
+                "SELECT d.name, d.version, v.floor, d.bundle FROM deployed_functions d
+                 LEFT JOIN function_versions v ON v.name = d.name ORDER BY d.name",
+            )
             .map_err(self.err())?;
         stmt.query_map([], |r| {
             Ok(StoredBundle {
                 name: r.get(0)?,
                 version: r.get::<_, i64>(1)? as u64,
-                bundle: r.get(2)?,
+                floor: r.get::<_, Option<i64>>(2)?.map(|f| f as u64),
+                bundle: r.get(3)?,
             })
         })
         .and_then(|rows| rows.collect())
@@ -2568,13 +2613,21 @@ mod tests {
 
     #[test]
     fn deployments_keep_the_highest_version_through_removals_and_reopening() {
+        const MAX: u64 = crate::bundle::MAX_VERSION;
         let dir = tempfile::tempdir().unwrap();
         let _store = open_plain(dir.path());
         let mut d = Deployments::open(dir.path()).unwrap();
         assert_eq!(d.highest("f").unwrap(), None);
-        d.deploy("f", 5, b"five").unwrap();
-        d.deploy("f", 7, b"seven").unwrap();
-        d.deploy("g", u64::MAX, b"max").unwrap();
+        d.deploy("f", 5, None, b"five").unwrap();
+        d.deploy("f", 7, Some(3), b"seven").unwrap();
+        d.deploy("g", MAX, None, b"max").unwrap();
+        assert_eq!(
+            d.versions("f").unwrap(),
+            Some(Versions {
+                highest: 7,
+                floor: Some(3)
+            })
+        );
         let stored = |d: &Deployments| -> Vec<(String, u64, Vec<u8>)> {
             d.all()
                 .unwrap()
@@ -2586,7 +2639,7 @@ mod tests {
             stored(&d),
             [
                 ("f".into(), 7, b"seven".to_vec()),
-                ("g".into(), u64::MAX, b"max".to_vec())
+                ("g".into(), MAX, b"max".to_vec())
             ]
         );
         d.roll_back("f").unwrap();
@@ -2594,13 +2647,21 @@ mod tests {
         assert_eq!(d.highest("f").unwrap(), Some(7));
         d.roll_back("f").unwrap();
         assert_eq!(stored(&d).len(), 1, "nothing before five: gone");
-        d.deploy("f", 8, b"eight").unwrap();
+        d.deploy("f", 8, Some(2), b"eight").unwrap();
         d.remove("f", 9).unwrap();
+        // The highest compares as a number, the largest version included.
+        d.deploy("g", MAX - 1, None, b"lower").unwrap();
         drop(d);
         let d = Deployments::open(dir.path()).unwrap();
-        assert_eq!(d.highest("f").unwrap(), Some(9));
-        assert_eq!(d.highest("g").unwrap(), Some(u64::MAX));
-        assert_eq!(stored(&d), [("g".into(), u64::MAX, b"max".to_vec())]);
+        assert_eq!(
+            d.versions("f").unwrap(),
+            Some(Versions {
+                highest: 9,
+                floor: Some(3)
+            })
+        );
+        assert_eq!(d.highest("g").unwrap(), Some(MAX));
+        assert_eq!(stored(&d), [("g".into(), MAX - 1, b"lower".to_vec())]);
     }
 
     #[test]

@@ -524,6 +524,48 @@ impl Collector for Exporter {
         )?;
         counter(
             e,
+            "edgefn_upstream_refusals",
+            "PUBACKs refusing a record for who sends it (not authorised, quota exceeded, ...): the record is kept and sent again.",
+            &[(none, c.upstream_refusals)],
+        )?;
+        gauge(
+            e,
+            "edgefn_upstream_refused_topics",
+            "Topics whose records the upstream refuses now (held back, tried again after a backoff).",
+            &[(none, c.upstream_refused_topics as f64)],
+        )?;
+        gauge(
+            e,
+            "edgefn_upstream_refusal_reason",
+            "MQTT reason code of the last refusal while a topic is refused (135: not authorised; 256: it closed the connection); 0 when none is.",
+            &[(none, c.upstream_refusal_reason as f64)],
+        )?;
+        counter(
+            e,
+            "edgefn_bundles_refused",
+            "Bundles refused on the control topics (junk included).",
+            &[(none, c.bundles_refused)],
+        )?;
+        counter(
+            e,
+            "edgefn_rollbacks",
+            "New versions whose instances failed to start: rolled back, or kept (rollback = never, or the version before is below the floor).",
+            &[
+                (&[("outcome", "rolled_back")], c.rollbacks),
+                (&[("outcome", "declined")], c.rollbacks_declined),
+            ],
+        )?;
+        counter(
+            e,
+            "edgefn_metrics_connections_dropped",
+            "Connections to the metrics listener closed by it, by reason.",
+            &[
+                (&[("reason", "limit")], c.metrics_connections_refused),
+                (&[("reason", "timeout")], c.metrics_connections_cut),
+            ],
+        )?;
+        counter(
+            e,
             "edgefn_dead_letters_written",
             "Inputs written to the dead letters.",
             &[(none, c.dead_letters)],
@@ -780,12 +822,34 @@ pub fn prometheus(report: Report) -> String {
 /// The content type of [`prometheus`]'s text.
 pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// Serves `/metrics` and `/metrics.json` on `listener` until `shutdown`.
+/// Most connections the metrics listener serves at once. A scraper needs
+/// one; beyond this a new connection is closed at once (counted), so a
+/// flood of connections holds at most this many descriptors and tasks.
+pub const MAX_CONNECTIONS: usize = 16;
+
+/// Longest a client may take to send a request's headers before its
+/// connection is closed (counted): a half-sent request holds a slot only
+/// this long.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Longest one connection lives, whatever it does (a slow reader of a
+/// large report included).
+pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Connections refused or cut, logged per minute (the rest counted).
+static LISTENER_LOGGED: crate::throttle::Throttle = crate::throttle::Throttle::per_minute(3);
+
+/// Serves `/metrics` and `/metrics.json` on `listener` until `shutdown`,
+/// at most [`MAX_CONNECTIONS`] at a time, each within [`HEADER_TIMEOUT`]
+/// and [`CONNECTION_TIMEOUT`]; what is refused or cut is counted in
+/// `metrics`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     telemetry: Arc<Telemetry>,
+    metrics: Arc<crate::metrics::Metrics>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
+    use crate::metrics::Metrics;
     use axum::routing::get;
     let report = |t: Arc<Telemetry>| async move {
         tokio::task::spawn_blocking(move || t.report())
@@ -819,13 +883,58 @@ pub async fn serve(
                 }
             }),
         );
-    let stop = async move { crate::ingest::stopped(&mut shutdown).await };
-    if let Err(e) = axum::serve(listener, app)
-        .with_graceful_shutdown(stop)
-        .await
-    {
-        tracing::error!(error = %e, "the metrics listener stopped");
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            _ = crate::ingest::stopped(&mut shutdown) => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+            accepted = listener.accept() => accepted,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of descriptors, most likely: wait rather than spin.
+                if let Some(not_logged) = LISTENER_LOGGED.admit() {
+                    tracing::warn!(error = %e, not_logged, "the metrics listener cannot accept a connection");
+                }
+                tokio::select! {
+                    _ = crate::ingest::stopped(&mut shutdown) => break,
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
+                }
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            Metrics::add(&metrics.metrics_connections_refused, 1);
+            if let Some(not_logged) = LISTENER_LOGGED.admit() {
+                tracing::warn!(
+                    max = MAX_CONNECTIONS,
+                    not_logged,
+                    "the metrics listener is serving its most connections: a new one is closed"
+                );
+            }
+            continue;
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let metrics = metrics.clone();
+        connections.spawn(async move {
+            let _slot = slot;
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .keep_alive(false)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            let cut = match tokio::time::timeout(CONNECTION_TIMEOUT, connection).await {
+                Ok(Ok(())) => false,
+                Ok(Err(e)) => e.is_timeout(),
+                Err(_) => true,
+            };
+            if cut {
+                Metrics::add(&metrics.metrics_connections_cut, 1);
+            }
+        });
     }
+    connections.shutdown().await;
 }
 
 #[cfg(test)]

@@ -23,19 +23,18 @@ fn manifest(env: &str) -> FunctionManifest {
 }
 
 fn body(manifest: FunctionManifest, module: Vec<u8>, version: u64) -> Body {
-    Body {
+    Body::new(
         version,
-        targets: Targets {
+        Targets {
             gateways: vec!["pi-01".into()],
             groups: vec![],
         },
-        key_id: None,
-        change: Change::Deploy {
+        Change::Deploy {
             manifest: Box::new(manifest),
             module,
             sha256: vec![],
         },
-    }
+    )
 }
 
 /// A module that passes the ABI checks and runs `init` as `edgefn_init`.
@@ -72,17 +71,6 @@ fn deploy_config(
     )
     .unwrap();
     path
-}
-
-/// A module that starts fine and fails every message (returns 1).
-fn failing_module() -> Vec<u8> {
-    wat::parse_str(
-        r#"(module (memory (export "memory") 1)
-          (func (export "edgefn_abi_version") (result i32) i32.const 1)
-          (func (export "edgefn_alloc") (param i32) (result i32) i32.const 1024)
-          (func (export "edgefn_on_message") (param i32 i32 i32 i32) (result i32) i32.const 1))"#,
-    )
-    .unwrap()
 }
 
 /// Reading `seq` is PUBACKed and (with the upstream up) arrives.
@@ -378,14 +366,14 @@ async fn bundles_on_the_control_topics_are_applied_and_every_outcome_is_on_the_s
     active(2).await;
     greeting(&mut dev, &data, "v2").await;
 
-    // A version that fails every message is rolled back on its own, and
-    // the status topic says so.
-    let v3 = seal(body(manifest("v3"), failing_module(), 3), Some(&key));
+    // A version whose instances stop starting is rolled back on its own,
+    // and the status topic says so.
+    let (at, broken) = breaking_soon();
+    let v3 = seal(body(manifest("v3"), broken, 3), Some(&key));
     publish_retained(cloud.port, gateway_topic, v3).await;
     active(3).await;
-    for _ in 0..20 {
-        assert!(dev.publish_acked("chaos/g", "x", PATIENCE).await);
-    }
+    clock_past(at).await;
+    traps(&mut dev, 4).await;
     let seen = control
         .wait_until("the rollback to v2", |s| {
             last_status(s, status).is_some_and(|j| j["state"] == "rolled_back" && j["version"] == 2)
@@ -397,7 +385,7 @@ async fn bundles_on_the_control_topics_are_applied_and_every_outcome_is_on_the_s
         s["rolled_back"]["reason"]
             .as_str()
             .unwrap()
-            .contains("returned 1"),
+            .contains("instance starts failed"),
         "{s}"
     );
     greeting(&mut dev, &data, "v2").await;
@@ -614,9 +602,77 @@ async fn edgefn_deploy_publishes_to_a_group_and_waits_for_each_gateways_report()
     }
 }
 
+/// A fix: refuses (returns 1 for) every payload that starts with `X`, and
+/// emits every other payload to `fixed`.
+fn fix_module() -> Vec<u8> {
+    wat::parse_str(
+        r#"(module
+          (import "edgefn" "emit" (func $emit (param i32 i32 i32 i32) (result i32)))
+          (memory (export "memory") 1)
+          (data (i32.const 16) "fixed")
+          (func (export "edgefn_abi_version") (result i32) i32.const 1)
+          (func (export "edgefn_alloc") (param i32) (result i32) i32.const 1024)
+          (func (export "edgefn_on_message") (param i32 i32 i32 i32) (result i32)
+            (if (i32.and (i32.gt_u (local.get 3) (i32.const 0))
+                         (i32.eq (i32.load8_u (local.get 2)) (i32.const 88)))
+              (then (return (i32.const 1))))
+            (drop (call $emit (i32.const 16) (i32.const 5) (local.get 2) (local.get 3)))
+            i32.const 0))"#,
+    )
+    .unwrap()
+}
+
+/// A module whose instances start until the wall clock passes `at`, and
+/// fail to start (`edgefn_init` returns 1) from then on; a payload
+/// starting with `t` traps (so the next message needs a fresh instance).
+fn breaks_at(at: std::time::SystemTime) -> Vec<u8> {
+    let ns = at.duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as i64;
+    wat::parse_str(format!(
+        r#"(module
+          (import "wasi_snapshot_preview1" "clock_time_get"
+            (func $clock (param i32 i64 i32) (result i32)))
+          (memory (export "memory") 1)
+          (func (export "edgefn_abi_version") (result i32) i32.const 1)
+          (func (export "edgefn_alloc") (param i32) (result i32) i32.const 1024)
+          (func (export "edgefn_init") (result i32)
+            (drop (call $clock (i32.const 0) (i64.const 1) (i32.const 512)))
+            (i64.gt_s (i64.load (i32.const 512)) (i64.const {ns})))
+          (func (export "edgefn_on_message") (param i32 i32 i32 i32) (result i32)
+            (if (i32.eq (i32.load8_u (local.get 2)) (i32.const 116)) (then unreachable))
+            i32.const 0))"#
+    ))
+    .unwrap()
+}
+
+/// A version that starts now and breaks in two seconds (a debug build
+/// checks and starts a small module in well under that).
+fn breaking_soon() -> (std::time::SystemTime, Vec<u8>) {
+    let at = std::time::SystemTime::now() + std::time::Duration::from_secs(2);
+    (at, breaks_at(at))
+}
+
+/// Waits until the wall clock is past `at`: the condition the module under
+/// test reads, not a stand-in for an event.
+async fn clock_past(at: std::time::SystemTime) {
+    if let Ok(left) = at.duration_since(std::time::SystemTime::now()) {
+        tokio::time::sleep(left + std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// Publishes `n` payloads `t…` (each traps, so each next message needs a
+/// fresh instance); each is acknowledged (a dead letter).
+async fn traps(dev: &mut Device, n: usize) {
+    for i in 0..n {
+        assert!(
+            dev.publish_acked("chaos/t", format!("trap {i}"), PATIENCE)
+                .await
+        );
+    }
+}
+
 #[cfg(feature = "embedded-broker")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_new_version_that_fails_its_first_messages_is_rolled_back_for_good() {
+async fn no_input_can_roll_a_fix_back_and_only_a_version_that_cannot_start_is_rolled_back() {
     let cloud = Mosquitto::cloud();
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
@@ -626,45 +682,271 @@ async fn a_new_version_that_fails_its_first_messages_is_rolled_back_for_good() {
     let upstream = Upstream::subscribe(cloud.port, "site/#").await;
     let gateway = Gateway::start(config.clone()).await.unwrap();
     let chaos = std::fs::read(module("chaos")).unwrap();
-    let v1 = seal(body(manifest("v1"), chaos, 1), Some(&key));
-    assert!(gateway.apply_bundle(&v1).await.is_ok());
-    let mut dev = Device::connect("sensor-d1", port).await;
-    greeting(&mut dev, &upstream, "v1").await;
-
-    // v2 starts fine and fails every message.
-    let v2 = seal(body(manifest("v2"), failing_module(), 2), Some(&key));
-    assert!(gateway.apply_bundle(&v2).await.is_ok());
     let version = || gateway.registry().table().get("chaos").map(|f| f.version());
-    assert_eq!(version(), Some(2));
-    // Its first 20 messages: more than half fail, so v1 comes back (the
-    // messages after the rollback go to v1).
-    let sent = 20;
-    for _ in 0..sent {
-        assert!(dev.publish_acked("chaos/g", "env", PATIENCE).await);
-    }
-    eventually("the rollback to v1", || version() == Some(1)).await;
-    assert_eq!(version(), Some(1));
-    // Nothing lost: each failed input is a dead letter; v1 serves again.
-    let dead = gateway.metrics().dead_letters;
-    assert!((11..=sent).contains(&dead), "{dead} dead letters of {sent}");
-    greeting(&mut dev, &upstream, "v1").await;
-    // v2 is never taken again (received again, as a retained message is
-    // after every reconnect, it changes nothing), and v1 is what runs
-    // after a restart.
-    assert_eq!(
-        gateway.apply_bundle(&v2).await,
-        Ok(Applied::Unchanged {
-            name: "chaos".into(),
-            version: 2
-        })
+    let sealed = |b: Body| seal(b, Some(&key));
+
+    // v100 takes everything: X payloads go upstream (echoed).
+    assert!(
+        gateway
+            .apply_bundle(&sealed(body(manifest("v100"), chaos.clone(), 100)))
+            .await
+            .is_ok()
     );
-    assert_eq!(version(), Some(1));
+    let mut dev = Device::connect("sensor-d1", port).await;
+    assert!(dev.publish_acked("chaos/x", "X before", PATIENCE).await);
+    upstream
+        .wait_until("X echoed by v100", |s| {
+            s.iter().any(|m| m.payload == "X before")
+        })
+        .await;
+
+    // v200, a fix refusing X payloads: a flood of them is refused, each a
+    // dead letter, and never rolls the gateway back to v100.
+    assert!(
+        gateway
+            .apply_bundle(&sealed(body(manifest("v200"), fix_module(), 200)))
+            .await
+            .is_ok()
+    );
+    for i in 0..25 {
+        assert!(
+            dev.publish_acked("chaos/x", format!("X exploit {i}"), PATIENCE)
+                .await
+        );
+    }
+    // Rounds of one more exploit and a plain reading, each reading seen
+    // upstream through v200: the exploit never through v100.
+    for i in 0..10 {
+        assert!(
+            dev.publish_acked("chaos/x", format!("X late {i}"), PATIENCE)
+                .await
+        );
+        let plain = format!("plain {i}");
+        assert!(dev.publish_acked("chaos/x", plain.clone(), PATIENCE).await);
+        upstream
+            .wait_until(&plain, |s| {
+                s.iter()
+                    .any(|m| m.topic == "site/pi-01/fixed" && m.payload == plain)
+            })
+            .await;
+    }
+    assert_eq!(version(), Some(200));
+    let seen = upstream.seen.lock().unwrap().clone();
+    let exploits: Vec<&Seen> = seen
+        .iter()
+        .filter(|m| m.payload.starts_with("X ") && m.payload != "X before")
+        .collect();
+    assert!(exploits.is_empty(), "{exploits:?}");
+    assert_eq!(gateway.metrics().dead_letters, 35);
+
+    // Versions a gateway cannot keep, expired bundles and versions below
+    // the floor are refused before anything changes.
+    let refused = |b: Vec<u8>| {
+        let gateway = &gateway;
+        async move { gateway.apply_bundle(&b).await.unwrap_err().code }
+    };
+    let huge = body(manifest("huge"), chaos.clone(), (1u64 << 63) + 5);
+    assert_eq!(refused(sealed(huge)).await, "invalid_manifest");
+    let mut floor_above = body(manifest("odd"), chaos.clone(), 300);
+    floor_above.min_version = Some(301);
+    assert_eq!(refused(sealed(floor_above)).await, "invalid_manifest");
+    let mut expired = body(manifest("old"), chaos.clone(), 300);
+    expired.expires_ms = Some(1_000);
+    assert_eq!(refused(sealed(expired)).await, "expired");
+    assert_eq!(version(), Some(200));
+
+    // v300 starts, then its instances fail to start: rolled back to v200.
+    let (at, broken) = breaking_soon();
+    let mut v300 = body(manifest("v300"), broken, 300);
+    v300.expires_ms = Some(u64::MAX);
+    assert!(gateway.apply_bundle(&sealed(v300)).await.is_ok());
+    assert_eq!(version(), Some(300));
+    clock_past(at).await;
+    traps(&mut dev, 4).await;
+    eventually("the rollback of v300 to v200", || version() == Some(200)).await;
+    assert_eq!(gateway.metrics().rollbacks, 1);
+
+    // v400 the same, with rollback = "never": it keeps running.
+    let (at, broken) = breaking_soon();
+    let never = FunctionManifest {
+        rollback: Some("never".into()),
+        ..manifest("v400")
+    };
+    assert!(
+        gateway
+            .apply_bundle(&sealed(body(never, broken, 400)))
+            .await
+            .is_ok()
+    );
+    clock_past(at).await;
+    traps(&mut dev, 4).await;
+    eventually("v400 found broken and kept", || {
+        gateway.metrics().rollbacks_declined == 1
+    })
+    .await;
+    assert_eq!(version(), Some(400));
+    // v500, a fix with its floor at itself (min_version 500).
+    let mut v500 = body(manifest("v500"), fix_module(), 500);
+    v500.min_version = Some(500);
+    assert!(gateway.apply_bundle(&sealed(v500)).await.is_ok());
+    let below = body(manifest("below"), chaos.clone(), 450);
+    assert_eq!(refused(sealed(below)).await, "below_floor");
+    // v700 raises the floor to 700 and breaks: the version before it (v500)
+    // is below the floor, so v700 stays.
+    let (at, broken) = breaking_soon();
+    let mut v700 = body(manifest("v700"), broken, 700);
+    v700.min_version = Some(700);
+    assert!(gateway.apply_bundle(&sealed(v700)).await.is_ok());
+    clock_past(at).await;
+    traps(&mut dev, 4).await;
+    eventually("v700 found broken and kept", || {
+        gateway.metrics().rollbacks_declined == 2
+    })
+    .await;
+    assert_eq!(version(), Some(700));
+    assert_eq!(gateway.metrics().rollbacks, 1);
+    // The publisher signs a fix; it is what runs after a restart.
+    let v800 = sealed(body(manifest("v800"), fix_module(), 800));
+    assert!(gateway.apply_bundle(&v800).await.is_ok());
     drop(dev);
     gateway.shutdown().await;
     let gateway = Gateway::start(config).await.unwrap();
     assert_eq!(
         gateway.registry().table().get("chaos").map(|f| f.version()),
+        Some(800)
+    );
+    gateway.shutdown().await;
+}
+
+/// Publishes `n` QoS 1 messages `payload` on `topic(i)`, as fast as the
+/// broker at `port` takes them; returns when every one is acknowledged.
+async fn flood(
+    port: u16,
+    n: usize,
+    topic: impl Fn(usize) -> String + Send + 'static,
+    payload: &[u8],
+) {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    let mut o = MqttOptions::new(format!("flood-{}", free_port()), "127.0.0.1", port);
+    o.set_inflight(100);
+    let (client, mut events) = AsyncClient::new(o, 200);
+    let payload = payload.to_vec();
+    let sender = tokio::spawn(async move {
+        for i in 0..n {
+            client
+                .publish(topic(i), QoS::AtLeastOnce, false, payload.clone())
+                .await
+                .unwrap();
+        }
+        client
+    });
+    let mut acked = 0;
+    while acked < n {
+        match tokio::time::timeout(PATIENCE, events.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => acked += 1,
+            Ok(Ok(_)) => {}
+            other => panic!("flooding: {other:?}"),
+        }
+    }
+    let _ = sender.await.unwrap().disconnect().await;
+}
+
+#[cfg(feature = "embedded-broker")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn junk_on_the_deploy_topics_is_counted_and_leaves_no_status_behind() {
+    let cloud = Mosquitto::cloud();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let key = SigningKey::from_bytes(&[7; 32]);
+    let path = deploy_config(dir.path(), port, cloud.port, &key, "");
+    let statuses = Upstream::subscribe(cloud.port, "edgefn/pi-01/#").await;
+    let gateway = Gateway::start(Config::load(&path).unwrap()).await.unwrap();
+    let chaos = std::fs::read(module("chaos")).unwrap();
+    let v1 = seal(body(manifest("v1"), chaos, 1), Some(&key));
+    assert!(gateway.apply_bundle(&v1).await.is_ok());
+    statuses
+        .wait_until("the gateway online", |s| {
+            last_status(s, "edgefn/pi-01/status").is_some_and(|j| j["online"] == true)
+        })
+        .await;
+
+    // 2,000 messages that are no bundle, each on a topic of its own.
+    let junk = 2_000;
+    flood(
+        cloud.port,
+        junk,
+        |i| format!("edgefn/pi-01/functions/junk-{i}/deploy"),
+        b"not a bundle",
+    )
+    .await;
+    eventually("every junk message refused", || {
+        gateway.metrics().bundles_refused == junk as u64
+    })
+    .await;
+    // Junk on the topic of a function that runs is refused on its status
+    // topic; published after the rest, it arrives after any other status.
+    publish_retained(
+        cloud.port,
+        "edgefn/pi-01/functions/chaos/deploy",
+        b"junk".to_vec(),
+    )
+    .await;
+    let seen = statuses
+        .wait_until("chaos's refusal", |s| {
+            last_status(s, "edgefn/pi-01/functions/chaos/status")
+                .is_some_and(|j| j["refused"]["code"] == "malformed")
+        })
+        .await;
+    let junk_statuses = seen
+        .iter()
+        .filter(|m| m.topic.contains("/junk-") && m.topic.ends_with("/status"))
+        .count();
+    assert_eq!(junk_statuses, 0);
+    assert_eq!(
+        gateway.registry().table().get("chaos").map(|f| f.version()),
         Some(1)
+    );
+    gateway.shutdown().await;
+}
+
+#[cfg(feature = "embedded-broker")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configured_function_wins_over_a_deployed_bundle_of_its_name_at_restart() {
+    let cloud = Mosquitto::cloud();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let key = SigningKey::from_bytes(&[7; 32]);
+    // First without a chaos table: the bundle is deployed.
+    let path = deploy_config(dir.path(), port, cloud.port, &key, "");
+    let gateway = Gateway::start(Config::load(&path).unwrap()).await.unwrap();
+    let chaos = std::fs::read(module("chaos")).unwrap();
+    let v1 = seal(body(manifest("v1"), chaos, 1), Some(&key));
+    assert!(gateway.apply_bundle(&v1).await.is_ok());
+    gateway.shutdown().await;
+    // Then the operator adds a chaos table to the file: it runs, not the
+    // bundle, as a bundle of that name arriving now would be refused.
+    let with_table = standard_config(dir.path(), &format!("embedded:{port}"), cloud.port);
+    let text = std::fs::read_to_string(&with_table).unwrap();
+    let public = edgefn::bundle::public_key_text(&key.verifying_key());
+    std::fs::write(
+        &with_table,
+        format!("{text}\n[deploy]\ntrusted_keys = [\"{public}\"]\n"),
+    )
+    .unwrap();
+    let gateway = Gateway::start(Config::load(&with_table).unwrap())
+        .await
+        .unwrap();
+    let table = gateway.registry().table();
+    let running = table.get("chaos").unwrap();
+    assert_eq!(
+        (running.version(), running.origin()),
+        (0, edgefn::registry::Origin::Config)
+    );
+    let chaos = std::fs::read(module("chaos")).unwrap();
+    let v2 = seal(body(manifest("v2"), chaos, 2), Some(&key));
+    assert_eq!(
+        gateway.apply_bundle(&v2).await.unwrap_err().code,
+        "defined_in_config"
     );
     gateway.shutdown().await;
 }

@@ -27,10 +27,11 @@ fn payloads_on(seen: &[Seen], topic: &str) -> Vec<String> {
         .collect()
 }
 
-/// Through an external broker: publishes `payload` on `topic` (for chaos),
-/// then 20 plain messages, waits until those 20 arrived upstream in order
-/// (the bad one held nothing back), stops the daemon and returns the single
-/// dead letter it left.
+/// Through an external broker, with `upstream.refused_topic_timeout` at
+/// 1 s: publishes `payload` on `topic` (for chaos), then 20 plain messages,
+/// waits until those 20 arrived upstream in order (the bad one held
+/// nothing back) and the bad one is a dead letter, stops the daemon and
+/// returns that dead letter.
 async fn one_bad_message_then_twenty(topic: &str, payload: &str) -> edgefn::store::DeadLetter {
     let Connected {
         local,
@@ -39,7 +40,12 @@ async fn one_bad_message_then_twenty(topic: &str, payload: &str) -> edgefn::stor
         upstream,
         mut daemon,
         ..
-    } = connected(Mosquitto::cloud()).await;
+    } = connected_with(
+        Mosquitto::start(),
+        Mosquitto::cloud(),
+        "refused_topic_timeout = \"1s\"",
+    )
+    .await;
     let mut dev = Device::connect("device-b", local.port).await;
     assert!(dev.publish_acked(topic, payload, PATIENCE).await);
     for i in 0..20 {
@@ -54,6 +60,10 @@ async fn one_bad_message_then_twenty(topic: &str, payload: &str) -> edgefn::stor
         .await;
     let want: Vec<String> = (0..20).map(|i| format!("after {i}")).collect();
     assert_eq!(payloads_on(&seen, after), want);
+    eventually("the bad one in the dead letters", || {
+        !dead_letters(&dir).is_empty()
+    })
+    .await;
     assert!(daemon.terminate().success());
     let mut dead = dead_letters(&dir);
     assert_eq!(dead.len(), 1, "{dead:?}");
@@ -215,4 +225,156 @@ async fn a_function_asleep_in_a_wasi_call_times_out_and_holds_no_other_acknowled
         ("chaos", "timeout", 2)
     );
     drop(daemon);
+}
+
+/// A Mosquitto whose access list is the file `acl` holds (written first
+/// with `rules`), for anonymous clients. Mosquitto 2.0.11 answers a denied
+/// QoS 1 publish with PUBACK 0x87; with `max_queued_messages 0`
+/// (`unbounded`) it then also closes the connection.
+fn cloud_with_acl(acl: &std::path::Path, rules: &str, unbounded: bool) -> Mosquitto {
+    std::fs::write(acl, rules).unwrap();
+    let extra = format!("acl_file {}\n", acl.display());
+    if unbounded {
+        Mosquitto::cloud_with_extra(&extra)
+    } else {
+        Mosquitto::start_with_extra(&extra)
+    }
+}
+
+/// The gateway in `dir` with the built-in broker on `port`, in this
+/// process, `edit` applied to its standard config.
+async fn gateway(
+    dir: &tempfile::TempDir,
+    port: u16,
+    cloud: &Mosquitto,
+    more: &str,
+) -> edgefn::gateway::Gateway {
+    let config = standard_config(dir.path(), &format!("embedded:{port}"), cloud.port);
+    edit(
+        &config,
+        "topic_prefix = \"site/pi-01/\"",
+        &format!("topic_prefix = \"site/pi-01/\"\n{more}"),
+    );
+    edgefn::gateway::Gateway::start(edgefn::config::Config::load(&config).unwrap())
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cloud_that_refuses_every_record_costs_time_not_data() {
+    let acl_dir = tempfile::tempdir().unwrap();
+    let acl = acl_dir.path().join("acl");
+    // A mistake in the cloud's access list: anyone may read, nobody write.
+    let cloud = cloud_with_acl(&acl, "topic read #\n", false);
+    let upstream = Upstream::subscribe(cloud.port, "site/#").await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let gateway = gateway(&dir, port, &cloud, "").await;
+    let mut dev = Device::connect("sensor-a", port).await;
+    let readings = 100;
+    for i in 0..readings {
+        assert!(
+            dev.publish_acked("sensors/a1/temperature", reading(i, 20.0), PATIENCE)
+                .await
+        );
+    }
+    // Refused (0x87), tried again after backoffs, and kept all along.
+    eventually("three refusals", || {
+        gateway.metrics().upstream_refusals >= 3
+    })
+    .await;
+    let m = gateway.metrics();
+    assert_eq!(
+        (m.upstream_refused_topics, m.upstream_refusal_reason),
+        (1, 0x87)
+    );
+    assert_eq!((m.dead_letters, m.upstream_rejected), (0, 0));
+    assert_eq!(
+        outbox_rows(&dir.path().join("data/edgefn.db")),
+        readings as i64
+    );
+    // The ACL fixed and reloaded: every reading arrives, in order.
+    std::fs::write(&acl, "topic readwrite #\n").unwrap();
+    cloud.reload();
+    let seen = upstream
+        .wait_until("every reading", |s| {
+            Upstream::distinct(s).len() >= readings as usize
+        })
+        .await;
+    let seqs: Vec<u64> = Upstream::distinct(&seen)
+        .iter()
+        .map(|m| m.reading().1)
+        .collect();
+    assert_eq!(seqs, (0..readings).collect::<Vec<_>>());
+    eventually("no refused topic left", || {
+        gateway.metrics().upstream_refused_topics == 0
+    })
+    .await;
+    assert!(dead_letters(&dir).is_empty());
+    drop(dev);
+    gateway.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_the_cloud_refuses_while_it_takes_others_goes_to_the_dead_letters_after_its_timeout()
+ {
+    let acl_dir = tempfile::tempdir().unwrap();
+    let acl = acl_dir.path().join("acl");
+    // Readings may be written; chaos's echoes may not.
+    let cloud = cloud_with_acl(
+        &acl,
+        "topic read #\ntopic write site/pi-01/telemetry/#\n",
+        true,
+    );
+    let upstream = Upstream::subscribe(cloud.port, "site/#").await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let gateway = gateway(&dir, port, &cloud, "refused_topic_timeout = \"2s\"").await;
+    let mut dev = Device::connect("sensor-b", port).await;
+    for i in 0..5 {
+        assert!(
+            dev.publish_acked("chaos/x", format!("echo {i}"), PATIENCE)
+                .await
+        );
+    }
+    eventually("the echo refused", || {
+        gateway.metrics().upstream_refusals >= 1
+    })
+    .await;
+    // Readings flow meanwhile, and go on flowing.
+    let mut sent = 0;
+    while dead_letters(&dir).len() < 5 {
+        assert!(
+            dev.publish_acked("sensors/b1/temperature", reading(sent, 20.0), PATIENCE)
+                .await
+        );
+        sent += 1;
+        upstream
+            .wait_until(&format!("reading {}", sent - 1), |s| {
+                s.iter().any(|m| m.reading() == ("b1".into(), sent - 1))
+            })
+            .await;
+    }
+    let dead = dead_letters(&dir);
+    assert_eq!(dead.len(), 5);
+    let payloads: Vec<String> = dead
+        .iter()
+        .map(|d| String::from_utf8_lossy(&d.payload).into_owned())
+        .collect();
+    assert_eq!(
+        payloads,
+        (0..5).map(|i| format!("echo {i}")).collect::<Vec<_>>()
+    );
+    for d in &dead {
+        assert_eq!((d.function.as_str(), d.kind), ("upstream", "rejected"));
+        assert!(
+            d.error.contains("0x87") && d.error.contains("accepted others"),
+            "{}",
+            d.error
+        );
+    }
+    // No reading was lost or held back for good.
+    assert_eq!(gateway.metrics().upstream_rejected, 5);
+    drop(dev);
+    gateway.shutdown().await;
 }

@@ -432,19 +432,18 @@ fn sealed(
     module: Vec<u8>,
 ) -> Vec<u8> {
     use edgefn::bundle::{Body, Change, Targets, seal};
-    let body = Body {
+    let body = Body::new(
         version,
-        targets: Targets {
+        Targets {
             gateways: vec!["pi-01".into()],
             groups: vec![],
         },
-        key_id: None,
-        change: Change::Deploy {
+        Change::Deploy {
             manifest: Box::new(manifest),
             module,
             sha256: vec![],
         },
-    };
+    );
     seal(body, Some(key))
 }
 
@@ -619,12 +618,14 @@ async fn aggregate_sums_up_each_devices_readings_on_its_schedule() {
 
 /// On each message, by its first byte: `b` sets key `k` to 2,000 bytes,
 /// `l` sets a 2,000-byte key, `o` asks `state_get` to write far outside
-/// memory (a trap), anything else sets `k` to the payload; then emits the
-/// call's code as one character (`0` ok, `6` for −6, `7` for −7) to
-/// `result`.
+/// memory (a trap), `d` deletes 20,000 distinct 1,000-byte keys that do
+/// not exist and then sets `k` to the payload, anything else sets `k` to
+/// the payload; then emits the (last) call's code as one character (`0`
+/// ok, `3` for −3, `6` for −6, `7` for −7) to `result`.
 const HOG: &str = r#"(module
   (import "edgefn" "state_get" (func $get (param i32 i32 i32 i32) (result i32)))
   (import "edgefn" "state_set" (func $set (param i32 i32 i32 i32) (result i32)))
+  (import "edgefn" "state_delete" (func $del (param i32 i32) (result i32)))
   (import "edgefn" "emit" (func $emit (param i32 i32 i32 i32) (result i32)))
   (memory (export "memory") 1)
   (data (i32.const 0) "k")
@@ -632,16 +633,25 @@ const HOG: &str = r#"(module
   (func (export "edgefn_abi_version") (result i32) i32.const 1)
   (func (export "edgefn_alloc") (param i32) (result i32) i32.const 8192)
   (func (export "edgefn_on_message") (param i32 i32 i32 i32) (result i32)
-    (local $code i32) (local $first i32)
+    (local $code i32) (local $first i32) (local $i i32)
     (local.set $first (i32.load8_u (local.get 2)))
-    (if (i32.eq (local.get $first) (i32.const 98))
+    (if (i32.eq (local.get $first) (i32.const 100))
+      (then
+        (loop $more
+          (i32.store (i32.const 4096) (local.get $i))
+          (drop (call $del (i32.const 4096) (i32.const 1000)))
+          (local.set $i (i32.add (local.get $i) (i32.const 1)))
+          (br_if $more (i32.lt_u (local.get $i) (i32.const 20000))))
+        (local.set $code (call $set (i32.const 0) (i32.const 1) (local.get 2) (local.get 3)))))
+    (if (i32.eq (local.get $first) (i32.const 100)) (then)
+    (else (if (i32.eq (local.get $first) (i32.const 98))
       (then (local.set $code (call $set (i32.const 0) (i32.const 1) (i32.const 4096) (i32.const 2000))))
     (else (if (i32.eq (local.get $first) (i32.const 108))
       (then (local.set $code (call $set (i32.const 4096) (i32.const 2000) (i32.const 0) (i32.const 1))))
     (else (if (i32.eq (local.get $first) (i32.const 111))
       (then (local.set $code (call $get (i32.const 0) (i32.const 1) (i32.const 1000000) (i32.const 16))))
     (else
-      (local.set $code (call $set (i32.const 0) (i32.const 1) (local.get 2) (local.get 3)))))))))
+      (local.set $code (call $set (i32.const 0) (i32.const 1) (local.get 2) (local.get 3)))))))))))
     (i32.store8 (i32.const 32) (i32.sub (i32.const 48) (local.get $code)))
     (drop (call $emit (i32.const 16) (i32.const 6) (i32.const 32) (i32.const 1)))
     i32.const 0))"#;
@@ -654,7 +664,7 @@ async fn hostile_state_calls_fail_only_themselves_each_with_its_code_and_counter
     let hog = module_file(dir.path(), "hog", HOG);
     let metrics = free_port();
     let functions = format!(
-        "[[functions]]\nname = \"hog\"\nmodule = \"{}\"\ntriggers = [\"hog/#\"]\nstate_limit = \"1KiB\"\n\n\
+        "[[functions]]\nname = \"hog\"\nmodule = \"{}\"\ntriggers = [\"hog/#\"]\nstate_limit = \"1KiB\"\ntimeout = \"10s\"\n\n\
          [[functions]]\nname = \"clean-temperature\"\nmodule = \"{}\"\ntriggers = [\"sensors/+/temperature\"]\n\n\
          [metrics]\nlisten = \"127.0.0.1:{metrics}\"\n",
         hog.display(),
@@ -670,12 +680,13 @@ async fn hostile_state_calls_fail_only_themselves_each_with_its_code_and_counter
         ("hog/3", "out of bounds"),
         ("sensors/d1/temperature", reading(1, 20.0).as_str()),
         ("hog/4", "small"),
+        ("hog/5", "deletes of keys that do not exist"),
     ] {
         assert!(dev.publish_acked(topic, payload, PATIENCE).await);
     }
     let seen = upstream
         .wait_until("the last result", |s| {
-            s.iter().filter(|m| m.topic == "site/pi-01/result").count() >= 3
+            s.iter().filter(|m| m.topic == "site/pi-01/result").count() >= 4
         })
         .await;
     let results: Vec<String> = Upstream::distinct(&seen)
@@ -685,12 +696,13 @@ async fn hostile_state_calls_fail_only_themselves_each_with_its_code_and_counter
         .collect();
     // Over the limit (−6), a key too long (−7), then a write that fits; the
     // out-of-bounds call trapped its invocation only, and the reading went
-    // through.
-    assert_eq!(results, ["6", "7", "0"]);
+    // through. Deleting keys that do not exist holds nothing, and after
+    // 10,000 writes in one invocation every further one is refused (−3).
+    assert_eq!(results, ["6", "7", "0", "3"]);
     assert!(seen.iter().any(|m| m.topic.ends_with("/temperature")));
     let r = report(metrics);
     let f = function_report(&r, "hog");
-    assert_eq!(f["state_refused"], 1);
+    assert_eq!(f["state_refused"], 1 + 10_001);
     assert_eq!(f["errors"]["trap"], 1);
     assert_eq!(f["dead_letters"], 1);
     assert_eq!(f["state_bytes"], 1 + "small".len());
@@ -764,4 +776,59 @@ async fn a_dead_letter_replayed_after_a_fixed_version_is_deployed_runs_through_t
     })
     .await;
     assert!(daemon.terminate().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn escapes_in_topics_and_guest_text_never_reach_the_operators_terminal() {
+    let cloud = Mosquitto::cloud();
+    let dir = tempfile::tempdir().unwrap();
+    let functions = format!(
+        "[[functions]]\nname = \"chaos\"\nmodule = \"{}\"\ntriggers = [\"chaos/#\"]\n",
+        module("chaos").display()
+    );
+    let port = free_port();
+    let cfg = config(dir.path(), port, cloud.port, &functions);
+    let mut daemon = Daemon::start(&cfg);
+    wait_for_port(port);
+    // A device's topic that retitles the terminal, clears the screen and
+    // forges a line; the function traps on it (a dead letter).
+    let hostile = "chaos/\u{1b}]0;owned\u{7}\u{1b}[2J\nINFO forged";
+    let mut dev = Device::connect("device-e", port).await;
+    assert!(dev.publish_acked(hostile, "trap", PATIENCE).await);
+    eventually("the dead letter", || {
+        stored_dead_letters(dir.path()).len() == 1
+    })
+    .await;
+    assert!(daemon.terminate().success());
+    let id = stored_dead_letters(dir.path())[0].0.to_string();
+    let (ok, list) = dead_letters_cli(&cfg, &["list"]);
+    let (ok2, show) = dead_letters_cli(&cfg, &["show", &id]);
+    assert!(ok && ok2, "{list}{show}");
+    // Invoked locally, the function echoes the topic into what it emits.
+    let invoke = std::process::Command::new(env!("CARGO_BIN_EXE_edgefn"))
+        .arg("invoke")
+        .arg(module("chaos"))
+        .args(["--topic", hostile, "--payload", "\u{1b}[31mred"])
+        .output()
+        .unwrap();
+    let invoked = String::from_utf8_lossy(&invoke.stdout).into_owned();
+    assert!(invoke.status.success(), "{invoked}");
+    for (what, text) in [
+        ("list", &list),
+        ("show", &show),
+        ("invoke", &invoked),
+        ("the daemon's log", &daemon.log()),
+    ] {
+        assert!(
+            !text.contains('\u{1b}'),
+            "{what} printed an escape: {text:?}"
+        );
+        assert!(!text.contains('\u{7}'), "{what} printed a bell: {text:?}");
+        assert!(
+            !text.contains("\nINFO forged"),
+            "{what} printed a forged line: {text:?}"
+        );
+    }
+    assert!(show.contains("chaos/\\x1b]0;owned\\x07"), "{show}");
+    assert!(invoked.contains("echo/chaos/\\x1b]0;owned"), "{invoked}");
 }

@@ -286,3 +286,107 @@ async fn the_metrics_model_counts_exactly_what_was_sent_on_every_view() {
     let cols: Vec<&str> = chaos_line.split_whitespace().collect();
     assert_eq!(&cols[..4], ["chaos", "config", "3", "0"], "{offline}");
 }
+
+/// Descriptors the process `pid` holds open now.
+fn open_descriptors(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_half_sent_requests_is_cut_and_holds_few_descriptors() {
+    use std::io::{Read as _, Write as _};
+    let cloud = Mosquitto::cloud();
+    let upstream = Upstream::subscribe(cloud.port, "site/pi-01/#").await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let metrics_port = free_port();
+    let config = standard_config(dir.path(), &format!("embedded:{port}"), cloud.port);
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        format!("{text}\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n"),
+    )
+    .unwrap();
+    let mut daemon = Daemon::start(&config);
+    wait_for_port(port);
+    wait_for_port(metrics_port);
+    let mut dev = Device::connect("device-f", port).await;
+    assert!(
+        dev.publish_acked("sensors/d1/temperature", reading(0, 20.0), PATIENCE)
+            .await
+    );
+    report(metrics_port);
+    let before = open_descriptors(daemon.child.id());
+
+    // 200 clients that send half a request and wait.
+    let flood = 200;
+    let streams: Vec<std::net::TcpStream> = (0..flood)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", metrics_port)).unwrap();
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+                .unwrap();
+            s
+        })
+        .collect();
+    // Each is closed by the gateway: at once past the connection cap, after
+    // the header timeout within it (a read then ends).
+    let (closed_tx, mut closed) = tokio::sync::mpsc::unbounded_channel();
+    for mut s in streams {
+        let closed_tx = closed_tx.clone();
+        std::thread::spawn(move || {
+            s.set_read_timeout(Some(PATIENCE)).unwrap();
+            let mut buf = [0u8; 256];
+            // Whatever the gateway answers, then the end of the stream.
+            let ended = loop {
+                match s.read(&mut buf) {
+                    Ok(0) => break true,
+                    Ok(_) => {}
+                    Err(e) => {
+                        use std::io::ErrorKind::{TimedOut, WouldBlock};
+                        break !matches!(e.kind(), TimedOut | WouldBlock);
+                    }
+                }
+            };
+            let _ = closed_tx.send(ended);
+        });
+    }
+    let cap = edgefn::telemetry::MAX_CONNECTIONS;
+    for _ in 0..flood - cap {
+        assert!(
+            closed.recv().await.unwrap(),
+            "a connection past the cap was not closed"
+        );
+    }
+    // While the others wait for their timeout, the gateway holds a
+    // descriptor for each of them only, and readings flow.
+    let during = open_descriptors(daemon.child.id());
+    assert!(
+        during <= before + cap + 2,
+        "{during} descriptors during the flood, {before} before"
+    );
+    assert!(
+        dev.publish_acked("sensors/d1/temperature", reading(1, 20.0), PATIENCE)
+            .await
+    );
+    upstream
+        .wait_until("the reading sent during the flood", |s| {
+            s.iter().any(|m| m.reading() == ("d1".into(), 1))
+        })
+        .await;
+    for _ in 0..cap {
+        assert!(
+            closed.recv().await.unwrap(),
+            "a half-sent request was never cut"
+        );
+    }
+    let r = report(metrics_port);
+    let counters = &r["gateway"]["counters"];
+    assert_eq!(
+        counters["metrics_connections_refused"],
+        (flood - cap) as u64
+    );
+    assert_eq!(counters["metrics_connections_cut"], cap as u64);
+    assert!(daemon.terminate().success());
+}

@@ -78,7 +78,8 @@ pub struct RefusedCalls {
     pub emit_denied: AtomicU64,
     /// `publish` to a topic outside `publish_allow`.
     pub publish_denied: AtomicU64,
-    /// `state_set` past `state_limit`.
+    /// `state_set` past `state_limit`, and `state_set`/`state_delete`
+    /// past the writes one invocation may make.
     pub state_refused: AtomicU64,
 }
 
@@ -397,6 +398,9 @@ impl HostState {
             }),
             LogSink::Tracing => {
                 let function = &*self.spec.name;
+                // A line break or escape in a guest's line must not forge
+                // or rewrite journal lines.
+                let message = crate::text::Printable(&message);
                 match level {
                     LogLevel::Trace => tracing::trace!(function, stream, "{message}"),
                     LogLevel::Debug => tracing::debug!(function, stream, "{message}"),
@@ -613,12 +617,16 @@ fn state_write(
         match host.overlay.write(&host.spec.state, &key, value.as_deref()) {
             Ok(()) => code::OK,
             Err(Refused::InvalidKey) => code::INVALID_KEY,
-            Err(Refused::OverLimit) => {
+            Err(refused) => {
                 host.spec
                     .calls
                     .state_refused
                     .fetch_add(1, Ordering::Relaxed);
-                code::STATE_LIMIT
+                if refused == Refused::TooMany {
+                    code::TOO_MANY
+                } else {
+                    code::STATE_LIMIT
+                }
             }
         },
     )

@@ -78,23 +78,22 @@ pub struct FunctionMetrics {
     pub schedule_skipped: AtomicU64,
 }
 
-/// What this pool's messages came to: counted per version of a function
-/// (a pool runs one version), for its probation after a deploy.
+/// What this pool's messages and instances came to: counted per version
+/// of a function (a pool runs one version), for its status and its
+/// probation after a deploy.
 #[derive(Debug, Default)]
 pub struct VersionCounts {
     /// Messages whose outcome is in.
     pub messages: AtomicU64,
     /// Of those, the ones that failed every attempt.
     pub failed: AtomicU64,
-    /// Of the first [`VersionCounts::FIRST`] messages, the ones that failed.
-    pub failed_of_first: AtomicU64,
+    /// Fresh instances its workers tried to start.
+    pub starts: AtomicU64,
+    /// Of those, the ones that failed (instantiation, `_initialize` or
+    /// `edgefn_init`).
+    pub failed_starts: AtomicU64,
     /// The last failure, as text.
     pub last_failure: std::sync::Mutex<Option<String>>,
-}
-
-impl VersionCounts {
-    /// How many first messages [`VersionCounts::failed_of_first`] covers.
-    pub const FIRST: u64 = 20;
 }
 
 /// One message for a function.
@@ -237,10 +236,7 @@ impl Worker {
                 *self.counts.last_failure.lock().expect("counts lock") = Some(failure.to_string());
                 self.counts.failed.fetch_add(1, Ordering::Relaxed);
             }
-            let index = self.counts.messages.fetch_add(1, Ordering::Relaxed);
-            if index < VersionCounts::FIRST && matches!(outcome, Outcome::Failed { .. }) {
-                self.counts.failed_of_first.fetch_add(1, Ordering::Relaxed);
-            }
+            self.counts.messages.fetch_add(1, Ordering::Relaxed);
             // The receiver may be gone (shutdown); the outcome is then moot.
             let _ = job.reply.send(outcome);
         }
@@ -289,7 +285,7 @@ impl Worker {
                         topic,
                         attempt = attempts,
                         kind = failure.kind(),
-                        error = %failure,
+                        error = %crate::text::Printable(&failure.to_string()),
                         "invocation failed"
                     );
                     if attempts > self.retries {
@@ -307,7 +303,12 @@ impl Worker {
             self.metrics
                 .instances_started
                 .fetch_add(1, Ordering::Relaxed);
-            self.instance = Some(self.function.new_instance()?);
+            self.counts.starts.fetch_add(1, Ordering::Relaxed);
+            let started = self.function.new_instance();
+            if started.is_err() {
+                self.counts.failed_starts.fetch_add(1, Ordering::Relaxed);
+            }
+            self.instance = Some(started?);
         }
         Ok(self.instance.as_mut().expect("just set"))
     }

@@ -30,6 +30,12 @@ pub const MAX_KEY_LEN: usize = 1024;
 /// Default `state_limit`: keys and values of one function together.
 pub const DEFAULT_LIMIT: usize = 1 << 20;
 
+/// Most `state_set` and `state_delete` calls one invocation may make: like
+/// the records an invocation may emit, what it writes is held in memory
+/// until its outcome is committed, so it is bounded in count as well as in
+/// bytes (the invocation's writes together are at most `state_limit`).
+pub const MAX_WRITES_PER_INVOCATION: usize = 10_000;
+
 /// Keys and values, as read from the store.
 pub type Entries = Vec<(Vec<u8>, Vec<u8>)>;
 
@@ -247,17 +253,31 @@ impl FunctionState {
 pub enum Refused {
     /// Empty, or longer than [`MAX_KEY_LEN`].
     InvalidKey,
-    /// The state would be larger than the function's `state_limit`.
+    /// The state, or the invocation's writes, would be larger than the
+    /// function's `state_limit`.
     OverLimit,
+    /// The invocation already made [`MAX_WRITES_PER_INVOCATION`] writes.
+    TooMany,
 }
 
 /// One invocation's writes over the committed state.
 #[derive(Debug, Default)]
 pub struct Overlay {
-    /// Key → new value (`None`: deleted).
+    /// Key → new value (`None`: deleted). Holds only writes that change
+    /// something: a delete of a key the invocation does not see is no
+    /// write.
     writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     /// Bytes the state would grow (or shrink) by if committed now.
     delta: isize,
+    /// Bytes `writes` holds: keys, and the values of sets.
+    pending: usize,
+    /// Write calls made, refused ones included.
+    calls: usize,
+}
+
+/// Bytes one write holds.
+fn held(key: &[u8], value: Option<&[u8]>) -> usize {
+    key.len() + value.map_or(0, <[u8]>::len)
 }
 
 impl Overlay {
@@ -265,6 +285,8 @@ impl Overlay {
     pub fn clear(&mut self) {
         self.writes.clear();
         self.delta = 0;
+        self.pending = 0;
+        self.calls = 0;
     }
 
     /// Calls `f` with `key`'s value as this invocation sees it.
@@ -280,8 +302,10 @@ impl Overlay {
         }
     }
 
-    /// Writes `key` (`value` `None`: deletes it), unless the key is invalid
-    /// or the state would pass its limit.
+    /// Writes `key` (`value` `None`: deletes it), unless the key is invalid,
+    /// the invocation made [`MAX_WRITES_PER_INVOCATION`] writes, or the
+    /// state or the invocation's writes would pass the limit. A delete of
+    /// a key the invocation does not see changes nothing and holds nothing.
     pub fn write(
         &mut self,
         state: &FunctionState,
@@ -291,13 +315,36 @@ impl Overlay {
         if key.is_empty() || key.len() > MAX_KEY_LEN {
             return Err(Refused::InvalidKey);
         }
+        self.calls += 1;
+        if self.calls > MAX_WRITES_PER_INVOCATION {
+            return Err(Refused::TooMany);
+        }
         let size = |v: Option<&[u8]>| v.map_or(0, |v| key.len() + v.len()) as isize;
         let before = self.read(state, key, size);
+        let seen = self.read(state, key, |v| v.is_some());
+        let written = self.writes.get(key).map(|v| held(key, v.as_deref()));
+        if value.is_none() && !seen {
+            return Ok(());
+        }
         let delta = self.delta + size(value) - before;
         // A delete never grows the state: always allowed.
         if value.is_some() && delta > 0 && state.bytes() as isize + delta > state.limit() as isize {
             return Err(Refused::OverLimit);
         }
+        let committed = state.read(key, |v| v.is_some());
+        let pending = self.pending - written.unwrap_or(0);
+        if value.is_none() && !committed {
+            // Set by this invocation only: forgetting the set deletes it.
+            self.writes.remove(key);
+            self.pending = pending;
+            self.delta = delta;
+            return Ok(());
+        }
+        let pending = pending + held(key, value);
+        if value.is_some() && pending > state.limit() {
+            return Err(Refused::OverLimit);
+        }
+        self.pending = pending;
         self.delta = delta;
         self.writes.insert(key.to_vec(), value.map(<[u8]>::to_vec));
         Ok(())
@@ -306,6 +353,8 @@ impl Overlay {
     /// The writes, in key order, leaving the overlay empty.
     pub fn take(&mut self) -> Vec<StateWrite> {
         self.delta = 0;
+        self.pending = 0;
+        self.calls = 0;
         std::mem::take(&mut self.writes)
             .into_iter()
             .map(|(key, value)| StateWrite { key, value })
@@ -355,6 +404,44 @@ mod tests {
         assert_eq!(o.write(&s, &long, None), Err(Refused::InvalidKey));
         s.apply(&o.take());
         assert_eq!(s.bytes(), 6);
+    }
+
+    #[test]
+    fn an_invocations_writes_are_bounded_in_bytes_and_count_and_deleting_nothing_holds_nothing() {
+        let s = FunctionState::with("f", 64, [(b"k".to_vec(), vec![0; 5])]);
+        let mut o = Overlay::default();
+        // Deletes of keys it does not see: no writes, however many.
+        for i in 0..MAX_WRITES_PER_INVOCATION - 3 {
+            assert_eq!(o.write(&s, format!("absent-{i}").as_bytes(), None), Ok(()));
+        }
+        assert_eq!(o.pending, 0);
+        // A key set and deleted in the same invocation is no write either.
+        o.write(&s, b"new", Some(b"v")).unwrap();
+        o.write(&s, b"new", None).unwrap();
+        o.write(&s, b"k", None).unwrap();
+        assert_eq!(
+            o.take(),
+            [StateWrite {
+                key: b"k".to_vec(),
+                value: None
+            }]
+        );
+        // Past the count, every write is refused.
+        let mut o = Overlay::default();
+        for _ in 0..MAX_WRITES_PER_INVOCATION {
+            o.write(&s, b"k", Some(b"1")).unwrap();
+        }
+        assert_eq!(o.write(&s, b"k", None), Err(Refused::TooMany));
+        assert_eq!(o.write(&s, b"x", Some(b"")), Err(Refused::TooMany));
+        // The writes held count against the limit: growing one value and
+        // shrinking it again leaves room for others.
+        let mut o = Overlay::default();
+        o.write(&s, b"k", None).unwrap();
+        assert_eq!(o.write(&s, b"a", Some(&[0; 60])), Ok(()));
+        assert_eq!(o.write(&s, b"b", Some(&[0; 10])), Err(Refused::OverLimit));
+        o.write(&s, b"a", Some(&[0; 1])).unwrap();
+        assert_eq!(o.write(&s, b"b", Some(&[0; 10])), Ok(()));
+        assert_eq!(o.pending, 1 + 2 + 11);
     }
 
     #[test]

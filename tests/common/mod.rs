@@ -198,6 +198,11 @@ impl Mosquitto {
         self.signal("-CONT");
     }
 
+    /// SIGHUP: it reads its configuration again, its `acl_file` among it.
+    pub fn reload(&self) {
+        self.signal("-HUP");
+    }
+
     fn signal(&self, sig: &str) {
         signal(self.child.as_ref().expect("running").id(), sig);
     }
@@ -831,8 +836,22 @@ pub async fn connected(cloud: Mosquitto) -> Connected {
 
 /// [`connected`] with the device-side broker `local`.
 pub async fn connected_to(local: Mosquitto, cloud: Mosquitto) -> Connected {
+    connected_with(local, cloud, "").await
+}
+
+/// [`connected_to`], with `upstream` (lines of `[upstream]`) added to the
+/// standard config.
+pub async fn connected_with(local: Mosquitto, cloud: Mosquitto, upstream: &str) -> Connected {
     let dir = tempfile::tempdir().unwrap();
     let config = standard_config(dir.path(), &local.url(), cloud.port);
+    let text = std::fs::read_to_string(&config).unwrap();
+    let prefix = "topic_prefix = \"site/pi-01/\"\n";
+    assert!(text.contains(prefix));
+    std::fs::write(
+        &config,
+        text.replacen(prefix, &format!("{prefix}{upstream}\n"), 1),
+    )
+    .unwrap();
     let upstream = Upstream::subscribe(cloud.port, "site/#").await;
     let daemon = Daemon::start(&config);
     daemon.wait_for_log(SUBSCRIBED);

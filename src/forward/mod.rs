@@ -21,29 +21,37 @@
 //!   publishes again every record still in the outbox, from the oldest.
 //!   Records sent before but not acknowledged are counted as `resent`
 //!   (possible duplicates upstream);
-//! - moves a record the broker refuses (an error reason code in the
-//!   PUBACK, e.g. not authorised) to the dead letters rather than retrying
-//!   it forever or dropping it silently; the same for a record it can
-//!   never take (larger than the Maximum Packet Size the broker announced,
-//!   or a topic that with the prefix is longer than MQTT allows);
+//! - keeps a record the broker refuses for who sends it (not authorised,
+//!   quota exceeded, …) and sends it again later, holding back the later
+//!   records of its topic meanwhile ([`refusals`]); moves a record the
+//!   broker refuses for what it is (an invalid topic name or payload
+//!   format), or a topic it kept refusing while it accepted others, to the
+//!   dead letters, rather than retrying it forever or dropping it
+//!   silently; the same for a record it can never take (larger than the
+//!   Maximum Packet Size the broker announced, or a topic that with the
+//!   prefix is longer than MQTT allows);
 //! - watches for a record that ends the connection whenever it is sent (a
-//!   broker that enforces a limit by disconnecting): after a connection is
-//!   lost while a record is the oldest unacknowledged, the next connection
-//!   sends that record alone first; when [`POISON_STRIKES`] connections in
-//!   a row end that way, the record moves to the dead letters and the rest
-//!   flows;
+//!   broker that enforces a limit or refuses by disconnecting): after a
+//!   connection is lost while a record is the oldest unacknowledged, the
+//!   next connection sends that record alone first; when [`POISON_STRIKES`]
+//!   connections in a row end that way, the record's topic is refused as
+//!   by a PUBACK ([`refusals`]): held back while the rest flows, tried
+//!   again later, and given up to the dead letters only if the upstream
+//!   keeps refusing it while accepting other topics;
 //! - at shutdown stops sending, waits up to [`DRAIN_GRACE`] for the PUBACKs
 //!   of what is in flight and reports those records delivered, so a clean
 //!   stop sends nothing twice (what is still unacknowledged then is sent
 //!   again at the next start).
 
+mod refusals;
+
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rumqttc::Outgoing;
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::mqttbytes::v5::{Packet, PubAck, PubAckReason, PublishProperties};
+use rumqttc::v5::mqttbytes::v5::{Packet, PubAck, PublishProperties};
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use tokio::sync::{Notify, watch};
 
@@ -51,6 +59,9 @@ use crate::config::UpstreamConfig;
 use crate::ingest::Backoff;
 use crate::metrics::Metrics;
 use crate::store::{Outbox, Reader, Record};
+use refusals::{Cause, Refusals, Verdict};
+
+pub use refusals::MAX_REFUSED_TOPICS;
 
 /// Acknowledged records are reported for deletion once this many have
 /// gathered, or at the next [`FLUSH_INTERVAL`] tick, whichever comes first:
@@ -76,6 +87,18 @@ pub const DRAIN_GRACE: Duration = Duration::from_secs(3);
 /// Longest topic MQTT can carry (its length is a 16-bit field).
 const MAX_TOPIC_LEN: usize = 65_535;
 
+/// Most records one fill looks at: records held back (their topic is
+/// refused) take no room in the window, so a long run of them is gone
+/// through over several ticks rather than in one go.
+const SCAN_PER_FILL: usize = 4096;
+
+/// Refusals logged per minute (all are counted).
+static REFUSALS_LOGGED: crate::throttle::Throttle = crate::throttle::Throttle::per_minute(5);
+
+/// Records moved to the dead letters logged per minute (each is counted in
+/// `upstream_rejected` and kept in the dead letters with its reason).
+static REJECTIONS_LOGGED: crate::throttle::Throttle = crate::throttle::Throttle::per_minute(10);
+
 /// A record's stable id: `<gateway id>:<incarnation>:<seq>`, the
 /// incarnation in 16 hex digits (see the store's invariant 5).
 pub fn record_id(gateway_id: &str, incarnation: u64, seq: i64) -> String {
@@ -86,10 +109,12 @@ pub fn record_id(gateway_id: &str, incarnation: u64, seq: i64) -> String {
 pub const ID_PROPERTY: &str = "edgefn-id";
 
 /// A published record awaiting its PUBACK.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct InFlight {
     /// Outbox position.
     seq: i64,
+    /// Its topic, as emitted (without the prefix).
+    topic: String,
 }
 
 /// The forwarding task.
@@ -118,8 +143,10 @@ struct Connection {
     unnumbered: VecDeque<InFlight>,
     /// Packet id → record, this connection only.
     by_pkid: HashMap<u16, InFlight>,
-    /// Highest seq published on this connection.
+    /// Where the next fill reads from: the last record looked at.
     cursor: i64,
+    /// Highest seq published on this connection.
+    highest_sent: i64,
     /// Whether CONNACK arrived.
     connected: bool,
     /// The broker's Maximum Packet Size (CONNACK), if it announced one.
@@ -133,13 +160,23 @@ impl Connection {
         self.unnumbered.len() + self.by_pkid.len()
     }
 
+    /// Whether record `seq` was sent on this connection and awaits its
+    /// PUBACK.
+    fn sent(&self, seq: i64) -> bool {
+        seq <= self.highest_sent
+            && self
+                .unnumbered
+                .iter()
+                .chain(self.by_pkid.values())
+                .any(|r| r.seq == seq)
+    }
+
     /// The oldest record sent on this connection and not acknowledged.
-    fn oldest_unacknowledged(&self) -> Option<i64> {
+    fn oldest_unacknowledged(&self) -> Option<&InFlight> {
         self.unnumbered
             .iter()
             .chain(self.by_pkid.values())
-            .map(|r| r.seq)
-            .min()
+            .min_by_key(|r| r.seq)
     }
 }
 
@@ -154,7 +191,7 @@ struct Suspect {
 }
 
 /// What the forwarder knows across connections.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Progress {
     /// Acknowledged records not yet reported to the store.
     acked: Vec<i64>,
@@ -163,6 +200,8 @@ struct Progress {
     sent_before: i64,
     /// The record suspected of ending connections, if any.
     suspect: Option<Suspect>,
+    /// Topics the upstream refuses.
+    refusals: Refusals,
 }
 
 impl Forwarder {
@@ -187,7 +226,12 @@ impl Forwarder {
     /// Runs until `shutdown` turns true.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
-        let mut progress = Progress::default();
+        let mut progress = Progress {
+            acked: Vec::new(),
+            sent_before: 0,
+            suspect: None,
+            refusals: Refusals::new(self.config.refused_topic_timeout),
+        };
         let mut tick = tokio::time::interval(FLUSH_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let window = usize::from(self.config.broker.in_flight);
@@ -202,6 +246,7 @@ impl Forwarder {
                 unnumbered: VecDeque::new(),
                 by_pkid: HashMap::new(),
                 cursor: 0,
+                highest_sent: 0,
                 connected: false,
                 max_packet: None,
                 probing: false,
@@ -218,6 +263,7 @@ impl Forwarder {
                     _ = tick.tick() => {
                         self.flush(&mut progress.acked);
                         if conn.connected {
+                            self.rewind_if_due(&mut conn, &mut progress);
                             self.fill(&mut conn, window, &mut progress).await;
                         }
                     }
@@ -241,6 +287,7 @@ impl Forwarder {
                         }
                         Ok(Event::Incoming(Packet::PubAck(ack))) => {
                             self.on_puback(&mut conn, &ack, &mut progress);
+                            self.rewind_if_due(&mut conn, &mut progress);
                             self.fill(&mut conn, window, &mut progress).await;
                         }
                         Ok(Event::Incoming(Packet::Disconnect(d))) => {
@@ -252,11 +299,23 @@ impl Forwarder {
                 }
             };
             Metrics::set(&self.metrics.upstream_connected, 0);
+            // What the broker sent just before it closed the connection (a
+            // PUBACK refusing a record, from a broker that then closes) was
+            // read but not yet handed out.
+            while let Some(event) = events.state.events.pop_front() {
+                match event {
+                    Event::Incoming(Packet::PubAck(ack)) => {
+                        self.on_puback(&mut conn, &ack, &mut progress)
+                    }
+                    event => Self::on_event(&mut conn, event),
+                }
+            }
             let delay = backoff.next_delay();
             tracing::warn!(error = %lost, retry_in = ?delay, pending = conn.in_flight(), "upstream connection lost");
             if conn.connected {
                 self.suspect(&conn, &mut progress);
             }
+            progress.refusals.connection_lost();
             drop(conn);
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
@@ -275,17 +334,49 @@ impl Forwarder {
         }
     }
 
-    /// A PUBACK: the record is delivered, or refused by the broker.
+    /// A PUBACK: the record is delivered, refused for what it is (to the
+    /// dead letters), or refused for who sends it (kept; see
+    /// [`refusals`]).
     fn on_puback(&self, conn: &mut Connection, ack: &PubAck, progress: &mut Progress) {
         let Some(r) = conn.by_pkid.remove(&ack.pkid) else {
             return;
         };
-        match ack.reason {
-            PubAckReason::Success | PubAckReason::NoMatchingSubscribers => {
-                progress.acked.push(r.seq)
+        let now = Instant::now();
+        match refusals::verdict(ack.reason) {
+            Verdict::Delivered => {
+                progress.refusals.accepted(&r.topic, now);
+                progress.acked.push(r.seq);
             }
-            reason => self.refuse(r.seq, format!("upstream refused: {reason:?}")),
+            Verdict::Rejected => self.refuse(
+                r.seq,
+                format!(
+                    "upstream refused: {:?} (0x{:02x})",
+                    ack.reason,
+                    refusals::code(ack.reason)
+                ),
+            ),
+            Verdict::Refused => {
+                Metrics::add(&self.metrics.upstream_refusals, 1);
+                match progress
+                    .refusals
+                    .refused(r.seq, &r.topic, Cause::Reason(ack.reason), now)
+                {
+                    Some(why) => self.refuse(r.seq, why),
+                    None => {
+                        if let Some(not_logged) = REFUSALS_LOGGED.admit() {
+                            tracing::warn!(
+                                seq = r.seq,
+                                topic = r.topic,
+                                reason = ?ack.reason,
+                                not_logged,
+                                "the upstream refused a record for now: kept, and sent again later"
+                            );
+                        }
+                    }
+                }
+            }
         }
+        self.report_refusals(&progress.refusals);
         if progress.suspect.is_some_and(|s| s.seq == r.seq) {
             // It went through (or was refused outright): not the cause.
             progress.suspect = None;
@@ -296,13 +387,36 @@ impl Forwarder {
         }
     }
 
+    /// Sets the refusal gauges.
+    fn report_refusals(&self, refusals: &Refusals) {
+        Metrics::set(
+            &self.metrics.upstream_refused_topics,
+            refusals.refused_topics() as u64,
+        );
+        Metrics::set(
+            &self.metrics.upstream_refusal_reason,
+            refusals.reason().map_or(0, Cause::code),
+        );
+    }
+
+    /// When records held back for a refused topic are due, sends from the
+    /// oldest of them again: what was acknowledged meanwhile is reported
+    /// first, so it is not read back.
+    fn rewind_if_due(&self, conn: &mut Connection, progress: &mut Progress) {
+        if let Some(from) = progress.refusals.rewind(Instant::now()) {
+            self.flush(&mut progress.acked);
+            conn.cursor = conn.cursor.min(from);
+        }
+    }
+
     /// After a connection that was up is lost: the oldest record it had
     /// unacknowledged takes a strike, and after [`POISON_STRIKES`] in a
     /// row it goes to the dead letters.
     fn suspect(&self, conn: &Connection, progress: &mut Progress) {
-        let Some(seq) = conn.oldest_unacknowledged() else {
+        let Some(InFlight { seq, topic }) = conn.oldest_unacknowledged() else {
             return;
         };
+        let seq = *seq;
         let strikes = match progress.suspect {
             Some(s) if s.seq == seq => s.strikes + 1,
             _ => 1,
@@ -317,14 +431,36 @@ impl Forwarder {
             progress.suspect = Some(Suspect { seq, strikes });
             return;
         }
+        // A refusal by closing the connection: the record's topic is held
+        // back and tried again later (refusals), and goes to the dead
+        // letters only if the upstream goes on doing so while it accepts
+        // other records.
         progress.suspect = None;
-        self.refuse(
-            seq,
-            format!(
-                "the upstream broker closed the connection each of the {POISON_STRIKES} times \
-                 this record was the oldest unacknowledged"
+        Metrics::add(&self.metrics.upstream_refusals, 1);
+        match progress
+            .refusals
+            .refused(seq, topic, Cause::Closed, Instant::now())
+        {
+            Some(why) => self.refuse(
+                seq,
+                format!(
+                    "the upstream broker closed the connection each of the {POISON_STRIKES} times \
+                     this record was the oldest unacknowledged: {why}"
+                ),
             ),
-        );
+            None => {
+                if let Some(not_logged) = REFUSALS_LOGGED.admit() {
+                    tracing::warn!(
+                        seq,
+                        topic,
+                        not_logged,
+                        "the upstream closed the connection each time this record was sent: \
+                         its topic is held back and tried again later"
+                    );
+                }
+            }
+        }
+        self.report_refusals(&progress.refusals);
     }
 
     /// Clean shutdown: sends nothing more, waits up to [`DRAIN_GRACE`] for
@@ -361,9 +497,14 @@ impl Forwarder {
         .await;
     }
 
-    /// Publishes records after the cursor until the window is full.
+    /// Publishes records after the cursor until the window is full (records
+    /// of a refused topic held back, records already on their way skipped).
     async fn fill(&self, conn: &mut Connection, window: usize, progress: &mut Progress) {
+        let mut scanned = 0;
         loop {
+            if scanned >= SCAN_PER_FILL {
+                return;
+            }
             let window = if conn.probing { 1 } else { window };
             let room = window.saturating_sub(conn.in_flight());
             if room == 0 {
@@ -390,7 +531,13 @@ impl Forwarder {
             if records.is_empty() {
                 return;
             }
+            scanned += records.len();
+            let now = Instant::now();
             for r in records {
+                if conn.sent(r.seq) || !progress.refusals.admit(r.seq, &r.topic, now) {
+                    conn.cursor = r.seq;
+                    continue;
+                }
                 if let Some(why) = self.unsendable(conn, &r) {
                     // It can never be sent to this broker: retrying would
                     // block everything behind it.
@@ -449,7 +596,10 @@ impl Forwarder {
             )],
             ..Default::default()
         };
-        let in_flight = InFlight { seq: r.seq };
+        let in_flight = InFlight {
+            seq: r.seq,
+            topic: r.topic,
+        };
         match conn.client.try_publish_with_properties(
             topic,
             QoS::AtLeastOnce,
@@ -460,6 +610,7 @@ impl Forwarder {
             Ok(()) => {
                 conn.unnumbered.push_back(in_flight);
                 conn.cursor = r.seq;
+                conn.highest_sent = conn.highest_sent.max(r.seq);
                 true
             }
             Err(e) => {
@@ -483,11 +634,14 @@ impl Forwarder {
     /// it to the dead letters; counted and logged.
     fn refuse(&self, seq: i64, why: String) {
         Metrics::add(&self.metrics.upstream_rejected, 1);
-        tracing::error!(
-            seq,
-            reason = why,
-            "a record cannot be delivered upstream; moved to the dead letters"
-        );
+        if let Some(not_logged) = REJECTIONS_LOGGED.admit() {
+            tracing::error!(
+                seq,
+                reason = why,
+                not_logged,
+                "a record cannot be delivered upstream; moved to the dead letters"
+            );
+        }
         self.outbox.refused(seq, why);
     }
 }
