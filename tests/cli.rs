@@ -468,6 +468,12 @@ fn deploy_seals_a_bundle_a_gateway_accepts_and_refuses_what_a_gateway_would() {
         "100ms",
         "--version",
         "7",
+        "--min-version",
+        "5",
+        "--expires",
+        "1h",
+        "--rollback",
+        "never",
         "--group",
         "site-a",
         "--signing-key",
@@ -475,6 +481,7 @@ fn deploy_seals_a_bundle_a_gateway_accepts_and_refuses_what_a_gateway_would() {
         "--output",
         &path("b.cbor"),
     ]);
+    let signed_at = edgefn::fleet::version_now();
     assert!(out.status.success(), "{}", text(&out));
     assert!(
         text(&out).contains("clean-temperature v7"),
@@ -490,6 +497,12 @@ fn deploy_seals_a_bundle_a_gateway_accepts_and_refuses_what_a_gateway_would() {
     };
     let body = edgefn::bundle::open(&std::fs::read(path("b.cbor")).unwrap(), &verifier).unwrap();
     assert_eq!((body.name(), body.version), ("clean-temperature", 7));
+    assert_eq!(body.min_version, Some(5));
+    let end = body.expires_ms.unwrap();
+    assert!(
+        (signed_at - 60_000 + 3_600_000..=signed_at + 3_600_000).contains(&end),
+        "{end} is not an hour after {signed_at}"
+    );
     let edgefn::bundle::Change::Deploy {
         manifest, module, ..
     } = body.change
@@ -497,6 +510,7 @@ fn deploy_seals_a_bundle_a_gateway_accepts_and_refuses_what_a_gateway_would() {
         panic!("a deploy")
     };
     assert_eq!(manifest.env.get("UNIT").map(String::as_str), Some("F"));
+    assert_eq!(manifest.rollback.as_deref(), Some("never"));
     assert_eq!(module, std::fs::read(clean).unwrap());
 
     // A manifest file holding a [[functions]] table, its module relative to it.
@@ -565,6 +579,68 @@ fn deploy_seals_a_bundle_a_gateway_accepts_and_refuses_what_a_gateway_would() {
         (
             vec!["deploy", clean, "--name", "c", "--trigger", "a"],
             "no target",
+        ),
+        (
+            vec![
+                "deploy",
+                clean,
+                "--name",
+                "c",
+                "--trigger",
+                "a",
+                "--gateway",
+                "g",
+                "--version",
+                "9223372036854775808",
+            ],
+            "above 9223372036854775807",
+        ),
+        (
+            vec![
+                "deploy",
+                clean,
+                "--name",
+                "c",
+                "--trigger",
+                "a",
+                "--gateway",
+                "g",
+                "--version",
+                "7",
+                "--min-version",
+                "8",
+            ],
+            "min_version 8 is above",
+        ),
+        (
+            vec![
+                "deploy",
+                clean,
+                "--name",
+                "c",
+                "--trigger",
+                "a",
+                "--gateway",
+                "g",
+                "--expires",
+                "soon",
+            ],
+            "expected a duration",
+        ),
+        (
+            vec![
+                "deploy",
+                clean,
+                "--name",
+                "c",
+                "--trigger",
+                "a",
+                "--gateway",
+                "g",
+                "--rollback",
+                "sometimes",
+            ],
+            "rollback",
         ),
     ];
     for (args, reason) in refused {
