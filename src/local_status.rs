@@ -98,6 +98,17 @@ pub fn render(r: &Report) -> String {
             "not connected"
         }
     );
+    if c.upstream_refused_topics > 0 {
+        let how = match c.upstream_refusal_reason {
+            256 => "it closes the connection".to_owned(),
+            code => format!("reason 0x{code:02x}"),
+        };
+        let _ = writeln!(
+            out,
+            "  upstream    refuses {} topic(s) ({how}): their records wait and are tried again",
+            c.upstream_refused_topics
+        );
+    }
     let _ = writeln!(
         out,
         "  buffer      {} records, {}{}",

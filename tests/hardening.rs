@@ -293,6 +293,11 @@ async fn a_cloud_that_refuses_every_record_costs_time_not_data() {
         outbox_rows(&dir.path().join("data/edgefn.db")),
         readings as i64
     );
+    let status = edgefn::local_status::render(&gateway.report());
+    assert!(
+        status.contains("upstream    refuses 1 topic(s) (reason 0x87)"),
+        "{status}"
+    );
     // The ACL fixed and reloaded: every reading arrives, in order.
     std::fs::write(&acl, "topic readwrite #\n").unwrap();
     cloud.reload();
