@@ -24,6 +24,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::route::TopicFilter;
 
+/// The function name of dead letters for records the upstream refused:
+/// reserved, no function may take it.
+pub const UPSTREAM: &str = "upstream";
 /// Everything that can be wrong with a configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -1315,7 +1318,7 @@ fn check_deploy(
     }
     let mut trusted_keys = Vec::new();
     for (i, k) in raw.trusted_keys.iter().enumerate() {
-        match crate::bundle::parse_public_key(k) {
+        match crate::keys::parse_public_key(k) {
             Ok(key) => trusted_keys.push(key),
             Err(e) => p.push(format!("deploy.trusted_keys[{i}]"), e.to_string()),
         }
@@ -1373,7 +1376,7 @@ fn check_function(
             ),
         );
     }
-    if raw.name == crate::store::UPSTREAM {
+    if raw.name == crate::config::UPSTREAM {
         p.push(
             format!("{key}.name"),
             "\"upstream\" is edgefn's own (the dead letters of records the upstream refused)",
@@ -1758,7 +1761,7 @@ concurrency = 2
     /// A public key as `edgefn keygen` prints it.
     fn key() -> String {
         let k = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
-        crate::bundle::public_key_text(&k.verifying_key())
+        crate::keys::public_key_text(&k.verifying_key())
     }
 
     #[test]

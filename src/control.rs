@@ -21,7 +21,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rumqttc::v5::mqttbytes::QoS;
@@ -32,10 +32,11 @@ use rumqttc::v5::{AsyncClient, ConnectionError, Event};
 use serde::Serialize;
 use tokio::sync::{Notify, watch};
 
+use crate::clock::now_ms;
 use crate::config::BrokerClientConfig;
 use crate::deploy::{Applied, Deployer, Event as DeployEvent};
-use crate::ingest::Backoff;
 use crate::registry::{Origin, Registry};
+use crate::shutdown::Backoff;
 
 /// How often the gateway status is published again, so a reader can tell
 /// a live gateway (a recent `updated_ms`) from a stale retained message.
@@ -135,12 +136,6 @@ struct RunningFunction {
     failed_per_min: Option<f64>,
     /// The running version's last failure.
     last_failure: Option<String>,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Most functions with a status (published, and kept to publish again at
@@ -406,7 +401,7 @@ impl Control {
         };
         loop {
             tokio::select! {
-                _ = crate::ingest::stopped(&mut shutdown) => break,
+                _ = crate::shutdown::stopped(&mut shutdown) => break,
                 _ = refresh.tick() => publish_status(true),
                 _ = metrics_tick.tick() => publish_metrics(),
                 event = events.poll() => match event {
@@ -454,7 +449,7 @@ impl Control {
                         tracing::warn!(error = %e, retry_in = ?delay, "control broker connection lost");
                         tokio::select! {
                             _ = tokio::time::sleep(delay) => {}
-                            _ = crate::ingest::stopped(&mut shutdown) => break,
+                            _ = crate::shutdown::stopped(&mut shutdown) => break,
                         }
                     }
                 }

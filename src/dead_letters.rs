@@ -22,8 +22,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
+use crate::clock::now_ms;
+use crate::config::UPSTREAM;
 use crate::ingest::{Ack, AckWaiter, Delivery, Replay};
-use crate::store::{Inspector, Selection, StoredDeadLetter, UPSTREAM};
+use crate::store::{Inspector, Selection, StoredDeadLetter};
 use crate::text::{Printable, printable};
 
 /// How often the daemon looks for replays asked for.
@@ -50,7 +52,7 @@ impl Replayer {
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
-                _ = crate::ingest::stopped(&mut shutdown) => return,
+                _ = crate::shutdown::stopped(&mut shutdown) => return,
             }
             in_flight.retain_mut(|(_, w)| w.try_get().is_none());
             let busy: HashSet<i64> = in_flight.iter().map(|(id, _)| *id).collect();
@@ -86,7 +88,7 @@ impl Replayer {
                 in_flight.push((d.id, waiter));
                 tokio::select! {
                     sent = self.deliveries.send(delivery) => if sent.is_err() { return },
-                    _ = crate::ingest::stopped(&mut shutdown) => return,
+                    _ = crate::shutdown::stopped(&mut shutdown) => return,
                 }
             }
         }
@@ -189,12 +191,6 @@ fn list_ids(ids: &[i64]) -> String {
     } else {
         format!("ids {}", shown.join(", "))
     }
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// How long ago `ms` was, roughly ("3m", "2h", "5d").

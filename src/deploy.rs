@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::broadcast;
 
 use crate::bundle::{self, Body, Change, Refusal, Verifier};
+use crate::clock::now_ms;
 use crate::config::{Config, DeployConfig, Rollback};
 use crate::metrics::Metrics;
 use crate::registry::{Deployed, Origin, Registry};
@@ -577,13 +578,6 @@ impl Deployer {
             .expect("deployments task")
             .map_err(|e| Refused::new("persist_failed", e.to_string()))
     }
-}
-
-/// The wall clock, in ms since the epoch (0 before it).
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// `bytes` in lowercase hex.

@@ -13,7 +13,7 @@ use crate::runtime::{FunctionSpec, Runtime, Target};
 /// Writes a new private key to `out` (mode 0600; an existing file is not
 /// replaced) and returns the public key as `deploy.trusted_keys` takes it.
 pub fn keygen(out: &Path) -> anyhow::Result<String> {
-    let key = bundle::generate_key().context("cannot draw a random key")?;
+    let key = crate::keys::generate_key().context("cannot draw a random key")?;
     use std::os::unix::fs::OpenOptionsExt;
     let mut file = std::fs::OpenOptions::new()
         .write(true)
@@ -21,17 +21,17 @@ pub fn keygen(out: &Path) -> anyhow::Result<String> {
         .mode(0o600)
         .open(out)
         .with_context(|| format!("cannot create {}", out.display()))?;
-    file.write_all(bundle::private_key_text(&key).as_bytes())
+    file.write_all(crate::keys::private_key_text(&key).as_bytes())
         .and_then(|()| file.sync_all())
         .with_context(|| format!("cannot write {}", out.display()))?;
-    Ok(bundle::public_key_text(&key.verifying_key()))
+    Ok(crate::keys::public_key_text(&key.verifying_key()))
 }
 
 /// Reads the private key file `path`.
 pub fn read_signing_key(path: &Path) -> anyhow::Result<ed25519_dalek::SigningKey> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read the signing key {}", path.display()))?;
-    bundle::parse_private_key(&text)
+    crate::keys::parse_private_key(&text)
         .with_context(|| format!("{} is not an edgefn signing key", path.display()))
 }
 
@@ -172,9 +172,7 @@ fn check_targets(t: &Targets) -> anyhow::Result<()> {
 /// The default version: the current time in milliseconds, which grows
 /// from one deploy to the next from the same machine.
 pub fn version_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    crate::clock::now_ms()
 }
 
 /// What `edgefn deploy --broker` (or `edgefn remove --broker`) publishes

@@ -25,12 +25,12 @@ use crate::dead_letters::Replayer;
 use crate::deploy::{Applied, Deployer, Refused};
 use crate::forward::Forwarder;
 use crate::ingest::mqtt::MqttIngest;
+use crate::ingest::schedule::Scheduler;
 use crate::metrics::{Metrics, Snapshot};
 use crate::pipeline::Pipeline;
 use crate::registry::{Deployed, Origin, Registry};
 use crate::runtime::pool::{FunctionMetrics, Pool};
 use crate::runtime::{Runtime, Target};
-use crate::schedule::Scheduler;
 use crate::store;
 
 /// How long the pipeline may take to commit what it holds at shutdown
@@ -165,7 +165,7 @@ impl Gateway {
             LocalSource::Embedded { .. } => 1024,
         };
         let (deliveries_tx, deliveries_rx) = mpsc::channel(in_flight);
-        let commit_latency = Arc::new(crate::telemetry::Window::default());
+        let commit_latency = Arc::new(crate::metrics::Window::default());
         let pipeline = Pipeline {
             registry: registry.clone(),
             writer,

@@ -8,37 +8,59 @@
 //!
 //! # Layout
 //!
-//! In data-flow order:
+//! In layers: a module imports only from the layers listed before its own
+//! (the vocabulary first, the commands last); within the configuration
+//! layer, only from modules listed before it; the stages in data-flow
+//! order.
 //!
-//! - [`config`] — the TOML file: typed, every key checked, all errors at once.
-//! - [`bundle`] — signed function bundles (docs/DEPLOY.md): sealing and checking.
-//! - [`ingest`] — device messages in: [`ingest::mqtt`] (an existing broker, MQTT 5
-//!   client, manual acks) and `ingest::embedded` (rmqtt in process, PUBACK after
-//!   commit). Both yield [`ingest::Delivery`] `{ topic, payload, ack }`.
-//! - [`route`] — MQTT topic filters → functions.
-//! - [`registry`] — the functions that run now, by name; the routing table,
-//!   swapped atomically when a function is installed or removed.
-//! - [`runtime`] — wasmtime: one engine, ABI v1 checks, warm instances,
-//!   limits; [`runtime::pool`] runs them on worker threads.
-//! - [`pipeline`] — route → invoke → group commit → ack, in ingest order.
-//! - [`store`] — the SQLite outbox; its module doc is the storage spec.
-//! - [`forward`] — the outbox to the upstream broker, delete on PUBACK.
-//! - [`control`] — the control connection: deploy topics in, status topics out.
-//! - [`deploy`] — bundles applied on the gateway: verified, persisted, swapped in.
-//! - [`gateway`] — builds and wires the stages; startup and shutdown order.
-//! - [`metrics`] — counters for status lines and tests.
-//! - [`broker_client`] and [`tls`] — what edgefn's two MQTT client connections
-//!   share: options, and `mqtts://` (CA and client certificate files → rustls).
+//! Vocabulary, importing nothing of the crate:
+//! - [`route`] — MQTT topic filters and the router: topic → functions.
+//! - [`schedule`] — the `schedule` value (`every 30s`, `cron: …`) and the
+//!   topics of scheduled runs.
+//! - [`clock`] — the wall clock, ms since the epoch.
+//! - [`keys`] — Ed25519 keys as text, and new ones.
+//! - [`metrics`] — the gateway's live counters and duration windows.
+//! - [`shutdown`] — the shutdown signal every task watches; reconnect backoff.
+//! - [`tls`] — `mqtts://`: CA and client certificate files → rustls.
 //! - [`text`] and [`throttle`] — device- and guest-supplied text escaped
 //!   for terminals; log lines a peer can cause, throttled.
+//!
+//! Configuration and the things it describes:
+//! - [`config`] — the TOML file: typed, every key checked, all errors at once.
+//! - [`broker_client`] — what edgefn's MQTT client connections share.
+//! - [`bundle`] — signed function bundles (docs/DEPLOY.md): sealing and checking.
+//! - [`runtime`] — wasmtime: one engine, ABI v1 checks, warm instances,
+//!   limits, state; [`runtime::pool`] runs them on worker threads.
+//! - [`store`] — SQLite: outbox, dead letters, state, deployments; its
+//!   module doc is the storage spec.
+//! - [`registry`] — the functions that run now, by name; the routing table,
+//!   swapped atomically when a function is installed or removed.
+//!
+//! Stages, in data-flow order:
+//! - [`ingest`] — deliveries in: [`ingest::mqtt`] (an existing broker, MQTT 5
+//!   client, manual acks), `ingest::embedded` (rmqtt in process, PUBACK after
+//!   commit) and [`ingest::schedule`] (scheduled runs). All yield
+//!   [`ingest::Delivery`] `{ topic, payload, ack }`.
+//! - [`pipeline`] — route → invoke → group commit → ack, in ingest order.
+//! - [`forward`] — the outbox to the upstream broker, delete on PUBACK;
+//!   refusals held back per topic.
+//! - [`control`] — the control connection: deploy topics in, status topics out.
+//! - [`deploy`] — bundles applied on the gateway: verified, persisted, swapped in.
+//! - [`telemetry`] — one report of the metrics: Prometheus, JSON, HTTP.
+//! - [`gateway`] — builds and wires the stages; startup and shutdown order.
+//!
+//! Commands:
 //! - [`invoke`] — `edgefn invoke`, the runtime without a broker.
-//! - [`fleet`] — `edgefn keygen`, `edgefn deploy`, `edgefn remove`: keys and bundles.
+//! - [`fleet`] — `edgefn keygen`, `edgefn deploy`, `edgefn remove`, `edgefn status --broker`.
+//! - [`dead_letters`] — `edgefn dead-letters`: list, show, replay, purge.
+//! - [`local_status`] — `edgefn status --config`: the gateway's report as a table.
 //! - `demo` — `edgefn demo`: gateway, devices and a stand-in cloud in one process.
 //! - [`cli`] — subcommands → library calls.
 
 pub mod broker_client;
 pub mod bundle;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod control;
 pub mod dead_letters;
@@ -50,6 +72,7 @@ pub mod forward;
 pub mod gateway;
 pub mod ingest;
 pub mod invoke;
+pub mod keys;
 pub mod local_status;
 pub mod metrics;
 pub mod pipeline;
@@ -57,6 +80,7 @@ pub mod registry;
 pub mod route;
 pub mod runtime;
 pub mod schedule;
+pub mod shutdown;
 pub mod store;
 pub mod telemetry;
 pub mod text;

@@ -11,8 +11,9 @@ use std::net::SocketAddr;
 use anyhow::Context as _;
 
 use crate::config::Config;
+use crate::metrics::Percentiles;
 use crate::store::Inspector;
-use crate::telemetry::{Percentiles, Report};
+use crate::telemetry::Report;
 
 /// What `edgefn status --config` prints.
 pub async fn status(config: &Config) -> anyhow::Result<String> {

@@ -6,7 +6,9 @@
 //! counters live in [`crate::runtime::pool::FunctionMetrics`]; both are
 //! read into one report by [`crate::telemetry`].
 
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -140,5 +142,68 @@ impl Metrics {
     /// Adds `n` to `counter`.
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// Durations a [`Window`] keeps: percentiles are over the most recent/// this many.
+pub const WINDOW: usize = 1024;
+
+/// The most recent [`WINDOW`] durations of something, for percentiles.
+#[derive(Debug, Default)]
+pub struct Window(Mutex<Ring>);
+
+#[derive(Debug, Default)]
+struct Ring {
+    /// Microseconds, up to [`WINDOW`] of them.
+    samples: Vec<u32>,
+    /// Where the next goes once full.
+    next: usize,
+}
+
+/// Percentiles of a [`Window`], milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Percentiles {
+    /// Median.
+    pub p50_ms: f64,
+    /// 95th percentile.
+    pub p95_ms: f64,
+    /// 99th percentile.
+    pub p99_ms: f64,
+    /// How many durations they are of.
+    pub samples: usize,
+}
+
+impl Window {
+    /// Adds a duration, pushing out the oldest once full.
+    pub fn record(&self, d: Duration) {
+        let micros = u32::try_from(d.as_micros()).unwrap_or(u32::MAX);
+        let mut r = self.0.lock().expect("window lock");
+        if r.samples.len() < WINDOW {
+            r.samples.push(micros);
+        } else {
+            let i = r.next;
+            r.samples[i] = micros;
+        }
+        r.next = (r.next + 1) % WINDOW;
+    }
+
+    /// The percentiles of what it holds; none while empty.
+    pub fn percentiles(&self) -> Option<Percentiles> {
+        let mut v = self.0.lock().expect("window lock").samples.clone();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_unstable();
+        // Nearest rank.
+        let at = |p: f64| {
+            let rank = ((p * v.len() as f64).ceil() as usize).clamp(1, v.len());
+            f64::from(v[rank - 1]) / 1000.0
+        };
+        Some(Percentiles {
+            p50_ms: at(0.50),
+            p95_ms: at(0.95),
+            p99_ms: at(0.99),
+            samples: v.len(),
+        })
     }
 }

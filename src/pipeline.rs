@@ -38,11 +38,12 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::{Notify, mpsc, oneshot};
 
-use crate::ingest::{Ack, Backoff, Delivery, Replay};
+use crate::ingest::{Ack, Delivery, Replay};
 use crate::metrics::Metrics;
 use crate::registry::{Deployed, Registry};
 use crate::runtime::Emitted;
 use crate::runtime::pool::Outcome;
+use crate::shutdown::Backoff;
 use crate::store::{DeadLetter, NewRecord, Outcomes, Replayed, Writer};
 
 /// A commit that takes this long is logged: on a healthy SD card a commit
@@ -110,7 +111,7 @@ impl Pending {
         let mut outcomes = Outcomes::default();
         let mut publishes = Vec::new();
         if let Some(r) = &self.replay {
-            if r.function == crate::store::UPSTREAM {
+            if r.function == crate::config::UPSTREAM {
                 // A record the upstream refused: sent again.
                 outcomes.records.push(NewRecord {
                     topic: self.topic.to_string(),
@@ -201,7 +202,7 @@ pub struct Pipeline {
     /// Where functions' local publishes go after commit.
     pub local_publish: Option<mpsc::Sender<Emitted>>,
     /// Commit times.
-    pub commit_latency: Arc<crate::telemetry::Window>,
+    pub commit_latency: Arc<crate::metrics::Window>,
 }
 
 /// Handles of a running pipeline.
@@ -300,7 +301,7 @@ async fn dispatch(
             // triggers.
             matched.clear();
             matched.extend(table.position(&r.function));
-            if matched.is_empty() && r.function != crate::store::UPSTREAM {
+            if matched.is_empty() && r.function != crate::config::UPSTREAM {
                 tracing::error!(
                     id = r.id,
                     function = r.function,

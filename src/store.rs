@@ -119,10 +119,11 @@ use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, params};
 
+use crate::config::UPSTREAM;
 use crate::config::{BufferConfig, Durability, FullPolicy};
 use crate::runtime::state::Entries;
 use crate::runtime::{FunctionState, StateWrite};
@@ -258,9 +259,6 @@ impl Every {
         due
     }
 }
-
-/// The function name of dead letters for records the upstream refused.
-pub const UPSTREAM: &str = "upstream";
 
 /// SQL for the bytes a dead letter counts against its bound (see
 /// [`DeadLetter::size`]).
@@ -534,9 +532,7 @@ struct Shared {
 }
 
 fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
+    crate::clock::now_ms() as i64
 }
 
 fn open_connection(path: &Path, synchronous: &str) -> Result<Connection, StoreError> {

@@ -12,7 +12,7 @@
 //! Counters are plain atomics bumped where things happen
 //! ([`crate::metrics::Metrics`] for the gateway,
 //! [`FunctionMetrics`] per function name); durations are kept in a
-//! [`Window`] of the most recent ones, from which percentiles are taken.
+//! [`crate::metrics::Window`] of the most recent ones, from which percentiles are taken.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
@@ -25,73 +25,10 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use serde::{Deserialize, Serialize};
 
-use crate::metrics::Snapshot;
+use crate::clock::now_ms;
+use crate::metrics::{Percentiles, Snapshot, WINDOW, Window};
 use crate::registry::{Origin, Registry};
 use crate::runtime::pool::{FAILURE_KINDS, FunctionMetrics};
-
-/// Durations a [`Window`] keeps: percentiles are over the most recent
-/// this many.
-pub const WINDOW: usize = 1024;
-
-/// The most recent [`WINDOW`] durations of something, for percentiles.
-#[derive(Debug, Default)]
-pub struct Window(Mutex<Ring>);
-
-#[derive(Debug, Default)]
-struct Ring {
-    /// Microseconds, up to [`WINDOW`] of them.
-    samples: Vec<u32>,
-    /// Where the next goes once full.
-    next: usize,
-}
-
-/// Percentiles of a [`Window`], milliseconds.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct Percentiles {
-    /// Median.
-    pub p50_ms: f64,
-    /// 95th percentile.
-    pub p95_ms: f64,
-    /// 99th percentile.
-    pub p99_ms: f64,
-    /// How many durations they are of.
-    pub samples: usize,
-}
-
-impl Window {
-    /// Adds a duration, pushing out the oldest once full.
-    pub fn record(&self, d: Duration) {
-        let micros = u32::try_from(d.as_micros()).unwrap_or(u32::MAX);
-        let mut r = self.0.lock().expect("window lock");
-        if r.samples.len() < WINDOW {
-            r.samples.push(micros);
-        } else {
-            let i = r.next;
-            r.samples[i] = micros;
-        }
-        r.next = (r.next + 1) % WINDOW;
-    }
-
-    /// The percentiles of what it holds; none while empty.
-    pub fn percentiles(&self) -> Option<Percentiles> {
-        let mut v = self.0.lock().expect("window lock").samples.clone();
-        if v.is_empty() {
-            return None;
-        }
-        v.sort_unstable();
-        // Nearest rank.
-        let at = |p: f64| {
-            let rank = ((p * v.len() as f64).ceil() as usize).clamp(1, v.len());
-            f64::from(v[rank - 1]) / 1000.0
-        };
-        Some(Percentiles {
-            p50_ms: at(0.50),
-            p95_ms: at(0.95),
-            p99_ms: at(0.99),
-            samples: v.len(),
-        })
-    }
-}
 
 /// Everything about the gateway and its functions at one moment.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -265,12 +202,6 @@ fn disk_write_bytes() -> Option<u64> {
     io.lines()
         .find_map(|l| l.strip_prefix("write_bytes:"))
         .and_then(|v| v.trim().parse().ok())
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Where a report's live figures come from.
@@ -887,7 +818,7 @@ pub async fn serve(
     let mut connections = tokio::task::JoinSet::new();
     loop {
         let accepted = tokio::select! {
-            _ = crate::ingest::stopped(&mut shutdown) => break,
+            _ = crate::shutdown::stopped(&mut shutdown) => break,
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
             accepted = listener.accept() => accepted,
         };
@@ -899,7 +830,7 @@ pub async fn serve(
                     tracing::warn!(error = %e, not_logged, "the metrics listener cannot accept a connection");
                 }
                 tokio::select! {
-                    _ = crate::ingest::stopped(&mut shutdown) => break,
+                    _ = crate::shutdown::stopped(&mut shutdown) => break,
                     _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
                 }
             }

@@ -435,7 +435,7 @@ fn keygen_writes_a_key_only_its_owner_reads_and_never_overwrites_one() {
     assert!(out.status.success(), "{}", text(&out));
     let public = String::from_utf8(out.stdout).unwrap();
     assert!(
-        edgefn::bundle::parse_public_key(public.trim()).is_ok(),
+        edgefn::keys::parse_public_key(public.trim()).is_ok(),
         "{public}"
     );
     let mode = std::fs::metadata(&key).unwrap().permissions().mode();
@@ -489,7 +489,7 @@ fn deploy_seals_a_bundle_a_gateway_accepts_and_refuses_what_a_gateway_would() {
         text(&out)
     );
     let verifier = edgefn::bundle::Verifier {
-        trusted_keys: vec![edgefn::bundle::parse_public_key(public.trim()).unwrap()],
+        trusted_keys: vec![edgefn::keys::parse_public_key(public.trim()).unwrap()],
         allow_unsigned: false,
         gateway_id: "pi-01".into(),
         groups: vec!["site-a".into()],

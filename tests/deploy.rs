@@ -61,7 +61,7 @@ fn deploy_config(
     let path = standard_config(dir, &format!("embedded:{port}"), cloud_port);
     let text = std::fs::read_to_string(&path).unwrap();
     let chaos_table = text.rfind("[[functions]]").unwrap();
-    let public = edgefn::bundle::public_key_text(&key.verifying_key());
+    let public = edgefn::keys::public_key_text(&key.verifying_key());
     std::fs::write(
         &path,
         format!(
@@ -503,9 +503,9 @@ async fn edgefn_deploy_publishes_to_a_group_and_waits_for_each_gateways_report()
     let out = edgefn(&["keygen", "--out", key_file.to_str().unwrap()]);
     let public = String::from_utf8(out.stdout).unwrap();
     let key =
-        edgefn::bundle::parse_private_key(&std::fs::read_to_string(&key_file).unwrap()).unwrap();
+        edgefn::keys::parse_private_key(&std::fs::read_to_string(&key_file).unwrap()).unwrap();
     assert_eq!(
-        edgefn::bundle::public_key_text(&key.verifying_key()),
+        edgefn::keys::public_key_text(&key.verifying_key()),
         public.trim()
     );
     // Two gateways of group site-a.
@@ -927,7 +927,7 @@ async fn a_configured_function_wins_over_a_deployed_bundle_of_its_name_at_restar
     // bundle, as a bundle of that name arriving now would be refused.
     let with_table = standard_config(dir.path(), &format!("embedded:{port}"), cloud.port);
     let text = std::fs::read_to_string(&with_table).unwrap();
-    let public = edgefn::bundle::public_key_text(&key.verifying_key());
+    let public = edgefn::keys::public_key_text(&key.verifying_key());
     std::fs::write(
         &with_table,
         format!("{text}\n[deploy]\ntrusted_keys = [\"{public}\"]\n"),
@@ -966,7 +966,7 @@ async fn an_upgrade_through_the_local_broker_under_load_loses_and_duplicates_not
     let cloud = Mosquitto::cloud();
     let dir = tempfile::tempdir().unwrap();
     let key = SigningKey::from_bytes(&[7; 32]);
-    let public = edgefn::bundle::public_key_text(&key.verifying_key());
+    let public = edgefn::keys::public_key_text(&key.verifying_key());
     let path = write_config(
         dir.path(),
         &format!(

@@ -499,7 +499,7 @@ async fn state_survives_a_sigkill_a_restart_and_an_upgrade() {
     let statuses = Upstream::subscribe(cloud.port, "edgefn/pi-01/functions/+/status").await;
     let dir = tempfile::tempdir().unwrap();
     let key = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
-    let public = edgefn::bundle::public_key_text(&key.verifying_key());
+    let public = edgefn::keys::public_key_text(&key.verifying_key());
     let port = free_port();
     let cfg = config(
         dir.path(),
@@ -733,7 +733,7 @@ async fn a_dead_letter_replayed_after_a_fixed_version_is_deployed_runs_through_t
     let statuses = Upstream::subscribe(cloud.port, "edgefn/pi-01/functions/+/status").await;
     let dir = tempfile::tempdir().unwrap();
     let key = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
-    let public = edgefn::bundle::public_key_text(&key.verifying_key());
+    let public = edgefn::keys::public_key_text(&key.verifying_key());
     let port = free_port();
     let cfg = config(
         dir.path(),

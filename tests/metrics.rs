@@ -80,7 +80,7 @@ async fn the_metrics_model_counts_exactly_what_was_sent_on_every_view() {
     let metrics_port = free_port();
     let config = standard_config(dir.path(), &format!("embedded:{port}"), cloud.port);
     let text = std::fs::read_to_string(&config).unwrap();
-    let key = edgefn::bundle::public_key_text(
+    let key = edgefn::keys::public_key_text(
         &ed25519_dalek::SigningKey::from_bytes(&[3; 32]).verifying_key(),
     );
     std::fs::write(

@@ -56,8 +56,8 @@ use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use tokio::sync::{Notify, watch};
 
 use crate::config::UpstreamConfig;
-use crate::ingest::Backoff;
 use crate::metrics::Metrics;
+use crate::shutdown::Backoff;
 use crate::store::{Outbox, Reader, Record};
 use refusals::{Cause, Refusals, Verdict};
 
@@ -253,7 +253,7 @@ impl Forwarder {
             };
             let lost = loop {
                 tokio::select! {
-                    _ = crate::ingest::stopped(&mut shutdown) => {
+                    _ = crate::shutdown::stopped(&mut shutdown) => {
                         self.drain(&mut conn, &mut events, &mut progress).await;
                         return;
                     }
@@ -319,7 +319,7 @@ impl Forwarder {
             drop(conn);
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
-                _ = crate::ingest::stopped(&mut shutdown) => {}
+                _ = crate::shutdown::stopped(&mut shutdown) => {}
             }
         }
     }

@@ -41,7 +41,7 @@ use std::time::{Duration, Instant};
 
 use rumqttc::v5::mqttbytes::v5::PubAckReason;
 
-use crate::ingest::Backoff;
+use crate::shutdown::Backoff;
 
 /// Most topics tracked as refused at once. Beyond it a refused record of a
 /// new topic is still kept, but its topic's later records are not held

@@ -53,11 +53,12 @@ use rumqttc::v5::mqttbytes::v5::{Filter, Packet, Publish};
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use tokio::sync::{mpsc, watch};
 
-use super::{Ack, Backoff, Delivery};
+use super::{Ack, Delivery};
 use crate::config::BrokerClientConfig;
 use crate::metrics::Metrics;
 use crate::registry::Filters;
 use crate::runtime::Emitted;
+use crate::shutdown::Backoff;
 use crate::store::SessionFilters;
 
 /// Mosquitto's counter of messages it dropped (queue limits, size).
@@ -215,7 +216,7 @@ impl MqttIngest {
                             self.deliveries = None;
                         }
                     }
-                    _ = crate::ingest::stopped(&mut drained), if draining => {
+                    _ = crate::shutdown::stopped(&mut drained), if draining => {
                         // Let the event loop write every ack, then DISCONNECT.
                         let _ = tokio::time::timeout(Duration::from_secs(2), async {
                             loop {
@@ -321,7 +322,7 @@ impl MqttIngest {
                             drop(client);
                             tokio::select! {
                                 _ = tokio::time::sleep(delay) => {}
-                                _ = crate::ingest::stopped(&mut shutdown) => return,
+                                _ = crate::shutdown::stopped(&mut shutdown) => return,
                             }
                             continue 'connections;
                         }

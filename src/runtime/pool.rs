@@ -67,7 +67,7 @@ pub struct FunctionMetrics {
     /// Messages successful invocations published locally.
     pub published: AtomicU64,
     /// Wall-clock times of recent successful attempts.
-    pub durations: crate::telemetry::Window,
+    pub durations: crate::metrics::Window,
     /// Jobs that failed every attempt.
     pub dead_letters: AtomicU64,
     /// Fresh instances started (the first, and after each failure).
