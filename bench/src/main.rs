@@ -3,7 +3,7 @@
 //! the same two brokers as the reference (no processing, no durable buffer).
 //!
 //! ```sh
-//! functions/build.sh && cargo build --release --bins
+//! functions/build.sh && cargo build --release --workspace --bins
 //! target/release/edgefn-bench --messages 20000 --devices 10
 //! target/release/edgefn-bench --only deploy,restart,fleet
 //! target/release/edgefn-bench --only wear
