@@ -583,6 +583,19 @@ fn parse_env(s: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
 }
 
+/// Resolves at the first SIGTERM (systemd's stop) or SIGINT (Ctrl-C).
+fn stop_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
+}
+
 /// Runs the parsed command.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
@@ -591,7 +604,10 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?
-                .block_on(crate::gateway::run(config))?;
+                .block_on(async {
+                    let stop = stop_signal()?;
+                    crate::gateway::run(config, stop).await
+                })?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Check { config } => check(&config),

@@ -1,10 +1,10 @@
-//! Dead letters as a tool: `edgefn dead-letters list|show|replay|purge`,
-//! and the daemon's side of a replay.
+//! Dead letters as a tool: `edgefn dead-letters list|show|replay|purge`.
 //!
 //! The command works on the gateway's database with a connection of its
 //! own, so it is safe while the daemon runs. `replay` only marks dead
-//! letters (`dead_letters.replay`); the running daemon ([`Replayer`])
-//! looks for marked ones every [`POLL`], hands each to the current version
+//! letters (`dead_letters.replay`); the running daemon
+//! ([`crate::ingest::replay`]) looks for marked ones every second, hands
+//! each to the current version
 //! of its function (only that function, whatever else its topic
 //! triggers), and commits the outcome like a device message's: in the same
 //! transaction the dead letter is deleted (it ran) or kept with its
@@ -14,86 +14,14 @@
 //! (function `upstream`) is put back in the outbox. Marked dead letters
 //! wait for the daemon if it is not running.
 
-use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::path::Path;
-use std::time::Duration;
-
-use bytes::Bytes;
-use tokio::sync::mpsc;
 
 use crate::clock::now_ms;
 use crate::config::UPSTREAM;
-use crate::ingest::{Ack, AckWaiter, Delivery, Replay};
+use crate::ingest::replay::POLL;
 use crate::store::{Inspector, Selection, StoredDeadLetter};
 use crate::text::{Printable, printable};
-
-/// How often the daemon looks for replays asked for.
-pub const POLL: Duration = Duration::from_secs(1);
-
-/// Most replays handed on per look.
-const BATCH: usize = 64;
-
-/// The daemon's side: hands marked dead letters to the pipeline.
-pub struct Replayer {
-    /// The database's dead letters.
-    pub store: Inspector,
-    /// The pipeline's input.
-    pub deliveries: mpsc::Sender<Delivery>,
-}
-
-impl Replayer {
-    /// Runs until `shutdown` says so or the pipeline's input closes.
-    pub async fn run(self, mut shutdown: tokio::sync::watch::Receiver<bool>) {
-        let store = std::sync::Arc::new(std::sync::Mutex::new(self.store));
-        let mut in_flight: Vec<(i64, AckWaiter)> = Vec::new();
-        let mut tick = tokio::time::interval(POLL);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = crate::shutdown::stopped(&mut shutdown) => return,
-            }
-            in_flight.retain_mut(|(_, w)| w.try_get().is_none());
-            let busy: HashSet<i64> = in_flight.iter().map(|(id, _)| *id).collect();
-            let store = store.clone();
-            let marked = tokio::task::spawn_blocking(move || {
-                store.lock().expect("dead letters lock").requested(BATCH)
-            })
-            .await
-            .expect("dead letters task");
-            let marked = match marked {
-                Ok(m) => m,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot read the dead letters to replay");
-                    continue;
-                }
-            };
-            for d in marked.into_iter().filter(|d| !busy.contains(&d.id)) {
-                tracing::info!(
-                    id = d.id,
-                    function = d.letter.function,
-                    "replaying a dead letter"
-                );
-                let (ack, waiter) = Ack::waiter();
-                let delivery = Delivery {
-                    topic: d.letter.topic,
-                    payload: Bytes::from(d.letter.payload),
-                    ack,
-                    replay: Some(Replay {
-                        id: d.id,
-                        function: d.letter.function,
-                    }),
-                };
-                in_flight.push((d.id, waiter));
-                tokio::select! {
-                    sent = self.deliveries.send(delivery) => if sent.is_err() { return },
-                    _ = crate::shutdown::stopped(&mut shutdown) => return,
-                }
-            }
-        }
-    }
-}
 
 /// What `edgefn dead-letters` does.
 #[derive(Debug, Clone)]

@@ -147,6 +147,8 @@ pub struct Deployer {
     events: broadcast::Sender<Event>,
     /// Counts rollbacks.
     metrics: Arc<Metrics>,
+    /// The probations running, ended by [`Deployer::stop`].
+    probations: Mutex<tokio::task::JoinSet<()>>,
 }
 
 impl Deployer {
@@ -181,6 +183,7 @@ impl Deployer {
             applying: tokio::sync::Mutex::new(()),
             events: broadcast::channel(64).0,
             metrics,
+            probations: Mutex::new(tokio::task::JoinSet::new()),
         }
     }
 
@@ -190,6 +193,12 @@ impl Deployer {
     pub fn peek(&self, bytes: &[u8]) -> Option<(String, u64)> {
         let body = bundle::open(bytes, &self.verifier).ok()?;
         Some((body.name().to_owned(), body.version))
+    }
+
+    /// Ends the probations still running (at shutdown: a version on
+    /// probation when the gateway stops is kept, as after a restart).
+    pub fn stop(&self) {
+        self.probations.lock().expect("probations lock").abort_all();
     }
 
     /// Follows rollbacks.
@@ -343,7 +352,12 @@ impl Deployer {
                     replaced = previous.as_ref().map(|p| p.version()),
                     "bundle applied"
                 );
-                tokio::spawn(self.clone().probation(function, previous, rollback, floor));
+                {
+                    let mut probations = self.probations.lock().expect("probations lock");
+                    // Those that ended are let go of; the rest keep running.
+                    while probations.try_join_next().is_some() {}
+                    probations.spawn(self.clone().probation(function, previous, rollback, floor));
+                }
                 Ok(Applied::Deployed {
                     name,
                     version,

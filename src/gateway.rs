@@ -7,11 +7,16 @@
 //! forwarder, then ingest (last, so nothing arrives before there is
 //! somewhere for it to go).
 //!
-//! Shutdown (SIGTERM/SIGINT, or [`Gateway::shutdown`]): ingest stops taking
-//! messages but keeps its connection so acks can still be sent; the
-//! pipeline drains (every message it holds is committed and acknowledged);
-//! then ingest disconnects, the forwarder deletes what was acknowledged and
-//! disconnects, and the pools stop.
+//! Shutdown ([`run`]'s signal, or [`Gateway::shutdown`]): the gateway
+//! holds a handle to every task it starts and stops them in this order,
+//! each within a deadline (a task still running past it is named in the
+//! log and aborted): ingest stops taking messages but keeps its
+//! connection so acks can still be sent, and the scheduler and the
+//! replayer stop handing on runs; the pipeline drains (every message it
+//! holds is committed and acknowledged); then ingest disconnects, the
+//! forwarder deletes what was acknowledged and disconnects, the control
+//! connection and the metrics listener close, deploy probations end, and
+//! the pools stop.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -21,10 +26,10 @@ use tokio::sync::{Notify, mpsc, watch};
 
 use crate::config::{BrokerClientConfig, Config, DeployBroker, FunctionConfig, LocalSource};
 use crate::control::Control;
-use crate::dead_letters::Replayer;
 use crate::deploy::{Applied, Deployer, Refused};
 use crate::forward::Forwarder;
 use crate::ingest::mqtt::MqttIngest;
+use crate::ingest::replay::Replayer;
 use crate::ingest::schedule::Scheduler;
 use crate::metrics::{Metrics, Snapshot};
 use crate::pipeline::Pipeline;
@@ -51,6 +56,12 @@ pub struct Gateway {
     ingest: Vec<tokio::task::JoinHandle<()>>,
     /// Forwarder task, if an upstream is configured.
     forward: Option<tokio::task::JoinHandle<()>>,
+    /// Fires scheduled runs.
+    scheduler: tokio::task::JoinHandle<()>,
+    /// Hands replayed dead letters on.
+    replayer: tokio::task::JoinHandle<()>,
+    /// The metrics listener, with `[metrics] listen`.
+    metrics_server: Option<tokio::task::JoinHandle<()>>,
     /// Periodic status line.
     status: tokio::task::JoinHandle<()>,
     /// The pipeline.
@@ -178,11 +189,11 @@ impl Gateway {
             commit_latency: commit_latency.clone(),
         }
         .start(deliveries_rx);
-        tokio::spawn(
+        let scheduler = tokio::spawn(
             Scheduler::new(registry.clone(), deliveries_tx.clone(), last_runs)
                 .run(shutdown_rx.clone()),
         );
-        tokio::spawn(
+        let replayer = tokio::spawn(
             Replayer {
                 store: store::Inspector::open(&config.gateway.data_dir)
                     .context("cannot open the dead letters")?,
@@ -303,15 +314,18 @@ impl Gateway {
             }),
             wear: wear.clone(),
         });
-        if let Some(listener) = metrics_listener {
-            tracing::info!(listen = %listener.local_addr()?, "metrics listening (/metrics, /metrics.json)");
-            tokio::spawn(crate::telemetry::serve(
-                listener,
-                telemetry.clone(),
-                metrics.clone(),
-                shutdown_rx.clone(),
-            ));
-        }
+        let metrics_server = match metrics_listener {
+            Some(listener) => {
+                tracing::info!(listen = %listener.local_addr()?, "metrics listening (/metrics, /metrics.json)");
+                Some(tokio::spawn(crate::telemetry::serve(
+                    listener,
+                    telemetry.clone(),
+                    metrics.clone(),
+                    shutdown_rx.clone(),
+                )))
+            }
+            None => None,
+        };
 
         let control = match (&config.deploy, &deployer) {
             (Some(d), Some(deployer)) => {
@@ -348,6 +362,9 @@ impl Gateway {
             drained,
             ingest,
             forward,
+            scheduler,
+            replayer,
+            metrics_server,
             status,
             pipeline,
             registry,
@@ -452,16 +469,24 @@ impl Gateway {
         if let Some(b) = broker {
             b.shutdown().await;
         }
+        stop_task("scheduler", self.scheduler).await;
+        stop_task("replayer", self.replayer).await;
         let mut writer = self.pipeline.drain(DRAIN_GRACE).await;
         let _ = self.drained.send(true);
         for i in self.ingest {
-            let _ = i.await;
+            stop_task("ingest", i).await;
         }
         if let Some(f) = self.forward {
-            let _ = f.await;
+            stop_task("forwarder", f).await;
         }
         if let Some(c) = self.control {
-            let _ = c.await;
+            stop_task("control connection", c).await;
+        }
+        if let Some(m) = self.metrics_server {
+            stop_task("metrics listener", m).await;
+        }
+        if let Some(d) = &self.deployer {
+            d.stop();
         }
         // Delete what the upstream acknowledged since the last commit.
         let deleted = tokio::task::spawn_blocking(move || writer.commit(&mut [], &|| true)).await;
@@ -632,21 +657,32 @@ async fn status_loop(
     }
 }
 
-/// Runs the daemon until SIGTERM or SIGINT.
-pub async fn run(config: Config) -> anyhow::Result<()> {
+/// Runs the daemon until `stop` resolves, then shuts it down in order.
+pub async fn run(
+    config: Config,
+    stop: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
     let gateway = Gateway::start(config).await?;
-    wait_for_signal().await?;
+    stop.await;
     gateway.shutdown().await;
     Ok(())
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+/// How long each task may take to stop once asked (the pipeline's drain
+/// and the forwarder's wait for PUBACKs have their own, shorter, bounds).
+const TASK_DEADLINE: Duration = Duration::from_secs(15);
+
+/// Waits up to [`TASK_DEADLINE`] for the task `name` to end; past it, says
+/// so and aborts it. A task that panicked is logged.
+async fn stop_task(name: &str, task: tokio::task::JoinHandle<()>) {
+    let abort = task.abort_handle();
+    match tokio::time::timeout(TASK_DEADLINE, task).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) if e.is_panic() => tracing::error!(task = name, "the task had panicked"),
+        Ok(Err(_)) => {}
+        Err(_) => {
+            tracing::error!(task = name, deadline = ?TASK_DEADLINE, "a task did not stop in time: aborted");
+            abort.abort();
+        }
     }
-    Ok(())
 }

@@ -39,7 +39,8 @@
 //! Stages, in data-flow order:
 //! - [`ingest`] — deliveries in: [`ingest::mqtt`] (an existing broker, MQTT 5
 //!   client, manual acks), `ingest::embedded` (rmqtt in process, PUBACK after
-//!   commit) and [`ingest::schedule`] (scheduled runs). All yield
+//!   commit), [`ingest::schedule`] (scheduled runs) and [`ingest::replay`]
+//!   (dead letters replayed). All yield
 //!   [`ingest::Delivery`] `{ topic, payload, ack }`.
 //! - [`pipeline`] — route → invoke → group commit → ack, in ingest order.
 //! - [`forward`] — the outbox to the upstream broker, delete on PUBACK;
@@ -47,7 +48,8 @@
 //! - [`control`] — the control connection: deploy topics in, status topics out.
 //! - [`deploy`] — bundles applied on the gateway: verified, persisted, swapped in.
 //! - [`telemetry`] — one report of the metrics: Prometheus, JSON, HTTP.
-//! - [`gateway`] — builds and wires the stages; startup and shutdown order.
+//! - [`gateway`] — builds and wires the stages, owns every task they run;
+//!   startup and shutdown order.
 //!
 //! Commands:
 //! - [`invoke`] — `edgefn invoke`, the runtime without a broker.

@@ -20,6 +20,7 @@
 #[cfg(feature = "embedded-broker")]
 pub mod embedded;
 pub mod mqtt;
+pub mod replay;
 pub mod schedule;
 
 use std::future::Future;
