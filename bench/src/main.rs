@@ -651,7 +651,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     STALL_MS.store(args.stall.as_millis() as u64, Ordering::Relaxed);
     let module =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("functions/dist/clean_temperature.wasm");
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../functions/dist/clean_temperature.wasm");
     anyhow::ensure!(
         module.exists(),
         "{} missing: run functions/build.sh",
