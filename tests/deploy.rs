@@ -357,7 +357,9 @@ async fn bundles_on_the_control_topics_are_applied_and_every_outcome_is_on_the_s
     refused("wrong_topic").await;
     // An empty retained message removes nothing.
     publish_retained(cloud.port, gateway_topic, Vec::new()).await;
-    daemon.wait_for_log("an empty message on a deploy topic changes nothing");
+    daemon
+        .wait_for_log("an empty message on a deploy topic changes nothing")
+        .await;
     flows(&mut dev, Some(&data), 2).await;
 
     // An upgrade through the group's topic.

@@ -20,7 +20,7 @@ async fn a_puback_from_the_embedded_broker_means_the_reading_is_committed() {
     let port = free_port();
     let config = standard_config(dir.path(), &format!("embedded:{port}"), free_port());
     let daemon = Daemon::start(&config);
-    wait_for_port(port);
+    port_open(port).await;
     let db = dir.path().join("data/edgefn.db");
     let mut dev = Device::connect("sensor-1", port).await;
     for i in 0..100u64 {
@@ -48,7 +48,7 @@ async fn the_embedded_broker_is_a_broker_and_functions_reach_devices() {
     let config = standard_config(dir.path(), &format!("embedded:{port}"), cloud.port);
     let upstream = Upstream::subscribe(cloud.port, "site/#").await;
     let _daemon = Daemon::start(&config);
-    wait_for_port(port);
+    port_open(port).await;
 
     // Another client on the embedded broker sees device traffic, and a
     // device listening for commands gets what a function publishes.
@@ -90,7 +90,7 @@ async fn a_killed_daemon_loses_no_reading_a_device_got_a_puback_for() {
     let config = standard_config(dir.path(), &format!("embedded:{port}"), cloud.port);
     let upstream = Upstream::subscribe(cloud.port, "site/#").await;
     let mut daemon = Daemon::start(&config);
-    wait_for_port(port);
+    port_open(port).await;
 
     // Three devices publish continuously; each remembers what was acked.
     let stop = Arc::new(AtomicBool::new(false));
@@ -119,7 +119,7 @@ async fn a_killed_daemon_loses_no_reading_a_device_got_a_puback_for() {
     daemon.kill();
     let before = acked_count();
     daemon = Daemon::start(&config);
-    wait_for_port(port);
+    port_open(port).await;
     eventually("150 more acknowledged after the restart", || {
         acked_count() >= before + 150
     })
@@ -178,7 +178,7 @@ async fn a_device_that_gives_up_during_a_stall_gets_no_second_copy_upstream() {
     )
     .unwrap();
     let daemon = Daemon::start(&config);
-    wait_for_port(port);
+    port_open(port).await;
 
     let n = 12;
     let fails = || Arc::new(std::sync::atomic::AtomicUsize::new(0));

@@ -204,7 +204,7 @@ async fn after_the_local_broker_restarts_without_its_sessions_edgefn_subscribes_
     // subscriptions. edgefn reconnects and subscribes again.
     local.stop();
     local.restart();
-    daemon.wait_for_log_times(SUBSCRIBED, 2);
+    daemon.wait_for_log_times(SUBSCRIBED, 2).await;
     publish_round_robin_from(&mut dev, &["d1", "d2"], n / 2..n).await;
     expect_round_robin(&upstream, &["d1", "d2"], n).await;
     assert!(daemon.terminate().success());
@@ -238,7 +238,7 @@ async fn a_local_broker_restarted_mid_stream_loses_nothing_it_acknowledged() {
     // are for a connection that is gone: the broker sends those again (at
     // least once). The queued ones come from the restored session.
     expect_at_least_once(&upstream, "d1", 600).await;
-    daemon.wait_for_log("session_present=true");
+    daemon.wait_for_log("session_present=true").await;
     assert!(daemon.terminate().success());
 }
 
@@ -260,16 +260,18 @@ async fn records_reach_a_cloud_broker_over_tls_with_a_client_certificate() {
     let ca = stranger.file("ca.pem");
     over_tls(&config, "upstream", "127.0.0.1", tls_port, &ca, &pki);
     let mut daemon = Daemon::start(&config);
-    daemon.wait_for_log(SUBSCRIBED);
+    daemon.wait_for_log(SUBSCRIBED).await;
     let n = 20u64;
     let mut dev = Device::connect("device-k", local.port).await;
     publish_round_robin(&mut dev, &["d1"], n).await;
     wait_for_outbox(&dir.path().join("data/edgefn.db"), n).await;
     // Logged at each attempt: it keeps trying.
-    daemon.wait_for_log_times(
-        "upstream connection lost error=TLS: I/O: invalid peer certificate: UnknownIssuer",
-        2,
-    );
+    daemon
+        .wait_for_log_times(
+            "upstream connection lost error=TLS: I/O: invalid peer certificate: UnknownIssuer",
+            2,
+        )
+        .await;
     assert!(daemon.terminate().success());
 
     // With the right CA, everything arrives.
@@ -352,18 +354,20 @@ async fn readings_come_from_a_local_broker_over_tls() {
     let ca = pki.file("ca.pem");
     over_tls(&config, "local", "127.0.0.1", tls_port, &ca, &pki);
     let mut daemon = Daemon::start(&config);
-    daemon.wait_for_log_times(
-        "local broker connection lost error=TLS: I/O: invalid peer certificate: \
+    daemon
+        .wait_for_log_times(
+            "local broker connection lost error=TLS: I/O: invalid peer certificate: \
          certificate not valid for name",
-        2,
-    );
+            2,
+        )
+        .await;
     assert!(!daemon.log().contains(SUBSCRIBED));
     assert!(daemon.terminate().success());
 
     // By the name in the certificate (sent as SNI), it connects.
     over_tls(&config, "local", "localhost", tls_port, &ca, &pki);
     let mut daemon = Daemon::start(&config);
-    daemon.wait_for_log(SUBSCRIBED);
+    daemon.wait_for_log(SUBSCRIBED).await;
     let mut dev = Device::connect("device-l", local.port).await;
     publish_round_robin(&mut dev, &["d1", "d2"], 20).await;
     expect_round_robin(&upstream, &["d1", "d2"], 20).await;
@@ -396,7 +400,7 @@ async fn session_without_daemon(local_extra: &str, local_keys: &str) -> SessionW
     std::fs::write(&config, text).unwrap();
     let upstream = Upstream::subscribe(cloud.port, "site/#").await;
     let mut daemon = Daemon::start(&config);
-    daemon.wait_for_log(SUBSCRIBED);
+    daemon.wait_for_log(SUBSCRIBED).await;
     assert!(daemon.terminate().success());
     SessionWithoutDaemon {
         local,
@@ -523,7 +527,9 @@ async fn an_oversized_message_is_refused_and_the_rest_flows() {
     );
     let seen = upstream.wait_for(1).await;
     assert_eq!(seen[0].json()["seq"], 1);
-    daemon.wait_for_log("refused a message larger than local.max_message_size");
+    daemon
+        .wait_for_log("refused a message larger than local.max_message_size")
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -544,7 +550,7 @@ async fn drops_by_a_stock_mosquitto_are_reported() {
     let daemon = Daemon::start(config);
     // Reported as drops since the broker started, or as an increase if the
     // broker's retained counter was not yet updated when edgefn subscribed.
-    daemon.wait_for_log("dropped=100");
+    daemon.wait_for_log("dropped=100").await;
     assert!(
         daemon.log().contains("the local broker"),
         "{}",

@@ -86,7 +86,7 @@ async fn a_full_buffer_drains_when_the_upstream_refuses_records_instead_of_ackno
         "max_size = \"4KiB\"\ndead_letters_max_size = \"1MiB\"",
     );
     let daemon = Daemon::start(&config);
-    wait_for_port(port);
+    port_open(port).await;
 
     let device = tokio::spawn(async move {
         let mut dev = Device::connect("sensor-r", port).await;
@@ -100,7 +100,7 @@ async fn a_full_buffer_drains_when_the_upstream_refuses_records_instead_of_ackno
         }
     });
     // About nine records fill 4 KiB; then the device waits for room.
-    daemon.wait_for_log("buffer full");
+    daemon.wait_for_log("buffer full").await;
     cloud.restart();
     device.await.unwrap();
     eventually("all 60 records refused into the dead letters", || {
@@ -148,8 +148,8 @@ async fn a_clean_stop_waits_for_the_pubacks_of_records_in_flight() {
     let dir = tempfile::tempdir().unwrap();
     let config = standard_config(dir.path(), &local.url(), cloud.port);
     let daemon = Daemon::start_logging(&config, "info,edgefn::forward=debug,rmqtt=warn");
-    daemon.wait_for_log(SUBSCRIBED);
-    daemon.wait_for_log("connected upstream");
+    daemon.wait_for_log(SUBSCRIBED).await;
+    daemon.wait_for_log("connected upstream").await;
     // The cloud hangs: what edgefn sends waits in its socket, unacknowledged.
     cloud.freeze();
     let mut dev = Device::connect("device-s", local.port).await;
@@ -159,9 +159,11 @@ async fn a_clean_stop_waits_for_the_pubacks_of_records_in_flight() {
                 .await
         );
     }
-    daemon.wait_for_log_times("sent upstream", 5);
+    daemon.wait_for_log_times("sent upstream", 5).await;
     daemon.begin_stop();
-    daemon.wait_for_log("draining the upstream connection");
+    daemon
+        .wait_for_log("draining the upstream connection")
+        .await;
     // The PUBACKs come while edgefn drains: they count.
     cloud.thaw();
     let mut daemon = daemon;
@@ -179,7 +181,7 @@ async fn a_trigger_removed_from_the_config_is_unsubscribed_from_the_persistent_s
     let config = standard_config(dir.path(), &local.url(), cloud.port);
     let subscriptions = Subscriptions::watch(local.port).await;
     let mut daemon = Daemon::start(&config);
-    daemon.wait_for_log(SUBSCRIBED);
+    daemon.wait_for_log(SUBSCRIBED).await;
     assert!(daemon.terminate().success());
     // Its session keeps `sensors/+/temperature`, `chaos/#` and the $SYS
     // drop counter; the fourth is the counting subscriber's.
@@ -190,7 +192,7 @@ async fn a_trigger_removed_from_the_config_is_unsubscribed_from_the_persistent_s
     let chaos = text.rfind("[[functions]]").unwrap();
     std::fs::write(&config, &text[..chaos]).unwrap();
     let mut daemon = Daemon::start(&config);
-    daemon.wait_for_log(SUBSCRIBED);
+    daemon.wait_for_log(SUBSCRIBED).await;
     subscriptions.wait_for("3").await;
     assert!(daemon.terminate().success());
 }
@@ -203,7 +205,7 @@ async fn a_function_asleep_in_a_wasi_call_times_out_and_holds_no_other_acknowled
     // No upstream: everything stays in the buffer.
     let config = standard_config(dir.path(), &format!("embedded:{port}"), free_port());
     let daemon = Daemon::start(&config);
-    wait_for_port(port);
+    port_open(port).await;
     // chaos (timeout 200 ms, one retry) sleeps an hour in poll_oneoff.
     let sleeper = tokio::spawn(async move {
         let mut dev = Device::connect("sleeper", port).await;

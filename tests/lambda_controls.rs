@@ -169,7 +169,9 @@ async fn a_schedule_runs_the_function_and_one_missed_run_is_made_up_at_start_up(
     let due = made_up["scheduled_ms"].as_u64().unwrap();
     assert_eq!(due % 3_600_000, 0, "{made_up}");
     assert!(due > last as u64 - 7_200_000, "{made_up}");
-    daemon.wait_for_log("a scheduled run was missed while edgefn was down");
+    daemon
+        .wait_for_log("a scheduled run was missed while edgefn was down")
+        .await;
     assert!(daemon.terminate().success());
 }
 
@@ -233,7 +235,7 @@ listen = "127.0.0.1:{metrics}"
     );
     let port = free_port();
     let mut daemon = Daemon::start(&config(dir.path(), port, cloud.port, &functions));
-    wait_for_port(port);
+    port_open(port).await;
     let commands = Upstream::subscribe(port, "cmd/#").await;
     let mut dev = Device::connect("device-p", port).await;
     assert!(dev.publish_acked("narrow/go", "n", PATIENCE).await);
@@ -328,7 +330,7 @@ triggers = ["others/#"]
     let port = free_port();
     let cfg = config(dir.path(), port, cloud.port, &broken);
     let mut daemon = Daemon::start(&cfg);
-    wait_for_port(port);
+    port_open(port).await;
     let mut dev = Device::connect("device-d", port).await;
     for topic in ["jobs/1", "jobs/2", "others/1"] {
         assert!(dev.publish_acked(topic, "fail", PATIENCE).await);
@@ -373,7 +375,7 @@ triggers = ["others/#"]
         ),
     );
     let mut daemon = Daemon::start(&cfg);
-    wait_for_port(port);
+    port_open(port).await;
     let (ok, said) = dead_letters_cli(&cfg, &["replay", "--all"]);
     assert!(!ok, "{said}");
     assert!(
@@ -410,7 +412,9 @@ triggers = ["others/#"]
         .unwrap()
         .execute("UPDATE dead_letters SET replay = 1", [])
         .unwrap();
-    daemon.wait_for_log("cannot replay a dead letter: its function is not on this gateway");
+    daemon
+        .wait_for_log("cannot replay a dead letter: its function is not on this gateway")
+        .await;
     eventually("the refused replay unmarked", || {
         stored_dead_letters(dir.path()) == [(ids[2], "other".into(), 1, false)]
     })
@@ -518,7 +522,7 @@ async fn state_survives_a_sigkill_a_restart_and_an_upgrade() {
     statuses
         .wait_until("v1 active", active("clean-temperature", 1))
         .await;
-    wait_for_port(port);
+    port_open(port).await;
 
     // The same reading twice: the second is a duplicate, dropped.
     let mut dev = Device::connect("device-s", port).await;
@@ -535,7 +539,7 @@ async fn state_survives_a_sigkill_a_restart_and_an_upgrade() {
     // Killed: the state of reading 2 was committed with it.
     daemon.kill();
     let mut daemon = Daemon::start(&cfg);
-    wait_for_port(port);
+    port_open(port).await;
     let mut dev = Device::connect("device-s", port).await;
     for (seq, temp) in [(2, 21.0), (3, 22.0)] {
         assert!(
@@ -582,7 +586,7 @@ async fn aggregate_sums_up_each_devices_readings_on_its_schedule() {
     );
     let port = free_port();
     let mut daemon = Daemon::start(&config(dir.path(), port, cloud.port, &functions));
-    wait_for_port(port);
+    port_open(port).await;
     let mut dev = Device::connect("device-a", port).await;
     for (device, temp) in [("d1", 20.0), ("d2", -5.0), ("d1", 22.0), ("d1", 24.0)] {
         let topic = format!("sensors/{device}/temperature");
@@ -672,7 +676,7 @@ async fn hostile_state_calls_fail_only_themselves_each_with_its_code_and_counter
     );
     let port = free_port();
     let mut daemon = Daemon::start(&config(dir.path(), port, cloud.port, &functions));
-    wait_for_port(port);
+    port_open(port).await;
     let mut dev = Device::connect("device-h", port).await;
     for (topic, payload) in [
         ("hog/1", "big value"),
@@ -746,7 +750,7 @@ async fn a_dead_letter_replayed_after_a_fixed_version_is_deployed_runs_through_t
     publish_retained(cloud.port, topic, worker_bundle(&key, 1, chaos)).await;
     let mut daemon = Daemon::start(&cfg);
     statuses.wait_until("v1 active", active("worker", 1)).await;
-    wait_for_port(port);
+    port_open(port).await;
     let mut dev = Device::connect("device-w", port).await;
     assert!(dev.publish_acked("jobs/7", "fail", PATIENCE).await);
     let (ok, listed) = dead_letters_cli(&cfg, &["list"]);
@@ -789,7 +793,7 @@ async fn escapes_in_topics_and_guest_text_never_reach_the_operators_terminal() {
     let port = free_port();
     let cfg = config(dir.path(), port, cloud.port, &functions);
     let mut daemon = Daemon::start(&cfg);
-    wait_for_port(port);
+    port_open(port).await;
     // A device's topic that retitles the terminal, clears the screen and
     // forges a line; the function traps on it (a dead letter).
     let hostile = "chaos/\u{1b}]0;owned\u{7}\u{1b}[2J\nINFO forged";

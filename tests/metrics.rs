@@ -92,8 +92,8 @@ async fn the_metrics_model_counts_exactly_what_was_sent_on_every_view() {
     )
     .unwrap();
     let mut daemon = Daemon::start(&config);
-    wait_for_port(port);
-    wait_for_port(metrics_port);
+    port_open(port).await;
+    port_open(metrics_port).await;
 
     // A second daemon on the same metrics port stops at start-up, saying
     // why.
@@ -310,8 +310,8 @@ async fn a_flood_of_half_sent_requests_is_cut_and_holds_few_descriptors() {
     )
     .unwrap();
     let mut daemon = Daemon::start(&config);
-    wait_for_port(port);
-    wait_for_port(metrics_port);
+    port_open(port).await;
+    port_open(metrics_port).await;
     let mut dev = Device::connect("device-f", port).await;
     assert!(
         dev.publish_acked("sensors/d1/temperature", reading(0, 20.0), PATIENCE)

@@ -62,11 +62,11 @@ async fn publish(port: u16, seqs: std::ops::Range<u64>) {
 }
 
 /// A SIGKILL and a power cut at once, then a fresh start.
-fn power_cut(daemon: &mut Daemon, fs: &PowerCutFs, config: &std::path::Path, port: u16) {
+async fn power_cut(daemon: &mut Daemon, fs: &PowerCutFs, config: &std::path::Path, port: u16) {
     daemon.kill();
     fs.cut();
     *daemon = Daemon::start(config);
-    wait_for_port(port);
+    port_open(port).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -80,11 +80,11 @@ async fn readings_acknowledged_before_power_cuts_all_arrive_after_them() {
     let port = free_port();
     let config = config_on(dir.path(), &fs, port, cloud.port, "full");
     let mut daemon = Daemon::start(&config);
-    wait_for_port(port);
+    port_open(port).await;
     publish(port, 0..300).await;
-    power_cut(&mut daemon, &fs, &config, port);
+    power_cut(&mut daemon, &fs, &config, port).await;
     publish(port, 300..600).await;
-    power_cut(&mut daemon, &fs, &config, port);
+    power_cut(&mut daemon, &fs, &config, port).await;
     cloud.restart();
     let seen = upstream
         .wait_until("all 600 acknowledged readings", |s| {
@@ -111,7 +111,7 @@ async fn record_ids_are_never_given_to_two_readings_across_power_cuts() {
     let port = free_port();
     let config = config_on(dir.path(), &fs, port, cloud.port, "relaxed");
     let mut daemon = Daemon::start(&config);
-    wait_for_port(port);
+    port_open(port).await;
     for round in 0..3u64 {
         let seqs = round * 300..(round + 1) * 300;
         publish(port, seqs.clone()).await;
@@ -126,7 +126,7 @@ async fn record_ids_are_never_given_to_two_readings_across_power_cuts() {
             })
             .await;
         if round < 2 {
-            power_cut(&mut daemon, &fs, &config, port);
+            power_cut(&mut daemon, &fs, &config, port).await;
         }
     }
     let mut readings_of: BTreeMap<String, BTreeSet<u64>> = BTreeMap::new();

@@ -54,7 +54,21 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// Waits until something accepts TCP connections on `port`.
+/// Waits until something accepts TCP connections on `port`, without
+/// holding up the async test's runtime.
+pub async fn port_open(port: u16) {
+    let deadline = Instant::now() + PATIENCE;
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "nothing listens on port {port}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until something accepts TCP connections on `port`, from code
+/// that is not async (starting a Mosquitto).
 pub fn wait_for_port(port: u16) {
     let deadline = Instant::now() + PATIENCE;
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
@@ -723,12 +737,12 @@ impl Daemon {
     }
 
     /// Waits until the log contains `text`.
-    pub fn wait_for_log(&self, text: &str) {
-        self.wait_for_log_times(text, 1);
+    pub async fn wait_for_log(&self, text: &str) {
+        self.wait_for_log_times(text, 1).await;
     }
 
     /// Waits until the log contains `text` at least `times` times.
-    pub fn wait_for_log_times(&self, text: &str, times: usize) {
+    pub async fn wait_for_log_times(&self, text: &str, times: usize) {
         let deadline = Instant::now() + PATIENCE;
         while self.log().matches(text).count() < times {
             assert!(
@@ -736,7 +750,7 @@ impl Daemon {
                 "log never said {text:?} {times} times:\n{}",
                 self.log()
             );
-            std::thread::sleep(Duration::from_millis(20));
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 }
@@ -854,8 +868,8 @@ pub async fn connected_with(local: Mosquitto, cloud: Mosquitto, upstream: &str) 
     .unwrap();
     let upstream = Upstream::subscribe(cloud.port, "site/#").await;
     let daemon = Daemon::start(&config);
-    daemon.wait_for_log(SUBSCRIBED);
-    daemon.wait_for_log("connected upstream");
+    daemon.wait_for_log(SUBSCRIBED).await;
+    daemon.wait_for_log("connected upstream").await;
     Connected {
         local,
         cloud,
