@@ -171,8 +171,10 @@ async fn the_metrics_model_counts_exactly_what_was_sent_on_every_view() {
     // came after it.
     let g = &r["gateway"];
     assert!(g["disk_window_s"].as_f64().unwrap() > 0.0, "{g}");
-    assert!(g["disk_bytes_per_day"].as_f64().unwrap() >= 0.0, "{g}");
-    assert!(g["disk_bytes_per_message"].as_f64().unwrap() >= 0.0, "{g}");
+    // Numbers, present once messages were committed (their size depends on
+    // the filesystem, so only their presence is checked).
+    assert!(g["disk_bytes_per_day"].is_number(), "{g}");
+    assert!(g["disk_bytes_per_message"].is_number(), "{g}");
     let f = |name: &str| {
         r["functions"]
             .as_array()
