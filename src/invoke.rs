@@ -9,8 +9,8 @@ use std::time::Duration;
 use std::sync::Arc;
 
 use crate::route::TopicFilter;
-use crate::runtime::state::{Entries, StateMap};
 use crate::runtime::{FunctionSpec, FunctionState, GuestLog, LogLevel, Report, Runtime, Target};
+use crate::state::{Entries, StateMap};
 use crate::text::Printable;
 
 /// What `edgefn invoke` runs.

@@ -21,6 +21,8 @@
 //! - [`keys`] — Ed25519 keys as text, and new ones.
 //! - [`metrics`] — the gateway's live counters and duration windows.
 //! - [`shutdown`] — the shutdown signal every task watches; reconnect backoff.
+//! - [`state`] — functions' durable state: values, one invocation's writes,
+//!   turns.
 //! - [`tls`] — `mqtts://`: CA and client certificate files → rustls.
 //! - [`text`] and [`throttle`] — device- and guest-supplied text escaped
 //!   for terminals; log lines a peer can cause, throttled.
@@ -30,7 +32,7 @@
 //! - [`broker_client`] — what edgefn's MQTT client connections share.
 //! - [`bundle`] — signed function bundles (docs/DEPLOY.md): sealing and checking.
 //! - [`runtime`] — wasmtime: one engine, ABI v1 checks, warm instances,
-//!   limits, state; [`runtime::pool`] runs them on worker threads.
+//!   limits; [`runtime::pool`] runs them on worker threads.
 //! - [`store`] — SQLite: outbox, dead letters, state, deployments; its
 //!   module doc is the storage spec.
 //! - [`registry`] — the functions that run now, by name; the routing table,
@@ -83,6 +85,7 @@ pub mod route;
 pub mod runtime;
 pub mod schedule;
 pub mod shutdown;
+pub mod state;
 pub mod store;
 pub mod telemetry;
 pub mod text;

@@ -25,9 +25,9 @@ use tokio::sync::watch;
 
 use crate::route::{Router, TopicFilter};
 use crate::runtime::pool::{FunctionMetrics, Pool};
-use crate::runtime::state::Entries;
 use crate::runtime::{FunctionSpec, FunctionState, RefusedCalls};
 use crate::schedule::Schedule;
+use crate::state::Entries;
 
 /// Where a function comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -270,7 +270,7 @@ impl Registry {
     pub fn preload_state(&self, states: HashMap<String, Entries>) {
         let mut c = self.changing.lock().expect("registry lock");
         for (name, entries) in states {
-            let state = FunctionState::with(&name, crate::runtime::state::DEFAULT_LIMIT, entries);
+            let state = FunctionState::with(&name, crate::state::DEFAULT_LIMIT, entries);
             c.states.insert(name, state);
         }
     }

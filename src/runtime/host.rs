@@ -23,8 +23,8 @@ use wasmtime::{Caller, Linker, StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::WasiCtxBuilder;
 use wasmtime_wasi::p1::WasiP1Ctx;
 
-use super::state::{MAX_KEY_LEN, Overlay, Refused};
 use super::{FunctionSpec, MAX_CAPTURED_OUTPUT, MAX_RECORDS_PER_INVOCATION, Output};
+use crate::state::{MAX_KEY_LEN, Overlay, Refused};
 
 /// Names of the `edgefn` module's imports, for error messages.
 pub(super) const IMPORTS: &[&str] = &[

@@ -40,7 +40,6 @@
 pub mod artifacts;
 mod host;
 pub mod pool;
-pub mod state;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -52,10 +51,10 @@ use wasmtime::{
 };
 
 use crate::route::TopicFilter;
+pub use crate::state::{FunctionState, StateWrite};
 use artifacts::{ArtifactCache, Lease, Source};
 pub use host::{Emitted, GuestLog, LogBudget, LogLevel, MAX_LOG_LINE, MAX_TOPIC_LEN, RefusedCalls};
 use host::{HostState, LogSink};
-pub use state::{FunctionState, StateWrite};
 
 /// The ABI version this runtime speaks (`edgefn_abi_version()` must return it).
 pub const ABI_VERSION: i32 = 1;
@@ -266,7 +265,7 @@ impl FunctionSpec {
             fuel: None,
             emit_allow: None,
             publish_allow: Arc::from([]),
-            state: FunctionState::new(name, state::DEFAULT_LIMIT),
+            state: FunctionState::new(name, crate::state::DEFAULT_LIMIT),
             calls: Arc::default(),
         }
     }

@@ -105,7 +105,7 @@ struct Job {
     /// Where the outcome goes.
     reply: oneshot::Sender<Outcome>,
     /// For a function that uses state: when it may run.
-    turn: Option<crate::runtime::state::Turn>,
+    turn: Option<crate::state::Turn>,
 }
 
 /// A function's workers and their queue. Dropping it closes the queue:

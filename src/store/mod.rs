@@ -125,8 +125,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::config::UPSTREAM;
 use crate::config::{BufferConfig, Durability, FullPolicy};
-use crate::runtime::state::Entries;
-use crate::runtime::{FunctionState, StateWrite};
+use crate::state::Entries;
+use crate::state::{FunctionState, StateWrite};
 
 mod deployments;
 mod inspect;
