@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 
 use crate::config::{BrokerClientConfig, Config, LocalSource};
 use crate::invoke::InvokeRequest;
-use crate::runtime::{FunctionSpec, Runtime, Target};
+use crate::runtime::{Runtime, Target};
 
 /// Lambda-style WebAssembly functions on edge devices.
 #[derive(Debug, Parser)]
@@ -810,7 +810,7 @@ fn check(path: &std::path::Path) -> anyhow::Result<ExitCode> {
             .upstream
             .as_ref()
             .map_or("", |u| u.topic_prefix.as_str());
-        match runtime.load_file(&f.module, FunctionSpec::from_config(f, prefix)) {
+        match runtime.load_file(&f.module, crate::registry::function_spec(f, prefix)) {
             Ok(_) => {
                 println!(
                     "function {} ok: {} <- {}",

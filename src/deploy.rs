@@ -16,7 +16,7 @@
 //!
 //! A new version is then on probation for its first minute: with
 //! `rollback = "auto"` it is rolled back only on evidence that no input
-//! can produce (its instances fail to start; see [`Deployer::probation`]),
+//! can produce (its instances fail to start; docs/DEPLOY.md "Rollback"),
 //! never below the floor; with `"never"`, not at all (a broken version is
 //! logged and counted).
 //!

@@ -8,7 +8,7 @@ use anyhow::{Context, bail};
 
 use crate::bundle::{self, Body, Change, Targets};
 use crate::config::FunctionManifest;
-use crate::runtime::{FunctionSpec, Runtime, Target};
+use crate::runtime::{Runtime, Target};
 
 /// Writes a new private key to `out` (mode 0600; an existing file is not
 /// replaced) and returns the public key as `deploy.trusted_keys` takes it.
@@ -137,7 +137,7 @@ pub fn deploy_bundle(
     runtime.load(
         &path.display().to_string(),
         &module,
-        FunctionSpec::from_config(&config, ""),
+        crate::registry::function_spec(&config, ""),
     )?;
     let body = req.release.body(Change::Deploy {
         manifest: Box::new(manifest),

@@ -32,7 +32,8 @@
 //! - [`broker_client`] — what edgefn's MQTT client connections share.
 //! - [`bundle`] — signed function bundles (docs/DEPLOY.md): sealing and checking.
 //! - [`runtime`] — wasmtime: one engine, ABI v1 checks, warm instances,
-//!   limits; [`runtime::pool`] runs them on worker threads.
+//!   limits; [`runtime::pool`] runs them on worker threads. It knows no
+//!   configuration: [`registry`] turns a function's table into its spec.
 //! - [`store`] — SQLite: outbox, dead letters, state, deployments; its
 //!   module doc is the storage spec.
 //! - [`registry`] — the functions that run now, by name; the routing table,

@@ -215,6 +215,28 @@ impl Table {
 /// The set of trigger filters, as ingest subscribes to it.
 pub type Filters = Arc<[String]>;
 
+/// The spec to load a `[[functions]]` table's module with, for a gateway
+/// whose upstream topic prefix is `topic_prefix` (empty without an
+/// upstream), with a state and counters of its own (a running gateway
+/// shares them across versions: [`Registry::spec`]).
+pub fn function_spec(f: &crate::config::FunctionConfig, topic_prefix: &str) -> FunctionSpec {
+    FunctionSpec {
+        name: f.name.as_str().into(),
+        env: f.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        memory_limit: f.memory_limit,
+        timeout: f.timeout,
+        max_record_size: f.max_record_size,
+        max_emit_bytes: f.max_emit_bytes,
+        max_topic_len: crate::runtime::MAX_TOPIC_LEN.saturating_sub(topic_prefix.len()),
+        log_rate_limit: f.log_rate_limit,
+        fuel: f.fuel,
+        emit_allow: f.emit_allow.clone().map(Arc::from),
+        publish_allow: f.publish_allow.clone().into(),
+        state: FunctionState::new(&f.name, f.state_limit),
+        calls: Arc::default(),
+    }
+}
+
 /// The scheduled functions, as the scheduler follows them.
 pub type Schedules = Arc<[(Arc<str>, Arc<Schedule>)]>;
 
@@ -278,7 +300,7 @@ impl Registry {
     /// The spec to load `f`'s module with: its limits, and the state and
     /// counters its name keeps across versions.
     pub fn spec(&self, f: &crate::config::FunctionConfig, topic_prefix: &str) -> FunctionSpec {
-        let mut spec = FunctionSpec::from_config(f, topic_prefix);
+        let mut spec = function_spec(f, topic_prefix);
         let mut c = self.changing.lock().expect("registry lock");
         let state = c
             .states

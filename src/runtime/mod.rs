@@ -230,26 +230,6 @@ pub struct FunctionSpec {
 }
 
 impl FunctionSpec {
-    /// A spec from a `[[functions]]` table, for a gateway whose upstream
-    /// topic prefix is `topic_prefix` (empty without an upstream).
-    pub fn from_config(f: &crate::config::FunctionConfig, topic_prefix: &str) -> FunctionSpec {
-        FunctionSpec {
-            name: f.name.as_str().into(),
-            env: f.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-            memory_limit: f.memory_limit,
-            timeout: f.timeout,
-            max_record_size: f.max_record_size,
-            max_emit_bytes: f.max_emit_bytes,
-            max_topic_len: MAX_TOPIC_LEN.saturating_sub(topic_prefix.len()),
-            log_rate_limit: f.log_rate_limit,
-            fuel: f.fuel,
-            emit_allow: f.emit_allow.clone().map(Arc::from),
-            publish_allow: f.publish_allow.clone().into(),
-            state: FunctionState::new(&f.name, f.state_limit),
-            calls: Arc::default(),
-        }
-    }
-
     /// A spec for unit tests: 1 MiB of memory, 1 s, no fuel budget.
     #[cfg(test)]
     pub(crate) fn for_test(name: &str) -> FunctionSpec {
