@@ -356,24 +356,7 @@ impl Forwarder {
                 ),
             ),
             Verdict::Refused => {
-                Metrics::add(&self.metrics.upstream_refusals, 1);
-                match progress
-                    .refusals
-                    .refused(r.seq, &r.topic, Cause::Reason(ack.reason), now)
-                {
-                    Some(why) => self.refuse(r.seq, why),
-                    None => {
-                        if let Some(not_logged) = REFUSALS_LOGGED.admit() {
-                            tracing::warn!(
-                                seq = r.seq,
-                                topic = r.topic,
-                                reason = ?ack.reason,
-                                not_logged,
-                                "the upstream refused a record for now: kept, and sent again later"
-                            );
-                        }
-                    }
-                }
+                self.refused_for_now(progress, r.seq, &r.topic, Cause::Reason(ack.reason), now)
             }
         }
         self.report_refusals(&progress.refusals);
@@ -436,31 +419,36 @@ impl Forwarder {
         // letters only if the upstream goes on doing so while it accepts
         // other records.
         progress.suspect = None;
+        self.refused_for_now(progress, seq, topic, Cause::Closed, Instant::now());
+        self.report_refusals(&progress.refusals);
+    }
+
+    /// Record `seq` of `topic` was refused for who sends it, by `cause`:
+    /// counted, and kept to be sent again (its topic held back), or, when
+    /// its topic is refused for good, moved to the dead letters.
+    fn refused_for_now(
+        &self,
+        progress: &mut Progress,
+        seq: i64,
+        topic: &str,
+        cause: Cause,
+        now: Instant,
+    ) {
         Metrics::add(&self.metrics.upstream_refusals, 1);
-        match progress
-            .refusals
-            .refused(seq, topic, Cause::Closed, Instant::now())
-        {
-            Some(why) => self.refuse(
-                seq,
-                format!(
-                    "the upstream broker closed the connection each of the {POISON_STRIKES} times \
-                     this record was the oldest unacknowledged: {why}"
-                ),
-            ),
+        match progress.refusals.refused(seq, topic, cause, now) {
+            Some(why) => self.refuse(seq, why),
             None => {
                 if let Some(not_logged) = REFUSALS_LOGGED.admit() {
                     tracing::warn!(
                         seq,
                         topic,
+                        %cause,
                         not_logged,
-                        "the upstream closed the connection each time this record was sent: \
-                         its topic is held back and tried again later"
+                        "the upstream refused a record for now: kept, its topic held back and tried again later"
                     );
                 }
             }
         }
-        self.report_refusals(&progress.refusals);
     }
 
     /// Clean shutdown: sends nothing more, waits up to [`DRAIN_GRACE`] for

@@ -119,7 +119,11 @@ impl std::fmt::Display for Cause {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Cause::Reason(r) => write!(f, "{r:?}, 0x{:02x}", code(*r)),
-            Cause::Closed => f.write_str("it closed the connection each time the record was sent"),
+            Cause::Closed => write!(
+                f,
+                "it closed the connection each of the {} times the record was the oldest unacknowledged",
+                super::POISON_STRIKES
+            ),
         }
     }
 }
