@@ -195,6 +195,21 @@ impl Deployer {
         Some((body.name().to_owned(), body.version))
     }
 
+    /// Refuses a bundle for a function the configuration file defines:
+    /// its `[[functions]]` table wins, at run time and at restore alike.
+    fn not_configured(&self, name: &str) -> Result<(), Refused> {
+        if self.config_names.contains(name) {
+            return Err(Refused::new(
+                "defined_in_config",
+                format!(
+                    "{name} is defined in the gateway's configuration file, which wins over a \
+                     deployed bundle; remove its [[functions]] table to run a deployed version"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Ends the probations still running (at shutdown: a version on
     /// probation when the gateway stops is kept, as after a restart).
     pub fn stop(&self) {
@@ -284,16 +299,7 @@ impl Deployer {
         let version = body.version;
         let recorded = self.blocking(move |s| s.versions(&name)).await?;
         let name = body.name().to_owned();
-        if let Some(floor) = recorded.and_then(|r| r.floor)
-            && version < floor
-        {
-            return Err(Refused::new(
-                "below_floor",
-                format!(
-                    "version {version} of {name} is below {floor}, the min_version of a bundle this gateway accepted"
-                ),
-            ));
-        }
+        above_floor(&name, version, recorded.and_then(|r| r.floor))?;
         let highest = recorded.map(|r| r.highest);
         if highest == Some(version) {
             return Ok(Applied::Unchanged { name, version });
@@ -308,14 +314,7 @@ impl Deployer {
                 ),
             ));
         }
-        if self.config_names.contains(&name) {
-            return Err(Refused::new(
-                "defined_in_config",
-                format!(
-                    "{name} is defined in the gateway's configuration file; a bundle cannot replace it"
-                ),
-            ));
-        }
+        self.not_configured(&name)?;
         let superseded = || {
             if newer(&name, version) {
                 Err(Refused::new(
@@ -400,24 +399,8 @@ impl Deployer {
         // All at once: each compiles (when its artifact is missing) on a
         // blocking thread of its own, so a Pi's cores share the work.
         let started = futures_util::future::join_all(stored.iter().map(|s| async {
-            if self.config_names.contains(&s.name) {
-                return Err(Refused::new(
-                    "defined_in_config",
-                    format!(
-                        "{} is defined in the gateway's configuration file, which wins over a deployed bundle; \
-                         remove the [[functions]] table to run the deployed version",
-                        s.name
-                    ),
-                ));
-            }
-            if let Some(floor) = s.floor
-                && s.version < floor
-            {
-                return Err(Refused::new(
-                    "below_floor",
-                    format!("version {} is below the floor {floor}", s.version),
-                ));
-            }
+            self.not_configured(&s.name)?;
+            above_floor(&s.name, s.version, s.floor)?;
             match bundle::open(&s.bundle, &self.verifier) {
                 Ok(body) => self.start(&body).await.map(|(f, _)| f),
                 Err(r) => Err(r.into()),
@@ -591,6 +574,20 @@ impl Deployer {
             .await
             .expect("deployments task")
             .map_err(|e| Refused::new("persist_failed", e.to_string()))
+    }
+}
+
+/// Refuses `version` of `name` below `floor`, the floor recorded for it
+/// (from the `min_version` of a bundle this gateway accepted).
+fn above_floor(name: &str, version: u64, floor: Option<u64>) -> Result<(), Refused> {
+    match floor {
+        Some(floor) if version < floor => Err(Refused::new(
+            "below_floor",
+            format!(
+                "version {version} of {name} is below {floor}, the min_version of a bundle this gateway accepted"
+            ),
+        )),
+        _ => Ok(()),
     }
 }
 
