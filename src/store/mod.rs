@@ -239,34 +239,6 @@ pub const TAIL_RECORDS: usize = 4096;
 /// Most bytes (topics + payloads) the recent tail holds.
 pub const TAIL_BYTES: usize = 4 << 20;
 
-/// Says yes at most once per period: for warnings that would otherwise be
-/// logged on every commit.
-#[derive(Debug)]
-struct Every {
-    /// The period.
-    period: Duration,
-    /// When it last said yes.
-    last: Option<std::time::Instant>,
-}
-
-impl Every {
-    fn new(period: Duration) -> Every {
-        Every { period, last: None }
-    }
-
-    /// True if the period passed since the last true (or never was one).
-    fn due(&mut self) -> bool {
-        let now = std::time::Instant::now();
-        let due = self
-            .last
-            .is_none_or(|t| now.duration_since(t) >= self.period);
-        if due {
-            self.last = Some(now);
-        }
-        due
-    }
-}
-
 /// SQL for the bytes a dead letter counts against its bound (see
 /// [`DeadLetter::size`]).
 const DEAD_LETTER_SIZE: &str = "length(CAST(function AS BLOB)) + length(CAST(topic AS BLOB)) \
@@ -718,7 +690,7 @@ pub fn open(data_dir: &Path, buffer: &BufferConfig) -> Result<(Writer, Reader), 
             reserved: next_seq - 1,
             dead_bytes: dead_bytes as u64,
             dead_letters_max_size: buffer.dead_letters_max_size,
-            dead_letter_warning: Every::new(Duration::from_secs(60)),
+            dead_letter_warning: crate::throttle::Throttle::per_minute(1),
             purges_seen,
             #[cfg(test)]
             disk_full: Arc::default(),
@@ -804,7 +776,7 @@ pub struct Writer {
     /// `[buffer] dead_letters_max_size`.
     dead_letters_max_size: u64,
     /// Rate limit of the warning about dropped dead letters.
-    dead_letter_warning: Every,
+    dead_letter_warning: crate::throttle::Throttle,
     /// `dead_letters_purges` when the dead letters' bytes were last
     /// counted.
     purges_seen: i64,

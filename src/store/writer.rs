@@ -194,10 +194,13 @@ impl Writer {
                         .map_err(err)?;
                 dead_bytes -= bytes.min(dead_bytes);
                 done.dead_letters_dropped = rows;
-                if rows > 0 && self.dead_letter_warning.due() {
+                if rows > 0
+                    && let Some(not_logged) = self.dead_letter_warning.admit()
+                {
                     tracing::warn!(
                         dropped = rows,
                         bytes,
+                        not_logged,
                         "dead letters full: dropped the oldest (buffer.dead_letters_max_size); \
                          more drops are counted (dead_letters_dropped) but not logged for a minute"
                     );

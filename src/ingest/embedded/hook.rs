@@ -345,13 +345,14 @@ impl Inner {
             .fetch_add(1, Ordering::Relaxed)
             + 1;
         let to = to.map(|id| id.client_id.to_string());
-        if self.drop_warnings.due() {
+        if let Some(not_logged) = self.drop_warnings.admit() {
             warn!(
                 to = to.as_deref(),
                 from = %from.client_id,
                 topic = %publish.topic,
                 %reason,
                 total,
+                not_logged,
                 "embedded broker dropped a message (more drops: debug level for 10 s)"
             );
         } else {

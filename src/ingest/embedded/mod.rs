@@ -163,9 +163,9 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::num::{NonZeroU16, NonZeroU32};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use bytes::Bytes;
@@ -377,41 +377,6 @@ enum Origin {
     Chained,
 }
 
-/// When the last warning about dropped messages went out (drops are counted in the
-/// gateway's [`Metrics`]).
-struct DropWarnings {
-    /// Start of the clock used by `last_ms`.
-    epoch: Instant,
-    /// Milliseconds after `epoch` (plus one) of the last warning about drops; 0: none yet.
-    last_ms: AtomicU64,
-}
-
-impl DropWarnings {
-    /// No warning yet.
-    fn new() -> Self {
-        Self {
-            epoch: Instant::now(),
-            last_ms: AtomicU64::new(0),
-        }
-    }
-
-    /// Whether a drop may be logged at warn level now (at most once per
-    /// [`DROP_WARN_INTERVAL`]).
-    fn due(&self) -> bool {
-        // +1 so that a drop within the first millisecond is not mistaken for "none yet".
-        let now = u64::try_from(self.epoch.elapsed().as_millis())
-            .unwrap_or(u64::MAX)
-            .saturating_add(1);
-        let last = self.last_ms.load(Ordering::Relaxed);
-        let interval = u64::try_from(DROP_WARN_INTERVAL.as_millis()).unwrap_or(u64::MAX);
-        (last == 0 || now.saturating_sub(last) >= interval)
-            && self
-                .last_ms
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-    }
-}
-
 /// One client id with messages in the pipeline or a publish being handled.
 struct ClientSlot {
     /// Counts the CONNECTs with this client id while the slot lives: the device came back,
@@ -500,7 +465,7 @@ struct Inner {
     /// The gateway's counters: refused, dropped and lost messages are counted there.
     metrics: Arc<Metrics>,
     /// Rate limit of the warnings about dropped messages.
-    drop_warnings: DropWarnings,
+    drop_warnings: crate::throttle::Throttle,
     /// Clients with a publish being handled or messages in the pipeline.
     clients: Clients,
 }
@@ -662,7 +627,7 @@ impl EmbeddedBroker {
             phase: phase_rx,
             in_flight: AtomicUsize::new(0),
             metrics,
-            drop_warnings: DropWarnings::new(),
+            drop_warnings: crate::throttle::Throttle::new(1, DROP_WARN_INTERVAL),
             clients: Clients::default(),
         });
 
