@@ -547,6 +547,17 @@ fn deploy_seals_a_bundle_a_gateway_accepts_and_refuses_what_a_gateway_would() {
     // one, no target.
     std::fs::write(dir.path().join("bad.wasm"), "garbage").unwrap();
     let bad = path("bad.wasm");
+    // A valid deploy of module `c` to gateway `g`, for the cases below to extend.
+    let to_g = [
+        "deploy",
+        clean,
+        "--name",
+        "c",
+        "--trigger",
+        "a",
+        "--gateway",
+        "g",
+    ];
     let refused = [
         (
             vec![
@@ -581,65 +592,19 @@ fn deploy_seals_a_bundle_a_gateway_accepts_and_refuses_what_a_gateway_would() {
             "no target",
         ),
         (
-            vec![
-                "deploy",
-                clean,
-                "--name",
-                "c",
-                "--trigger",
-                "a",
-                "--gateway",
-                "g",
-                "--version",
-                "9223372036854775808",
-            ],
+            [&to_g[..], &["--version", "9223372036854775808"]].concat(),
             "above 9223372036854775807",
         ),
         (
-            vec![
-                "deploy",
-                clean,
-                "--name",
-                "c",
-                "--trigger",
-                "a",
-                "--gateway",
-                "g",
-                "--version",
-                "7",
-                "--min-version",
-                "8",
-            ],
+            [&to_g[..], &["--version", "7", "--min-version", "8"]].concat(),
             "min_version 8 is above",
         ),
         (
-            vec![
-                "deploy",
-                clean,
-                "--name",
-                "c",
-                "--trigger",
-                "a",
-                "--gateway",
-                "g",
-                "--expires",
-                "soon",
-            ],
+            [&to_g[..], &["--expires", "soon"]].concat(),
             "expected a duration",
         ),
         (
-            vec![
-                "deploy",
-                clean,
-                "--name",
-                "c",
-                "--trigger",
-                "a",
-                "--gateway",
-                "g",
-                "--rollback",
-                "sometimes",
-            ],
+            [&to_g[..], &["--rollback", "sometimes"]].concat(),
             "rollback",
         ),
     ];
