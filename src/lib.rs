@@ -54,31 +54,21 @@
 //! - [`gateway`] — builds and wires the stages, owns every task they run;
 //!   startup and shutdown order.
 //!
-//! Commands:
-//! - [`invoke`] — `edgefn invoke`, the runtime without a broker.
-//! - [`fleet`] — `edgefn keygen`, `edgefn deploy`, `edgefn remove`, `edgefn status --broker`.
-//! - [`dead_letters`] — `edgefn dead-letters`: list, show, replay, purge.
-//! - [`local_status`] — `edgefn status --config`: the gateway's report as a table.
-//! - `demo` — `edgefn demo`: gateway, devices and a stand-in cloud in one process.
-//! - [`cli`] — subcommands → library calls.
+//! The `edgefn` binary is not part of the library: `src/main.rs` and
+//! `src/cli/`, one file per subcommand (`run`, `check`, `invoke`,
+//! `status`, `deploy` for deploy/remove/keygen with `fleet` doing their
+//! work, `dead_letters`, `demo`), each calling the modules above.
 
 pub mod broker_client;
 pub mod bundle;
-pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod control;
-pub mod dead_letters;
-#[cfg(feature = "embedded-broker")]
-pub mod demo;
 pub mod deploy;
-pub mod fleet;
 pub mod forward;
 pub mod gateway;
 pub mod ingest;
-pub mod invoke;
 pub mod keys;
-pub mod local_status;
 pub mod metrics;
 pub mod pipeline;
 pub mod registry;

@@ -5,12 +5,14 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+mod cli;
+
 fn main() -> ExitCode {
-    let cli = edgefn::cli::Cli::parse();
+    let cli = cli::Cli::parse();
     // The daemon logs at info; the demo's screen is its live counts table.
     let default = match cli.command {
         #[cfg(feature = "embedded-broker")]
-        edgefn::cli::Command::Demo { .. } => "error",
+        cli::Command::Demo(_) => "error",
         _ => "info,rmqtt=warn,rmqtt_net=warn",
     };
     tracing_subscriber::fmt()
@@ -22,7 +24,7 @@ fn main() -> ExitCode {
         // No colour codes in the journal or a log file.
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    match edgefn::cli::run(cli) {
+    match cli::run(cli) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");

@@ -4,17 +4,9 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
 use common::*;
-
-fn edgefn(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_edgefn"))
-        .args(args)
-        .env("EDGEFN_LOG", "error")
-        .output()
-        .expect("run edgefn")
-}
 
 fn text(o: &Output) -> String {
     format!(
@@ -481,7 +473,7 @@ fn deploy_seals_a_bundle_a_gateway_accepts_and_refuses_what_a_gateway_would() {
         "--output",
         &path("b.cbor"),
     ]);
-    let signed_at = edgefn::fleet::version_now();
+    let signed_at = edgefn::clock::now_ms();
     assert!(out.status.success(), "{}", text(&out));
     assert!(
         text(&out).contains("clean-temperature v7"),

@@ -271,7 +271,17 @@ async fn a_cloud_that_refuses_every_record_costs_time_not_data() {
     let upstream = Upstream::subscribe(cloud.port, "site/#").await;
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let gateway = gateway(&dir, port, &cloud, "").await;
+    let config = standard_config(dir.path(), &format!("embedded:{port}"), cloud.port);
+    let metrics = free_port();
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        format!("{text}\n[metrics]\nlisten = \"127.0.0.1:{metrics}\"\n"),
+    )
+    .unwrap();
+    let gateway = edgefn::gateway::Gateway::start(edgefn::config::Config::load(&config).unwrap())
+        .await
+        .unwrap();
     let mut dev = Device::connect("sensor-a", port).await;
     let readings = 100;
     for i in 0..readings {
@@ -295,7 +305,8 @@ async fn a_cloud_that_refuses_every_record_costs_time_not_data() {
         outbox_rows(&dir.path().join("data/edgefn.db")),
         readings as i64
     );
-    let status = edgefn::local_status::render(&gateway.report());
+    let status = edgefn(&["status", "--config", config.to_str().unwrap()]);
+    let status = String::from_utf8_lossy(&status.stdout);
     assert!(
         status.contains("upstream    refuses 1 topic(s) (reason 0x87)"),
         "{status}"

@@ -608,6 +608,16 @@ impl Device {
     }
 }
 
+/// Runs the `edgefn` command line with `args` (logging errors only) and
+/// returns what it did.
+pub fn edgefn(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_edgefn"))
+        .args(args)
+        .env("EDGEFN_LOG", "error")
+        .output()
+        .expect("run edgefn")
+}
+
 /// Writes a gateway config into `dir` and returns its path.
 pub fn write_config(dir: &Path, text: &str) -> PathBuf {
     let path = dir.join("edgefn.toml");

@@ -1,4 +1,6 @@
-//! `edgefn status --config FILE`: the gateway's figures, on the gateway.
+//! `edgefn status`: with `--broker`, what every gateway runs
+//! ([`super::fleet`]); with `--config FILE`, the gateway's figures, on the
+//! gateway.
 //!
 //! From the running daemon's metrics listener (`[metrics] listen`,
 //! `/metrics.json`: the same report as `/metrics` and the metrics topic),
@@ -7,13 +9,58 @@
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
 use anyhow::Context as _;
 
-use crate::config::Config;
-use crate::metrics::Percentiles;
-use crate::store::Inspector;
-use crate::telemetry::Report;
+use edgefn::config::Config;
+use edgefn::metrics::Percentiles;
+use edgefn::store::Inspector;
+use edgefn::telemetry::Report;
+
+/// `edgefn status`'s arguments.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The control broker: mqtt://HOST[:PORT] or mqtts://HOST[:PORT].
+    #[arg(long, required_unless_present = "config", conflicts_with = "config")]
+    broker: Option<String>,
+    /// This gateway's configuration file.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Only this gateway.
+    #[arg(long)]
+    gateway: Option<String>,
+    /// Only the gateways of this group.
+    #[arg(long)]
+    group: Option<String>,
+    /// How to reach the broker.
+    #[command(flatten)]
+    access: super::deploy::BrokerAccess,
+}
+
+/// Prints the fleet's statuses (`--broker`) or this gateway's figures
+/// (`--config`).
+pub fn command(args: Args) -> anyhow::Result<std::process::ExitCode> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let Some(broker) = args.broker else {
+        let config = Config::load(&args.config.expect("clap: --broker or --config"))?;
+        print!("{}", runtime.block_on(status(&config))?);
+        return Ok(std::process::ExitCode::SUCCESS);
+    };
+    let client = args.access.broker(&broker, "status")?;
+    let views = runtime.block_on(super::fleet::status(
+        &client,
+        args.gateway.as_deref(),
+        args.group.as_deref(),
+    ))?;
+    print!(
+        "{}",
+        super::fleet::render_status(&views, edgefn::clock::now_ms())
+    );
+    Ok(std::process::ExitCode::SUCCESS)
+}
 
 /// What `edgefn status --config` prints.
 pub async fn status(config: &Config) -> anyhow::Result<String> {
@@ -213,7 +260,7 @@ fn offline(
 ) -> anyhow::Result<String> {
     let db = Inspector::open(data_dir)?;
     let (records, size, oldest) = db.buffer()?;
-    let now = crate::fleet::version_now();
+    let now = edgefn::clock::now_ms();
     let mut out = String::new();
     let _ = writeln!(out, "{id}  not running? {why}");
     let _ = writeln!(out, "  from the database in {}:", data_dir.display());

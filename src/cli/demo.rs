@@ -26,10 +26,59 @@ use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use tokio::sync::mpsc;
 
-use crate::config::Config;
-use crate::gateway::Gateway;
-use crate::ingest::embedded::EmbeddedBroker;
-use crate::registry::Registry;
+use edgefn::config::Config;
+use edgefn::gateway::Gateway;
+use edgefn::ingest::embedded::EmbeddedBroker;
+use edgefn::registry::Registry;
+
+/// `edgefn demo`'s arguments.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The function to run on the readings.
+    #[arg(long, default_value = "functions/dist/clean_temperature.wasm")]
+    module: PathBuf,
+    /// Where to keep the demo's config and database.
+    #[arg(long, default_value = "edgefn-demo")]
+    data_dir: PathBuf,
+    /// Simulated devices.
+    #[arg(long, default_value_t = 5)]
+    devices: usize,
+    /// Readings per second per device.
+    #[arg(long, default_value_t = 20.0)]
+    rate: f64,
+    /// When the cloud broker goes away ("0s" for never).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    outage_after: std::time::Duration,
+    /// How long it stays away.
+    #[arg(long, default_value = "8s", value_parser = humantime::parse_duration)]
+    outage_for: std::time::Duration,
+    /// When version 2 of the function is pushed, signed, through the
+    /// cloud broker ("0s" for never).
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    upgrade_after: std::time::Duration,
+    /// Stop after this long (default: until Ctrl-C).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    duration: Option<std::time::Duration>,
+}
+
+/// Runs the demo as `args` say, until its duration or Ctrl-C.
+pub fn command(args: Args) -> anyhow::Result<std::process::ExitCode> {
+    let opts = DemoOptions {
+        module: args.module,
+        data_dir: args.data_dir,
+        devices: args.devices,
+        rate: args.rate,
+        outage_after: (!args.outage_after.is_zero()).then_some(args.outage_after),
+        outage_for: args.outage_for,
+        upgrade_after: (!args.upgrade_after.is_zero()).then_some(args.upgrade_after),
+        duration: args.duration,
+    };
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run(opts))?;
+    Ok(std::process::ExitCode::SUCCESS)
+}
 
 /// What `edgefn demo` runs.
 #[derive(Debug, Clone)]
@@ -80,8 +129,8 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     let cloud_addr = cloud.local_addr();
     let key_path = data_dir.join("data/fleet.key");
     std::fs::create_dir_all(data_dir.join("data"))?;
-    let public_key = crate::fleet::keygen(&key_path)?;
-    let key = crate::fleet::read_signing_key(&key_path)?;
+    let public_key = crate::cli::fleet::keygen(&key_path)?;
+    let key = crate::cli::fleet::read_signing_key(&key_path)?;
     let config_path = data_dir.join("edgefn-demo.toml");
     std::fs::write(
         &config_path,
@@ -260,9 +309,9 @@ impl Deploy {
     /// before the gateway's control connection subscribed is lost: it is
     /// published again (the same version twice changes nothing).
     async fn push(&self, version: u64) -> anyhow::Result<u128> {
-        use crate::bundle::Targets;
-        use crate::fleet::{DeployRequest, Publish};
-        let manifest = crate::config::FunctionManifest {
+        use crate::cli::fleet::{DeployRequest, Publish};
+        use edgefn::bundle::Targets;
+        let manifest = edgefn::config::FunctionManifest {
             name: "clean-temperature".into(),
             triggers: vec!["sensors/+/temperature".into()],
             env: [(
@@ -282,19 +331,20 @@ impl Deploy {
         let request = DeployRequest {
             manifest,
             module: Some(self.module.clone()),
-            release: crate::fleet::Release {
+            release: crate::cli::fleet::Release {
                 version,
                 min_version: None,
-                expires_ms: Some(crate::fleet::version_now() + 86_400_000),
+                expires_ms: Some(edgefn::clock::now_ms() + 86_400_000),
                 targets: targets.clone(),
             },
         };
         let key = self.key.clone();
-        let bundle =
-            tokio::task::spawn_blocking(move || crate::fleet::deploy_bundle(request, Some(&key)))
-                .await??;
+        let bundle = tokio::task::spawn_blocking(move || {
+            crate::cli::fleet::deploy_bundle(request, Some(&key))
+        })
+        .await??;
         let publish = Publish {
-            broker: crate::config::tool_broker(
+            broker: edgefn::config::tool_broker(
                 &format!("mqtt://{}", self.cloud),
                 [None, None, None],
                 None,
@@ -309,7 +359,7 @@ impl Deploy {
         };
         let published = Instant::now();
         for _ in 0..30 {
-            crate::fleet::publish(&publish, bundle.clone()).await?;
+            crate::cli::fleet::publish(&publish, bundle.clone()).await?;
             let attempt = Instant::now();
             while attempt.elapsed() < Duration::from_secs(1) {
                 let table = self.registry.table();
@@ -354,7 +404,7 @@ impl Cloud {
 async fn start_cloud(addr: SocketAddr) -> anyhow::Result<Cloud> {
     // Nothing is ever routed to a function: the channel stays empty.
     let (tx, _rx) = mpsc::channel(1);
-    let metrics = Arc::new(crate::metrics::Metrics::default());
+    let metrics = Arc::new(edgefn::metrics::Metrics::default());
     let broker =
         EmbeddedBroker::start(addr, 1 << 20, Arc::new(Registry::default()), tx, metrics).await?;
     Ok(Cloud::Up(Box::new(broker)))

@@ -3,15 +3,105 @@
 //! and how long it took.
 
 use std::fmt::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use std::sync::Arc;
 
-use crate::route::TopicFilter;
-use crate::runtime::{FunctionSpec, FunctionState, GuestLog, LogLevel, Report, Runtime, Target};
-use crate::state::{Entries, StateMap};
-use crate::text::Printable;
+use edgefn::route::TopicFilter;
+use edgefn::runtime::{FunctionSpec, FunctionState, GuestLog, LogLevel, Report, Runtime, Target};
+use edgefn::state::{Entries, StateMap};
+use edgefn::text::Printable;
+
+/// `edgefn invoke`'s arguments.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The module (.wasm).
+    module: PathBuf,
+    /// The message topic.
+    #[arg(long, short)]
+    topic: String,
+    /// The payload: text, or @FILE to read it from a file.
+    #[arg(long, short, default_value = "")]
+    payload: String,
+    /// Environment variable for the function, KEY=VALUE (repeatable).
+    #[arg(long = "env", short, value_parser = super::parse_env)]
+    env: Vec<(String, String)>,
+    /// Memory limit.
+    #[arg(long, default_value = "16MiB")]
+    memory_limit: bytesize::ByteSize,
+    /// Timeout.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    timeout: std::time::Duration,
+    /// Run on wasmtime's Pulley interpreter (as on 32-bit ARM).
+    #[arg(long)]
+    pulley: bool,
+    /// Fuel budget (WebAssembly operations), as `fuel` in the config.
+    /// Without it, the fuel used is shown but not limited.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    fuel: Option<u64>,
+    /// Most bytes (topics and payloads) the invocation may emit, as
+    /// `max_emit_bytes` in the config.
+    #[arg(long, default_value = "1MiB")]
+    max_emit_bytes: bytesize::ByteSize,
+    /// Log lines per second, as `log_rate_limit` in the config.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    log_rate_limit: u32,
+    /// Start with this state: a JSON object of keys and values (a
+    /// string value is its text); the state the invocation leaves is
+    /// printed after it.
+    #[arg(long)]
+    state: Option<PathBuf>,
+    /// Most bytes of state, as `state_limit` in the config.
+    #[arg(long, default_value = "1MiB")]
+    state_limit: bytesize::ByteSize,
+}
+
+/// Runs one event as `args` say and prints what happened; the exit code
+/// tells how it ended (see [`exit_code`]).
+pub fn command(args: Args) -> anyhow::Result<std::process::ExitCode> {
+    use anyhow::Context as _;
+    let Args {
+        module,
+        topic,
+        payload,
+        env,
+        memory_limit,
+        timeout,
+        pulley,
+        fuel,
+        max_emit_bytes,
+        log_rate_limit,
+        state,
+        state_limit,
+    } = args;
+    let payload = match payload.strip_prefix('@') {
+        Some(file) => {
+            std::fs::read(file).with_context(|| format!("cannot read payload file {file}"))?
+        }
+        None => payload.into_bytes(),
+    };
+    let req = InvokeRequest {
+        module,
+        topic,
+        payload,
+        env,
+        memory_limit: memory_limit.as_u64() as usize,
+        timeout,
+        pulley,
+        fuel,
+        max_emit_bytes: max_emit_bytes.as_u64() as usize,
+        log_rate_limit,
+        state: state.as_deref().map(read_state).transpose()?,
+        state_limit: state_limit.as_u64() as usize,
+    };
+    let (report, after) = invoke(&req)?;
+    print!("{}", render(&req.module, &report, fuel));
+    if req.state.is_some() || !after.is_empty() {
+        println!("state   {}", state_json(&after));
+    }
+    Ok(std::process::ExitCode::from(exit_code(&report) as u8))
+}
 
 /// What `edgefn invoke` runs.
 #[derive(Debug, Clone)]
@@ -75,7 +165,7 @@ pub fn state_json(state: &StateMap) -> String {
         .iter()
         .map(|(k, v)| {
             (
-                crate::text::printable_bytes(k),
+                edgefn::text::printable_bytes(k),
                 serde_json::Value::String(show_payload(v)),
             )
         })
@@ -105,7 +195,7 @@ pub fn invoke(req: &InvokeRequest) -> anyhow::Result<(Report, StateMap)> {
         timeout: req.timeout,
         max_record_size: usize::MAX,
         max_emit_bytes: req.max_emit_bytes,
-        max_topic_len: crate::runtime::MAX_TOPIC_LEN,
+        max_topic_len: edgefn::runtime::MAX_TOPIC_LEN,
         log_rate_limit: req.log_rate_limit,
         fuel: Some(req.fuel.unwrap_or(u64::MAX)),
         emit_allow: None,
@@ -124,7 +214,7 @@ pub fn invoke(req: &InvokeRequest) -> anyhow::Result<(Report, StateMap)> {
 /// Renders a payload for a terminal: UTF-8 text as is, bytes as hex.
 pub fn show_payload(payload: &[u8]) -> String {
     match std::str::from_utf8(payload) {
-        Ok(s) => crate::text::printable(s).into_owned(),
+        Ok(s) => edgefn::text::printable(s).into_owned(),
         Err(_) => {
             let mut out = String::from("0x");
             for b in payload {

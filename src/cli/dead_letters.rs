@@ -3,7 +3,7 @@
 //! The command works on the gateway's database with a connection of its
 //! own, so it is safe while the daemon runs. `replay` only marks dead
 //! letters (`dead_letters.replay`); the running daemon
-//! ([`crate::ingest::replay`]) looks for marked ones every second, hands
+//! ([`edgefn::ingest::replay`]) looks for marked ones every second, hands
 //! each to the current version
 //! of its function (only that function, whatever else its topic
 //! triggers), and commits the outcome like a device message's: in the same
@@ -15,13 +15,122 @@
 //! wait for the daemon if it is not running.
 
 use std::fmt::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use crate::clock::now_ms;
-use crate::config::UPSTREAM;
-use crate::ingest::replay::POLL;
-use crate::store::{Inspector, Selection, StoredDeadLetter};
-use crate::text::{Printable, printable};
+use edgefn::clock::now_ms;
+use edgefn::config::UPSTREAM;
+use edgefn::ingest::replay::POLL;
+use edgefn::store::{Inspector, Selection, StoredDeadLetter};
+use edgefn::text::{Printable, printable};
+
+/// `edgefn dead-letters`'s arguments.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The gateway's configuration file.
+    #[arg(
+        long,
+        short,
+        global = true,
+        env = "EDGEFN_CONFIG",
+        default_value = "/etc/edgefn/edgefn.toml"
+    )]
+    config: PathBuf,
+    /// What to do.
+    #[command(subcommand)]
+    action: Subcommand,
+}
+
+/// Carries out the subcommand on the gateway's database and prints what
+/// it did.
+pub fn command(args: Args) -> anyhow::Result<std::process::ExitCode> {
+    let config = edgefn::config::Config::load(&args.config)?;
+    let functions: Vec<String> = config.functions.iter().map(|f| f.name.clone()).collect();
+    print!(
+        "{}",
+        run(&config.gateway.data_dir, &functions, args.action.action()?)?
+    );
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// `edgefn dead-letters` subcommands.
+#[derive(Debug, clap::Subcommand)]
+pub enum Subcommand {
+    /// One line per dead letter, oldest first.
+    List {
+        /// Only this function's.
+        #[arg(long)]
+        function: Option<String>,
+    },
+    /// One dead letter in full, payload included.
+    Show {
+        /// Its id (from `list`).
+        id: i64,
+    },
+    /// Run dead letters again, through the current version of their
+    /// function, in the running daemon: deleted if they run, kept with
+    /// their attempts counted up if they fail again.
+    Replay {
+        /// These ids.
+        ids: Vec<i64>,
+        /// Every dead letter of this function.
+        #[arg(long)]
+        function: Option<String>,
+        /// Every dead letter.
+        #[arg(long, conflicts_with_all = ["ids", "function"])]
+        all: bool,
+    },
+    /// Delete dead letters.
+    Purge {
+        /// These ids.
+        ids: Vec<i64>,
+        /// Only this function's.
+        #[arg(long)]
+        function: Option<String>,
+        /// Only those stored longer ago than this, e.g. 7d.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        older_than: Option<std::time::Duration>,
+        /// Every dead letter.
+        #[arg(long, conflicts_with_all = ["ids", "function", "older_than"])]
+        all: bool,
+    },
+}
+
+impl Subcommand {
+    fn action(self) -> anyhow::Result<Action> {
+        let now_ms = edgefn::clock::now_ms();
+        Ok(match self {
+            Subcommand::List { function } => Action::List { function },
+            Subcommand::Show { id } => Action::Show { id },
+            Subcommand::Replay { ids, function, all } => {
+                if ids.is_empty() && function.is_none() && !all {
+                    anyhow::bail!("say which dead letters: IDs, --function NAME or --all");
+                }
+                Action::Replay(Selection {
+                    ids,
+                    function,
+                    before_ms: None,
+                })
+            }
+            Subcommand::Purge {
+                ids,
+                function,
+                older_than,
+                all,
+            } => {
+                if ids.is_empty() && function.is_none() && older_than.is_none() && !all {
+                    anyhow::bail!(
+                        "say which dead letters: IDs, --function NAME, --older-than AGE or --all"
+                    );
+                }
+                Action::Purge(Selection {
+                    ids,
+                    function,
+                    before_ms: older_than.map(|d| now_ms.saturating_sub(d.as_millis() as u64)),
+                })
+            }
+        })
+    }
+}
 
 /// What `edgefn dead-letters` does.
 #[derive(Debug, Clone)]
@@ -195,7 +304,7 @@ pub fn render_one(d: &StoredDeadLetter) -> String {
     let _ = writeln!(
         out,
         "payload   {} ({} bytes)",
-        crate::invoke::show_payload(&d.letter.payload),
+        crate::cli::invoke::show_payload(&d.letter.payload),
         d.letter.payload.len()
     );
     out

@@ -6,14 +6,14 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 
-use crate::bundle::{self, Body, Change, Targets};
-use crate::config::FunctionManifest;
-use crate::runtime::{Runtime, Target};
+use edgefn::bundle::{self, Body, Change, Targets};
+use edgefn::config::FunctionManifest;
+use edgefn::runtime::{Runtime, Target};
 
 /// Writes a new private key to `out` (mode 0600; an existing file is not
 /// replaced) and returns the public key as `deploy.trusted_keys` takes it.
 pub fn keygen(out: &Path) -> anyhow::Result<String> {
-    let key = crate::keys::generate_key().context("cannot draw a random key")?;
+    let key = edgefn::keys::generate_key().context("cannot draw a random key")?;
     use std::os::unix::fs::OpenOptionsExt;
     let mut file = std::fs::OpenOptions::new()
         .write(true)
@@ -21,17 +21,17 @@ pub fn keygen(out: &Path) -> anyhow::Result<String> {
         .mode(0o600)
         .open(out)
         .with_context(|| format!("cannot create {}", out.display()))?;
-    file.write_all(crate::keys::private_key_text(&key).as_bytes())
+    file.write_all(edgefn::keys::private_key_text(&key).as_bytes())
         .and_then(|()| file.sync_all())
         .with_context(|| format!("cannot write {}", out.display()))?;
-    Ok(crate::keys::public_key_text(&key.verifying_key()))
+    Ok(edgefn::keys::public_key_text(&key.verifying_key()))
 }
 
 /// Reads the private key file `path`.
 pub fn read_signing_key(path: &Path) -> anyhow::Result<ed25519_dalek::SigningKey> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read the signing key {}", path.display()))?;
-    crate::keys::parse_private_key(&text)
+    edgefn::keys::parse_private_key(&text)
         .with_context(|| format!("{} is not an edgefn signing key", path.display()))
 }
 
@@ -137,7 +137,7 @@ pub fn deploy_bundle(
     runtime.load(
         &path.display().to_string(),
         &module,
-        crate::registry::function_spec(&config, ""),
+        edgefn::registry::function_spec(&config, ""),
     )?;
     let body = req.release.body(Change::Deploy {
         manifest: Box::new(manifest),
@@ -169,18 +169,12 @@ fn check_targets(t: &Targets) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The default version: the current time in milliseconds, which grows
-/// from one deploy to the next from the same machine.
-pub fn version_now() -> u64 {
-    crate::clock::now_ms()
-}
-
 /// What `edgefn deploy --broker` (or `edgefn remove --broker`) publishes
 /// and waits for.
 #[derive(Debug, Clone)]
 pub struct Publish {
     /// The control broker.
-    pub broker: crate::config::BrokerClientConfig,
+    pub broker: edgefn::config::BrokerClientConfig,
     /// The function.
     pub name: String,
     /// The bundle's version.
@@ -241,7 +235,7 @@ pub async fn publish(
     use std::collections::{BTreeMap, HashMap};
     use std::time::Instant;
 
-    let mut o = crate::broker_client::options(&p.broker, bundle.len());
+    let mut o = edgefn::broker_client::options(&p.broker, bundle.len());
     o.set_clean_start(true);
     let (client, mut events) = AsyncClient::new(o, 64);
     // Subscribed with the status topics, it comes back after the retained
@@ -401,7 +395,7 @@ pub struct GatewayView {
 /// Reads every gateway's retained status topics from the control broker
 /// (`gateway` and `group` narrow the list).
 pub async fn status(
-    broker: &crate::config::BrokerClientConfig,
+    broker: &edgefn::config::BrokerClientConfig,
     gateway: Option<&str>,
     group: Option<&str>,
 ) -> anyhow::Result<Vec<GatewayView>> {
@@ -409,7 +403,7 @@ pub async fn status(
     use rumqttc::v5::mqttbytes::v5::{Filter, Packet};
     use rumqttc::v5::{AsyncClient, Event};
 
-    let mut o = crate::broker_client::options(broker, 1 << 20);
+    let mut o = edgefn::broker_client::options(broker, 1 << 20);
     o.set_clean_start(true);
     let (client, mut events) = AsyncClient::new(o, 16);
     // Subscribed last, it comes back after every retained status: QoS 1
@@ -535,7 +529,7 @@ pub fn render_status(views: &[GatewayView], now_ms: u64) -> String {
             v.gateway,
             functions.join("; ")
         );
-        out.push_str(&crate::text::printable(&line));
+        out.push_str(&edgefn::text::printable(&line));
         out.push('\n');
     }
     out

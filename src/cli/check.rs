@@ -1,0 +1,111 @@
+//! `edgefn check`: the configuration's problems, all at once, then every
+//! module it names, loaded as the daemon would.
+
+use std::process::ExitCode;
+
+use edgefn::config::{BrokerClientConfig, Config, LocalSource};
+use edgefn::runtime::{Runtime, Target};
+
+/// `edgefn check`: every problem in the config, then every module.
+pub fn run(path: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let config = Config::load(path)?;
+    let runtime = Runtime::new(Target::for_host())?;
+    let mut failed = 0;
+    println!(
+        "gateway  {} (data in {})",
+        config.gateway.id,
+        config.gateway.data_dir.display()
+    );
+    // `, TLS, CA /etc/edgefn/ca.pem, client certificate …` for mqtts://.
+    let tls = |b: &BrokerClientConfig| {
+        b.tls
+            .as_ref()
+            .map(|t| format!(", {}", t.summary))
+            .unwrap_or_default()
+    };
+    match &config.local.source {
+        LocalSource::Broker(b) => println!(
+            "local    {} as {:?}, {} in flight{}",
+            b.url(),
+            b.client_id,
+            b.in_flight,
+            tls(b)
+        ),
+        LocalSource::Embedded { listen } => println!("local    embedded broker on {listen}"),
+    }
+    match &config.upstream {
+        Some(u) => println!(
+            "upstream {} prefix {:?}{}",
+            u.broker.url(),
+            u.topic_prefix,
+            tls(&u.broker)
+        ),
+        None => println!("upstream none (records stay buffered)"),
+    }
+    if let Some(listen) = config.metrics.listen {
+        println!("metrics  http://{listen}/metrics (and /metrics.json)");
+    }
+    for w in &config.warnings {
+        println!("warning: {w}");
+    }
+    for f in &config.functions {
+        let prefix = config
+            .upstream
+            .as_ref()
+            .map_or("", |u| u.topic_prefix.as_str());
+        match runtime.load_file(&f.module, edgefn::registry::function_spec(f, prefix)) {
+            Ok(_) => {
+                println!(
+                    "function {} ok: {} <- {}",
+                    f.name,
+                    f.module.display(),
+                    f.triggers
+                        .iter()
+                        .map(|t| t.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+                println!(
+                    "         memory {}, timeout {}, concurrency {}, retries {}, fuel {}",
+                    bytesize::ByteSize(f.memory_limit as u64),
+                    humantime::format_duration(f.timeout),
+                    f.concurrency,
+                    f.retries,
+                    f.fuel.map_or("unlimited".to_owned(), |n| n.to_string())
+                );
+                let filters = |list: &[edgefn::route::TopicFilter]| {
+                    list.iter()
+                        .map(|t| t.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
+                println!(
+                    "         state limit {}, emits to {}, publishes to {}{}",
+                    bytesize::ByteSize(f.state_limit as u64),
+                    f.emit_allow
+                        .as_deref()
+                        .map_or("any topic".to_owned(), filters),
+                    if f.publish_allow.is_empty() {
+                        "nothing".to_owned()
+                    } else {
+                        filters(&f.publish_allow)
+                    },
+                    match &f.schedule {
+                        Some(s) => format!(", runs {s}"),
+                        None => String::new(),
+                    }
+                );
+            }
+            Err(e) => {
+                failed += 1;
+                eprintln!("error: function {:?}: {e}", f.name);
+            }
+        }
+    }
+    if failed > 0 {
+        eprintln!("{failed} function(s) failed to load");
+        return Ok(ExitCode::FAILURE);
+    }
+    println!("ok");
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,32 @@
+//! `edgefn run`: the gateway daemon, until SIGTERM or SIGINT.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use edgefn::config::Config;
+
+/// Runs the gateway of the configuration at `path` until a stop signal.
+pub fn run(path: &Path) -> anyhow::Result<ExitCode> {
+    let config = Config::load(path)?;
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(async {
+            let stop = stop_signal()?;
+            edgefn::gateway::run(config, stop).await
+        })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Resolves at the first SIGTERM (systemd's stop) or SIGINT (Ctrl-C).
+fn stop_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
+}
