@@ -527,10 +527,15 @@ async fn apply_loop(
             .apply_unless_superseded(&bundle, Some(&name), &newer)
             .await;
         if let Err(refused) = &result {
-            crate::metrics::Metrics::add(&metrics.bundles_refused, 1);
-            if let Some(not_logged) = REFUSALS_LOGGED.admit() {
-                tracing::warn!(topic = %crate::text::Printable(&topic), code = refused.code, error = %crate::text::Printable(&refused.text), not_logged, "bundle refused");
-            }
+            crate::metrics::event!(
+                metrics.bundles_refused,
+                warn,
+                throttle = REFUSALS_LOGGED,
+                topic = %crate::text::Printable(&topic),
+                code = refused.code,
+                error = %crate::text::Printable(&refused.text),
+                "bundle refused"
+            );
         }
         let mut all = statuses.lock().expect("statuses lock");
         let known = all.contains_key(&name)

@@ -35,7 +35,7 @@ use tokio::sync::broadcast;
 use crate::bundle::{self, Body, Change, Refusal, Verifier};
 use crate::clock::now_ms;
 use crate::config::{Config, DeployConfig, Rollback};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, event};
 use crate::registry::{Deployed, Origin, Registry};
 use crate::runtime::{LoadError, Runtime};
 use crate::store::{Deployments, StoreError};
@@ -478,8 +478,9 @@ impl Deployer {
         }
         let name = new.name().to_owned();
         if rollback == Rollback::Never {
-            Metrics::add(&self.metrics.rollbacks_declined, 1);
-            tracing::error!(
+            event!(
+                self.metrics.rollbacks_declined,
+                error,
                 function = %name,
                 version = new.version(),
                 reason,
@@ -489,8 +490,9 @@ impl Deployer {
         }
         let below = |v: u64| floor.is_some_and(|f| v < f);
         if previous.as_ref().is_some_and(|p| below(p.version())) {
-            Metrics::add(&self.metrics.rollbacks_declined, 1);
-            tracing::error!(
+            event!(
+                self.metrics.rollbacks_declined,
+                error,
                 function = %name,
                 version = new.version(),
                 previous = previous.as_ref().map(|p| p.version()),

@@ -31,7 +31,7 @@ use crate::forward::Forwarder;
 use crate::ingest::mqtt::MqttIngest;
 use crate::ingest::replay::Replayer;
 use crate::ingest::schedule::Scheduler;
-use crate::metrics::{Metrics, Snapshot};
+use crate::metrics::{Metrics, Snapshot, event};
 use crate::pipeline::Pipeline;
 use crate::registry::{Deployed, Origin, Registry};
 use crate::runtime::pool::{FunctionMetrics, Pool};
@@ -522,8 +522,13 @@ async fn forward_local_publishes(
 ) {
     while let Some(p) = publishes.recv().await {
         if let Err(e) = broker.publish(&p.topic, p.payload.into()).await {
-            Metrics::add(&metrics.local_publishes_dropped, 1);
-            tracing::warn!(error = %e, topic = p.topic, "could not publish to the embedded broker");
+            event!(
+                metrics.local_publishes_dropped,
+                warn,
+                error = %e,
+                topic = p.topic,
+                "could not publish to the embedded broker"
+            );
         }
     }
 }
@@ -649,8 +654,8 @@ async fn status_loop(
                 version = function.version(),
                 invocations = f.invocations.load(Relaxed),
                 failures = f.failures.load(Relaxed),
-                timeouts = f.failures_by_kind[1].load(Relaxed),
-                out_of_fuel = f.failures_by_kind[2].load(Relaxed),
+                timeouts = f.failures_of("timeout"),
+                out_of_fuel = f.failures_of("fuel"),
                 "function status"
             );
         }

@@ -19,7 +19,8 @@
 //!   topics of scheduled runs.
 //! - [`clock`] — the wall clock, ms since the epoch.
 //! - [`keys`] — Ed25519 keys as text, and new ones.
-//! - [`metrics`] — the gateway's live counters and duration windows.
+//! - [`metrics`] — the gateway's live counters and duration windows; the
+//!   one table of every metric's name, kind, unit and help.
 //! - [`shutdown`] — the shutdown signal every task watches; reconnect backoff.
 //! - [`state`] — functions' durable state: values, one invocation's writes,
 //!   turns.

@@ -20,7 +20,7 @@
 //!   the pools (group commit). Only after the commit does it complete the
 //!   acks. A failed commit is retried with backoff; nothing is acknowledged
 //!   meanwhile. The same transactions delete the records the forwarder
-//!   reports delivered; when no input comes for [`DELETE_DELAY`], it
+//!   reports delivered; when no input comes for `DELETE_DELAY`, it
 //!   commits those alone.
 //!
 //! The pools' workers wake the commit thread directly when an outcome is in:
@@ -39,7 +39,7 @@ use bytes::Bytes;
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::ingest::{Ack, Delivery, Replay};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, event};
 use crate::registry::{Deployed, Registry};
 use crate::runtime::Emitted;
 use crate::runtime::pool::Outcome;
@@ -285,8 +285,9 @@ async fn dispatch(
         }
         // A replayed dead letter was taken once: no second size check.
         if d.payload.len() > max_message_size && d.replay.is_none() {
-            Metrics::add(&metrics.refused_too_large, 1);
-            tracing::warn!(
+            event!(
+                metrics.refused_too_large,
+                warn,
                 topic = d.topic,
                 size = d.payload.len(),
                 max = max_message_size,
@@ -472,9 +473,10 @@ fn commit_loop(
                     for r in &batch {
                         r.ack.unclaim();
                     }
-                    Metrics::add(&metrics.commit_failures, 1);
                     let delay = backoff.next_delay();
-                    tracing::error!(
+                    event!(
+                        metrics.commit_failures,
+                        error,
                         error = %e,
                         retry_in = ?delay,
                         held = batch.len(),
@@ -514,8 +516,9 @@ fn commit_loop(
                 if let Some(tx) = &local_publish {
                     Metrics::add(&metrics.local_publishes, 1);
                     if tx.try_send(p).is_err() {
-                        Metrics::add(&metrics.local_publishes_dropped, 1);
-                        tracing::warn!(
+                        event!(
+                            metrics.local_publishes_dropped,
+                            warn,
                             "local publish queue full; a function's publish was dropped"
                         );
                     }

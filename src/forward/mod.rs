@@ -23,7 +23,7 @@
 //!   (possible duplicates upstream);
 //! - keeps a record the broker refuses for who sends it (not authorised,
 //!   quota exceeded, …) and sends it again later, holding back the later
-//!   records of its topic meanwhile ([`refusals`]); moves a record the
+//!   records of its topic meanwhile (`refusals`); moves a record the
 //!   broker refuses for what it is (an invalid topic name or payload
 //!   format), or a topic it kept refusing while it accepted others, to the
 //!   dead letters, rather than retrying it forever or dropping it
@@ -35,7 +35,7 @@
 //!   connection is lost while a record is the oldest unacknowledged, the
 //!   next connection sends that record alone first; when [`POISON_STRIKES`]
 //!   connections in a row end that way, the record's topic is refused as
-//!   by a PUBACK ([`refusals`]): held back while the rest flows, tried
+//!   by a PUBACK (`refusals`): held back while the rest flows, tried
 //!   again later, and given up to the dead letters only if the upstream
 //!   keeps refusing it while accepting other topics;
 //! - at shutdown stops sending, waits up to [`DRAIN_GRACE`] for the PUBACKs
@@ -56,7 +56,7 @@ use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use tokio::sync::{Notify, watch};
 
 use crate::config::UpstreamConfig;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, event};
 use crate::shutdown::Backoff;
 use crate::store::{Outbox, Reader, Record};
 use refusals::{Cause, Refusals, Verdict};
@@ -621,15 +621,14 @@ impl Forwarder {
     /// Hands a record that cannot be delivered to the store, which moves
     /// it to the dead letters; counted and logged.
     fn refuse(&self, seq: i64, why: String) {
-        Metrics::add(&self.metrics.upstream_rejected, 1);
-        if let Some(not_logged) = REJECTIONS_LOGGED.admit() {
-            tracing::error!(
-                seq,
-                reason = why,
-                not_logged,
-                "a record cannot be delivered upstream; moved to the dead letters"
-            );
-        }
+        event!(
+            self.metrics.upstream_rejected,
+            error,
+            throttle = REJECTIONS_LOGGED,
+            seq,
+            reason = why,
+            "a record cannot be delivered upstream; moved to the dead letters"
+        );
         self.outbox.refused(seq, why);
     }
 }

@@ -55,7 +55,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::{Ack, Delivery};
 use crate::config::BrokerClientConfig;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, event};
 use crate::registry::Filters;
 use crate::runtime::Emitted;
 use crate::shutdown::Backoff;
@@ -463,8 +463,9 @@ impl MqttIngest {
                  see docs/DELIVERY.md for the mosquitto.conf settings that prevent this"
             ),
             SysDropped::Increase { by, total } => {
-                Metrics::add(&self.metrics.broker_dropped, by);
-                tracing::warn!(
+                event!(
+                    by => self.metrics.broker_dropped,
+                    warn,
                     dropped = by,
                     total,
                     "the local broker dropped messages before edgefn could receive them"

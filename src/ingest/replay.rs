@@ -1,5 +1,5 @@
 //! Replays of dead letters: the daemon's side of `edgefn dead-letters
-//! replay` ([`crate::dead_letters`]), a source of deliveries like a
+//! replay` (src/cli/dead_letters.rs), a source of deliveries like a
 //! device. Each marked dead letter goes to the current version of its
 //! function only, and its outcome is committed like a device message's.
 

@@ -69,7 +69,7 @@ pub struct Scheduler {
 
 impl Scheduler {
     /// A scheduler over `registry`'s functions, handing runs to
-    /// `deliveries`; `last_runs` is [`crate::store::Store::schedule_runs`].
+    /// `deliveries`; `last_runs` is [`crate::store::Reader::schedule_runs`].
     pub fn new(
         registry: Arc<Registry>,
         deliveries: mpsc::Sender<Delivery>,

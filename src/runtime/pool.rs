@@ -78,6 +78,17 @@ pub struct FunctionMetrics {
     pub schedule_skipped: AtomicU64,
 }
 
+impl FunctionMetrics {
+    /// Failed attempts of one [`Failure::kind`] (0 for a kind that is not
+    /// one).
+    pub fn failures_of(&self, kind: &str) -> u64 {
+        FAILURE_KINDS
+            .iter()
+            .position(|k| *k == kind)
+            .map_or(0, |i| self.failures_by_kind[i].load(Ordering::Relaxed))
+    }
+}
+
 /// What this pool's messages and instances came to: counted per version
 /// of a function (a pool runs one version), for its status and its
 /// probation after a deploy.

@@ -220,7 +220,7 @@ const MIGRATIONS: &[&str] = &[
 pub const SEQ_BLOCK: i64 = 4096;
 
 /// Bytes per database page, for new databases (and existing ones,
-/// [`convert_page_size`]). A WAL frame is one page plus 24 bytes, and a
+/// `convert_page_size`). A WAL frame is one page plus 24 bytes, and a
 /// commit of one small record writes one frame, so this, not the record,
 /// sizes what a one-record commit writes: 4 KiB pages make 4,120-byte
 /// frames, which always span two 4 KiB pages of the file (8 KiB to the
@@ -381,7 +381,7 @@ pub struct Record {
 
 impl DeadLetter {
     /// Bytes it counts against `dead_letters_max_size`: its text and payload
-    /// (the same sum as [`DEAD_LETTER_SIZE`] in SQL).
+    /// (the same sum as `DEAD_LETTER_SIZE` in SQL).
     pub fn size(&self) -> u64 {
         (self.function.len() + self.topic.len() + self.payload.len() + self.error.len()) as u64
     }
@@ -523,7 +523,7 @@ fn open_connection(path: &Path, synchronous: &str) -> Result<Connection, StoreEr
     conn.busy_timeout(BUSY_TIMEOUT).map_err(err)?;
     // Takes effect only in a database without pages yet (then before WAL
     // mode writes its first page); an existing one keeps its page size
-    // until [`convert_page_size`].
+    // until `convert_page_size`.
     conn.pragma_update(None, "page_size", PAGE_SIZE)
         .map_err(err)?;
     conn.pragma_update(None, "journal_mode", "WAL")
