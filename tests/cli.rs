@@ -1,49 +1,38 @@
 //! The command line as a user meets it: `edgefn check`, `edgefn run` with
 //! bad input, and `edgefn invoke`.
 
-mod common;
-
 use std::path::Path;
-use std::process::Output;
 
-use common::*;
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+use testkit::*;
 
 /// A config whose one function uses `module`, in `dir`.
 fn config_with_module(dir: &Path, module: &Path) -> String {
-    let path = write_config(
-        dir,
-        &format!(
-            r#"
-[gateway]
-id = "pi-01"
-data_dir = "data"
-
-[local]
-url = "mqtt://127.0.0.1:1"
-
-[[functions]]
-name = "f"
-module = "{}"
-triggers = ["sensors/#"]
-"#,
-            module.display()
-        ),
-    );
+    let file = ConfigFile {
+        gateway: GatewayTable {
+            id: "pi-01".into(),
+            data_dir: Some("data".into()),
+        },
+        local: local_table(Local::Broker("mqtt://127.0.0.1:1".into())),
+        functions: vec![FunctionManifest {
+            name: "f".into(),
+            module: Some(module.display().to_string()),
+            triggers: vec!["sensors/#".into()],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let path = write_config(dir, &file);
     path.to_str().unwrap().to_owned()
 }
 
 #[test]
 fn check_accepts_a_good_config_and_summarises_it() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = standard_config(dir.path(), "mqtt://127.0.0.1:1883", 1884);
+    let cfg = standard_config(
+        dir.path(),
+        Local::Broker("mqtt://127.0.0.1:1883".into()),
+        1884,
+    );
     let out = edgefn(&["check", "--config", cfg.to_str().unwrap()]);
     let t = text(&out);
     assert!(out.status.success(), "{t}");
@@ -64,7 +53,7 @@ fn check_accepts_a_good_config_and_summarises_it() {
 #[test]
 fn check_and_run_stop_on_malformed_toml_naming_the_file() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(dir.path(), "[gateway\nid = ");
+    let cfg = write_config_text(dir.path(), "[gateway\nid = ");
     for cmd in ["check", "run"] {
         let out = edgefn(&[cmd, "--config", cfg.to_str().unwrap()]);
         assert!(!out.status.success());
@@ -75,11 +64,16 @@ fn check_and_run_stop_on_malformed_toml_naming_the_file() {
 #[test]
 fn an_unknown_key_is_named() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = standard_config(dir.path(), "mqtt://127.0.0.1:1883", 1884);
-    let text_cfg = std::fs::read_to_string(&cfg)
-        .unwrap()
-        .replace("max_size = \"64MiB\"", "max_size = \"64MiB\"\nmax_sixe = 3");
-    std::fs::write(&cfg, text_cfg).unwrap();
+    let cfg = standard_config(
+        dir.path(),
+        Local::Broker("mqtt://127.0.0.1:1883".into()),
+        1884,
+    );
+    // A typo no typed config can make: written as text.
+    let text_cfg = std::fs::read_to_string(&cfg).unwrap();
+    let text_cfg = text_cfg.replacen("[buffer]\n", "[buffer]\nmax_sixe = 3\n", 1);
+    assert!(text_cfg.contains("max_sixe"));
+    write_config_text(dir.path(), &text_cfg);
     for cmd in ["check", "run"] {
         let out = edgefn(&[cmd, "--config", cfg.to_str().unwrap()]);
         assert!(!out.status.success());
@@ -90,12 +84,15 @@ fn an_unknown_key_is_named() {
 #[test]
 fn check_reports_every_bad_value_at_once() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = standard_config(dir.path(), "mqtt://127.0.0.1:1883", 1884);
-    let bad = std::fs::read_to_string(&cfg)
-        .unwrap()
-        .replace("timeout = \"100ms\"", "timeout = \"fast\"")
-        .replace("memory_limit = \"16MiB\"", "memory_limit = \"lots\"");
-    std::fs::write(&cfg, bad).unwrap();
+    let mut file = standard(
+        dir.path(),
+        Local::Broker("mqtt://127.0.0.1:1883".into()),
+        1884,
+    );
+    let clean = file.function_mut("clean-temperature");
+    clean.timeout = Some("fast".into());
+    clean.memory_limit = Some("lots".into());
+    let cfg = write_config(dir.path(), &file);
     let out = edgefn(&["check", "--config", cfg.to_str().unwrap()]);
     let t = text(&out);
     assert!(!out.status.success());

@@ -3,14 +3,12 @@
 //! flowing, upgrades, removals, and deployed functions restored after a
 //! restart with the upstream away.
 
-mod common;
-
-use common::*;
 use ed25519_dalek::SigningKey;
 use edgefn::bundle::{Body, Change, Targets, seal};
 use edgefn::config::{Config, FunctionManifest};
 use edgefn::deploy::Applied;
 use edgefn::gateway::Gateway;
+use testkit::*;
 
 fn manifest(env: &str) -> FunctionManifest {
     FunctionManifest {
@@ -20,21 +18,6 @@ fn manifest(env: &str) -> FunctionManifest {
         env: [("GREETING".to_owned(), env.to_owned())].into(),
         ..Default::default()
     }
-}
-
-fn body(manifest: FunctionManifest, module: Vec<u8>, version: u64) -> Body {
-    Body::new(
-        version,
-        Targets {
-            gateways: vec!["pi-01".into()],
-            groups: vec![],
-        },
-        Change::Deploy {
-            manifest: Box::new(manifest),
-            module,
-            sha256: vec![],
-        },
-    )
 }
 
 /// A module that passes the ABI checks and runs `init` as `edgefn_init`.
@@ -50,27 +33,18 @@ fn with_init(init: &str) -> Vec<u8> {
 }
 
 /// The standard config with the embedded broker on `port`, without the
-/// chaos function, and a `[deploy]` section trusting `key`, plus `extra`.
+/// chaos function, and a `[deploy]` section trusting `key`, then `more`.
 fn deploy_config(
     dir: &std::path::Path,
     port: u16,
     cloud_port: u16,
     key: &SigningKey,
-    extra: &str,
+    more: impl FnOnce(&mut ConfigFile),
 ) -> std::path::PathBuf {
-    let path = standard_config(dir, &format!("embedded:{port}"), cloud_port);
-    let text = std::fs::read_to_string(&path).unwrap();
-    let chaos_table = text.rfind("[[functions]]").unwrap();
-    let public = edgefn::keys::public_key_text(&key.verifying_key());
-    std::fs::write(
-        &path,
-        format!(
-            "{}[deploy]\ntrusted_keys = [\"{public}\"]\n{extra}\n",
-            &text[..chaos_table]
-        ),
-    )
-    .unwrap();
-    path
+    let mut file = standard(dir, Local::Embedded(port), cloud_port);
+    file.without_function("chaos").trusting(&[trusted(key)]);
+    more(&mut file);
+    write_config(dir, &file)
 }
 
 /// Reading `seq` is PUBACKed and (with the upstream up) arrives.
@@ -102,17 +76,13 @@ async fn greeting(dev: &mut Device, upstream: &Upstream, expect: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bundles_are_verified_before_anything_changes_and_deployed_functions_survive_restarts() {
-    let mut cloud = Mosquitto::cloud();
+    let mut cloud = Mosquitto::cloud().await;
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let key = SigningKey::from_bytes(&[7; 32]);
-    let path = deploy_config(
-        dir.path(),
-        port,
-        cloud.port,
-        &key,
-        "max_bundle_size = \"1MiB\"",
-    );
+    let path = deploy_config(dir.path(), port, cloud.port, &key, |c| {
+        c.deploy.as_mut().unwrap().max_bundle_size = Some("1MiB".into())
+    });
     let config = Config::load(&path).unwrap();
     let chaos = std::fs::read(module("chaos")).unwrap();
     let upstream = Upstream::subscribe(cloud.port, "site/#").await;
@@ -120,7 +90,7 @@ async fn bundles_are_verified_before_anything_changes_and_deployed_functions_sur
     let mut dev = Device::connect("sensor-d1", port).await;
     flows(&mut dev, Some(&upstream), 0).await;
 
-    let v1 = seal(body(manifest("v1"), chaos.clone(), 1), Some(&key));
+    let v1 = seal(deploy_body(manifest("v1"), chaos.clone(), 1), Some(&key));
     let applied = gateway.apply_bundle(&v1).await;
     assert!(
         matches!(&applied, Ok(Applied::Deployed { name, version: 1, sha256 }) if name == "chaos" && sha256.len() == 64),
@@ -137,12 +107,12 @@ async fn bundles_are_verified_before_anything_changes_and_deployed_functions_sur
     );
     greeting(&mut dev, &upstream, "v1").await;
 
-    let v2 = |m: FunctionManifest, module: Vec<u8>| seal(body(m, module, 2), Some(&key));
+    let v2 = |m: FunctionManifest, module: Vec<u8>| seal(deploy_body(m, module, 2), Some(&key));
     let good = v2(manifest("v2"), chaos.clone());
     let mut tampered = good.clone();
     let middle = tampered.len() / 2;
     tampered[middle] ^= 1;
-    let mut elsewhere = body(manifest("v2"), chaos.clone(), 2);
+    let mut elsewhere = deploy_body(manifest("v2"), chaos.clone(), 2);
     elsewhere.targets = Targets {
         gateways: vec!["pi-02".into()],
         groups: vec!["site-b".into()],
@@ -158,12 +128,12 @@ async fn bundles_are_verified_before_anything_changes_and_deployed_functions_sur
     let cases: Vec<(&str, Vec<u8>)> = vec![
         (
             "unsigned",
-            seal(body(manifest("v2"), chaos.clone(), 2), None),
+            seal(deploy_body(manifest("v2"), chaos.clone(), 2), None),
         ),
         (
             "untrusted_key",
             seal(
-                body(manifest("v2"), chaos.clone(), 2),
+                deploy_body(manifest("v2"), chaos.clone(), 2),
                 Some(&SigningKey::from_bytes(&[8; 32])),
             ),
         ),
@@ -194,7 +164,7 @@ async fn bundles_are_verified_before_anything_changes_and_deployed_functions_sur
 
     // An upgrade, then a restart with the upstream away: v3 runs again from
     // the gateway's own database.
-    let v3 = seal(body(manifest("v3"), chaos.clone(), 3), Some(&key));
+    let v3 = seal(deploy_body(manifest("v3"), chaos.clone(), 3), Some(&key));
     assert!(gateway.apply_bundle(&v3).await.is_ok());
     greeting(&mut dev, &upstream, "v3").await;
     drop(dev);
@@ -220,7 +190,7 @@ async fn bundles_are_verified_before_anything_changes_and_deployed_functions_sur
 
     // Removed by a signed tombstone, for good: across a restart, and an
     // older deploy replayed after it changes nothing.
-    let mut tombstone = body(manifest("v4"), vec![], 4);
+    let mut tombstone = deploy_body(manifest("v4"), vec![], 4);
     tombstone.change = Change::Remove {
         name: "chaos".into(),
     };
@@ -267,7 +237,7 @@ async fn bundles_are_verified_before_anything_changes_and_deployed_functions_sur
         gateway.apply_bundle(&v3).await.unwrap_err().code,
         "not_newer"
     );
-    let v5 = seal(body(manifest("v5"), chaos, 5), Some(&key));
+    let v5 = seal(deploy_body(manifest("v5"), chaos, 5), Some(&key));
     assert!(gateway.apply_bundle(&v5).await.is_ok());
     gateway.shutdown().await;
 }
@@ -281,19 +251,16 @@ async fn wait_active(control: &Upstream, topic: &str, version: u64) {
         .await;
 }
 
-/// The last status published on `topic`, parsed.
-fn last_status(seen: &[Seen], topic: &str) -> Option<serde_json::Value> {
-    seen.iter().rev().find(|m| m.topic == topic).map(Seen::json)
-}
-
 #[cfg(feature = "embedded-broker")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bundles_on_the_control_topics_are_applied_and_every_outcome_is_on_the_status_topics() {
-    let cloud = Mosquitto::cloud();
+    let cloud = Mosquitto::cloud().await;
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let key = SigningKey::from_bytes(&[7; 32]);
-    let path = deploy_config(dir.path(), port, cloud.port, &key, "groups = [\"site-a\"]");
+    let path = deploy_config(dir.path(), port, cloud.port, &key, |c| {
+        c.deploy.as_mut().unwrap().groups = vec!["site-a".into()];
+    });
     let chaos = std::fs::read(module("chaos")).unwrap();
     let gateway_topic = "edgefn/pi-01/functions/chaos/deploy";
     let group_topic = "edgefn/groups/site-a/functions/chaos/deploy";
@@ -314,7 +281,7 @@ async fn bundles_on_the_control_topics_are_applied_and_every_outcome_is_on_the_s
     };
 
     // Deployed while the gateway is away: it catches up when it connects.
-    let v1 = seal(body(manifest("v1"), chaos.clone(), 1), Some(&key));
+    let v1 = seal(deploy_body(manifest("v1"), chaos.clone(), 1), Some(&key));
     publish_retained(cloud.port, gateway_topic, v1).await;
     let mut daemon = Daemon::start(&path);
     active(1).await;
@@ -334,7 +301,7 @@ async fn bundles_on_the_control_topics_are_applied_and_every_outcome_is_on_the_s
     greeting(&mut dev, &data, "v1").await;
 
     // Refused, each with its reason on the status topic; v1 goes on.
-    let mut tampered = seal(body(manifest("v2"), chaos.clone(), 2), Some(&key));
+    let mut tampered = seal(deploy_body(manifest("v2"), chaos.clone(), 2), Some(&key));
     let middle = tampered.len() / 2;
     tampered[middle] ^= 1;
     publish_retained(cloud.port, group_topic, tampered).await;
@@ -351,7 +318,7 @@ async fn bundles_on_the_control_topics_are_applied_and_every_outcome_is_on_the_s
     publish_retained(
         cloud.port,
         gateway_topic,
-        seal(body(other, chaos.clone(), 2), Some(&key)),
+        seal(deploy_body(other, chaos.clone(), 2), Some(&key)),
     )
     .await;
     refused("wrong_topic").await;
@@ -363,7 +330,7 @@ async fn bundles_on_the_control_topics_are_applied_and_every_outcome_is_on_the_s
     flows(&mut dev, Some(&data), 2).await;
 
     // An upgrade through the group's topic.
-    let v2 = seal(body(manifest("v2"), chaos.clone(), 2), Some(&key));
+    let v2 = seal(deploy_body(manifest("v2"), chaos.clone(), 2), Some(&key));
     publish_retained(cloud.port, group_topic, v2).await;
     active(2).await;
     greeting(&mut dev, &data, "v2").await;
@@ -371,7 +338,7 @@ async fn bundles_on_the_control_topics_are_applied_and_every_outcome_is_on_the_s
     // A version whose instances stop starting is rolled back on its own,
     // and the status topic says so.
     let (at, broken) = breaking_soon();
-    let v3 = seal(body(manifest("v3"), broken, 3), Some(&key));
+    let v3 = seal(deploy_body(manifest("v3"), broken, 3), Some(&key));
     publish_retained(cloud.port, gateway_topic, v3).await;
     active(3).await;
     clock_past(at).await;
@@ -435,10 +402,10 @@ async fn bundles_on_the_control_topics_are_applied_and_every_outcome_is_on_the_s
     publish_retained(
         cloud.port,
         gateway_topic,
-        seal(body(slow, slow_init_module(2_000), 4), Some(&key)),
+        seal(deploy_body(slow, slow_init_module(2_000), 4), Some(&key)),
     )
     .await;
-    let v5 = seal(body(manifest("v5"), chaos.clone(), 5), Some(&key));
+    let v5 = seal(deploy_body(manifest("v5"), chaos.clone(), 5), Some(&key));
     publish_retained(cloud.port, group_topic, v5).await;
     let mut daemon = Daemon::start(&path);
     active(5).await;
@@ -492,15 +459,8 @@ fn slow_init_module(ms: i64) -> Vec<u8> {
 #[cfg(feature = "embedded-broker")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edgefn_deploy_publishes_to_a_group_and_waits_for_each_gateways_report() {
-    let cloud = Mosquitto::cloud();
+    let cloud = Mosquitto::cloud().await;
     let dir = tempfile::tempdir().unwrap();
-    let edgefn = |args: &[&str]| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_edgefn"))
-            .args(args)
-            .env("EDGEFN_LOG", "error")
-            .output()
-            .unwrap()
-    };
     let key_file = dir.path().join("fleet.key");
     let out = edgefn(&["keygen", "--out", key_file.to_str().unwrap()]);
     let public = String::from_utf8(out.stdout).unwrap();
@@ -516,9 +476,11 @@ async fn edgefn_deploy_publishes_to_a_group_and_waits_for_each_gateways_report()
     for id in ["pi-01", "pi-02"] {
         let gw = dir.path().join(id);
         std::fs::create_dir(&gw).unwrap();
-        let path = deploy_config(&gw, free_port(), cloud.port, &key, "groups = [\"site-a\"]");
-        let text = std::fs::read_to_string(&path).unwrap();
-        std::fs::write(&path, text.replace("pi-01", id)).unwrap();
+        let path = deploy_config(&gw, free_port(), cloud.port, &key, |c| {
+            c.gateway.id = id.into();
+            c.upstream_mut().topic_prefix = Some(format!("site/{id}/"));
+            c.deploy.as_mut().unwrap().groups = vec!["site-a".into()];
+        });
         daemons.push(Daemon::start(&path));
     }
     statuses
@@ -675,11 +637,11 @@ async fn traps(dev: &mut Device, n: usize) {
 #[cfg(feature = "embedded-broker")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_input_can_roll_a_fix_back_and_only_a_version_that_cannot_start_is_rolled_back() {
-    let cloud = Mosquitto::cloud();
+    let cloud = Mosquitto::cloud().await;
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let key = SigningKey::from_bytes(&[7; 32]);
-    let path = deploy_config(dir.path(), port, cloud.port, &key, "");
+    let path = deploy_config(dir.path(), port, cloud.port, &key, |_| {});
     let config = Config::load(&path).unwrap();
     let upstream = Upstream::subscribe(cloud.port, "site/#").await;
     let gateway = Gateway::start(config.clone()).await.unwrap();
@@ -690,7 +652,7 @@ async fn no_input_can_roll_a_fix_back_and_only_a_version_that_cannot_start_is_ro
     // v100 takes everything: X payloads go upstream (echoed).
     assert!(
         gateway
-            .apply_bundle(&sealed(body(manifest("v100"), chaos.clone(), 100)))
+            .apply_bundle(&sealed(deploy_body(manifest("v100"), chaos.clone(), 100)))
             .await
             .is_ok()
     );
@@ -706,7 +668,7 @@ async fn no_input_can_roll_a_fix_back_and_only_a_version_that_cannot_start_is_ro
     // dead letter, and never rolls the gateway back to v100.
     assert!(
         gateway
-            .apply_bundle(&sealed(body(manifest("v200"), fix_module(), 200)))
+            .apply_bundle(&sealed(deploy_body(manifest("v200"), fix_module(), 200)))
             .await
             .is_ok()
     );
@@ -747,19 +709,19 @@ async fn no_input_can_roll_a_fix_back_and_only_a_version_that_cannot_start_is_ro
         let gateway = &gateway;
         async move { gateway.apply_bundle(&b).await.unwrap_err().code }
     };
-    let huge = body(manifest("huge"), chaos.clone(), (1u64 << 63) + 5);
+    let huge = deploy_body(manifest("huge"), chaos.clone(), (1u64 << 63) + 5);
     assert_eq!(refused(sealed(huge)).await, "invalid_manifest");
-    let mut floor_above = body(manifest("odd"), chaos.clone(), 300);
+    let mut floor_above = deploy_body(manifest("odd"), chaos.clone(), 300);
     floor_above.min_version = Some(301);
     assert_eq!(refused(sealed(floor_above)).await, "invalid_manifest");
-    let mut expired = body(manifest("old"), chaos.clone(), 300);
+    let mut expired = deploy_body(manifest("old"), chaos.clone(), 300);
     expired.expires_ms = Some(1_000);
     assert_eq!(refused(sealed(expired)).await, "expired");
     assert_eq!(version(), Some(200));
 
     // v300 starts, then its instances fail to start: rolled back to v200.
     let (at, broken) = breaking_soon();
-    let mut v300 = body(manifest("v300"), broken, 300);
+    let mut v300 = deploy_body(manifest("v300"), broken, 300);
     v300.expires_ms = Some(u64::MAX);
     assert!(gateway.apply_bundle(&sealed(v300)).await.is_ok());
     assert_eq!(version(), Some(300));
@@ -776,7 +738,7 @@ async fn no_input_can_roll_a_fix_back_and_only_a_version_that_cannot_start_is_ro
     };
     assert!(
         gateway
-            .apply_bundle(&sealed(body(never, broken, 400)))
+            .apply_bundle(&sealed(deploy_body(never, broken, 400)))
             .await
             .is_ok()
     );
@@ -788,15 +750,15 @@ async fn no_input_can_roll_a_fix_back_and_only_a_version_that_cannot_start_is_ro
     .await;
     assert_eq!(version(), Some(400));
     // v500, a fix with its floor at itself (min_version 500).
-    let mut v500 = body(manifest("v500"), fix_module(), 500);
+    let mut v500 = deploy_body(manifest("v500"), fix_module(), 500);
     v500.min_version = Some(500);
     assert!(gateway.apply_bundle(&sealed(v500)).await.is_ok());
-    let below = body(manifest("below"), chaos.clone(), 450);
+    let below = deploy_body(manifest("below"), chaos.clone(), 450);
     assert_eq!(refused(sealed(below)).await, "below_floor");
     // v700 raises the floor to 700 and breaks: the version before it (v500)
     // is below the floor, so v700 stays.
     let (at, broken) = breaking_soon();
-    let mut v700 = body(manifest("v700"), broken, 700);
+    let mut v700 = deploy_body(manifest("v700"), broken, 700);
     v700.min_version = Some(700);
     assert!(gateway.apply_bundle(&sealed(v700)).await.is_ok());
     clock_past(at).await;
@@ -808,7 +770,7 @@ async fn no_input_can_roll_a_fix_back_and_only_a_version_that_cannot_start_is_ro
     assert_eq!(version(), Some(700));
     assert_eq!(gateway.metrics().rollbacks, 1);
     // The publisher signs a fix; it is what runs after a restart.
-    let v800 = sealed(body(manifest("v800"), fix_module(), 800));
+    let v800 = sealed(deploy_body(manifest("v800"), fix_module(), 800));
     assert!(gateway.apply_bundle(&v800).await.is_ok());
     drop(dev);
     gateway.shutdown().await;
@@ -856,15 +818,15 @@ async fn flood(
 #[cfg(feature = "embedded-broker")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn junk_on_the_deploy_topics_is_counted_and_leaves_no_status_behind() {
-    let cloud = Mosquitto::cloud();
+    let cloud = Mosquitto::cloud().await;
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let key = SigningKey::from_bytes(&[7; 32]);
-    let path = deploy_config(dir.path(), port, cloud.port, &key, "");
+    let path = deploy_config(dir.path(), port, cloud.port, &key, |_| {});
     let statuses = Upstream::subscribe(cloud.port, "edgefn/pi-01/#").await;
     let gateway = Gateway::start(Config::load(&path).unwrap()).await.unwrap();
     let chaos = std::fs::read(module("chaos")).unwrap();
-    let v1 = seal(body(manifest("v1"), chaos, 1), Some(&key));
+    let v1 = seal(deploy_body(manifest("v1"), chaos, 1), Some(&key));
     assert!(gateway.apply_bundle(&v1).await.is_ok());
     statuses
         .wait_until("the gateway online", |s| {
@@ -914,27 +876,22 @@ async fn junk_on_the_deploy_topics_is_counted_and_leaves_no_status_behind() {
 #[cfg(feature = "embedded-broker")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_configured_function_wins_over_a_deployed_bundle_of_its_name_at_restart() {
-    let cloud = Mosquitto::cloud();
+    let cloud = Mosquitto::cloud().await;
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let key = SigningKey::from_bytes(&[7; 32]);
     // First without a chaos table: the bundle is deployed.
-    let path = deploy_config(dir.path(), port, cloud.port, &key, "");
+    let path = deploy_config(dir.path(), port, cloud.port, &key, |_| {});
     let gateway = Gateway::start(Config::load(&path).unwrap()).await.unwrap();
     let chaos = std::fs::read(module("chaos")).unwrap();
-    let v1 = seal(body(manifest("v1"), chaos, 1), Some(&key));
+    let v1 = seal(deploy_body(manifest("v1"), chaos, 1), Some(&key));
     assert!(gateway.apply_bundle(&v1).await.is_ok());
     gateway.shutdown().await;
     // Then the operator adds a chaos table to the file: it runs, not the
     // bundle, as a bundle of that name arriving now would be refused.
-    let with_table = standard_config(dir.path(), &format!("embedded:{port}"), cloud.port);
-    let text = std::fs::read_to_string(&with_table).unwrap();
-    let public = edgefn::keys::public_key_text(&key.verifying_key());
-    std::fs::write(
-        &with_table,
-        format!("{text}\n[deploy]\ntrusted_keys = [\"{public}\"]\n"),
-    )
-    .unwrap();
+    let mut file = standard(dir.path(), Local::Embedded(port), cloud.port);
+    file.trusting(&[trusted(&key)]);
+    let with_table = write_config(dir.path(), &file);
     let gateway = Gateway::start(Config::load(&with_table).unwrap())
         .await
         .unwrap();
@@ -945,7 +902,7 @@ async fn a_configured_function_wins_over_a_deployed_bundle_of_its_name_at_restar
         (0, edgefn::registry::Origin::Config)
     );
     let chaos = std::fs::read(module("chaos")).unwrap();
-    let v2 = seal(body(manifest("v2"), chaos, 2), Some(&key));
+    let v2 = seal(deploy_body(manifest("v2"), chaos, 2), Some(&key));
     assert_eq!(
         gateway.apply_bundle(&v2).await.unwrap_err().code,
         "defined_in_config"
@@ -964,36 +921,29 @@ async fn an_upgrade_through_the_local_broker_under_load_loses_and_duplicates_not
     // can outrun edgefn for a while: a stock Mosquitto would drop QoS 1
     // messages beyond 1,000 queued for edgefn (logged and counted as
     // `broker_dropped`); DELIVERY.md's setting for the [A] hop queues them.
-    let local = Mosquitto::start_with_extra("max_queued_messages 0\n");
-    let cloud = Mosquitto::cloud();
+    let local = Mosquitto::start_with_extra("max_queued_messages 0\n").await;
+    let cloud = Mosquitto::cloud().await;
     let dir = tempfile::tempdir().unwrap();
     let key = SigningKey::from_bytes(&[7; 32]);
-    let public = edgefn::keys::public_key_text(&key.verifying_key());
-    let path = write_config(
-        dir.path(),
-        &format!(
-            r#"
-[gateway]
-id = "pi-01"
-data_dir = "{data}"
-
-[local]
-url = "{local}"
-client_id = "edgefn-pi-01"
-
-[upstream]
-url = "mqtt://127.0.0.1:{cloud}"
-topic_prefix = "site/pi-01/"
-
-[deploy]
-broker = "local"
-trusted_keys = ["{public}"]
-"#,
-            data = dir.path().join("data").display(),
-            local = local.url(),
-            cloud = cloud.port,
-        ),
-    );
+    let file = ConfigFile {
+        gateway: GatewayTable {
+            id: "pi-01".into(),
+            data_dir: Some(dir.path().join("data").display().to_string()),
+        },
+        local: LocalTable {
+            url: Some(local.url()),
+            client_id: Some("edgefn-pi-01".into()),
+            ..Default::default()
+        },
+        upstream: Some(upstream(cloud.port)),
+        deploy: Some(DeployTable {
+            broker: Some("local".into()),
+            trusted_keys: vec![trusted(&key)],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let path = write_config(dir.path(), &file);
     let clean = std::fs::read(module("clean_temperature")).unwrap();
     let bundle = |unit: &str, version: u64| {
         let m = FunctionManifest {
@@ -1004,7 +954,7 @@ trusted_keys = ["{public}"]
             env: [("UNIT".to_owned(), unit.to_owned())].into(),
             ..Default::default()
         };
-        seal(body(m, clean.clone(), version), Some(&key))
+        seal(deploy_body(m, clean.clone(), version), Some(&key))
     };
     let topic = "edgefn/pi-01/functions/clean-temperature/deploy";
     let status = "edgefn/pi-01/functions/clean-temperature/status";

@@ -3,14 +3,12 @@
 
 #![cfg(feature = "embedded-broker")]
 
-mod common;
-
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::*;
+use testkit::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_puback_from_the_embedded_broker_means_the_reading_is_committed() {
@@ -18,7 +16,7 @@ async fn a_puback_from_the_embedded_broker_means_the_reading_is_committed() {
     // so its row count shows exactly what is committed.
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let config = standard_config(dir.path(), &format!("embedded:{port}"), free_port());
+    let config = standard_config(dir.path(), Local::Embedded(port), free_port());
     let daemon = Daemon::start(&config);
     port_open(port).await;
     let db = dir.path().join("data/edgefn.db");
@@ -42,10 +40,10 @@ async fn a_puback_from_the_embedded_broker_means_the_reading_is_committed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_embedded_broker_is_a_broker_and_functions_reach_devices() {
-    let cloud = Mosquitto::cloud();
+    let cloud = Mosquitto::cloud().await;
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let config = standard_config(dir.path(), &format!("embedded:{port}"), cloud.port);
+    let config = standard_config(dir.path(), Local::Embedded(port), cloud.port);
     let upstream = Upstream::subscribe(cloud.port, "site/#").await;
     let _daemon = Daemon::start(&config);
     port_open(port).await;
@@ -84,10 +82,10 @@ async fn the_embedded_broker_is_a_broker_and_functions_reach_devices() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_daemon_loses_no_reading_a_device_got_a_puback_for() {
-    let cloud = Mosquitto::cloud();
+    let cloud = Mosquitto::cloud().await;
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let config = standard_config(dir.path(), &format!("embedded:{port}"), cloud.port);
+    let config = standard_config(dir.path(), Local::Embedded(port), cloud.port);
     let upstream = Upstream::subscribe(cloud.port, "site/#").await;
     let mut daemon = Daemon::start(&config);
     port_open(port).await;
@@ -165,18 +163,14 @@ async fn a_device_that_gives_up_during_a_stall_gets_no_second_copy_upstream() {
     // The cloud is away until both devices have given up on a reading at
     // least twice; meanwhile the buffer (4 KiB, about nine readings) fills
     // and every commit waits for room.
-    let mut cloud = Mosquitto::cloud_persistent();
+    let mut cloud = Mosquitto::cloud_persistent().await;
     let upstream = Upstream::subscribe(cloud.port, "site/#").await;
     cloud.stop_gracefully();
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let config = standard_config(dir.path(), &format!("embedded:{port}"), cloud.port);
-    let text = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(
-        &config,
-        text.replace("max_size = \"64MiB\"", "max_size = \"4KiB\""),
-    )
-    .unwrap();
+    let mut file = standard(dir.path(), Local::Embedded(port), cloud.port);
+    file.buffer.max_size = Some("4KiB".into());
+    let config = write_config(dir.path(), &file);
     let daemon = Daemon::start(&config);
     port_open(port).await;
 
@@ -201,7 +195,7 @@ async fn a_device_that_gives_up_during_a_stall_gets_no_second_copy_upstream() {
         fails_a.load(Ordering::Relaxed) >= 2 && fails_b.load(Ordering::Relaxed) >= 2
     })
     .await;
-    cloud.restart();
+    cloud.restart().await;
     a.await.unwrap();
     b.await.unwrap();
 
@@ -240,12 +234,10 @@ async fn the_embedded_brokers_clients_and_refusals_are_in_the_gateway_metrics() 
     // No upstream: the 4 KiB buffer fills and stays full.
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let config = standard_config(dir.path(), &format!("embedded:{port}"), free_port());
-    let text = std::fs::read_to_string(&config).unwrap();
-    let text = text.replace("max_size = \"64MiB\"", "max_size = \"4KiB\"");
-    let upstream = text.find("[upstream]").unwrap();
-    let buffer = text.find("[buffer]").unwrap();
-    std::fs::write(&config, format!("{}{}", &text[..upstream], &text[buffer..])).unwrap();
+    let mut file = standard(dir.path(), Local::Embedded(port), free_port());
+    file.buffer.max_size = Some("4KiB".into());
+    file.upstream = None;
+    let config = write_config(dir.path(), &file);
     let gateway = edgefn::gateway::Gateway::start(edgefn::config::Config::load(&config).unwrap())
         .await
         .unwrap();

@@ -2,12 +2,10 @@
 //! config) → the real `edgefn` daemon running the real example functions →
 //! a second Mosquitto standing in for the cloud.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::ops::Range;
 
-use common::*;
+use testkit::*;
 
 /// Upstream topic of a cleaned reading from `device`.
 fn telemetry(device: &str) -> String {
@@ -41,7 +39,7 @@ async fn readings_are_cleaned_and_arrive_upstream_exactly() {
         upstream,
         mut daemon,
         ..
-    } = connected(Mosquitto::cloud()).await;
+    } = connected(Mosquitto::cloud().await).await;
 
     // 3 devices × 100 messages: every 10th is not JSON, then out of range,
     // then without temp_c, then not even UTF-8; the rest are good. Between
@@ -136,7 +134,7 @@ async fn records_wait_in_the_buffer_while_upstream_is_down() {
         upstream,
         mut daemon,
         ..
-    } = connected(Mosquitto::cloud_persistent()).await;
+    } = connected(Mosquitto::cloud_persistent().await).await;
 
     cloud.stop_gracefully();
     let mut dev = Device::connect("device-b", local.port).await;
@@ -146,7 +144,7 @@ async fn records_wait_in_the_buffer_while_upstream_is_down() {
     let db = dir.path().join("data/edgefn.db");
     wait_for_outbox(&db, n).await;
 
-    cloud.restart();
+    cloud.restart().await;
     expect_round_robin(&upstream, &["d1", "d2"], n).await;
     // Delivered records leave the buffer.
     wait_for_outbox(&db, 0).await;
@@ -162,7 +160,7 @@ async fn a_record_leaves_the_buffer_only_after_the_upstream_acknowledges_it() {
         config,
         upstream,
         mut daemon,
-    } = connected(Mosquitto::cloud()).await;
+    } = connected(Mosquitto::cloud().await).await;
 
     // The cloud hangs with the connection open: edgefn publishes into the
     // socket as usual, and no PUBACK ever comes.
@@ -193,7 +191,7 @@ async fn after_the_local_broker_restarts_without_its_sessions_edgefn_subscribes_
         upstream,
         mut daemon,
         ..
-    } = connected(Mosquitto::cloud()).await;
+    } = connected(Mosquitto::cloud().await).await;
     let mut dev = Device::connect("device-i", local.port).await;
     let n = 100u64;
     publish_round_robin_from(&mut dev, &["d1", "d2"], 0..n / 2).await;
@@ -203,7 +201,7 @@ async fn after_the_local_broker_restarts_without_its_sessions_edgefn_subscribes_
     // Killed and started afresh: the broker forgot edgefn's session and its
     // subscriptions. edgefn reconnects and subscribes again.
     local.stop();
-    local.restart();
+    local.restart().await;
     daemon.wait_for_log_times(SUBSCRIBED, 2).await;
     publish_round_robin_from(&mut dev, &["d1", "d2"], n / 2..n).await;
     expect_round_robin(&upstream, &["d1", "d2"], n).await;
@@ -221,7 +219,11 @@ async fn a_local_broker_restarted_mid_stream_loses_nothing_it_acknowledged() {
         upstream,
         mut daemon,
         ..
-    } = connected_to(Mosquitto::start_persistent(), Mosquitto::cloud()).await;
+    } = connected_to(
+        Mosquitto::start_persistent().await,
+        Mosquitto::cloud().await,
+    )
+    .await;
     let mut dev = Device::connect("device-j", local.port).await;
     publish_round_robin_from(&mut dev, &["d1"], 0..100).await;
     // While edgefn hangs, the broker acknowledges 400 more: up to 256
@@ -230,7 +232,7 @@ async fn a_local_broker_restarted_mid_stream_loses_nothing_it_acknowledged() {
     daemon.freeze();
     publish_round_robin_from(&mut dev, &["d1"], 100..500).await;
     local.stop_gracefully();
-    local.restart();
+    local.restart().await;
     daemon.thaw();
     publish_round_robin_from(&mut dev, &["d1"], 500..600).await;
 
@@ -248,17 +250,26 @@ async fn records_reach_a_cloud_broker_over_tls_with_a_client_certificate() {
     // certificate; the test's subscriber uses its plain one.
     let pki = Pki::new();
     let tls_port = free_port();
-    let local = Mosquitto::start();
-    let cloud = Mosquitto::cloud_with_extra(&pki.mosquitto_listener(tls_port));
+    let local = Mosquitto::start().await;
+    let cloud = Mosquitto::cloud_with_extra(&pki.mosquitto_listener(tls_port)).await;
     let dir = tempfile::tempdir().unwrap();
-    let config = standard_config(dir.path(), &local.url(), cloud.port);
+    let mut file = standard(dir.path(), Local::Broker(local.url()), cloud.port);
+    let config = write_config(dir.path(), &file);
     let upstream = Upstream::subscribe(cloud.port, "site/#").await;
 
     // First with a CA the broker's certificate does not chain to: nothing
     // goes up, and nothing is lost.
     let stranger = Pki::new();
     let ca = stranger.file("ca.pem");
-    over_tls(&config, "upstream", "127.0.0.1", tls_port, &ca, &pki);
+    over_tls(
+        dir.path(),
+        &mut file,
+        "upstream",
+        "127.0.0.1",
+        tls_port,
+        &ca,
+        &pki,
+    );
     let mut daemon = Daemon::start(&config);
     daemon.wait_for_log(SUBSCRIBED).await;
     let n = 20u64;
@@ -276,18 +287,15 @@ async fn records_reach_a_cloud_broker_over_tls_with_a_client_certificate() {
 
     // With the right CA, everything arrives.
     over_tls(
-        &config,
+        dir.path(),
+        &mut file,
         "upstream",
         "127.0.0.1",
         tls_port,
         &pki.file("ca.pem"),
         &pki,
     );
-    let check = std::process::Command::new(env!("CARGO_BIN_EXE_edgefn"))
-        .args(["check", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
+    let check = edgefn(&["check", "--config", config.to_str().unwrap()]);
     let summary = String::from_utf8_lossy(&check.stdout);
     assert!(
         check.status.success(),
@@ -306,36 +314,38 @@ async fn records_reach_a_cloud_broker_over_tls_with_a_client_certificate() {
     assert!(daemon.terminate().success());
 }
 
-/// Points `config`'s `[section]` (`local` or `upstream`) to a broker's TLS
+/// Points `file`'s `[section]` (`local` or `upstream`) to a broker's TLS
 /// listener at `host:tls_port`, trusting `ca` and showing the client
-/// certificate of `pki`.
+/// certificate of `pki`; writes it into `dir`.
 fn over_tls(
-    config: &std::path::Path,
+    dir: &std::path::Path,
+    file: &mut ConfigFile,
     section: &str,
     host: &str,
     tls_port: u16,
     ca: &std::path::Path,
     pki: &Pki,
 ) {
-    let text = std::fs::read_to_string(config).unwrap();
-    let header = format!("[{section}]\n");
-    let start = text.find(&header).unwrap() + header.len();
-    let url = start + text[start..].find("url = ").unwrap();
-    // The url line and the TLS lines an earlier call wrote after it.
-    let mut end = url + text[url..].find('\n').unwrap() + 1;
-    while ["ca_file", "cert_file", "key_file"]
-        .iter()
-        .any(|k| text[end..].starts_with(k))
-    {
-        end += text[end..].find('\n').unwrap() + 1;
+    let url = format!("mqtts://{host}:{tls_port}");
+    let files = [
+        ca.display().to_string(),
+        pki.file("client.pem").display().to_string(),
+        pki.file("client.key").display().to_string(),
+    ]
+    .map(Some);
+    let [ca_file, cert_file, key_file] = files;
+    match section {
+        "local" => {
+            let l = &mut file.local;
+            (l.url, l.ca_file, l.cert_file, l.key_file) = (Some(url), ca_file, cert_file, key_file);
+        }
+        "upstream" => {
+            let u = file.upstream_mut();
+            (u.url, u.ca_file, u.cert_file, u.key_file) = (url, ca_file, cert_file, key_file);
+        }
+        other => panic!("no [{other}] with a broker"),
     }
-    let tls = format!(
-        "url = \"mqtts://{host}:{tls_port}\"\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
-        ca.display(),
-        pki.file("client.pem").display(),
-        pki.file("client.key").display(),
-    );
-    std::fs::write(config, format!("{}{tls}{}", &text[..url], &text[end..])).unwrap();
+    write_config(dir, file);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -344,15 +354,24 @@ async fn readings_come_from_a_local_broker_over_tls() {
     // certificate names only "localhost".
     let pki = Pki::with_broker_names(&["localhost"]);
     let tls_port = free_port();
-    let local = Mosquitto::start_with_extra(&pki.mosquitto_listener(tls_port));
-    let cloud = Mosquitto::cloud();
+    let local = Mosquitto::start_with_extra(&pki.mosquitto_listener(tls_port)).await;
+    let cloud = Mosquitto::cloud().await;
     let dir = tempfile::tempdir().unwrap();
-    let config = standard_config(dir.path(), &local.url(), cloud.port);
+    let mut file = standard(dir.path(), Local::Broker(local.url()), cloud.port);
+    let config = write_config(dir.path(), &file);
     let upstream = Upstream::subscribe(cloud.port, "site/#").await;
 
     // By address, the name check fails, and edgefn keeps trying.
     let ca = pki.file("ca.pem");
-    over_tls(&config, "local", "127.0.0.1", tls_port, &ca, &pki);
+    over_tls(
+        dir.path(),
+        &mut file,
+        "local",
+        "127.0.0.1",
+        tls_port,
+        &ca,
+        &pki,
+    );
     let mut daemon = Daemon::start(&config);
     daemon
         .wait_for_log_times(
@@ -365,7 +384,15 @@ async fn readings_come_from_a_local_broker_over_tls() {
     assert!(daemon.terminate().success());
 
     // By the name in the certificate (sent as SNI), it connects.
-    over_tls(&config, "local", "localhost", tls_port, &ca, &pki);
+    over_tls(
+        dir.path(),
+        &mut file,
+        "local",
+        "localhost",
+        tls_port,
+        &ca,
+        &pki,
+    );
     let mut daemon = Daemon::start(&config);
     daemon.wait_for_log(SUBSCRIBED).await;
     let mut dev = Device::connect("device-l", local.port).await;
@@ -384,20 +411,21 @@ struct SessionWithoutDaemon {
     local: Mosquitto,
     _cloud: Mosquitto,
     _dir: tempfile::TempDir,
-    /// The standard config plus `local_keys` in `[local]`.
+    /// The standard config, `local` changed by `more`.
     config: std::path::PathBuf,
     upstream: Upstream,
 }
 
-async fn session_without_daemon(local_extra: &str, local_keys: &str) -> SessionWithoutDaemon {
-    let local = Mosquitto::start_with_extra(local_extra);
-    let cloud = Mosquitto::cloud();
+async fn session_without_daemon(
+    local_extra: &str,
+    more: impl FnOnce(&mut LocalTable),
+) -> SessionWithoutDaemon {
+    let local = Mosquitto::start_with_extra(local_extra).await;
+    let cloud = Mosquitto::cloud().await;
     let dir = tempfile::tempdir().unwrap();
-    let config = standard_config(dir.path(), &local.url(), cloud.port);
-    let text = std::fs::read_to_string(&config)
-        .unwrap()
-        .replace("[local]\n", &format!("[local]\n{local_keys}"));
-    std::fs::write(&config, text).unwrap();
+    let mut file = standard(dir.path(), Local::Broker(local.url()), cloud.port);
+    more(&mut file.local);
+    let config = write_config(dir.path(), &file);
     let upstream = Upstream::subscribe(cloud.port, "site/#").await;
     let mut daemon = Daemon::start(&config);
     daemon.wait_for_log(SUBSCRIBED).await;
@@ -466,7 +494,7 @@ async fn a_killed_daemon_loses_no_acknowledged_reading() {
         config,
         upstream,
         mut daemon,
-    } = connected(Mosquitto::cloud()).await;
+    } = connected(Mosquitto::cloud().await).await;
     let n = 400u64;
     let mut dev = Device::connect("device-c", local.port).await;
     for i in 0..n {
@@ -507,14 +535,18 @@ async fn expect_at_least_once(upstream: &Upstream, device: &str, n: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversized_message_is_refused_and_the_rest_flows() {
+    let metrics = free_port();
     let Connected {
         local,
         cloud: _cloud,
         dir: _dir,
         upstream,
-        daemon,
+        daemon: _daemon,
         ..
-    } = connected(Mosquitto::cloud()).await;
+    } = connected_with(Mosquitto::start().await, Mosquitto::cloud().await, |c| {
+        c.metrics_on(metrics);
+    })
+    .await;
     let mut dev = Device::connect("device-d", local.port).await;
     let big = format!(r#"{{"seq":0,"temp_c":20,"pad":"{}"}}"#, "x".repeat(5000));
     assert!(
@@ -527,9 +559,8 @@ async fn an_oversized_message_is_refused_and_the_rest_flows() {
     );
     let seen = upstream.wait_for(1).await;
     assert_eq!(seen[0].json()["seq"], 1);
-    daemon
-        .wait_for_log("refused a message larger than local.max_message_size")
-        .await;
+    let report = wait_for_counter(metrics, "refused_too_large", 1).await;
+    assert_eq!(report["gateway"]["counters"]["refused_too_large"], 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -537,7 +568,7 @@ async fn drops_by_a_stock_mosquitto_are_reported() {
     // A stock Mosquitto queues at most 1000 messages for an offline
     // session (max_queued_messages); the rest are dropped although the
     // device got a PUBACK for each. edgefn cannot prevent that, but says so.
-    let away = session_without_daemon("sys_interval 1\n", "").await;
+    let away = session_without_daemon("sys_interval 1\n", |_| {}).await;
     let (local, config, upstream) = (&away.local, &away.config, &away.upstream);
 
     let mut dev = Device::connect("device-e", local.port).await;
@@ -570,7 +601,7 @@ async fn a_record_too_large_for_the_upstream_goes_to_the_dead_letters_and_the_re
         upstream,
         mut daemon,
         ..
-    } = connected(Mosquitto::cloud_with_extra("max_packet_size 2000\n")).await;
+    } = connected(Mosquitto::cloud_with_extra("max_packet_size 2000\n").await).await;
     let mut dev = Device::connect("device-f", local.port).await;
     // chaos echoes plain payloads to echo/<topic>: 3000 bytes cannot go up.
     assert!(
@@ -606,7 +637,7 @@ async fn a_deep_backlog_on_the_broker_all_arrives() {
     // Receive Maximum allows (each PUBACK releases up to a window more);
     // every one must still be acknowledged, or Mosquitto holds it forever.
     // A small window makes the broker overshoot it many times over.
-    let away = session_without_daemon("max_queued_messages 0\n", "in_flight = 16\n").await;
+    let away = session_without_daemon("max_queued_messages 0\n", |l| l.in_flight = Some(16)).await;
     let (local, config, upstream) = (&away.local, &away.config, &away.upstream);
 
     let n = 3000u64;

@@ -1,16 +1,7 @@
 //! The gateway against hostile functions, refusing upstreams and stalls:
 //! none of them may stop it for good, and what it holds stays bounded.
 
-mod common;
-
-use common::*;
-
-/// `config` with `from` replaced by `to` (which must be there).
-fn edit(config: &std::path::Path, from: &str, to: &str) {
-    let text = std::fs::read_to_string(config).unwrap();
-    assert!(text.contains(from), "{from:?} not in the config");
-    std::fs::write(config, text.replacen(from, to, 1)).unwrap();
-}
+use testkit::*;
 
 /// The dead letters of the daemon whose config is in `dir`.
 fn dead_letters(dir: &tempfile::TempDir) -> Vec<edgefn::store::DeadLetter> {
@@ -20,9 +11,8 @@ fn dead_letters(dir: &tempfile::TempDir) -> Vec<edgefn::store::DeadLetter> {
 /// Payloads of the records seen upstream on `topic`, first arrival of each
 /// id, in arrival order.
 fn payloads_on(seen: &[Seen], topic: &str) -> Vec<String> {
-    Upstream::distinct(seen)
+    Upstream::on(seen, topic)
         .into_iter()
-        .filter(|s| s.topic == topic)
         .map(|s| s.payload)
         .collect()
 }
@@ -40,11 +30,9 @@ async fn one_bad_message_then_twenty(topic: &str, payload: &str) -> edgefn::stor
         upstream,
         mut daemon,
         ..
-    } = connected_with(
-        Mosquitto::start(),
-        Mosquitto::cloud(),
-        "refused_topic_timeout = \"1s\"",
-    )
+    } = connected_with(Mosquitto::start().await, Mosquitto::cloud().await, |c| {
+        c.upstream_mut().refused_topic_timeout = Some("1s".into())
+    })
     .await;
     let mut dev = Device::connect("device-b", local.port).await;
     assert!(dev.publish_acked(topic, payload, PATIENCE).await);
@@ -74,17 +62,15 @@ async fn one_bad_message_then_twenty(topic: &str, payload: &str) -> edgefn::stor
 async fn a_full_buffer_drains_when_the_upstream_refuses_records_instead_of_acknowledging_them() {
     // The cloud, once up, announces a Maximum Packet Size of 300 bytes:
     // every cleaned reading below (about 450 bytes) can only be refused.
-    let mut cloud = Mosquitto::cloud_with_extra("max_packet_size 300\n");
+    let mut cloud = Mosquitto::cloud_with_extra("max_packet_size 300\n").await;
     cloud.stop();
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let config = standard_config(dir.path(), &format!("embedded:{port}"), cloud.port);
+    let mut file = standard(dir.path(), Local::Embedded(port), cloud.port);
+    file.buffer.max_size = Some("4KiB".into());
     // Room for all 60 dead letters (by default they get a quarter of max_size).
-    edit(
-        &config,
-        "max_size = \"64MiB\"",
-        "max_size = \"4KiB\"\ndead_letters_max_size = \"1MiB\"",
-    );
+    file.buffer.dead_letters_max_size = Some("1MiB".into());
+    let config = write_config(dir.path(), &file);
     let daemon = Daemon::start(&config);
     port_open(port).await;
 
@@ -101,7 +87,7 @@ async fn a_full_buffer_drains_when_the_upstream_refuses_records_instead_of_ackno
     });
     // About nine records fill 4 KiB; then the device waits for room.
     daemon.wait_for_log("buffer full").await;
-    cloud.restart();
+    cloud.restart().await;
     device.await.unwrap();
     eventually("all 60 records refused into the dead letters", || {
         dead_letters(&dir).len() == 60
@@ -143,10 +129,10 @@ async fn a_record_the_upstream_answers_by_closing_the_connection_goes_to_the_dea
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clean_stop_waits_for_the_pubacks_of_records_in_flight() {
-    let local = Mosquitto::start();
-    let cloud = Mosquitto::cloud();
+    let local = Mosquitto::start().await;
+    let cloud = Mosquitto::cloud().await;
     let dir = tempfile::tempdir().unwrap();
-    let config = standard_config(dir.path(), &local.url(), cloud.port);
+    let config = standard_config(dir.path(), Local::Broker(local.url()), cloud.port);
     let daemon = Daemon::start_logging(&config, "info,edgefn::forward=debug,rmqtt=warn");
     daemon.wait_for_log(SUBSCRIBED).await;
     daemon.wait_for_log("connected upstream").await;
@@ -175,10 +161,11 @@ async fn a_clean_stop_waits_for_the_pubacks_of_records_in_flight() {
 async fn a_trigger_removed_from_the_config_is_unsubscribed_from_the_persistent_session() {
     // Mosquitto publishes how many subscriptions it holds, offline
     // sessions' included, every second.
-    let local = Mosquitto::start_with_extra("sys_interval 1\n");
-    let cloud = Mosquitto::cloud();
+    let local = Mosquitto::start_with_extra("sys_interval 1\n").await;
+    let cloud = Mosquitto::cloud().await;
     let dir = tempfile::tempdir().unwrap();
-    let config = standard_config(dir.path(), &local.url(), cloud.port);
+    let mut file = standard(dir.path(), Local::Broker(local.url()), cloud.port);
+    let config = write_config(dir.path(), &file);
     let subscriptions = Subscriptions::watch(local.port).await;
     let mut daemon = Daemon::start(&config);
     daemon.wait_for_log(SUBSCRIBED).await;
@@ -188,9 +175,7 @@ async fn a_trigger_removed_from_the_config_is_unsubscribed_from_the_persistent_s
     subscriptions.wait_for("4").await;
 
     // Without the chaos function, `chaos/#` must go.
-    let text = std::fs::read_to_string(&config).unwrap();
-    let chaos = text.rfind("[[functions]]").unwrap();
-    std::fs::write(&config, &text[..chaos]).unwrap();
+    write_config(dir.path(), file.without_function("chaos"));
     let mut daemon = Daemon::start(&config);
     daemon.wait_for_log(SUBSCRIBED).await;
     subscriptions.wait_for("3").await;
@@ -203,7 +188,7 @@ async fn a_function_asleep_in_a_wasi_call_times_out_and_holds_no_other_acknowled
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     // No upstream: everything stays in the buffer.
-    let config = standard_config(dir.path(), &format!("embedded:{port}"), free_port());
+    let config = standard_config(dir.path(), Local::Embedded(port), free_port());
     let daemon = Daemon::start(&config);
     port_open(port).await;
     // chaos (timeout 200 ms, one retry) sleeps an hour in poll_oneoff.
@@ -233,30 +218,27 @@ async fn a_function_asleep_in_a_wasi_call_times_out_and_holds_no_other_acknowled
 /// with `rules`), for anonymous clients. Mosquitto 2.0.11 answers a denied
 /// QoS 1 publish with PUBACK 0x87; with `max_queued_messages 0`
 /// (`unbounded`) it then also closes the connection.
-fn cloud_with_acl(acl: &std::path::Path, rules: &str, unbounded: bool) -> Mosquitto {
+async fn cloud_with_acl(acl: &std::path::Path, rules: &str, unbounded: bool) -> Mosquitto {
     std::fs::write(acl, rules).unwrap();
     let extra = format!("acl_file {}\n", acl.display());
     if unbounded {
-        Mosquitto::cloud_with_extra(&extra)
+        Mosquitto::cloud_with_extra(&extra).await
     } else {
-        Mosquitto::start_with_extra(&extra)
+        Mosquitto::start_with_extra(&extra).await
     }
 }
 
 /// The gateway in `dir` with the built-in broker on `port`, in this
-/// process, `edit` applied to its standard config.
+/// process, `more` applied to its standard config.
 async fn gateway(
     dir: &tempfile::TempDir,
     port: u16,
     cloud: &Mosquitto,
-    more: &str,
+    more: impl FnOnce(&mut ConfigFile),
 ) -> edgefn::gateway::Gateway {
-    let config = standard_config(dir.path(), &format!("embedded:{port}"), cloud.port);
-    edit(
-        &config,
-        "topic_prefix = \"site/pi-01/\"",
-        &format!("topic_prefix = \"site/pi-01/\"\n{more}"),
-    );
+    let mut file = standard(dir.path(), Local::Embedded(port), cloud.port);
+    more(&mut file);
+    let config = write_config(dir.path(), &file);
     edgefn::gateway::Gateway::start(edgefn::config::Config::load(&config).unwrap())
         .await
         .unwrap()
@@ -267,18 +249,13 @@ async fn a_cloud_that_refuses_every_record_costs_time_not_data() {
     let acl_dir = tempfile::tempdir().unwrap();
     let acl = acl_dir.path().join("acl");
     // A mistake in the cloud's access list: anyone may read, nobody write.
-    let cloud = cloud_with_acl(&acl, "topic read #\n", false);
+    let cloud = cloud_with_acl(&acl, "topic read #\n", false).await;
     let upstream = Upstream::subscribe(cloud.port, "site/#").await;
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let config = standard_config(dir.path(), &format!("embedded:{port}"), cloud.port);
-    let metrics = free_port();
-    let text = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(
-        &config,
-        format!("{text}\n[metrics]\nlisten = \"127.0.0.1:{metrics}\"\n"),
-    )
-    .unwrap();
+    let mut file = standard(dir.path(), Local::Embedded(port), cloud.port);
+    file.metrics_on(free_port());
+    let config = write_config(dir.path(), &file);
     let gateway = edgefn::gateway::Gateway::start(edgefn::config::Config::load(&config).unwrap())
         .await
         .unwrap();
@@ -343,11 +320,15 @@ async fn a_topic_the_cloud_refuses_while_it_takes_others_goes_to_the_dead_letter
         &acl,
         "topic read #\ntopic write site/pi-01/telemetry/#\n",
         true,
-    );
+    )
+    .await;
     let upstream = Upstream::subscribe(cloud.port, "site/#").await;
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let gateway = gateway(&dir, port, &cloud, "refused_topic_timeout = \"2s\"").await;
+    let gateway = gateway(&dir, port, &cloud, |c| {
+        c.upstream_mut().refused_topic_timeout = Some("2s".into());
+    })
+    .await;
     let mut dev = Device::connect("sensor-b", port).await;
     for i in 0..5 {
         assert!(

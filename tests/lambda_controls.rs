@@ -4,9 +4,7 @@
 
 #![cfg(feature = "embedded-broker")]
 
-mod common;
-
-use common::*;
+use testkit::*;
 
 /// Emits every payload it gets to `tick`.
 const TICK: &str = r#"(module
@@ -59,35 +57,39 @@ const PERMISSIONS: &str = r#"(module
     i32.const 0))"#;
 
 /// A gateway `pi-01` with the built-in broker on `port`, the cloud at
-/// `cloud_port`, and `functions` (TOML `[[functions]]` tables, and any
-/// other section after them).
+/// `cloud_port`, and `functions`, with `more` applied; written in `dir`.
 fn config(
     dir: &std::path::Path,
     port: u16,
     cloud_port: u16,
-    functions: &str,
+    functions: Vec<FunctionManifest>,
+    more: impl FnOnce(&mut ConfigFile),
 ) -> std::path::PathBuf {
-    write_config(
-        dir,
-        &format!(
-            r#"
-[gateway]
-id = "pi-01"
-data_dir = "{data}"
+    let mut file = ConfigFile {
+        gateway: GatewayTable {
+            id: "pi-01".into(),
+            data_dir: Some(dir.join("data").display().to_string()),
+        },
+        local: LocalTable {
+            embedded: Some(true),
+            listen: Some(format!("127.0.0.1:{port}")),
+            ..Default::default()
+        },
+        upstream: Some(upstream(cloud_port)),
+        functions,
+        ..Default::default()
+    };
+    more(&mut file);
+    write_config(dir, &file)
+}
 
-[local]
-embedded = true
-listen = "127.0.0.1:{port}"
-
-[upstream]
-url = "mqtt://127.0.0.1:{cloud_port}"
-topic_prefix = "site/pi-01/"
-
-{functions}
-"#,
-            data = dir.join("data").display(),
-        ),
-    )
+/// The function `name` running the module file `module`.
+fn runs_file(name: &str, module: &std::path::Path) -> FunctionManifest {
+    FunctionManifest {
+        name: name.into(),
+        module: Some(module.display().to_string()),
+        ..Default::default()
+    }
 }
 
 /// Writes the module `wat` as `name.wasm` in `dir`.
@@ -99,27 +101,23 @@ fn module_file(dir: &std::path::Path, name: &str, wat: &str) -> std::path::PathB
 
 /// The scheduled runs seen upstream on `topic`: their payloads, parsed.
 fn runs(seen: &[Seen], topic: &str) -> Vec<serde_json::Value> {
-    Upstream::distinct(seen)
-        .into_iter()
-        .filter(|s| s.topic == topic)
-        .map(|s| s.json())
-        .collect()
+    Upstream::on(seen, topic).iter().map(Seen::json).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_schedule_runs_the_function_and_one_missed_run_is_made_up_at_start_up() {
-    let cloud = Mosquitto::cloud();
+    let cloud = Mosquitto::cloud().await;
     let upstream = Upstream::subscribe(cloud.port, "site/pi-01/#").await;
     let dir = tempfile::tempdir().unwrap();
     let tick = module_file(dir.path(), "tick", TICK);
     let functions = |schedule: &str| {
-        format!(
-            "[[functions]]\nname = \"tick\"\nmodule = \"{}\"\nschedule = \"{schedule}\"\n",
-            tick.display()
-        )
+        vec![FunctionManifest {
+            schedule: Some(schedule.into()),
+            ..runs_file("tick", &tick)
+        }]
     };
     let port = free_port();
-    let cfg = config(dir.path(), port, cloud.port, &functions("every 1s"));
+    let cfg = config(dir.path(), port, cloud.port, functions("every 1s"), |_| {});
     let mut daemon = Daemon::start(&cfg);
     let seen = upstream
         .wait_until("three scheduled runs", |s| {
@@ -158,7 +156,7 @@ async fn a_schedule_runs_the_function_and_one_missed_run_is_made_up_at_start_up(
         .unwrap();
     drop(conn);
     let before = upstream.seen.lock().unwrap().len();
-    config(dir.path(), port, cloud.port, &functions("every 1h"));
+    config(dir.path(), port, cloud.port, functions("every 1h"), |_| {});
     let mut daemon = Daemon::start(&cfg);
     let seen = upstream
         .wait_until("the missed run", |s| {
@@ -177,18 +175,21 @@ async fn a_schedule_runs_the_function_and_one_missed_run_is_made_up_at_start_up(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_still_going_when_the_next_is_due_makes_that_one_skipped_not_queued() {
-    let cloud = Mosquitto::cloud();
+    let cloud = Mosquitto::cloud().await;
     let upstream = Upstream::subscribe(cloud.port, "site/pi-01/#").await;
     let dir = tempfile::tempdir().unwrap();
     let slow = module_file(dir.path(), "slow", SLOW);
     let metrics = free_port();
-    let functions = format!(
-        "[[functions]]\nname = \"slow\"\nmodule = \"{}\"\nschedule = \"every 1s\"\ntimeout = \"10s\"\n\n\
-         [metrics]\nlisten = \"127.0.0.1:{metrics}\"\n",
-        slow.display()
-    );
+    let functions = vec![FunctionManifest {
+        schedule: Some("every 1s".into()),
+        timeout: Some("10s".into()),
+        ..runs_file("slow", &slow)
+    }];
     let port = free_port();
-    let mut daemon = Daemon::start(&config(dir.path(), port, cloud.port, &functions));
+    let cfg = config(dir.path(), port, cloud.port, functions, |c| {
+        c.metrics_on(metrics);
+    });
+    let mut daemon = Daemon::start(&cfg);
     let seen = upstream
         .wait_until("three slow runs", |s| runs(s, "site/pi-01/slow").len() >= 3)
         .await;
@@ -209,32 +210,28 @@ async fn a_run_still_going_when_the_next_is_due_makes_that_one_skipped_not_queue
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn permissions_refuse_exactly_the_topics_outside_the_allow_lists() {
-    let cloud = Mosquitto::cloud();
+    let cloud = Mosquitto::cloud().await;
     let upstream = Upstream::subscribe(cloud.port, "site/pi-01/#").await;
     let dir = tempfile::tempdir().unwrap();
     let m = module_file(dir.path(), "permissions", PERMISSIONS);
     let metrics = free_port();
-    let functions = format!(
-        r#"
-[[functions]]
-name = "narrow"
-module = "{m}"
-triggers = ["narrow/go"]
-emit_allow = ["allowed/#", "result"]
-
-[[functions]]
-name = "commander"
-module = "{m}"
-triggers = ["commander/go"]
-publish_allow = ["cmd/+"]
-
-[metrics]
-listen = "127.0.0.1:{metrics}"
-"#,
-        m = m.display()
-    );
+    let functions = vec![
+        FunctionManifest {
+            triggers: vec!["narrow/go".into()],
+            emit_allow: Some(vec!["allowed/#".into(), "result".into()]),
+            ..runs_file("narrow", &m)
+        },
+        FunctionManifest {
+            triggers: vec!["commander/go".into()],
+            publish_allow: Some(vec!["cmd/+".into()]),
+            ..runs_file("commander", &m)
+        },
+    ];
     let port = free_port();
-    let mut daemon = Daemon::start(&config(dir.path(), port, cloud.port, &functions));
+    let cfg = config(dir.path(), port, cloud.port, functions, |c| {
+        c.metrics_on(metrics);
+    });
+    let mut daemon = Daemon::start(&cfg);
     port_open(port).await;
     let commands = Upstream::subscribe(port, "cmd/#").await;
     let mut dev = Device::connect("device-p", port).await;
@@ -278,20 +275,11 @@ listen = "127.0.0.1:{metrics}"
 /// Runs `edgefn dead-letters ARGS --config CONFIG`: (success, stdout +
 /// stderr).
 fn dead_letters_cli(config: &std::path::Path, args: &[&str]) -> (bool, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_edgefn"))
-        .arg("dead-letters")
-        .args(args)
-        .arg("--config")
-        .arg(config)
-        .env("EDGEFN_LOG", "error")
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    let mut all = vec!["dead-letters"];
+    all.extend(args);
+    all.extend(["--config", config.to_str().unwrap()]);
+    let out = edgefn(&all);
+    (out.status.success(), text(&out))
 }
 
 /// The dead letters in `dir`'s database: (id, function, attempts, replay).
@@ -307,28 +295,24 @@ fn stored_dead_letters(dir: &std::path::Path) -> Vec<(i64, String, u32, bool)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letters_are_replayed_through_the_fixed_version_and_refused_for_a_removed_function() {
-    let cloud = Mosquitto::cloud();
+    let cloud = Mosquitto::cloud().await;
     let upstream = Upstream::subscribe(cloud.port, "site/pi-01/#").await;
     let dir = tempfile::tempdir().unwrap();
     let chaos = module("chaos");
     let fixed = module_file(dir.path(), "fixed", TICK);
-    let broken = format!(
-        r#"
-[[functions]]
-name = "worker"
-module = "{chaos}"
-triggers = ["jobs/#"]
-retries = 1
-
-[[functions]]
-name = "other"
-module = "{chaos}"
-triggers = ["others/#"]
-"#,
-        chaos = chaos.display()
-    );
+    let broken = vec![
+        FunctionManifest {
+            triggers: vec!["jobs/#".into()],
+            retries: Some(1),
+            ..runs_file("worker", &chaos)
+        },
+        FunctionManifest {
+            triggers: vec!["others/#".into()],
+            ..runs_file("other", &chaos)
+        },
+    ];
     let port = free_port();
-    let cfg = config(dir.path(), port, cloud.port, &broken);
+    let cfg = config(dir.path(), port, cloud.port, broken, |_| {});
     let mut daemon = Daemon::start(&cfg);
     port_open(port).await;
     let mut dev = Device::connect("device-d", port).await;
@@ -365,15 +349,14 @@ triggers = ["others/#"]
 
     // The fixed version, "other" removed.
     assert!(daemon.terminate().success());
-    config(
-        dir.path(),
-        port,
-        cloud.port,
-        &format!(
-            "[[functions]]\nname = \"worker\"\nmodule = \"{}\"\ntriggers = [\"jobs/#\"]\n",
-            fixed.display()
-        ),
-    );
+    let worker = FunctionManifest {
+        triggers: vec!["jobs/#".into()],
+        ..runs_file("worker", &fixed)
+    };
+    let metrics = free_port();
+    config(dir.path(), port, cloud.port, vec![worker], |c| {
+        c.metrics_on(metrics);
+    });
     let mut daemon = Daemon::start(&cfg);
     port_open(port).await;
     let (ok, said) = dead_letters_cli(&cfg, &["replay", "--all"]);
@@ -404,6 +387,12 @@ triggers = ["others/#"]
         stored_dead_letters(dir.path()).len() == 1
     })
     .await;
+    let report = wait_for_counter(metrics, "replays_done", 2).await;
+    let counters = &report["gateway"]["counters"];
+    assert_eq!(
+        (&counters["replays_done"], &counters["replays_refused"]),
+        (&2.into(), &0.into())
+    );
 
     // Marked behind the command's back (as if removed after marking): the
     // daemon refuses it, and it stays.
@@ -412,9 +401,14 @@ triggers = ["others/#"]
         .unwrap()
         .execute("UPDATE dead_letters SET replay = 1", [])
         .unwrap();
-    daemon
-        .wait_for_log("cannot replay a dead letter: its function is not on this gateway")
-        .await;
+    wait_for_counter(metrics, "replays_refused", 1).await;
+    assert!(
+        daemon
+            .log()
+            .contains("cannot replay a dead letter: its function is not on this gateway"),
+        "{}",
+        daemon.log()
+    );
     eventually("the refused replay unmarked", || {
         stored_dead_letters(dir.path()) == [(ids[2], "other".into(), 1, false)]
     })
@@ -425,44 +419,6 @@ triggers = ["others/#"]
     let (_, listed) = dead_letters_cli(&cfg, &["list"]);
     assert_eq!(listed, "no dead letters\n");
     assert!(daemon.terminate().success());
-}
-
-/// `manifest` with `module` as a bundle for `pi-01`, version `version`,
-/// signed by `key`.
-fn sealed(
-    key: &ed25519_dalek::SigningKey,
-    version: u64,
-    manifest: edgefn::config::FunctionManifest,
-    module: Vec<u8>,
-) -> Vec<u8> {
-    use edgefn::bundle::{Body, Change, Targets, seal};
-    let body = Body::new(
-        version,
-        Targets {
-            gateways: vec!["pi-01".into()],
-            groups: vec![],
-        },
-        Change::Deploy {
-            manifest: Box::new(manifest),
-            module,
-            sha256: vec![],
-        },
-    );
-    seal(body, Some(key))
-}
-
-/// Whether the last status of `function` seen says `version` is active.
-fn active(function: &str, version: u64) -> impl Fn(&[Seen]) -> bool {
-    let topic = format!("/{function}/status");
-    move |s: &[Seen]| {
-        s.iter()
-            .rev()
-            .find(|m| m.topic.ends_with(&topic))
-            .is_some_and(|m| {
-                let j = m.json();
-                j["state"] == "active" && j["version"] == version
-            })
-    }
 }
 
 /// A clean-temperature bundle for `pi-01`, version `version`, with
@@ -498,19 +454,15 @@ fn seqs(seen: &[Seen]) -> Vec<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn state_survives_a_sigkill_a_restart_and_an_upgrade() {
-    let cloud = Mosquitto::cloud();
+    let cloud = Mosquitto::cloud().await;
     let upstream = Upstream::subscribe(cloud.port, "site/pi-01/#").await;
     let statuses = Upstream::subscribe(cloud.port, "edgefn/pi-01/functions/+/status").await;
     let dir = tempfile::tempdir().unwrap();
     let key = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
-    let public = edgefn::keys::public_key_text(&key.verifying_key());
     let port = free_port();
-    let cfg = config(
-        dir.path(),
-        port,
-        cloud.port,
-        &format!("[deploy]\ntrusted_keys = [\"{public}\"]\n"),
-    );
+    let cfg = config(dir.path(), port, cloud.port, vec![], |c| {
+        c.trusting(&[trusted(&key)]);
+    });
     let deploy_topic = "edgefn/pi-01/functions/clean-temperature/deploy";
     publish_retained(
         cloud.port,
@@ -576,16 +528,17 @@ async fn state_survives_a_sigkill_a_restart_and_an_upgrade() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn aggregate_sums_up_each_devices_readings_on_its_schedule() {
-    let cloud = Mosquitto::cloud();
+    let cloud = Mosquitto::cloud().await;
     let upstream = Upstream::subscribe(cloud.port, "site/pi-01/summary/#").await;
     let dir = tempfile::tempdir().unwrap();
-    let functions = format!(
-        "[[functions]]\nname = \"aggregate\"\nmodule = \"{}\"\ntriggers = [\"sensors/+/temperature\"]\n\
-         schedule = \"every 1s\"\nemit_allow = [\"summary/#\"]\n",
-        module("aggregate").display()
-    );
+    let functions = vec![FunctionManifest {
+        schedule: Some("every 1s".into()),
+        emit_allow: Some(vec!["summary/#".into()]),
+        ..function("aggregate", "aggregate", &["sensors/+/temperature"])
+    }];
     let port = free_port();
-    let mut daemon = Daemon::start(&config(dir.path(), port, cloud.port, &functions));
+    let cfg = config(dir.path(), port, cloud.port, functions, |_| {});
+    let mut daemon = Daemon::start(&cfg);
     port_open(port).await;
     let mut dev = Device::connect("device-a", port).await;
     for (device, temp) in [("d1", 20.0), ("d2", -5.0), ("d1", 22.0), ("d1", 24.0)] {
@@ -662,20 +615,29 @@ const HOG: &str = r#"(module
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_state_calls_fail_only_themselves_each_with_its_code_and_counter() {
-    let cloud = Mosquitto::cloud();
+    let cloud = Mosquitto::cloud().await;
     let upstream = Upstream::subscribe(cloud.port, "site/pi-01/#").await;
     let dir = tempfile::tempdir().unwrap();
     let hog = module_file(dir.path(), "hog", HOG);
     let metrics = free_port();
-    let functions = format!(
-        "[[functions]]\nname = \"hog\"\nmodule = \"{}\"\ntriggers = [\"hog/#\"]\nstate_limit = \"1KiB\"\ntimeout = \"10s\"\n\n\
-         [[functions]]\nname = \"clean-temperature\"\nmodule = \"{}\"\ntriggers = [\"sensors/+/temperature\"]\n\n\
-         [metrics]\nlisten = \"127.0.0.1:{metrics}\"\n",
-        hog.display(),
-        module("clean_temperature").display()
-    );
+    let functions = vec![
+        FunctionManifest {
+            triggers: vec!["hog/#".into()],
+            state_limit: Some("1KiB".into()),
+            timeout: Some("10s".into()),
+            ..runs_file("hog", &hog)
+        },
+        function(
+            "clean-temperature",
+            "clean_temperature",
+            &["sensors/+/temperature"],
+        ),
+    ];
     let port = free_port();
-    let mut daemon = Daemon::start(&config(dir.path(), port, cloud.port, &functions));
+    let cfg = config(dir.path(), port, cloud.port, functions, |c| {
+        c.metrics_on(metrics);
+    });
+    let mut daemon = Daemon::start(&cfg);
     port_open(port).await;
     let mut dev = Device::connect("device-h", port).await;
     for (topic, payload) in [
@@ -732,19 +694,15 @@ fn worker_bundle(key: &ed25519_dalek::SigningKey, version: u64, module: Vec<u8>)
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_letter_replayed_after_a_fixed_version_is_deployed_runs_through_that_version() {
-    let cloud = Mosquitto::cloud();
+    let cloud = Mosquitto::cloud().await;
     let upstream = Upstream::subscribe(cloud.port, "site/pi-01/#").await;
     let statuses = Upstream::subscribe(cloud.port, "edgefn/pi-01/functions/+/status").await;
     let dir = tempfile::tempdir().unwrap();
     let key = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
-    let public = edgefn::keys::public_key_text(&key.verifying_key());
     let port = free_port();
-    let cfg = config(
-        dir.path(),
-        port,
-        cloud.port,
-        &format!("[deploy]\ntrusted_keys = [\"{public}\"]\n"),
-    );
+    let cfg = config(dir.path(), port, cloud.port, vec![], |c| {
+        c.trusting(&[trusted(&key)]);
+    });
     let topic = "edgefn/pi-01/functions/worker/deploy";
     let chaos = std::fs::read(module("chaos")).unwrap();
     publish_retained(cloud.port, topic, worker_bundle(&key, 1, chaos)).await;
@@ -784,14 +742,11 @@ async fn a_dead_letter_replayed_after_a_fixed_version_is_deployed_runs_through_t
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn escapes_in_topics_and_guest_text_never_reach_the_operators_terminal() {
-    let cloud = Mosquitto::cloud();
+    let cloud = Mosquitto::cloud().await;
     let dir = tempfile::tempdir().unwrap();
-    let functions = format!(
-        "[[functions]]\nname = \"chaos\"\nmodule = \"{}\"\ntriggers = [\"chaos/#\"]\n",
-        module("chaos").display()
-    );
+    let functions = vec![function("chaos", "chaos", &["chaos/#"])];
     let port = free_port();
-    let cfg = config(dir.path(), port, cloud.port, &functions);
+    let cfg = config(dir.path(), port, cloud.port, functions, |_| {});
     let mut daemon = Daemon::start(&cfg);
     port_open(port).await;
     // A device's topic that retitles the terminal, clears the screen and
@@ -809,12 +764,15 @@ async fn escapes_in_topics_and_guest_text_never_reach_the_operators_terminal() {
     let (ok2, show) = dead_letters_cli(&cfg, &["show", &id]);
     assert!(ok && ok2, "{list}{show}");
     // Invoked locally, the function echoes the topic into what it emits.
-    let invoke = std::process::Command::new(env!("CARGO_BIN_EXE_edgefn"))
-        .arg("invoke")
-        .arg(module("chaos"))
-        .args(["--topic", hostile, "--payload", "\u{1b}[31mred"])
-        .output()
-        .unwrap();
+    let chaos = module("chaos");
+    let invoke = edgefn(&[
+        "invoke",
+        chaos.to_str().unwrap(),
+        "--topic",
+        hostile,
+        "--payload",
+        "\u{1b}[31mred",
+    ]);
     let invoked = String::from_utf8_lossy(&invoke.stdout).into_owned();
     assert!(invoke.status.success(), "{invoked}");
     for (what, text) in [

@@ -1,22 +1,20 @@
 //! Functions installed, replaced and removed in a running gateway while
 //! readings flow, over a real Mosquitto on each side.
 
-mod common;
-
-use common::*;
 use edgefn::config::Config;
 use edgefn::gateway::Gateway;
 use edgefn::registry::Origin;
+use testkit::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn functions_installed_replaced_and_removed_while_readings_flow_lose_and_duplicate_nothing() {
     // Mosquitto publishes how many subscriptions it holds every second,
     // and queues without a limit (its stock limit drops messages under a
     // flood, which is not what this test is about).
-    let local = Mosquitto::start_with_extra("sys_interval 1\nmax_queued_messages 0\n");
-    let cloud = Mosquitto::cloud();
+    let local = Mosquitto::start_with_extra("sys_interval 1\nmax_queued_messages 0\n").await;
+    let cloud = Mosquitto::cloud().await;
     let dir = tempfile::tempdir().unwrap();
-    let path = standard_config(dir.path(), &local.url(), cloud.port);
+    let path = standard_config(dir.path(), Local::Broker(local.url()), cloud.port);
     let full = Config::load(&path).unwrap();
     let chaos = full.functions[1].clone();
     let mut celsius = full.functions[0].clone();
@@ -110,10 +108,10 @@ async fn functions_installed_replaced_and_removed_while_readings_flow_lose_and_d
 #[cfg(feature = "embedded-broker")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_embedded_broker_routes_to_functions_installed_and_removed_while_it_runs() {
-    let cloud = Mosquitto::cloud();
+    let cloud = Mosquitto::cloud().await;
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let path = standard_config(dir.path(), &format!("embedded:{port}"), cloud.port);
+    let path = standard_config(dir.path(), Local::Embedded(port), cloud.port);
     let mut config = Config::load(&path).unwrap();
     let chaos = config.functions.pop().unwrap();
     let upstream = Upstream::subscribe(cloud.port, "site/#").await;

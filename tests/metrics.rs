@@ -5,28 +5,14 @@
 
 #![cfg(feature = "embedded-broker")]
 
-mod common;
-
 use std::io::Write as _;
 
-use common::*;
+use testkit::*;
 
 /// `edgefn status --config CONFIG`: (success, output).
 fn status(config: &std::path::Path) -> (bool, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_edgefn"))
-        .args(["status", "--config"])
-        .arg(config)
-        .env("EDGEFN_LOG", "error")
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    let out = edgefn(&["status", "--config", config.to_str().unwrap()]);
+    (out.status.success(), text(&out))
 }
 
 /// Parses Prometheus text with Python's prometheus_client (OpenMetrics
@@ -72,25 +58,17 @@ print("\n".join(sorted(out)))
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_metrics_model_counts_exactly_what_was_sent_on_every_view() {
-    let cloud = Mosquitto::cloud();
+    let cloud = Mosquitto::cloud().await;
     let upstream = Upstream::subscribe(cloud.port, "site/pi-01/#").await;
     let reports = Upstream::subscribe(cloud.port, "edgefn/pi-01/metrics").await;
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let metrics_port = free_port();
-    let config = standard_config(dir.path(), &format!("embedded:{port}"), cloud.port);
-    let text = std::fs::read_to_string(&config).unwrap();
-    let key = edgefn::keys::public_key_text(
-        &ed25519_dalek::SigningKey::from_bytes(&[3; 32]).verifying_key(),
-    );
-    std::fs::write(
-        &config,
-        format!(
-            "{text}\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\ninterval = \"1s\"\n\n\
-             [deploy]\ntrusted_keys = [\"{key}\"]\n"
-        ),
-    )
-    .unwrap();
+    let mut file = standard(dir.path(), Local::Embedded(port), cloud.port);
+    file.metrics_on(metrics_port)
+        .trusting(&[trusted(&signing_key(3))]);
+    file.metrics.as_mut().unwrap().interval = Some("1s".into());
+    let config = write_config(dir.path(), &file);
     let mut daemon = Daemon::start(&config);
     port_open(port).await;
     port_open(metrics_port).await;
@@ -98,22 +76,10 @@ async fn the_metrics_model_counts_exactly_what_was_sent_on_every_view() {
     // A second daemon on the same metrics port stops at start-up, saying
     // why.
     let dir2 = tempfile::tempdir().unwrap();
-    let other = standard_config(
-        dir2.path(),
-        &format!("embedded:{}", free_port()),
-        cloud.port,
-    );
-    let text = std::fs::read_to_string(&other).unwrap();
-    std::fs::write(
-        &other,
-        format!("{text}\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n"),
-    )
-    .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_edgefn"))
-        .args(["run", "--config"])
-        .arg(&other)
-        .output()
-        .unwrap();
+    let mut file = standard(dir2.path(), Local::Embedded(free_port()), cloud.port);
+    file.metrics_on(metrics_port);
+    let other = write_config(dir2.path(), &file);
+    let out = edgefn(&["run", "--config", other.to_str().unwrap()]);
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
@@ -299,18 +265,14 @@ fn open_descriptors(pid: u32) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_half_sent_requests_is_cut_and_holds_few_descriptors() {
     use std::io::{Read as _, Write as _};
-    let cloud = Mosquitto::cloud();
+    let cloud = Mosquitto::cloud().await;
     let upstream = Upstream::subscribe(cloud.port, "site/pi-01/#").await;
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let metrics_port = free_port();
-    let config = standard_config(dir.path(), &format!("embedded:{port}"), cloud.port);
-    let text = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(
-        &config,
-        format!("{text}\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n"),
-    )
-    .unwrap();
+    let mut file = standard(dir.path(), Local::Embedded(port), cloud.port);
+    file.metrics_on(metrics_port);
+    let config = write_config(dir.path(), &file);
     let mut daemon = Daemon::start(&config);
     port_open(port).await;
     port_open(metrics_port).await;

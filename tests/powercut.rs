@@ -1,24 +1,30 @@
 //! The promise across power cuts, on a filesystem that keeps every write
-//! not yet fsynced in memory and drops it on command (`common::powercut`):
+//! not yet fsynced in memory and drops it on command (tests/powercut/fs.rs):
 //! what SQLite kept is what a Pi that lost power would have kept.
 //!
-//! These tests need FUSE (`/dev/fuse`, root); where it is missing they say
-//! why and pass without running.
+//! These tests need FUSE (`/dev/fuse`, root). Where it is missing they say
+//! why and pass without running, except under `CI=true`, where they fail
+//! with the reason: CI must not pass a promise it did not test.
 
 #![cfg(feature = "embedded-broker")]
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 
-use common::powercut::PowerCutFs;
-use common::*;
+use testkit::*;
+
+#[path = "powercut/fs.rs"]
+mod fs;
+
+use fs::PowerCutFs;
 
 /// The power-cut filesystem, or `None` (with the reason printed) where FUSE
-/// cannot be used.
+/// cannot be used; under `CI=true` a missing FUSE fails the test.
 fn mount() -> Option<PowerCutFs> {
     match PowerCutFs::mount() {
         Ok(fs) => Some(fs),
+        Err(reason) if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            panic!("CI=true, but the power-cut tests cannot run here: {reason}")
+        }
         Err(reason) => {
             eprintln!("skipped: no power-cut filesystem here: {reason}");
             None
@@ -35,19 +41,10 @@ fn config_on(
     upstream_port: u16,
     durability: &str,
 ) -> std::path::PathBuf {
-    let config = standard_config(dir, &format!("embedded:{port}"), upstream_port);
-    let text = std::fs::read_to_string(&config)
-        .unwrap()
-        .replace(
-            &format!("data_dir = \"{}\"", dir.join("data").display()),
-            &format!("data_dir = \"{}\"", fs.path().join("data").display()),
-        )
-        .replace(
-            "max_size = \"64MiB\"",
-            &format!("max_size = \"64MiB\"\ndurability = \"{durability}\""),
-        );
-    std::fs::write(&config, text).unwrap();
-    config
+    let mut file = standard(dir, Local::Embedded(port), upstream_port);
+    file.gateway.data_dir = Some(fs.path().join("data").display().to_string());
+    file.buffer.durability = Some(durability.into());
+    write_config(dir, &file)
 }
 
 /// Publishes readings `seqs` from device `d1`, each until acknowledged.
@@ -73,7 +70,7 @@ async fn power_cut(daemon: &mut Daemon, fs: &PowerCutFs, config: &std::path::Pat
 async fn readings_acknowledged_before_power_cuts_all_arrive_after_them() {
     let Some(fs) = mount() else { return };
     // The cloud is away during both cuts: everything waits in the buffer.
-    let mut cloud = Mosquitto::cloud_persistent();
+    let mut cloud = Mosquitto::cloud_persistent().await;
     let upstream = Upstream::subscribe(cloud.port, "site/#").await;
     cloud.stop_gracefully();
     let dir = tempfile::tempdir().unwrap();
@@ -85,7 +82,7 @@ async fn readings_acknowledged_before_power_cuts_all_arrive_after_them() {
     power_cut(&mut daemon, &fs, &config, port).await;
     publish(port, 300..600).await;
     power_cut(&mut daemon, &fs, &config, port).await;
-    cloud.restart();
+    cloud.restart().await;
     let seen = upstream
         .wait_until("all 600 acknowledged readings", |s| {
             Upstream::distinct(s).len() >= 600
@@ -105,7 +102,7 @@ async fn record_ids_are_never_given_to_two_readings_across_power_cuts() {
     let Some(fs) = mount() else { return };
     // `relaxed`: a cut loses the commits since the last sync, records that
     // were already forwarded among them. Their ids must not come back.
-    let cloud = Mosquitto::cloud();
+    let cloud = Mosquitto::cloud().await;
     let upstream = Upstream::subscribe(cloud.port, "site/#").await;
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();

@@ -32,16 +32,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 
-use super::{Proc, ScratchDir, free_port, median, mosquitto};
+use testkit::{ConfigFile, Local, Mosquitto, free_port, write_config};
 
-/// The edgefn binary beside this one.
-fn edgefn() -> anyhow::Result<PathBuf> {
-    Ok(std::env::current_exe()?.with_file_name("edgefn"))
-}
+use super::{Proc, median};
 
 /// Runs `edgefn args…`; fails with its output unless it succeeds.
 fn run_edgefn(args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new(edgefn()?)
+    let out = Command::new(testkit::binary())
         .args(args)
         .stdin(Stdio::null())
         .output()
@@ -70,39 +67,42 @@ fn keygen(dir: &Path) -> anyhow::Result<(PathBuf, String)> {
 }
 
 /// One gateway's configuration file: no `[[functions]]`, `[deploy]` with
-/// group `all` and `public` trusted, local side `local`, upstream and
-/// control connection on the cloud broker.
-fn gateway_config(dir: &Path, id: &str, local: &str, cloud_port: u16, public: &str) -> PathBuf {
-    let path = dir.join(format!("{id}.toml"));
-    std::fs::write(
-        &path,
-        format!(
-            r#"[gateway]
-id = "{id}"
-data_dir = "{data}"
-
-[local]
-{local}
-
-[upstream]
-url = "mqtt://127.0.0.1:{cloud_port}"
-topic_prefix = "site/{id}/"
-
-[deploy]
-groups = ["all"]
-trusted_keys = ["{public}"]
-"#,
-            data = dir.join(id).display(),
-        ),
-    )
-    .unwrap();
-    path
+/// group `all` and `public` trusted, device messages from `local` (a
+/// broker: as client `edgefn-<id>`), upstream and control connection on
+/// the cloud broker.
+fn gateway_config(dir: &Path, id: &str, local: Local, cloud_port: u16, public: &str) -> PathBuf {
+    let mut local = testkit::local_table(local);
+    local.max_message_size = None;
+    if local.client_id.is_some() {
+        local.client_id = Some(format!("edgefn-{id}"));
+    }
+    let file = ConfigFile {
+        gateway: testkit::GatewayTable {
+            id: id.into(),
+            data_dir: Some(dir.join(id).display().to_string()),
+        },
+        local,
+        upstream: Some(testkit::UpstreamTable {
+            topic_prefix: Some(format!("site/{id}/")),
+            ..testkit::upstream(cloud_port)
+        }),
+        deploy: Some(testkit::DeployTable {
+            groups: vec!["all".into()],
+            trusted_keys: vec![public.into()],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    // One file per gateway, all in `dir`.
+    let gateway_dir = dir.join(format!("{id}-config"));
+    std::fs::create_dir_all(&gateway_dir).expect("a directory for the config");
+    write_config(&gateway_dir, &file)
 }
 
 /// Starts `edgefn run` on `config`, its log (warnings) in `<config>.log`.
 fn start_gateway(config: &Path) -> anyhow::Result<Proc> {
     let log = std::fs::File::create(config.with_extension("log"))?;
-    let child = Command::new(edgefn()?)
+    let child = Command::new(testkit::binary())
         .args(["run", "--config"])
         .arg(config)
         .env("EDGEFN_LOG", "warn,rmqtt=error,rmqtt_net=error")
@@ -249,17 +249,27 @@ fn spread(v: &[f64], unit: &str) -> String {
 }
 
 /// Runs one of `deploy`, `restart`, `fleet`, printing its figures.
-pub fn run(which: &str, module: &Path, samples: usize, gateways: usize) -> anyhow::Result<()> {
-    let dir = ScratchDir::new(which)?;
-    let cloud_port = free_port();
-    let _cloud = mosquitto(dir.path(), cloud_port, "")?;
+pub async fn run(
+    which: &str,
+    module: &Path,
+    samples: usize,
+    gateways: usize,
+) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let cloud = Mosquitto::start().await;
+    let cloud_port = cloud.port;
     let (key, public) = keygen(dir.path())?;
     let size = std::fs::metadata(module)?.len();
     match which {
         "deploy" | "restart" => {
             let port = free_port();
-            let local = format!("embedded = true\nlisten = \"127.0.0.1:{port}\"");
-            let config = gateway_config(dir.path(), "pi-01", &local, cloud_port, &public);
+            let config = gateway_config(
+                dir.path(),
+                "pi-01",
+                Local::Embedded(port),
+                cloud_port,
+                &public,
+            );
             let gateway = start_gateway(&config)?;
             until_online(cloud_port, 1)?;
             if which == "deploy" {
@@ -314,14 +324,17 @@ pub fn run(which: &str, module: &Path, samples: usize, gateways: usize) -> anyho
             Ok(())
         }
         "fleet" => {
-            let local_port = free_port();
-            let _local = mosquitto(dir.path(), local_port, "")?;
+            let local = Mosquitto::start().await;
             let mut procs = Vec::new();
             for i in 1..=gateways {
                 let id = format!("pi-{i:02}");
-                let local =
-                    format!("url = \"mqtt://127.0.0.1:{local_port}\"\nclient_id = \"edgefn-{id}\"");
-                let config = gateway_config(dir.path(), &id, &local, cloud_port, &public);
+                let config = gateway_config(
+                    dir.path(),
+                    &id,
+                    Local::Broker(local.url()),
+                    cloud_port,
+                    &public,
+                );
                 procs.push(start_gateway(&config)?);
             }
             until_online(cloud_port, gateways)?;

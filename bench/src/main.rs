@@ -40,6 +40,7 @@ use clap::Parser;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use testkit::{ConfigFile, Local, Mosquitto, free_port, port_open, write_config};
 
 mod fleet;
 mod wear;
@@ -108,46 +109,6 @@ fn now_us() -> u64 {
         .map_or(0, |d| d.as_micros() as u64)
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn wait_for_port(port: u16) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if Instant::now() > deadline {
-            bail!("nothing listens on port {port}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(())
-}
-
-/// A directory under the system temp dir, removed on drop.
-struct ScratchDir(PathBuf);
-
-impl ScratchDir {
-    fn new(tag: &str) -> anyhow::Result<ScratchDir> {
-        let p = std::env::temp_dir().join(format!("edgefn-bench-{}-{tag}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p)?;
-        Ok(ScratchDir(p))
-    }
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for ScratchDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// A child process killed on drop.
 struct Proc(Child);
 
@@ -156,24 +117,6 @@ impl Drop for Proc {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-/// Starts Mosquitto on `port` with `extra` config lines.
-fn mosquitto(dir: &Path, port: u16, extra: &str) -> anyhow::Result<Proc> {
-    let conf = dir.join(format!("mosquitto-{port}.conf"));
-    std::fs::write(
-        &conf,
-        format!("listener {port} 127.0.0.1\nallow_anonymous true\nuser root\n{extra}"),
-    )?;
-    let child = Command::new("mosquitto")
-        .arg("-c")
-        .arg(&conf)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("start mosquitto (apt-get install mosquitto)")?;
-    wait_for_port(port)?;
-    Ok(Proc(child))
 }
 
 /// Arrivals at the cloud broker.
@@ -487,60 +430,57 @@ async fn measure(
     })
 }
 
-/// The daemon's configuration: `local` is the `[local]` table's body,
-/// `buffer` the `[buffer]` table's, `extra` whole tables after them.
+/// The daemon's configuration in `dir`: gateway `bench`, device messages
+/// from `local`, upstream at `cloud_port` (prefix `site/bench/`), the
+/// buffer with `durability`, clean-temperature (`module`, UNIT=F, 100 ms,
+/// concurrency 2).
 fn edgefn_config(
     dir: &Path,
-    local: &str,
+    local: Local,
     cloud_port: u16,
     module: &Path,
-    buffer: &str,
-    extra: &str,
-) -> PathBuf {
-    let path = dir.join("edgefn.toml");
-    std::fs::write(
-        &path,
-        format!(
-            r#"[gateway]
-id = "bench"
-data_dir = "{data}"
-
-[local]
-{local}
-
-[upstream]
-url = "mqtt://127.0.0.1:{cloud_port}"
-topic_prefix = "site/bench/"
-
-[buffer]
-{buffer}
-
-{extra}
-
-[[functions]]
-name = "clean-temperature"
-module = "{module}"
-triggers = ["sensors/+/temperature"]
-env = {{ UNIT = "F" }}
-timeout = "100ms"
-concurrency = 2
-"#,
-            data = dir.join("data").display(),
-            module = module.display()
-        ),
-    )
-    .unwrap();
-    path
+    durability: &str,
+) -> ConfigFile {
+    let mut local = testkit::local_table(local);
+    local.max_message_size = None;
+    local.client_id = None;
+    ConfigFile {
+        gateway: testkit::GatewayTable {
+            id: "bench".into(),
+            data_dir: Some(dir.join("data").display().to_string()),
+        },
+        local,
+        upstream: Some(testkit::UpstreamTable {
+            topic_prefix: Some("site/bench/".into()),
+            ..testkit::upstream(cloud_port)
+        }),
+        buffer: testkit::BufferTable {
+            durability: Some(durability.into()),
+            ..Default::default()
+        },
+        functions: vec![testkit::FunctionManifest {
+            name: "clean-temperature".into(),
+            module: Some(module.display().to_string()),
+            triggers: vec!["sensors/+/temperature".into()],
+            env: [("UNIT".to_owned(), "F".to_owned())].into(),
+            timeout: Some("100ms".into()),
+            concurrency: Some(2),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
 }
 
 fn start_edgefn(config: &Path) -> anyhow::Result<Proc> {
-    let exe = std::env::current_exe()?.with_file_name("edgefn");
+    let exe = testkit::binary();
     let child = Command::new(&exe)
         .args(["run", "--config"])
         .arg(config)
         .env(
             "EDGEFN_LOG",
-            "warn,edgefn::runtime::host=error,rmqtt=error,rmqtt_net=error",
+            std::env::var("EDGEFN_BENCH_LOG").unwrap_or_else(|_| {
+                "warn,edgefn::runtime::host=error,rmqtt=error,rmqtt_net=error".into()
+            }),
         )
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
@@ -572,27 +512,27 @@ fn device_side_conf(args: &Args) -> String {
 }
 
 async fn scenario(args: &Args, which: &str, module: &Path) -> anyhow::Result<Figures> {
-    let dir = ScratchDir::new(which)?;
-    let cloud_port = free_port();
-    // The stand-in cloud must not drop what reaches it: a stock Mosquitto
-    // drops beyond 1000 queued messages for a subscriber that falls behind
-    // (the bench's own, at tens of thousands of msg/s).
-    let _cloud = mosquitto(dir.path(), cloud_port, "max_queued_messages 0\n")?;
+    let dir = tempfile::tempdir()?;
+    // The stand-in cloud must not drop what reaches it (a stock Mosquitto
+    // drops beyond 1000 queued messages for a subscriber that falls
+    // behind, the bench's own at tens of thousands of msg/s): testkit's
+    // cloud queues without bound.
+    let cloud = Mosquitto::cloud().await;
+    let cloud_port = cloud.port;
     match which {
         "bridge" => {
-            let local_port = free_port();
             let bridge = format!(
                 "{}connection bench-bridge\naddress 127.0.0.1:{cloud_port}\n\
                  topic sensors/# out 1 \"\" site/bridge/\ncleansession true\n",
                 device_side_conf(args)
             );
-            let _local = mosquitto(dir.path(), local_port, &bridge)?;
+            let local = Mosquitto::start_with_extra(&bridge).await;
             // Let the bridge connect before the clock starts.
             tokio::time::sleep(Duration::from_secs(1)).await;
             measure(
                 args,
                 "Mosquitto bridge (reference)",
-                local_port,
+                local.port,
                 cloud_port,
                 args.devices,
                 None,
@@ -600,22 +540,20 @@ async fn scenario(args: &Args, which: &str, module: &Path) -> anyhow::Result<Fig
             .await
         }
         "edgefn" => {
-            let local_port = free_port();
-            let _local = mosquitto(dir.path(), local_port, &device_side_conf(args))?;
-            let config = edgefn_config(
+            let local = Mosquitto::start_with_extra(&device_side_conf(args)).await;
+            let file = edgefn_config(
                 dir.path(),
-                &format!("url = \"mqtt://127.0.0.1:{local_port}\""),
+                Local::Broker(local.url()),
                 cloud_port,
                 module,
-                &format!("durability = \"{}\"", args.durability),
-                "",
+                &args.durability,
             );
-            let e = start_edgefn(&config)?;
+            let e = start_edgefn(&write_config(dir.path(), &file))?;
             tokio::time::sleep(Duration::from_secs(1)).await;
             measure(
                 args,
                 "edgefn via Mosquitto",
-                local_port,
+                local.port,
                 cloud_port,
                 args.devices,
                 Some(e.0.id()),
@@ -624,16 +562,15 @@ async fn scenario(args: &Args, which: &str, module: &Path) -> anyhow::Result<Fig
         }
         "embedded-1" | "embedded-n" => {
             let port = free_port();
-            let config = edgefn_config(
+            let file = edgefn_config(
                 dir.path(),
-                &format!("embedded = true\nlisten = \"127.0.0.1:{port}\""),
+                Local::Embedded(port),
                 cloud_port,
                 module,
-                &format!("durability = \"{}\"", args.durability),
-                "",
+                &args.durability,
             );
-            let e = start_edgefn(&config)?;
-            wait_for_port(port)?;
+            let e = start_edgefn(&write_config(dir.path(), &file))?;
+            port_open(port).await;
             let devices = if which == "embedded-1" {
                 1
             } else {
@@ -677,7 +614,7 @@ async fn main() -> anyhow::Result<()> {
         println!("| scenario | figure | | |\n| --- | --- | --- | --- |");
         for which in chosen {
             eprintln!("running {which} ...");
-            fleet::run(which, &module, args.samples, args.gateways)?;
+            fleet::run(which, &module, args.samples, args.gateways).await?;
         }
         return Ok(());
     }

@@ -35,7 +35,9 @@ use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 
-use super::{ScratchDir, free_port, median, mosquitto, percentile, proc_value, wait_for_port};
+use testkit::{Local, Mosquitto, free_port, port_open, write_config};
+
+use super::{median, percentile, proc_value};
 
 /// One row: how the readings reach edgefn.
 struct Row {
@@ -195,38 +197,26 @@ async fn row(
     window: Duration,
     count_syncs: bool,
 ) -> anyhow::Result<Wear> {
-    let dir = ScratchDir::new("wear")?;
-    let cloud_port = free_port();
-    let _cloud = mosquitto(dir.path(), cloud_port, "max_queued_messages 0\n")?;
+    let dir = tempfile::tempdir()?;
+    let cloud = Mosquitto::cloud().await;
     let metrics = free_port();
-    let local_port = free_port();
-    let (_local, local) = if r.mosquitto {
-        let m = mosquitto(
-            dir.path(),
-            local_port,
-            "max_queued_messages 0\nset_tcp_nodelay true\n",
-        )?;
-        (Some(m), format!("url = \"mqtt://127.0.0.1:{local_port}\""))
+    let (_local, local, local_port) = if r.mosquitto {
+        let m = Mosquitto::start_with_extra("max_queued_messages 0\nset_tcp_nodelay true\n").await;
+        let (url, port) = (m.url(), m.port);
+        (Some(m), Local::Broker(url), port)
     } else {
-        (
-            None,
-            format!("embedded = true\nlisten = \"127.0.0.1:{local_port}\""),
-        )
+        let port = free_port();
+        (None, Local::Embedded(port), port)
     };
-    let config = super::edgefn_config(
-        dir.path(),
-        &local,
-        cloud_port,
-        module,
-        &match r.commit_delay {
-            Some(d) => format!("durability = \"full\"\ncommit_delay = \"{d}\""),
-            None => "durability = \"full\"".to_owned(),
-        },
-        &format!("[metrics]\nlisten = \"127.0.0.1:{metrics}\""),
-    );
-    let edgefn = super::start_edgefn(&config)?;
-    wait_for_port(metrics)?;
-    wait_for_port(local_port)?;
+    let mut file = super::edgefn_config(dir.path(), local, cloud.port, module, "full");
+    file.buffer.commit_delay = r.commit_delay.map(str::to_owned);
+    file.metrics = Some(testkit::MetricsTable {
+        listen: Some(format!("127.0.0.1:{metrics}")),
+        ..Default::default()
+    });
+    let edgefn = super::start_edgefn(&write_config(dir.path(), &file))?;
+    port_open(metrics).await;
+    port_open(local_port).await;
     let pid = edgefn.0.id();
     let warm_up = Duration::from_secs(5);
     let start = Instant::now();

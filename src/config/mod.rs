@@ -4,7 +4,7 @@
 //!
 //! 1. **Structure** — the `config` crate reads the TOML file and `EDGEFN_…`
 //!    environment overrides (`EDGEFN_UPSTREAM__PASSWORD=…` sets
-//!    `upstream.password`), and serde maps it onto [`RawConfig`]. Unknown keys
+//!    `upstream.password`), and serde maps it onto [`ConfigFile`]. Unknown keys
 //!    and wrong types stop here, with the key named.
 //! 2. **Meaning** — small `check_*` functions turn the raw values (human sizes
 //!    like `"64MiB"`, durations like `"250ms"`, URLs, topic filters) into a
@@ -25,10 +25,13 @@ use serde::{Deserialize, Serialize};
 use crate::route::TopicFilter;
 
 mod broker;
+pub mod file;
 mod function;
 
 pub use broker::{BrokerClientConfig, tool_broker};
 use broker::{check_tls, parse_mqtt_url};
+pub use file::ConfigFile;
+use file::{BufferTable, DeployTable, LocalTable, MetricsTable, UpstreamTable};
 use function::check_function;
 pub use function::{FunctionConfig, FunctionManifest, Rollback};
 
@@ -85,98 +88,6 @@ impl fmt::Display for Problems<'_> {
         }
         Ok(())
     }
-}
-
-// ---------------------------------------------------------------------------
-// Raw structure, exactly as written in the file.
-// ---------------------------------------------------------------------------
-
-/// The file as written; strings for sizes and durations are parsed later.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawConfig {
-    gateway: RawGateway,
-    #[serde(default)]
-    local: RawLocal,
-    upstream: Option<RawUpstream>,
-    #[serde(default)]
-    buffer: RawBuffer,
-    deploy: Option<RawDeploy>,
-    metrics: Option<RawMetrics>,
-    #[serde(default)]
-    functions: Vec<FunctionManifest>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawMetrics {
-    listen: Option<String>,
-    interval: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawDeploy {
-    broker: Option<String>,
-    #[serde(default)]
-    groups: Vec<String>,
-    #[serde(default)]
-    trusted_keys: Vec<String>,
-    allow_unsigned: Option<bool>,
-    max_bundle_size: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawGateway {
-    id: String,
-    data_dir: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawLocal {
-    url: Option<String>,
-    embedded: Option<bool>,
-    listen: Option<String>,
-    client_id: Option<String>,
-    username: Option<String>,
-    password: Option<String>,
-    in_flight: Option<i64>,
-    session_expiry: Option<String>,
-    keep_alive: Option<String>,
-    max_message_size: Option<String>,
-    ca_file: Option<String>,
-    cert_file: Option<String>,
-    key_file: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawUpstream {
-    url: String,
-    topic_prefix: Option<String>,
-    client_id: Option<String>,
-    username: Option<String>,
-    password: Option<String>,
-    in_flight: Option<i64>,
-    keep_alive: Option<String>,
-    max_message_size: Option<String>,
-    refused_topic_timeout: Option<String>,
-    ca_file: Option<String>,
-    cert_file: Option<String>,
-    key_file: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawBuffer {
-    max_size: Option<String>,
-    full_policy: Option<String>,
-    durability: Option<String>,
-    max_batch: Option<i64>,
-    dead_letters_max_size: Option<String>,
-    commit_delay: Option<String>,
 }
 
 // ---------------------------------------------------------------------------
@@ -331,7 +242,7 @@ pub struct BufferConfig {
 impl Default for BufferConfig {
     /// The defaults of an empty `[buffer]` table.
     fn default() -> BufferConfig {
-        check_buffer(&mut Checker::default(), RawBuffer::default())
+        check_buffer(&mut Checker::default(), BufferTable::default())
     }
 }
 
@@ -409,7 +320,7 @@ impl Config {
         })
     }
 
-    fn load_raw(path: &Path) -> Result<RawConfig, ConfigError> {
+    fn load_raw(path: &Path) -> Result<ConfigFile, ConfigError> {
         let structure = |message: String| ConfigError::Structure {
             path: path.to_owned(),
             message,
@@ -439,13 +350,13 @@ impl Config {
             .build()
             .map_err(|e| structure(e.to_string()))?;
         built
-            .try_deserialize::<RawConfig>()
+            .try_deserialize::<ConfigFile>()
             .map_err(|e| structure(e.to_string()))
     }
 
     /// Checks raw values, collecting every problem. Relative paths are
     /// resolved against `base` (the configuration file's directory).
-    pub fn from_raw(raw: RawConfig, base: &Path) -> Result<Config, Vec<Problem>> {
+    pub fn from_raw(raw: ConfigFile, base: &Path) -> Result<Config, Vec<Problem>> {
         let mut p = Checker::default();
 
         let id = raw.gateway.id.trim().to_owned();
@@ -541,7 +452,7 @@ impl Default for MetricsConfig {
     }
 }
 
-fn check_metrics(p: &mut Checker, raw: Option<RawMetrics>) -> MetricsConfig {
+fn check_metrics(p: &mut Checker, raw: Option<MetricsTable>) -> MetricsConfig {
     let Some(raw) = raw else {
         return MetricsConfig::default();
     };
@@ -637,7 +548,7 @@ impl Checker {
     }
 }
 
-fn check_local(p: &mut Checker, raw: RawLocal, id: &str, base: &Path) -> Option<LocalConfig> {
+fn check_local(p: &mut Checker, raw: LocalTable, id: &str, base: &Path) -> Option<LocalConfig> {
     let max_message_size = p.size(
         "local.max_message_size",
         raw.max_message_size.as_deref(),
@@ -754,7 +665,7 @@ fn check_local(p: &mut Checker, raw: RawLocal, id: &str, base: &Path) -> Option<
 
 fn check_upstream(
     p: &mut Checker,
-    raw: RawUpstream,
+    raw: UpstreamTable,
     id: &str,
     base: &Path,
 ) -> Option<UpstreamConfig> {
@@ -824,7 +735,7 @@ fn check_upstream(
     })
 }
 
-fn check_buffer(p: &mut Checker, raw: RawBuffer) -> BufferConfig {
+fn check_buffer(p: &mut Checker, raw: BufferTable) -> BufferConfig {
     let max_size = p.size(
         "buffer.max_size",
         raw.max_size.as_deref(),
@@ -901,7 +812,7 @@ fn check_buffer(p: &mut Checker, raw: RawBuffer) -> BufferConfig {
 
 fn check_deploy(
     p: &mut Checker,
-    raw: RawDeploy,
+    raw: DeployTable,
     has_upstream: bool,
     embedded: bool,
 ) -> DeployConfig {
