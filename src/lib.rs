@@ -29,7 +29,8 @@
 //!   for terminals; log lines a peer can cause, throttled.
 //!
 //! Configuration and the things it describes:
-//! - [`config`] — the TOML file: typed, every key checked, all errors at once.
+//! - [`config`] — the TOML file: its tables as written ([`config::file`]),
+//!   every key checked, all errors at once.
 //! - [`broker_client`] — what edgefn's MQTT client connections share.
 //! - [`bundle`] — signed function bundles (docs/DEPLOY.md): sealing and checking.
 //! - [`runtime`] — wasmtime: one engine, ABI v1 checks, warm instances,
@@ -59,6 +60,19 @@
 //! `src/cli/`, one file per subcommand (`run`, `check`, `invoke`,
 //! `status`, `deploy` for deploy/remove/keygen with `fleet` doing their
 //! work, `dead_letters`, `demo`), each calling the modules above.
+//!
+//! # Where a change goes
+//!
+//! - A trigger kind: a source of [`ingest::Delivery`] in `src/ingest/`,
+//!   started and stopped in `src/gateway.rs`.
+//! - A host call: `src/runtime/host.rs` (and docs/ABI.md).
+//! - A config key: its table in `src/config/file.rs`, its check in
+//!   `src/config/mod.rs` (`src/config/function.rs` for `[[functions]]`),
+//!   docs/CONFIG.md.
+//! - A counter: a line in `counters!` in `src/metrics.rs` (and its family
+//!   in `FAMILIES` if new); docs/CONFIG.md's list is written from it.
+//! - A CLI subcommand: a file in `src/cli/` and its line in
+//!   `src/cli/mod.rs`.
 
 pub mod broker_client;
 pub mod bundle;
