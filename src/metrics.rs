@@ -135,6 +135,10 @@ counters! {
     upstream_connected => "edgefn_upstream_connected",
     /// Successful connections to the local broker.
     local_connects => "edgefn_connects" ["broker" = "local"],
+    /// Trigger filters the local broker granted, counted at each SUBACK.
+    local_subscriptions_granted => "edgefn_local_subscriptions" ["outcome" = "granted"],
+    /// Trigger filters the local broker refused (its ACL, most likely).
+    local_subscriptions_refused => "edgefn_local_subscriptions" ["outcome" = "refused"],
     /// Embedded broker: QoS 1/2 device publishes not acknowledged because
     /// they were not committed (the connection was closed without a PUBACK;
     /// the device sends them again).
@@ -386,6 +390,15 @@ pub const FAMILIES: &[Family] = &[
             "1 while the upstream connection is up.",
         ),
         "`gateway.upstream_connected`",
+    ),
+    more(
+        family(
+            "edgefn_local_subscriptions",
+            C,
+            &["outcome"],
+            "Trigger filters the local broker granted or refused, counted at each SUBACK (external broker).",
+        ),
+        "A refused one is also logged: the broker does not let edgefn read that filter (a broker that checks its ACL at SUBSCRIBE; Mosquitto's acl_file grants and withholds the messages instead), and its messages never reach a function.",
     ),
     family(
         "edgefn_connects",

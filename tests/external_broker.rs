@@ -160,6 +160,7 @@ async fn a_record_leaves_the_buffer_only_after_the_upstream_acknowledges_it() {
         config,
         upstream,
         mut daemon,
+        ..
     } = connected(Mosquitto::cloud().await).await;
 
     // The cloud hangs with the connection open: edgefn publishes into the
@@ -494,6 +495,7 @@ async fn a_killed_daemon_loses_no_acknowledged_reading() {
         config,
         upstream,
         mut daemon,
+        ..
     } = connected(Mosquitto::cloud().await).await;
     let n = 400u64;
     let mut dev = Device::connect("device-c", local.port).await;
@@ -535,18 +537,15 @@ async fn expect_at_least_once(upstream: &Upstream, device: &str, n: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversized_message_is_refused_and_the_rest_flows() {
-    let metrics = free_port();
     let Connected {
         local,
         cloud: _cloud,
         dir: _dir,
         upstream,
         daemon: _daemon,
+        metrics,
         ..
-    } = connected_with(Mosquitto::start().await, Mosquitto::cloud().await, |c| {
-        c.metrics_on(metrics);
-    })
-    .await;
+    } = connected(Mosquitto::cloud().await).await;
     let mut dev = Device::connect("device-d", local.port).await;
     let big = format!(r#"{{"seq":0,"temp_c":20,"pad":"{}"}}"#, "x".repeat(5000));
     assert!(

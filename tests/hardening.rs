@@ -132,10 +132,13 @@ async fn a_clean_stop_waits_for_the_pubacks_of_records_in_flight() {
     let local = Mosquitto::start().await;
     let cloud = Mosquitto::cloud().await;
     let dir = tempfile::tempdir().unwrap();
-    let config = standard_config(dir.path(), Local::Broker(local.url()), cloud.port);
+    let mut file = standard(dir.path(), Local::Broker(local.url()), cloud.port);
+    let metrics = free_port();
+    file.metrics_on(metrics);
+    let config = write_config(dir.path(), &file);
     let daemon = Daemon::start_logging(&config, "info,edgefn::forward=debug,rmqtt=warn");
     daemon.wait_for_log(SUBSCRIBED).await;
-    daemon.wait_for_log("connected upstream").await;
+    wait_for_counter(metrics, "upstream_connects", 1).await;
     // The cloud hangs: what edgefn sends waits in its socket, unacknowledged.
     cloud.freeze();
     let mut dev = Device::connect("device-s", local.port).await;

@@ -297,9 +297,10 @@ impl MqttIngest {
                                 if matches!(code, rumqttc::v5::mqttbytes::v5::SubscribeReasonCode::Success(_)) {
                                     granted += 1;
                                 } else {
-                                    tracing::error!(filter, ?code, "the local broker refused a subscription");
+                                    event!(self.metrics.local_subscriptions_refused, error, filter, ?code, "the local broker refused a subscription");
                                 }
                             }
+                            Metrics::add(&self.metrics.local_subscriptions_granted, granted);
                             tracing::info!(granted, filters = filters.len(), "subscribed");
                         }
                         Ok(Event::Incoming(Packet::Publish(p))) => {

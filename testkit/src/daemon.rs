@@ -6,7 +6,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::{
-    ConfigFile, Local, Mosquitto, PATIENCE, Upstream, free_port, signal, standard, write_config,
+    ConfigFile, ConfigFileExt, Local, Mosquitto, PATIENCE, Upstream, free_port, signal, standard,
+    write_config,
 };
 
 /// The `edgefn` binary of this build: beside the running test or
@@ -154,6 +155,8 @@ pub struct Connected {
     pub upstream: Upstream,
     /// The daemon, subscribed and connected upstream.
     pub daemon: Daemon,
+    /// Its metrics listener's port.
+    pub metrics: u16,
 }
 
 /// [`Connected`] with a stock device-side broker and `cloud`.
@@ -166,7 +169,8 @@ pub async fn connected_to(local: Mosquitto, cloud: Mosquitto) -> Connected {
     connected_with(local, cloud, |_| {}).await
 }
 
-/// [`connected_to`], with `more` applied to the standard config first.
+/// [`connected_to`], with `more` applied to the standard config (which
+/// serves metrics on a free port) first.
 pub async fn connected_with(
     local: Mosquitto,
     cloud: Mosquitto,
@@ -174,12 +178,14 @@ pub async fn connected_with(
 ) -> Connected {
     let dir = tempfile::tempdir().unwrap();
     let mut file = standard(dir.path(), Local::Broker(local.url()), cloud.port);
+    file.metrics_on(free_port());
     more(&mut file);
+    let metrics = metrics_port(&file);
     let config = write_config(dir.path(), &file);
     let upstream = Upstream::subscribe(cloud.port, "site/#").await;
     let daemon = Daemon::start(&config);
-    daemon.wait_for_log(SUBSCRIBED).await;
-    daemon.wait_for_log("connected upstream").await;
+    crate::wait_for_counter(metrics, "local_subscriptions_granted", 1).await;
+    crate::wait_for_counter(metrics, "upstream_connects", 1).await;
     Connected {
         local,
         cloud,
@@ -187,5 +193,16 @@ pub async fn connected_with(
         config,
         upstream,
         daemon,
+        metrics,
     }
+}
+
+/// The port of `file`'s `[metrics] listen`, which must be set.
+pub fn metrics_port(file: &ConfigFile) -> u16 {
+    file.metrics
+        .as_ref()
+        .and_then(|m| m.listen.as_deref())
+        .and_then(|l| l.rsplit_once(':'))
+        .and_then(|(_, port)| port.parse().ok())
+        .expect("[metrics] listen with a port")
 }
