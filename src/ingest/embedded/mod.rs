@@ -64,10 +64,12 @@
 //!   a moment later.
 //! * After a reconnect, the hook returns only once the new session exists (rmqtt's
 //!   `SessionCreated` hook) or the keep-alive passes (`Inner::linger`). During that CONNECT
-//!   rmqtt kicks the old session and waits up to 5 s for its answer; a session that ended
-//!   meanwhile can never answer, and rmqtt would then refuse the new CONNECT (Server
-//!   unavailable). The lingering session does not answer either, so such a reconnect takes
-//!   those 5 s, then replaces the old session.
+//!   rmqtt kicks the old session and waits up to 5 s for its answer. The lingering session
+//!   does not answer, so such a reconnect takes those 5 s, then replaces the old session.
+//! * Every other reconnect takes its session over at once, whatever state the old one is in:
+//!   `takeover` wraps rmqtt's session table so that a kick that finds the old session ending
+//!   removes what is left of it, and a CONNECT racing another of its client id waits for it,
+//!   where rmqtt alone would refuse the new CONNECT (Server unavailable).
 //! * At most `MAX_IN_PIPELINE_PER_CLIENT` messages of one client id are in the pipeline, those
 //!   its device gave up on included (an abandoned message counts until the commit stage drops
 //!   it). The next waits for one to leave, and is given up like any other.
@@ -189,6 +191,7 @@ use crate::metrics::Metrics;
 use crate::registry::Registry;
 
 mod hook;
+mod takeover;
 
 use hook::relay_chained;
 
@@ -619,6 +622,10 @@ impl EmbeddedBroker {
             .mqtt_max_sessions(MAX_SESSIONS)
             .build()
             .await;
+        // Reconnects take their session over whatever state the old one is in.
+        *scx.extends.shared_mut().await = Box::new(takeover::Takeover(
+            rmqtt::shared::DefaultShared::new(Some(scx.clone())),
+        ));
 
         let (phase, phase_rx) = watch::channel(Phase::Running);
         let inner = Arc::new(Inner {

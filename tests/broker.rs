@@ -1,0 +1,125 @@
+//! The built-in broker as MQTT clients meet it, case by case beside a
+//! private Mosquitto: each case runs against both and expects the same
+//! answers.
+
+#![cfg(feature = "embedded-broker")]
+
+use std::time::Duration;
+
+use testkit::*;
+
+/// A broker under test.
+struct Broker {
+    /// `mosquitto` or `edgefn`.
+    name: &'static str,
+    /// Where clients connect.
+    port: u16,
+    /// What keeps it running (the broker, or the daemon and its directory).
+    _running: Box<dyn std::any::Any + Send>,
+}
+
+/// A stock Mosquitto, and edgefn's built-in broker (the standard functions,
+/// no upstream).
+async fn brokers() -> [Broker; 2] {
+    let mosquitto = Mosquitto::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut file = standard(dir.path(), Local::Embedded(port), free_port());
+    file.upstream = None;
+    let daemon = Daemon::start(&write_config(dir.path(), &file));
+    port_open(port).await;
+    [
+        Broker {
+            name: "mosquitto",
+            port: mosquitto.port,
+            _running: Box::new(mosquitto),
+        },
+        Broker {
+            name: "edgefn",
+            port,
+            _running: Box::new((daemon, dir)),
+        },
+    ]
+}
+
+/// How a client's CONNECT was answered.
+#[derive(Debug, Clone, PartialEq)]
+enum Connack {
+    Success,
+    Refused(String),
+}
+
+/// `async fn $name(port, client_id) -> Connack`: connects to `port` as
+/// `client_id` with rumqttc's client of one protocol version (its types
+/// imported by `$imports`), then DISCONNECTs; the CONNACK's answer.
+macro_rules! connect_then_disconnect {
+    ($(#[$doc:meta])* $name:ident, $($imports:item)*) => {
+        $(#[$doc])*
+        async fn $name(port: u16, client_id: &str) -> Connack {
+            $($imports)*
+            use rumqttc::Outgoing;
+            let mut o = MqttOptions::new(client_id, "127.0.0.1", port);
+            o.set_keep_alive(Duration::from_secs(30));
+            let (client, mut events) = AsyncClient::new(o, 10);
+            let answer = tokio::time::timeout(PATIENCE, events.poll())
+                .await
+                .expect("a CONNACK");
+            let answer = match answer {
+                Ok(Event::Incoming(Packet::ConnAck(a))) if a.code == ConnectReturnCode::Success => {
+                    Connack::Success
+                }
+                other => return Connack::Refused(format!("{other:?}")),
+            };
+            client.disconnect().await.unwrap();
+            loop {
+                match tokio::time::timeout(PATIENCE, events.poll()).await {
+                    Ok(Ok(Event::Outgoing(Outgoing::Disconnect))) | Ok(Err(_)) => return answer,
+                    Ok(Ok(_)) => {}
+                    Err(_) => panic!("the DISCONNECT never went out"),
+                }
+            }
+        }
+    };
+}
+
+connect_then_disconnect!(
+    /// Over MQTT 3.1.1.
+    connect_disconnect_v311,
+    use rumqttc::{AsyncClient, ConnectReturnCode, Event, MqttOptions, Packet};
+);
+
+connect_then_disconnect!(
+    /// Over MQTT 5.
+    connect_disconnect_v5,
+    use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, Packet};
+    use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+);
+
+/// Cycles of connect, DISCONNECT, connect again with the same client id.
+const CYCLES: usize = 1000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_reconnects_with_its_client_id_is_always_let_back_in() {
+    for broker in brokers().await {
+        for (version, v5) in [("3.1.1", false), ("5", true)] {
+            let mut refused = Vec::new();
+            for i in 0..CYCLES {
+                let answer = if v5 {
+                    connect_disconnect_v5(broker.port, "device-again").await
+                } else {
+                    connect_disconnect_v311(broker.port, "device-again").await
+                };
+                if let Connack::Refused(why) = answer {
+                    refused.push(format!("cycle {i}: {why}"));
+                }
+            }
+            assert!(
+                refused.is_empty(),
+                "{} on MQTT {version} refused {} of {CYCLES} reconnects: {:?}",
+                broker.name,
+                refused.len(),
+                &refused[..refused.len().min(5)]
+            );
+        }
+    }
+}
