@@ -123,3 +123,52 @@ async fn a_device_that_reconnects_with_its_client_id_is_always_let_back_in() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_subscription_gives_each_message_to_one_member_of_its_group() {
+    for broker in brokers().await {
+        let members = [
+            Upstream::subscribe(broker.port, "$share/workers/jobs/#").await,
+            Upstream::subscribe(broker.port, "$share/workers/jobs/#").await,
+        ];
+        let everything = Upstream::subscribe(broker.port, "jobs/#").await;
+        let mut dev = Device::connect("dispatcher", broker.port).await;
+        let n = 20;
+        for i in 0..n {
+            assert!(dev.publish_acked("jobs/x", i.to_string(), PATIENCE).await);
+        }
+        everything.wait_for(n).await;
+        eventually("every job at a member", || {
+            members
+                .iter()
+                .map(|m| m.seen.lock().unwrap().len())
+                .sum::<usize>()
+                >= n
+        })
+        .await;
+        let got: Vec<Vec<String>> = members
+            .iter()
+            .map(|m| {
+                m.seen
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .map(|s| s.payload.clone())
+                    .collect()
+            })
+            .collect();
+        let mut all: Vec<u64> = got.iter().flatten().map(|p| p.parse().unwrap()).collect();
+        all.sort_unstable();
+        assert_eq!(
+            all,
+            (0..n as u64).collect::<Vec<_>>(),
+            "{}: each job to exactly one member: {got:?}",
+            broker.name
+        );
+        assert!(
+            got.iter().all(|g| !g.is_empty()),
+            "{}: both members take jobs: {got:?}",
+            broker.name
+        );
+    }
+}

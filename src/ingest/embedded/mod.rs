@@ -191,6 +191,7 @@ use crate::metrics::Metrics;
 use crate::registry::Registry;
 
 mod hook;
+mod share;
 mod takeover;
 
 use hook::relay_chained;
@@ -626,6 +627,7 @@ impl EmbeddedBroker {
         *scx.extends.shared_mut().await = Box::new(takeover::Takeover(
             rmqtt::shared::DefaultShared::new(Some(scx.clone())),
         ));
+        *scx.extends.shared_subscription_mut().await = Box::new(share::InTurn::default());
 
         let (phase, phase_rx) = watch::channel(Phase::Running);
         let inner = Arc::new(Inner {
