@@ -265,10 +265,14 @@ impl Gateway {
                 ));
             }
             #[cfg(feature = "embedded-broker")]
-            LocalSource::Embedded { listen } => {
+            LocalSource::Embedded {
+                listen,
+                memory_limit,
+            } => {
                 let b = crate::ingest::embedded::EmbeddedBroker::start(
                     *listen,
                     config.local.max_message_size,
+                    *memory_limit,
                     registry.clone(),
                     deliveries_tx,
                     metrics.clone(),

@@ -380,3 +380,107 @@ async fn a_topic_the_cloud_refuses_while_it_takes_others_goes_to_the_dead_letter
     drop(dev);
     gateway.shutdown().await;
 }
+
+/// Peak resident memory (`VmHWM`) of process `pid`, bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmHWM");
+    kb * 1024
+}
+
+/// An MQTT 5 session of `client_id` on `port`: connects (`clean_start` or
+/// resuming, kept an hour after it goes), subscribes to `filter` if given,
+/// and DISCONNECTs.
+async fn session_v5(port: u16, client_id: &str, clean_start: bool, filter: Option<&str>) {
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::mqttbytes::v5::Packet;
+    use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+    let mut o = MqttOptions::new(client_id, "127.0.0.1", port);
+    o.set_clean_start(clean_start);
+    o.set_session_expiry_interval(Some(3600));
+    let (client, mut events) = AsyncClient::new(o, 10);
+    if let Some(filter) = filter {
+        client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
+    }
+    loop {
+        match tokio::time::timeout(PATIENCE, events.poll()).await.unwrap() {
+            Ok(Event::Incoming(Packet::SubAck(_))) => break,
+            Ok(Event::Incoming(Packet::ConnAck(_))) if filter.is_none() => break,
+            Ok(_) => {}
+            Err(e) => panic!("{client_id}: {e}"),
+        }
+    }
+    client.disconnect().await.unwrap();
+    loop {
+        match tokio::time::timeout(PATIENCE, events.poll()).await.unwrap() {
+            Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}
+
+#[cfg(feature = "embedded-broker")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_the_built_in_broker_holds_for_subscribers_stays_within_its_memory_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let metrics = free_port();
+    let mut file = standard(dir.path(), Local::Embedded(port), free_port());
+    file.upstream = None;
+    file.local.max_message_size = Some("512KiB".into());
+    file.local.memory_limit = Some("2MiB".into());
+    file.metrics_on(metrics);
+    let daemon = Daemon::start(&write_config(dir.path(), &file));
+    port_open(port).await;
+    // Eight sleepers: persistent sessions, offline, each on its own topic.
+    for s in 0..8 {
+        session_v5(
+            port,
+            &format!("sleeper-{s}"),
+            false,
+            Some(&format!("flood/{s}")),
+        )
+        .await;
+    }
+    // 200 MB for them, 256 KiB at a time, every publish acknowledged.
+    let mut flooder = Device::connect("flooder", port).await;
+    let payload = vec![7u8; 256 * 1024];
+    for _ in 0..100 {
+        for s in 0..8 {
+            assert!(
+                flooder
+                    .publish_acked(&format!("flood/{s}"), payload.clone(), PATIENCE)
+                    .await
+            );
+        }
+    }
+    // Meanwhile readings are acknowledged and committed as always.
+    let mut dev = Device::connect("sensor-f", port).await;
+    for i in 0..5 {
+        assert!(
+            dev.publish_acked("sensors/f1/temperature", reading(i, 20.0), PATIENCE)
+                .await
+        );
+    }
+    let report = wait_for_counter(metrics, "committed", 5).await;
+    let counters = &report["gateway"]["counters"];
+    let held = counters["broker_held_bytes"].as_u64().unwrap();
+    let dropped = counters["broker_dropped_memory_limit"].as_u64().unwrap();
+    // 2 MiB holds 8 of the 256 KiB messages; the other 792 were not routed.
+    assert_eq!((held, dropped), (8 * 256 * 1024, 800 - 8), "{counters}");
+    let peak = peak_rss(daemon.child.id());
+    assert!(peak < 150 << 20, "peak RSS {} MB", peak >> 20);
+    // The sleepers' sessions end: what they held is given back.
+    for s in 0..8 {
+        session_v5(port, &format!("sleeper-{s}"), true, None).await;
+    }
+    wait_for_report(metrics, "nothing held", |r| {
+        r["gateway"]["counters"]["broker_held_bytes"] == 0
+    })
+    .await;
+}

@@ -31,7 +31,13 @@ pub fn run(path: &std::path::Path) -> anyhow::Result<ExitCode> {
             b.in_flight,
             tls(b)
         ),
-        LocalSource::Embedded { listen } => println!("local    embedded broker on {listen}"),
+        LocalSource::Embedded {
+            listen,
+            memory_limit,
+        } => println!(
+            "local    embedded broker on {listen}, holding at most {} for subscribers",
+            bytesize::ByteSize(*memory_limit as u64)
+        ),
     }
     match &config.upstream {
         Some(u) => println!(

@@ -405,8 +405,15 @@ async fn start_cloud(addr: SocketAddr) -> anyhow::Result<Cloud> {
     // Nothing is ever routed to a function: the channel stays empty.
     let (tx, _rx) = mpsc::channel(1);
     let metrics = Arc::new(edgefn::metrics::Metrics::default());
-    let broker =
-        EmbeddedBroker::start(addr, 1 << 20, Arc::new(Registry::default()), tx, metrics).await?;
+    let broker = EmbeddedBroker::start(
+        addr,
+        1 << 20,
+        64 << 20,
+        Arc::new(Registry::default()),
+        tx,
+        metrics,
+    )
+    .await?;
     Ok(Cloud::Up(Box::new(broker)))
 }
 

@@ -109,6 +109,9 @@ pub struct LocalTable {
     /// `local.keep_alive`
     #[serde(skip_serializing_if = "Option::is_none")]
     pub keep_alive: Option<String>,
+    /// `local.memory_limit`
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_limit: Option<String>,
     /// `local.max_message_size`
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_message_size: Option<String>,

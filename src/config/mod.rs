@@ -178,6 +178,9 @@ pub enum LocalSource {
     Embedded {
         /// TCP address devices connect to.
         listen: SocketAddr,
+        /// Most bytes of payloads the broker holds for its subscribers
+        /// (queued for online and offline sessions, in flight).
+        memory_limit: usize,
     },
 }
 
@@ -276,6 +279,12 @@ fn default_keep_alive() -> &'static str {
     "30s"
 }
 /// Default largest device message.
+/// `local.memory_limit`: with the daemon's own 25–30 MB, the built-in broker
+/// stays within 64 MB whatever clients make it hold.
+fn default_broker_memory_limit() -> &'static str {
+    "32MiB"
+}
+
 fn default_max_message_size() -> &'static str {
     "256KiB"
 }
@@ -618,9 +627,26 @@ fn check_local(p: &mut Checker, raw: LocalTable, id: &str, base: &Path) -> Optio
                 "this edgefn was built without the `embedded-broker` feature",
             );
         }
+        let memory_limit = p.size(
+            "local.memory_limit",
+            raw.memory_limit.as_deref(),
+            default_broker_memory_limit(),
+        );
+        if memory_limit < max_message_size as u64 {
+            p.push(
+                "local.memory_limit",
+                format!(
+                    "{memory_limit} bytes is less than local.max_message_size ({max_message_size}): not one message could be held"
+                ),
+            );
+        }
+        let memory_limit = usize::try_from(memory_limit).unwrap_or(usize::MAX);
         let listen = raw.listen.as_deref().unwrap_or(default_listen());
         match listen.parse::<SocketAddr>() {
-            Ok(listen) => Some(LocalSource::Embedded { listen }),
+            Ok(listen) => Some(LocalSource::Embedded {
+                listen,
+                memory_limit,
+            }),
             Err(_) => {
                 p.push(
                     "local.listen",
@@ -632,6 +658,9 @@ fn check_local(p: &mut Checker, raw: LocalTable, id: &str, base: &Path) -> Optio
     } else {
         if raw.listen.is_some() {
             p.push("local.listen", "is only used with embedded = true");
+        }
+        if raw.memory_limit.is_some() {
+            p.push("local.memory_limit", "is only used with embedded = true");
         }
         let Some(url) = raw.url.as_deref() else {
             p.push(

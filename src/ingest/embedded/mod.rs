@@ -67,7 +67,7 @@
 //!   rmqtt kicks the old session and waits up to 5 s for its answer. The lingering session
 //!   does not answer, so such a reconnect takes those 5 s, then replaces the old session.
 //! * Every other reconnect takes its session over at once, whatever state the old one is in:
-//!   `takeover` wraps rmqtt's session table so that a kick that finds the old session ending
+//!   `sessions` wraps rmqtt's session table so that a kick that finds the old session ending
 //!   removes what is left of it, and a CONNECT racing another of its client id waits for it,
 //!   where rmqtt alone would refuse the new CONNECT (Server unavailable).
 //! * At most `MAX_IN_PIPELINE_PER_CLIENT` messages of one client id are in the pipeline, those
@@ -191,8 +191,8 @@ use crate::metrics::Metrics;
 use crate::registry::Registry;
 
 mod hook;
+mod sessions;
 mod share;
-mod takeover;
 
 use hook::relay_chained;
 
@@ -603,6 +603,7 @@ impl EmbeddedBroker {
     pub async fn start(
         listen: SocketAddr,
         max_message_size: usize,
+        memory_limit: usize,
         functions: Arc<Registry>,
         deliveries: mpsc::Sender<Delivery>,
         metrics: Arc<Metrics>,
@@ -623,10 +624,14 @@ impl EmbeddedBroker {
             .mqtt_max_sessions(MAX_SESSIONS)
             .build()
             .await;
-        // Reconnects take their session over whatever state the old one is in.
-        *scx.extends.shared_mut().await = Box::new(takeover::Takeover(
-            rmqtt::shared::DefaultShared::new(Some(scx.clone())),
-        ));
+        // Reconnects take their session over whatever state the old one is in, and what is
+        // routed to subscribers stays within `memory_limit`.
+        *scx.extends.shared_mut().await = Box::new(sessions::Sessions {
+            table: rmqtt::shared::DefaultShared::new(Some(scx.clone())),
+            scx: scx.clone(),
+            limit: memory_limit,
+            metrics: metrics.clone(),
+        });
         *scx.extends.shared_subscription_mut().await = Box::new(share::InTurn::default());
 
         let (phase, phase_rx) = watch::channel(Phase::Running);

@@ -1,6 +1,8 @@
-//! Session takeover that always succeeds: rmqtt's session table
-//! ([`DefaultShared`]) with the two ways its takeover refuses a reconnect
-//! closed.
+//! rmqtt's session table ([`DefaultShared`]), wrapped twice: session
+//! takeover that always succeeds, and a bound on the bytes the broker holds
+//! for its subscribers.
+//!
+//! # Takeover
 //!
 //! A device that reconnects with its client id takes its session over:
 //! rmqtt locks the client id for the handshake, asks the old session to
@@ -19,12 +21,31 @@
 //!   [`LOCK_PATIENCE`], so connects of one client id are served in turn,
 //!   as Mosquitto serves them.
 //!
-//! Everything else is rmqtt's own table, unchanged.
+//! # Memory limit
+//!
+//! Every message the broker routes to subscribers passes
+//! [`Shared::forwards`]. There its payload is wrapped ([`Held`]) so that
+//! its bytes count against `[local] memory_limit` for as long as any copy
+//! of it is held anywhere (queued for online or offline sessions, in
+//! flight), and are given back when the last copy is dropped; copies for
+//! several subscribers share one payload, and count once. A message that
+//! would go beyond the limit is not routed: dropped for every subscriber,
+//! counted if it had any (`broker_dropped_memory_limit`) and logged at
+//! most once a minute. The publisher is not refused: a device's message on a trigger
+//! topic was already committed and is acknowledged as always; subscribers
+//! of the built-in broker get at most what fits.
 
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use crate::metrics::{Metrics, event};
+use crate::text::Printable;
+use crate::throttle::Throttle;
 use async_trait::async_trait;
+use bytes::Bytes;
 use rmqtt::Result;
+use rmqtt::context::ServerContext;
 use rmqtt::session::Session;
 use rmqtt::shared::{DefaultShared, Entry, Shared};
 use rmqtt::types::{
@@ -40,8 +61,59 @@ pub(super) const LOCK_PATIENCE: Duration = Duration::from_secs(10);
 /// How often a waiting CONNECT tries the lock again.
 const LOCK_RETRY: Duration = Duration::from_millis(5);
 
-/// rmqtt's session table, whose entries take sessions over reliably.
-pub(super) struct Takeover(pub(super) DefaultShared);
+/// rmqtt's session table, whose entries take sessions over reliably and
+/// whose routing holds at most `limit` bytes of payloads.
+pub(super) struct Sessions {
+    /// rmqtt's own.
+    pub(super) table: DefaultShared,
+    /// The broker: its router tells whether a message has subscribers.
+    pub(super) scx: ServerContext,
+    /// The payload bytes held now are `metrics.broker_held_bytes`.
+    pub(super) limit: usize,
+    /// Where the held bytes and the drops are counted.
+    pub(super) metrics: Arc<Metrics>,
+}
+
+/// A payload whose bytes count as held until it is dropped.
+struct Held {
+    /// The payload.
+    payload: Bytes,
+    /// Where it is counted.
+    metrics: Arc<Metrics>,
+}
+
+impl AsRef<[u8]> for Held {
+    fn as_ref(&self) -> &[u8] {
+        &self.payload
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.metrics
+            .broker_held_bytes
+            .fetch_sub(self.payload.len() as u64, Ordering::Relaxed);
+    }
+}
+
+/// Drops for the memory limit, logged at most once a minute.
+static LIMIT_LOGGED: Throttle = Throttle::per_minute(1);
+
+impl Sessions {
+    /// `payload` counted as held, or `None` if it does not fit.
+    fn hold(&self, payload: Bytes) -> Option<Bytes> {
+        let len = payload.len() as u64;
+        let held = &self.metrics.broker_held_bytes;
+        held.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |now| {
+            (now.saturating_add(len) <= self.limit as u64).then_some(now + len)
+        })
+        .ok()?;
+        Some(Bytes::from_owner(Held {
+            payload,
+            metrics: self.metrics.clone(),
+        }))
+    }
+}
 
 /// One client id's entry of [`Takeover`].
 struct TakeoverEntry(Box<dyn Entry>);
@@ -146,23 +218,55 @@ impl Entry for TakeoverEntry {
 }
 
 #[async_trait]
-impl Shared for Takeover {
+impl Shared for Sessions {
     fn entry(&self, id: Id) -> Box<dyn Entry> {
-        Box::new(TakeoverEntry(self.0.entry(id)))
+        Box::new(TakeoverEntry(self.table.entry(id)))
     }
 
     fn exist(&self, client_id: &str) -> bool {
-        self.0.exist(client_id)
+        self.table.exist(client_id)
     }
 
     async fn forwards(
         &self,
         msg_id: Option<MsgID>,
         from: From,
-        publish: Publish,
+        mut publish: Publish,
     ) -> std::result::Result<ForwardedCount, (ForwardedCount, Vec<(To, From, Publish, Reason)>)>
     {
-        self.0.forwards(msg_id, from, publish).await
+        let payload = std::mem::take(&mut publish.inner.payload);
+        let size = payload.len();
+        match self.hold(payload) {
+            Some(held) => publish.inner.payload = held,
+            None => {
+                // A message nobody subscribed to is not held anyway: nothing to count.
+                let subscribed = match self
+                    .scx
+                    .extends
+                    .router()
+                    .await
+                    .matches(from.id.clone(), &publish.inner.topic)
+                    .await
+                {
+                    Ok(relations) => relations.values().any(|r| !r.is_empty()),
+                    Err(_) => true,
+                };
+                if !subscribed {
+                    return Ok(0);
+                }
+                event!(
+                    self.metrics.broker_dropped_memory_limit,
+                    warn,
+                    throttle = LIMIT_LOGGED,
+                    topic = %Printable(&publish.inner.topic),
+                    size,
+                    limit = self.limit,
+                    "the built-in broker holds local.memory_limit for its subscribers: a message was not routed to them"
+                );
+                return Ok(0);
+            }
+        }
+        self.table.forwards(msg_id, from, publish).await
     }
 
     async fn forwards_and_get_shareds(
@@ -173,7 +277,7 @@ impl Shared for Takeover {
         (SubRelationsMap, ForwardedRecipients),
         (ForwardedRecipients, Vec<(To, From, Publish, Reason)>),
     > {
-        self.0.forwards_and_get_shareds(from, publish).await
+        self.table.forwards_and_get_shareds(from, publish).await
     }
 
     async fn forwards_to(
@@ -186,54 +290,56 @@ impl Shared for Takeover {
         ForwardedRecipients,
         (ForwardedRecipients, Vec<(To, From, Publish, Reason)>),
     > {
-        self.0.forwards_to(from, publish, relations, msg_id).await
+        self.table
+            .forwards_to(from, publish, relations, msg_id)
+            .await
     }
 
     fn iter(&self) -> Box<dyn Iterator<Item = Box<dyn Entry>> + Sync + Send + '_> {
         Box::new(
-            self.0
+            self.table
                 .iter()
                 .map(|e| Box::new(TakeoverEntry(e)) as Box<dyn Entry>),
         )
     }
 
     fn random_session(&self) -> Option<Session> {
-        self.0.random_session()
+        self.table.random_session()
     }
 
     async fn session_status(&self, client_id: &str) -> Option<SessionStatus> {
-        self.0.session_status(client_id).await
+        self.table.session_status(client_id).await
     }
 
     async fn client_states_count(&self) -> usize {
-        self.0.client_states_count().await
+        self.table.client_states_count().await
     }
 
     fn sessions_count(&self) -> usize {
-        self.0.sessions_count()
+        self.table.sessions_count()
     }
 
     async fn query_subscriptions(&self, q: &SubsSearchParams) -> Vec<SubsSearchResult> {
-        self.0.query_subscriptions(q).await
+        self.table.query_subscriptions(q).await
     }
 
     async fn subscriptions_count(&self) -> usize {
-        self.0.subscriptions_count().await
+        self.table.subscriptions_count().await
     }
 
     fn node_name(&self, id: NodeId) -> String {
-        self.0.node_name(id)
+        self.table.node_name(id)
     }
 
     async fn check_health(&self) -> Result<HealthInfo> {
-        self.0.check_health().await
+        self.table.check_health().await
     }
 
     async fn health_status(&self) -> Result<NodeHealthStatus> {
-        self.0.health_status().await
+        self.table.health_status().await
     }
 
     fn operation_is_busy(&self) -> bool {
-        self.0.operation_is_busy()
+        self.table.operation_is_busy()
     }
 }
