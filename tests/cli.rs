@@ -50,6 +50,29 @@ fn check_accepts_a_good_config_and_summarises_it() {
     assert!(t.contains("upstream mqtt://127.0.0.1:1884"), "{t}");
 }
 
+#[cfg(feature = "embedded-broker")]
+#[test]
+fn check_warns_when_the_built_in_broker_listens_beyond_this_machine() {
+    let dir = tempfile::tempdir().unwrap();
+    let warning = "warning: local.listen: the built-in broker on 0.0.0.0:1883 takes any client";
+    let mut file = standard(dir.path(), Local::Embedded(1883), 1884);
+    let cfg = write_config(dir.path(), &file);
+    let out = edgefn(&["check", "--config", cfg.to_str().unwrap()]);
+    let t = text(&out);
+    assert!(out.status.success() && !t.contains("local.listen"), "{t}");
+    assert!(
+        t.contains(
+            "local    embedded broker on 127.0.0.1:1883, holding at most 32.0 MiB for subscribers"
+        ),
+        "{t}"
+    );
+    file.local.listen = Some("0.0.0.0:1883".into());
+    let cfg = write_config(dir.path(), &file);
+    let out = edgefn(&["check", "--config", cfg.to_str().unwrap()]);
+    let t = text(&out);
+    assert!(out.status.success() && t.contains(warning), "{t}");
+}
+
 #[test]
 fn check_and_run_stop_on_malformed_toml_naming_the_file() {
     let dir = tempfile::tempdir().unwrap();

@@ -643,10 +643,20 @@ fn check_local(p: &mut Checker, raw: LocalTable, id: &str, base: &Path) -> Optio
         let memory_limit = usize::try_from(memory_limit).unwrap_or(usize::MAX);
         let listen = raw.listen.as_deref().unwrap_or(default_listen());
         match listen.parse::<SocketAddr>() {
-            Ok(listen) => Some(LocalSource::Embedded {
-                listen,
-                memory_limit,
-            }),
+            Ok(listen) => {
+                if !listen.ip().is_loopback() {
+                    p.warnings.push(Problem {
+                        key: "local.listen".into(),
+                        message: format!(
+                            "the built-in broker on {listen} takes any client that reaches it: no passwords, no access control, no TLS yet; keep it on a network whose devices you trust (docs/BROKER.md)"
+                        ),
+                    });
+                }
+                Some(LocalSource::Embedded {
+                    listen,
+                    memory_limit,
+                })
+            }
             Err(_) => {
                 p.push(
                     "local.listen",
