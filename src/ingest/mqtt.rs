@@ -64,6 +64,9 @@ use crate::store::SessionFilters;
 /// Mosquitto's counter of messages it dropped (queue limits, size).
 pub const SYS_DROPPED: &str = "$SYS/broker/publish/messages/dropped";
 
+/// How soon a (UN)SUBSCRIBE the client had no room for is tried again.
+const FOLLOW_RETRY: Duration = Duration::from_millis(20);
+
 /// An acknowledgement the pipeline released and the ingest task has not
 /// yet handed to the MQTT client.
 #[derive(Debug, Clone, Copy)]
@@ -204,6 +207,9 @@ impl MqttIngest {
             let mut asked: VecDeque<Vec<String>> = VecDeque::new();
             // False once the registry is gone (shutting down).
             let mut following = true;
+            // A (UN)SUBSCRIBE found the client's request queue full (it is
+            // shared with the acks): tried again shortly.
+            let mut follow_again = false;
             loop {
                 acks.hand_over(&client);
                 if let Some(p) = held.take() {
@@ -237,9 +243,18 @@ impl MqttIngest {
                     changed = self.filters.changed(), if subscribed.is_some() && following => {
                         match (changed, subscribed.as_mut()) {
                             (Ok(()), Some(now)) => {
-                                unsubscribing += self.follow_filters(&client, now, &mut asked);
+                                let (sent, done) = self.follow_filters(&client, now, &mut asked);
+                                unsubscribing += sent;
+                                follow_again = !done;
                             }
                             _ => following = false,
+                        }
+                    }
+                    _ = tokio::time::sleep(FOLLOW_RETRY), if follow_again && following => {
+                        if let Some(now) = subscribed.as_mut() {
+                            let (sent, done) = self.follow_filters(&client, now, &mut asked);
+                            unsubscribing += sent;
+                            follow_again = !done;
                         }
                     }
                     Some(p) = self.publishes.recv(), if !draining && held.is_none() => {
@@ -260,11 +275,13 @@ impl MqttIngest {
                             let wanted = self.filters.borrow_and_update().to_vec();
                             let mut filters = qos1(&wanted);
                             filters.push(Filter::new(SYS_DROPPED, QoS::AtMostOnce));
-                            if let Err(e) = client.try_subscribe_many(filters) {
-                                tracing::error!(error = %e, "could not subscribe");
-                            }
                             asked.clear();
-                            asked.push_back(wanted.clone());
+                            let sent = client.try_subscribe_many(filters);
+                            if let Err(e) = &sent {
+                                tracing::warn!(error = %e, "could not subscribe yet; trying again");
+                            } else {
+                                asked.push_back(wanted.clone());
+                            }
                             unsubscribing = 0;
                             self.stale.retain(|f| !wanted.contains(f));
                             if !ack.session_present {
@@ -277,7 +294,10 @@ impl MqttIngest {
                                     Err(e) => tracing::error!(error = %e, filter = f, "could not unsubscribe"),
                                 }
                             }
-                            subscribed = Some(wanted);
+                            // What was sent; the rest follows as soon as the
+                            // client has room.
+                            follow_again = sent.is_err();
+                            subscribed = Some(if sent.is_ok() { wanted } else { Vec::new() });
                         }
                         Ok(Event::Incoming(Packet::UnsubAck(_))) if unsubscribing > 0 => {
                             unsubscribing -= 1;
@@ -344,13 +364,15 @@ impl MqttIngest {
     /// Brings the connection's subscriptions from `subscribed` to the
     /// current `filters`: subscribes to the new ones, unsubscribes from
     /// those no function uses any more (stale until the broker confirms).
-    /// Returns how many UNSUBSCRIBEs it sent.
+    /// Returns how many UNSUBSCRIBEs it sent, and whether it sent all it
+    /// had to: the client's request queue, shared with the acks, may be
+    /// full, and what did not fit is sent on the next call.
     fn follow_filters(
         &mut self,
         client: &AsyncClient,
         subscribed: &mut Vec<String>,
         asked: &mut VecDeque<Vec<String>>,
-    ) -> usize {
+    ) -> (usize, bool) {
         let wanted = self.filters.borrow_and_update().to_vec();
         let added: Vec<String> = wanted
             .iter()
@@ -362,20 +384,39 @@ impl MqttIngest {
             .filter(|f| !wanted.contains(f))
             .cloned()
             .collect();
+        // What the session holds once the broker has answered what is sent
+        // now: a request the client had no room for is not in it, and is
+        // sent again on the next try.
+        let mut now: Vec<String> = subscribed.clone();
+        let mut done = true;
         if !added.is_empty() {
             match client.try_subscribe_many(qos1(&added)) {
-                Ok(()) => asked.push_back(added.clone()),
-                Err(e) => tracing::error!(error = %e, "could not subscribe"),
+                Ok(()) => {
+                    asked.push_back(added.clone());
+                    now.extend(added.iter().cloned());
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not subscribe yet; trying again");
+                    done = false;
+                }
             }
         }
         self.stale.retain(|f| !wanted.contains(f));
         let mut sent = 0;
         for f in &removed {
             match client.try_unsubscribe(f.as_str()) {
-                Ok(()) => sent += 1,
-                Err(e) => tracing::error!(error = %e, filter = f, "could not unsubscribe"),
+                Ok(()) => {
+                    sent += 1;
+                    now.retain(|n| n != f);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, filter = f, "could not unsubscribe yet; trying again");
+                    done = false;
+                }
             }
-            self.stale.push(f.clone());
+            if !self.stale.contains(f) {
+                self.stale.push(f.clone());
+            }
         }
         // Until the broker confirms, the session may hold both.
         self.session_filters.save(
@@ -385,8 +426,8 @@ impl MqttIngest {
         if !added.is_empty() || !removed.is_empty() {
             tracing::info!(?added, ?removed, "the functions' triggers changed");
         }
-        *subscribed = wanted;
-        sent
+        *subscribed = now;
+        (sent, done)
     }
 
     /// Hands a function's publish to the client; gives it back if the
