@@ -172,3 +172,41 @@ async fn a_shared_subscription_gives_each_message_to_one_member_of_its_group() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_vanishes_without_disconnect_has_its_will_published() {
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::mqttbytes::v5::{LastWill, Packet};
+    use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+    for broker in brokers().await {
+        let watcher = Upstream::subscribe(broker.port, "wills/#").await;
+        let mut o = MqttOptions::new("mortal", "127.0.0.1", broker.port);
+        o.set_last_will(LastWill::new(
+            "wills/mortal",
+            "gone",
+            QoS::AtLeastOnce,
+            false,
+            None,
+        ));
+        let (client, mut events) = AsyncClient::new(o, 10);
+        loop {
+            match tokio::time::timeout(PATIENCE, events.poll()).await.unwrap() {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => break,
+                Ok(_) => {}
+                Err(e) => panic!("{}: {e}", broker.name),
+            }
+        }
+        // The connection goes without a DISCONNECT.
+        drop(events);
+        drop(client);
+        let seen = watcher
+            .wait_until(&format!("{}: the will", broker.name), |s| !s.is_empty())
+            .await;
+        assert_eq!(
+            (seen[0].topic.as_str(), seen[0].payload.as_str()),
+            ("wills/mortal", "gone"),
+            "{}",
+            broker.name
+        );
+    }
+}
