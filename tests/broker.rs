@@ -210,3 +210,63 @@ async fn a_client_that_vanishes_without_disconnect_has_its_will_published() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_persistent_session_gets_what_was_published_while_it_was_away() {
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::mqttbytes::v5::Packet;
+    use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+    for broker in brokers().await {
+        let session = |clean_start: bool| {
+            let mut o = MqttOptions::new("commuter", "127.0.0.1", broker.port);
+            o.set_clean_start(clean_start);
+            o.set_session_expiry_interval(Some(3600));
+            AsyncClient::new(o, 10)
+        };
+        // Subscribed, then away.
+        let (client, mut events) = session(true);
+        client
+            .subscribe("commands/commuter", QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        loop {
+            match tokio::time::timeout(PATIENCE, events.poll()).await.unwrap() {
+                Ok(Event::Incoming(Packet::SubAck(_))) => break,
+                Ok(_) => {}
+                Err(e) => panic!("{}: {e}", broker.name),
+            }
+        }
+        client.disconnect().await.unwrap();
+        while !matches!(
+            tokio::time::timeout(PATIENCE, events.poll()).await.unwrap(),
+            Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_)
+        ) {}
+        drop(events);
+        // Three commands while it is away.
+        let mut sender = Device::connect("commander", broker.port).await;
+        for i in 0..3 {
+            assert!(
+                sender
+                    .publish_acked("commands/commuter", format!("cmd {i}"), PATIENCE)
+                    .await
+            );
+        }
+        // Back, resuming its session: all three, in order.
+        let (_client, mut events) = session(false);
+        let mut got = Vec::new();
+        while got.len() < 3 {
+            match tokio::time::timeout(PATIENCE, events.poll()).await {
+                Ok(Ok(Event::Incoming(Packet::ConnAck(ack)))) => {
+                    assert!(ack.session_present, "{}: no session", broker.name)
+                }
+                Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
+                    got.push(String::from_utf8_lossy(&p.payload).into_owned())
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => panic!("{}: {e}", broker.name),
+                Err(_) => panic!("{}: only {got:?} arrived", broker.name),
+            }
+        }
+        assert_eq!(got, ["cmd 0", "cmd 1", "cmd 2"], "{}", broker.name);
+    }
+}
