@@ -213,35 +213,11 @@ async fn a_client_that_vanishes_without_disconnect_has_its_will_published() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_persistent_session_gets_what_was_published_while_it_was_away() {
-    use rumqttc::v5::mqttbytes::QoS;
     use rumqttc::v5::mqttbytes::v5::Packet;
     use rumqttc::v5::{AsyncClient, Event, MqttOptions};
     for broker in brokers().await {
-        let session = |clean_start: bool| {
-            let mut o = MqttOptions::new("commuter", "127.0.0.1", broker.port);
-            o.set_clean_start(clean_start);
-            o.set_session_expiry_interval(Some(3600));
-            AsyncClient::new(o, 10)
-        };
         // Subscribed, then away.
-        let (client, mut events) = session(true);
-        client
-            .subscribe("commands/commuter", QoS::AtLeastOnce)
-            .await
-            .unwrap();
-        loop {
-            match tokio::time::timeout(PATIENCE, events.poll()).await.unwrap() {
-                Ok(Event::Incoming(Packet::SubAck(_))) => break,
-                Ok(_) => {}
-                Err(e) => panic!("{}: {e}", broker.name),
-            }
-        }
-        client.disconnect().await.unwrap();
-        while !matches!(
-            tokio::time::timeout(PATIENCE, events.poll()).await.unwrap(),
-            Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_)
-        ) {}
-        drop(events);
+        session_v5(broker.port, "commuter", true, Some("commands/commuter")).await;
         // Three commands while it is away.
         let mut sender = Device::connect("commander", broker.port).await;
         for i in 0..3 {
@@ -252,7 +228,10 @@ async fn a_persistent_session_gets_what_was_published_while_it_was_away() {
             );
         }
         // Back, resuming its session: all three, in order.
-        let (_client, mut events) = session(false);
+        let mut o = MqttOptions::new("commuter", "127.0.0.1", broker.port);
+        o.set_clean_start(false);
+        o.set_session_expiry_interval(Some(3600));
+        let (_client, mut events) = AsyncClient::new(o, 10);
         let mut got = Vec::new();
         while got.len() < 3 {
             match tokio::time::timeout(PATIENCE, events.poll()).await {

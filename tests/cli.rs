@@ -572,18 +572,7 @@ fn deploy_seals_a_bundle_a_gateway_accepts_and_refuses_what_a_gateway_would() {
     ];
     let refused = [
         (
-            vec![
-                "deploy",
-                clean,
-                "--name",
-                "c",
-                "--trigger",
-                "a",
-                "--timeout",
-                "soon",
-                "--gateway",
-                "g",
-            ],
+            [&to_g[..], &["--timeout", "soon"]].concat(),
             "manifest.timeout",
         ),
         (
@@ -620,8 +609,7 @@ fn deploy_seals_a_bundle_a_gateway_accepts_and_refuses_what_a_gateway_would() {
             "rollback",
         ),
     ];
-    for (args, reason) in refused {
-        let mut args = args.clone();
+    for (mut args, reason) in refused {
         args.extend(["--unsigned", "--output"]);
         let out_file = path("refused.cbor");
         args.push(&out_file);

@@ -393,37 +393,6 @@ fn peak_rss(pid: u32) -> u64 {
     kb * 1024
 }
 
-/// An MQTT 5 session of `client_id` on `port`: connects (`clean_start` or
-/// resuming, kept an hour after it goes), subscribes to `filter` if given,
-/// and DISCONNECTs.
-async fn session_v5(port: u16, client_id: &str, clean_start: bool, filter: Option<&str>) {
-    use rumqttc::v5::mqttbytes::QoS;
-    use rumqttc::v5::mqttbytes::v5::Packet;
-    use rumqttc::v5::{AsyncClient, Event, MqttOptions};
-    let mut o = MqttOptions::new(client_id, "127.0.0.1", port);
-    o.set_clean_start(clean_start);
-    o.set_session_expiry_interval(Some(3600));
-    let (client, mut events) = AsyncClient::new(o, 10);
-    if let Some(filter) = filter {
-        client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
-    }
-    loop {
-        match tokio::time::timeout(PATIENCE, events.poll()).await.unwrap() {
-            Ok(Event::Incoming(Packet::SubAck(_))) => break,
-            Ok(Event::Incoming(Packet::ConnAck(_))) if filter.is_none() => break,
-            Ok(_) => {}
-            Err(e) => panic!("{client_id}: {e}"),
-        }
-    }
-    client.disconnect().await.unwrap();
-    loop {
-        match tokio::time::timeout(PATIENCE, events.poll()).await.unwrap() {
-            Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_) => return,
-            Ok(_) => {}
-        }
-    }
-}
-
 #[cfg(feature = "embedded-broker")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_the_built_in_broker_holds_for_subscribers_stays_within_its_memory_limit() {

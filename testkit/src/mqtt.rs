@@ -350,3 +350,31 @@ impl Subscriptions {
             .await;
     }
 }
+
+/// An MQTT 5 session of `client_id` on `port`: connects (`clean_start` or
+/// resuming, kept an hour after it goes), subscribes to `filter` if given,
+/// and DISCONNECTs.
+pub async fn session_v5(port: u16, client_id: &str, clean_start: bool, filter: Option<&str>) {
+    let mut o = MqttOptions::new(client_id, "127.0.0.1", port);
+    o.set_clean_start(clean_start);
+    o.set_session_expiry_interval(Some(3600));
+    let (client, mut events) = AsyncClient::new(o, 10);
+    if let Some(filter) = filter {
+        client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
+    }
+    loop {
+        match tokio::time::timeout(PATIENCE, events.poll()).await.unwrap() {
+            Ok(Event::Incoming(Packet::SubAck(_))) => break,
+            Ok(Event::Incoming(Packet::ConnAck(_))) if filter.is_none() => break,
+            Ok(_) => {}
+            Err(e) => panic!("{client_id}: {e}"),
+        }
+    }
+    client.disconnect().await.unwrap();
+    loop {
+        match tokio::time::timeout(PATIENCE, events.poll()).await.unwrap() {
+            Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}
