@@ -32,9 +32,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 
-use testkit::{ConfigFile, Local, Mosquitto, free_port, write_config};
+use testkit::{ConfigFile, Daemon, Local, Mosquitto, free_port, write_config};
 
-use super::{Proc, median};
+use super::median;
 
 /// Runs `edgefn args…`; fails with its output unless it succeeds.
 fn run_edgefn(args: &[&str]) -> anyhow::Result<String> {
@@ -99,28 +99,14 @@ fn gateway_config(dir: &Path, id: &str, local: Local, cloud_port: u16, public: &
     write_config(&gateway_dir, &file)
 }
 
-/// Starts `edgefn run` on `config`, its log (warnings) in `<config>.log`.
-fn start_gateway(config: &Path) -> anyhow::Result<Proc> {
-    let log = std::fs::File::create(config.with_extension("log"))?;
-    let child = Command::new(testkit::binary())
-        .args(["run", "--config"])
-        .arg(config)
-        .env("EDGEFN_LOG", "warn,rmqtt=error,rmqtt_net=error")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .context("start edgefn run")?;
-    Ok(Proc(child))
+/// Starts `edgefn run` on `config`, its log (warnings) in a file beside it.
+fn start_gateway(config: &Path) -> Daemon {
+    Daemon::start_logging(config, "warn,rmqtt=error,rmqtt_net=error")
 }
 
 /// Stops a gateway as systemd does (SIGTERM) and waits for it to exit.
-fn stop_gateway(mut p: Proc) -> anyhow::Result<()> {
-    let status = Command::new("kill")
-        .args(["-TERM", &p.0.id().to_string()])
-        .status()?;
-    ensure!(status.success(), "kill -TERM failed");
-    let exit = p.0.wait()?;
+fn stop_gateway(mut gateway: Daemon) -> anyhow::Result<()> {
+    let exit = gateway.terminate();
     ensure!(exit.success(), "edgefn run exited with {exit}");
     Ok(())
 }
@@ -270,7 +256,7 @@ pub async fn run(
                 cloud_port,
                 &public,
             );
-            let gateway = start_gateway(&config)?;
+            let gateway = start_gateway(&config);
             until_online(cloud_port, 1)?;
             if which == "deploy" {
                 let mut active = Vec::new();
@@ -305,7 +291,7 @@ pub async fn run(
                         std::fs::remove_dir_all(&artifacts)?;
                     }
                     let started = Instant::now();
-                    let gateway = start_gateway(&config)?;
+                    let gateway = start_gateway(&config);
                     ready.push(until_listening(port, started)?.as_secs_f64() * 1e3);
                     stop_gateway(gateway)?;
                 }
@@ -335,12 +321,12 @@ pub async fn run(
                     cloud_port,
                     &public,
                 );
-                procs.push(start_gateway(&config)?);
+                procs.push(start_gateway(&config));
             }
             until_online(cloud_port, gateways)?;
             let rss: u64 = procs
                 .iter()
-                .filter_map(|p| super::proc_value(p.0.id(), "status", "VmRSS:"))
+                .filter_map(|p| super::proc_value(p.child.id(), "status", "VmRSS:"))
                 .sum();
             let d = deploy(module, "clean-temperature", &key, cloud_port)?;
             ensure!(
