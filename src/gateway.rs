@@ -268,11 +268,13 @@ impl Gateway {
             LocalSource::Embedded {
                 listen,
                 memory_limit,
+                access,
             } => {
                 let b = crate::ingest::embedded::EmbeddedBroker::start(
                     *listen,
                     config.local.max_message_size,
                     *memory_limit,
+                    access.clone(),
                     registry.clone(),
                     deliveries_tx,
                     metrics.clone(),
@@ -445,6 +447,17 @@ impl Gateway {
         return self.broker.as_ref().map(|b| b.local_addr());
         #[cfg(not(feature = "embedded-broker"))]
         None
+    }
+
+    /// Re-reads what a running gateway re-reads on SIGHUP: the built-in
+    /// broker's password and ACL files.
+    pub async fn reload(&self) {
+        #[cfg(feature = "embedded-broker")]
+        if let Some(broker) = &self.broker {
+            broker.reload_access().await;
+            return;
+        }
+        tracing::info!("SIGHUP: nothing to reload (no built-in broker)");
     }
 
     /// Gateway counters.
@@ -666,13 +679,21 @@ async fn status_loop(
     }
 }
 
-/// Runs the daemon until `stop` resolves, then shuts it down in order.
+/// Runs the daemon until `stop` resolves, then shuts it down in order;
+/// each message on `reload` (SIGHUP) is a [`Gateway::reload`].
 pub async fn run(
     config: Config,
     stop: impl std::future::Future<Output = ()>,
+    mut reload: tokio::sync::mpsc::Receiver<()>,
 ) -> anyhow::Result<()> {
     let gateway = Gateway::start(config).await?;
-    stop.await;
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            () = &mut stop => break,
+            Some(()) = reload.recv() => gateway.reload().await,
+        }
+    }
     gateway.shutdown().await;
     Ok(())
 }

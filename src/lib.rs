@@ -29,6 +29,8 @@
 //!   for terminals; log lines a peer can cause, throttled.
 //!
 //! Configuration and the things it describes:
+//! - [`access`] — who may use the built-in broker and for what:
+//!   Mosquitto's password file and ACL file.
 //! - [`config`] — the TOML file: its tables as written ([`config::file`]),
 //!   every key checked, all errors at once.
 //! - [`broker_client`] — what edgefn's MQTT client connections share.
@@ -74,6 +76,7 @@
 //! - A CLI subcommand: a file in `src/cli/` and its line in
 //!   `src/cli/mod.rs`.
 
+pub mod access;
 pub mod broker_client;
 pub mod bundle;
 pub mod clock;

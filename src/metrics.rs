@@ -155,6 +155,29 @@ counters! {
     /// Embedded broker: last wills and functions' own publishes on trigger
     /// topics that never reached a commit; nobody sends these again.
     broker_lost_internal => "edgefn_broker_dropped" ["reason" = "internal"],
+    /// Built-in broker: CONNECTs refused, a user name with a wrong password.
+    broker_refused_password => "edgefn_broker_refusals" ["reason" = "bad_password"],
+    /// Built-in broker: CONNECTs refused, a user name not in password_file.
+    broker_refused_user => "edgefn_broker_refusals" ["reason" = "unknown_user"],
+    /// Built-in broker: CONNECTs refused, no user name and allow_anonymous false.
+    broker_refused_anonymous => "edgefn_broker_refusals" ["reason" = "anonymous"],
+    /// Built-in broker: wills dropped, on a topic their client may not write.
+    broker_refused_will => "edgefn_broker_refusals" ["reason" = "will_denied"],
+    /// Built-in broker: PUBLISHes the ACL denied (not routed, not committed).
+    broker_refused_publish => "edgefn_broker_refusals" ["reason" = "publish_denied"],
+    /// Built-in broker: SUBSCRIBE filters the ACL denied.
+    broker_refused_subscribe => "edgefn_broker_refusals" ["reason" = "subscribe_denied"],
+    /// Built-in broker: messages withheld from a subscriber the ACL does not
+    /// let read their topic.
+    broker_refused_read => "edgefn_broker_refusals" ["reason" = "read_denied"],
+    /// Built-in broker: clients disconnected at a reload because their
+    /// password file entry changed or went.
+    broker_refused_revoked => "edgefn_broker_refusals" ["reason" = "revoked"],
+    /// Built-in broker: password and ACL files re-read (SIGHUP) and applied.
+    access_reloads => "edgefn_broker_access_reloads" ["outcome" = "applied"],
+    /// Built-in broker: reloads that failed (a file unreadable or wrong);
+    /// the rules before stay in force.
+    access_reloads_failed => "edgefn_broker_access_reloads" ["outcome" = "failed"],
     /// Bundles refused on the control topics (any reason, junk included).
     bundles_refused => "edgefn_bundles_refused",
     /// New versions rolled back: their instances failed to start.
@@ -594,6 +617,21 @@ pub const FAMILIES: &[Family] = &[
             "Built-in broker: messages lost on its own side, by reason.",
         ),
         "`to_subscriber`: on the way to a local subscriber (its queue full, expired, gone); `internal`: last wills and functions' publishes on trigger topics that never reached a commit (nobody sends these again); `memory_limit`: not routed to subscribers, as it would take the broker beyond `local.memory_limit` (the publisher is answered as always).",
+    ),
+    more(
+        family(
+            "edgefn_broker_refusals",
+            C,
+            &["reason"],
+            "Built-in broker: what local.password_file, local.acl_file and local.allow_anonymous refused, by reason.",
+        ),
+        "`bad_password`, `unknown_user` and `anonymous`: CONNECTs refused (CONNACK Not authorized); `will_denied`: wills on a topic their client may not write, dropped when due (the client was let in, as by Mosquitto); `publish_denied`: PUBLISHes not routed nor committed (MQTT 5: PUBACK 0x87); `subscribe_denied`: SUBSCRIBE filters refused in the SUBACK; `read_denied`: messages withheld from a subscriber; `revoked`: clients disconnected at a reload because their password entry changed. Each is logged at most once a minute per client address.",
+    ),
+    family(
+        "edgefn_broker_access_reloads",
+        C,
+        &["outcome"],
+        "Built-in broker: re-readings of local.password_file and local.acl_file (SIGHUP), applied or failed (the rules before stay).",
     ),
     json(
         family(

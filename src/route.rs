@@ -83,6 +83,43 @@ impl TopicFilter {
     }
 }
 
+impl TopicFilter {
+    /// Whether some topic name matches both this filter and `other`.
+    pub fn overlaps(&self, other: &TopicFilter) -> bool {
+        let dollar = |f: &TopicFilter| f.text.starts_with('$');
+        let wild = |f: &TopicFilter| f.text.starts_with(['+', '#']);
+        if (wild(self) && dollar(other)) || (wild(other) && dollar(self)) {
+            return false;
+        }
+        let mut a = self.text.split('/');
+        let mut b = other.text.split('/');
+        loop {
+            match (a.next(), b.next()) {
+                (Some("#"), _) | (_, Some("#")) | (None, None) => return true,
+                (Some(x), Some(y)) if x == "+" || y == "+" || x == y => {}
+                _ => return false,
+            }
+        }
+    }
+
+    /// Whether every topic name `other` matches, this filter matches too.
+    pub fn covers(&self, other: &TopicFilter) -> bool {
+        if self.text.starts_with(['+', '#']) && other.text.starts_with('$') {
+            return false;
+        }
+        let mut a = self.text.split('/');
+        let mut b = other.text.split('/');
+        loop {
+            match (a.next(), b.next()) {
+                (Some("#"), _) | (None, None) => return true,
+                (Some(_), Some("#")) => return false,
+                (Some(x), Some(y)) if x == "+" || x == y => {}
+                _ => return false,
+            }
+        }
+    }
+}
+
 impl fmt::Debug for TopicFilter {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Debug::fmt(&self.text, f)
@@ -147,6 +184,57 @@ impl Router {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn f(text: &str) -> TopicFilter {
+        TopicFilter::new(text).unwrap()
+    }
+
+    #[test]
+    fn filters_overlap_when_some_topic_matches_both() {
+        for (a, b) in [
+            ("a/#", "a"),
+            ("#", "x/y"),
+            ("+/b", "a/+"),
+            ("a/+/c", "a/b/#"),
+            ("$SYS/#", "$SYS/+"),
+            ("a//b", "a/+/b"),
+        ] {
+            assert!(f(a).overlaps(&f(b)), "{a} {b}");
+            assert!(f(b).overlaps(&f(a)), "{b} {a}");
+        }
+        for (a, b) in [
+            ("a/b", "a/c"),
+            ("a/+", "a"),
+            ("#", "$SYS/x"),
+            ("+/x", "$SYS/x"),
+            ("a/b/c", "a/+"),
+        ] {
+            assert!(!f(a).overlaps(&f(b)), "{a} {b}");
+            assert!(!f(b).overlaps(&f(a)), "{b} {a}");
+        }
+    }
+
+    #[test]
+    fn a_filter_covers_another_when_it_matches_all_its_topics() {
+        for (a, b) in [
+            ("a/#", "a"),
+            ("a/#", "a/+/c"),
+            ("#", "x/#"),
+            ("+/+", "a/+"),
+            ("a/+", "a/b"),
+        ] {
+            assert!(f(a).covers(&f(b)), "{a} covers {b}");
+        }
+        for (a, b) in [
+            ("a", "a/#"),
+            ("a/+", "a/#"),
+            ("a/b", "a/+"),
+            ("#", "$SYS/x"),
+            ("a/+/c", "a/b"),
+        ] {
+            assert!(!f(a).covers(&f(b)), "{a} does not cover {b}");
+        }
+    }
 
     fn m(filter: &str, topic: &str) -> bool {
         TopicFilter::new(filter).unwrap().matches(topic)

@@ -69,9 +69,83 @@ impl Throttle {
     }
 }
 
+/// One event per key (a client's address, say) per period, for at most
+/// `keys` keys at once; events of further keys share one [`Throttle`] of a
+/// line per period. A peer that changes its key at will (a new client id per
+/// attempt) gets no more lines than the key table holds.
+#[derive(Debug)]
+pub struct PerKey {
+    /// The period.
+    period: Duration,
+    /// Most keys remembered.
+    keys: usize,
+    /// When each key last passed.
+    last: Mutex<std::collections::HashMap<String, Instant>>,
+    /// For keys beyond `keys`.
+    overflow: Throttle,
+}
+
+impl PerKey {
+    /// One event per key per minute, for up to `keys` keys.
+    pub fn per_minute(keys: usize) -> PerKey {
+        let period = Duration::from_secs(60);
+        PerKey {
+            period,
+            keys,
+            last: Mutex::default(),
+            overflow: Throttle::new(1, period),
+        }
+    }
+
+    /// Whether an event of `key` now may be logged.
+    pub fn admit(&self, key: &str) -> bool {
+        self.admit_at(key, Instant::now())
+    }
+
+    fn admit_at(&self, key: &str, now: Instant) -> bool {
+        let mut last = self.last.lock().expect("throttle lock");
+        if let Some(at) = last.get_mut(key) {
+            if now.duration_since(*at) < self.period {
+                return false;
+            }
+            *at = now;
+            return true;
+        }
+        if last.len() >= self.keys {
+            last.retain(|_, at| now.duration_since(*at) < self.period);
+        }
+        if last.len() >= self.keys {
+            return self.overflow.admit_at(now).is_some();
+        }
+        last.insert(key.to_owned(), now);
+        true
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_key_passes_once_a_period_and_a_flood_of_keys_once_in_all() {
+        let t = PerKey::per_minute(2);
+        let t0 = Instant::now();
+        assert!(t.admit_at("a", t0));
+        assert!(!t.admit_at("a", t0 + Duration::from_secs(59)));
+        assert!(t.admit_at("b", t0));
+        assert!(
+            t.admit_at("c", t0),
+            "the first key beyond the table passes the overflow"
+        );
+        for key in ["d", "e", "f"] {
+            assert!(!t.admit_at(key, t0), "{key}");
+        }
+        assert!(t.admit_at("a", t0 + Duration::from_secs(60)));
+        assert!(
+            t.admit_at("g", t0 + Duration::from_secs(61)),
+            "b's entry expired"
+        );
+    }
 
     #[test]
     fn a_burst_passes_per_period_and_the_next_says_what_was_held_back() {

@@ -52,25 +52,70 @@ fn check_accepts_a_good_config_and_summarises_it() {
 
 #[cfg(feature = "embedded-broker")]
 #[test]
-fn check_warns_when_the_built_in_broker_listens_beyond_this_machine() {
+fn check_stops_a_built_in_broker_off_loopback_that_takes_nobody_and_warns_of_one_that_takes_anybody()
+ {
     let dir = tempfile::tempdir().unwrap();
-    let warning = "warning: local.listen: the built-in broker on 0.0.0.0:1883 takes any client";
+    let check = |file: &ConfigFile| {
+        let cfg = write_config(dir.path(), file);
+        let out = edgefn(&["check", "--config", cfg.to_str().unwrap()]);
+        (out.status.success(), text(&out))
+    };
     let mut file = standard(dir.path(), Local::Embedded(1883), 1884);
-    let cfg = write_config(dir.path(), &file);
-    let out = edgefn(&["check", "--config", cfg.to_str().unwrap()]);
-    let t = text(&out);
-    assert!(out.status.success() && !t.contains("local.listen"), "{t}");
+    let (ok, t) = check(&file);
+    assert!(ok && !t.contains("warning"), "{t}");
     assert!(
-        t.contains(
-            "local    embedded broker on 127.0.0.1:1883, holding at most 32.0 MiB for subscribers"
-        ),
+        t.contains("local    embedded broker on 127.0.0.1:1883, holding at most 32.0 MiB for subscribers; no users, anonymous clients, any topic"),
         "{t}"
     );
+
     file.local.listen = Some("0.0.0.0:1883".into());
-    let cfg = write_config(dir.path(), &file);
-    let out = edgefn(&["check", "--config", cfg.to_str().unwrap()]);
-    let t = text(&out);
-    assert!(out.status.success() && t.contains(warning), "{t}");
+    let (ok, t) = check(&file);
+    assert!(!ok, "{t}");
+    assert!(
+        t.contains("local.password_file: is missing: the built-in broker on 0.0.0.0:1883 takes no client without a user name")
+            && t.contains("mosquitto_passwd -c FILE USER"),
+        "{t}"
+    );
+
+    file.local.allow_anonymous = Some(true);
+    let (ok, t) = check(&file);
+    assert!(ok, "{t}");
+    assert!(
+        t.contains("warning: local.allow_anonymous: the built-in broker on 0.0.0.0:1883 takes clients without a user name from the network"),
+        "{t}"
+    );
+
+    let passwd = dir.path().join("passwd");
+    let made = std::process::Command::new("mosquitto_passwd")
+        .args(["-c", "-b", passwd.to_str().unwrap(), "dev1", "s3cret"])
+        .status()
+        .unwrap();
+    assert!(made.success());
+    std::fs::write(dir.path().join("acl"), "pattern write sensors/%c/#\n").unwrap();
+    file.local.allow_anonymous = None;
+    file.local.password_file = Some("passwd".into());
+    file.local.acl_file = Some("acl".into());
+    let (ok, t) = check(&file);
+    assert!(ok && !t.contains("warning"), "{t}");
+    assert!(
+        t.contains(&format!(
+            "users of {}, no anonymous client, rights from {}",
+            passwd.display(),
+            dir.path().join("acl").display()
+        )),
+        "{t}"
+    );
+
+    // Wrong lines are named by file and line, all at once.
+    std::fs::write(&passwd, "dev1:plain\n").unwrap();
+    std::fs::write(dir.path().join("acl"), "topic read a/#/b\n").unwrap();
+    let (ok, t) = check(&file);
+    assert!(!ok, "{t}");
+    assert!(
+        t.contains("local.password_file: line 1: user \"dev1\": the password is not hashed"),
+        "{t}"
+    );
+    assert!(t.contains("local.acl_file: line 1: \"a/#/b\""), "{t}");
 }
 
 #[test]

@@ -7,6 +7,24 @@ use edgefn::config::{BrokerClientConfig, Config, LocalSource};
 use edgefn::runtime::{Runtime, Target};
 
 /// `edgefn check`: every problem in the config, then every module.
+/// Who the built-in broker lets in, in a few words.
+fn who_may_connect(access: &edgefn::access::AccessFiles) -> String {
+    let users = match &access.password_file {
+        Some(f) => format!("users of {}", f.display()),
+        None => "no users".to_owned(),
+    };
+    let anonymous = if access.allow_anonymous {
+        "anonymous clients"
+    } else {
+        "no anonymous client"
+    };
+    let acl = match &access.acl_file {
+        Some(f) => format!("rights from {}", f.display()),
+        None => "any topic".to_owned(),
+    };
+    format!("{users}, {anonymous}, {acl}")
+}
+
 pub fn run(path: &std::path::Path) -> anyhow::Result<ExitCode> {
     let config = Config::load(path)?;
     let runtime = Runtime::new(Target::for_host())?;
@@ -34,9 +52,11 @@ pub fn run(path: &std::path::Path) -> anyhow::Result<ExitCode> {
         LocalSource::Embedded {
             listen,
             memory_limit,
+            access,
         } => println!(
-            "local    embedded broker on {listen}, holding at most {} for subscribers",
-            bytesize::ByteSize(*memory_limit as u64)
+            "local    embedded broker on {listen}, holding at most {} for subscribers; {}",
+            bytesize::ByteSize(*memory_limit as u64),
+            who_may_connect(access)
         ),
     }
     match &config.upstream {

@@ -409,6 +409,11 @@ async fn start_cloud(addr: SocketAddr) -> anyhow::Result<Cloud> {
         addr,
         1 << 20,
         64 << 20,
+        // The stand-in cloud listens on loopback and takes anyone.
+        edgefn::access::AccessFiles {
+            allow_anonymous: true,
+            ..Default::default()
+        },
         Arc::new(Registry::default()),
         tx,
         metrics,

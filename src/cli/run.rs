@@ -1,4 +1,5 @@
-//! `edgefn run`: the gateway daemon, until SIGTERM or SIGINT.
+//! `edgefn run`: the gateway daemon, until SIGTERM or SIGINT; SIGHUP
+//! re-reads the built-in broker's password and ACL files.
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -13,9 +14,23 @@ pub fn run(path: &Path) -> anyhow::Result<ExitCode> {
         .build()?
         .block_on(async {
             let stop = stop_signal()?;
-            edgefn::gateway::run(config, stop).await
+            edgefn::gateway::run(config, stop, reload_signal()?).await
         })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// A message at each SIGHUP (the operator's `systemctl reload edgefn`).
+fn reload_signal() -> anyhow::Result<tokio::sync::mpsc::Receiver<()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = signal(SignalKind::hangup())?;
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            // One pending reload covers any number of signals.
+            let _ = tx.try_send(());
+        }
+    });
+    Ok(rx)
 }
 
 /// Resolves at the first SIGTERM (systemd's stop) or SIGINT (Ctrl-C).

@@ -115,6 +115,15 @@ pub struct LocalTable {
     /// `local.max_message_size`
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_message_size: Option<String>,
+    /// `local.password_file`
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<String>,
+    /// `local.acl_file`
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub acl_file: Option<String>,
+    /// `local.allow_anonymous`
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allow_anonymous: Option<bool>,
     /// `local.ca_file`
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<String>,

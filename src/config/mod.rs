@@ -25,11 +25,13 @@ use serde::{Deserialize, Serialize};
 use crate::route::TopicFilter;
 
 mod broker;
+mod embedded;
 pub mod file;
 mod function;
 
 pub use broker::{BrokerClientConfig, tool_broker};
 use broker::{check_tls, parse_mqtt_url};
+use embedded::check_access;
 pub use file::ConfigFile;
 use file::{BufferTable, DeployTable, LocalTable, MetricsTable, UpstreamTable};
 use function::check_function;
@@ -181,6 +183,8 @@ pub enum LocalSource {
         /// Most bytes of payloads the broker holds for its subscribers
         /// (queued for online and offline sessions, in flight).
         memory_limit: usize,
+        /// Who may connect, and what they may do (re-read on SIGHUP).
+        access: crate::access::AccessFiles,
     },
 }
 
@@ -644,17 +648,11 @@ fn check_local(p: &mut Checker, raw: LocalTable, id: &str, base: &Path) -> Optio
         let listen = raw.listen.as_deref().unwrap_or(default_listen());
         match listen.parse::<SocketAddr>() {
             Ok(listen) => {
-                if !listen.ip().is_loopback() {
-                    p.warnings.push(Problem {
-                        key: "local.listen".into(),
-                        message: format!(
-                            "the built-in broker on {listen} takes any client that reaches it: no passwords, no access control, no TLS yet; keep it on a network whose devices you trust (docs/BROKER.md)"
-                        ),
-                    });
-                }
+                let access = check_access(p, &raw, listen, base);
                 Some(LocalSource::Embedded {
                     listen,
                     memory_limit,
+                    access,
                 })
             }
             Err(_) => {
@@ -672,6 +670,15 @@ fn check_local(p: &mut Checker, raw: LocalTable, id: &str, base: &Path) -> Optio
         if raw.memory_limit.is_some() {
             p.push("local.memory_limit", "is only used with embedded = true");
         }
+        p.not_applicable(
+            "local",
+            &[
+                ("password_file", raw.password_file.is_some()),
+                ("acl_file", raw.acl_file.is_some()),
+                ("allow_anonymous", raw.allow_anonymous.is_some()),
+            ],
+            "is only used with embedded = true (the built-in broker)",
+        );
         let Some(url) = raw.url.as_deref() else {
             p.push(
                 "local.url",

@@ -285,12 +285,13 @@ fn a_deploy_section_takes_keys_and_groups_and_makes_functions_optional() {
     );
     // The control topics on the embedded broker: refused, it keeps
     // no retained messages.
+    const EMBEDDED: &str = "embedded = true\nlisten = \"127.0.0.1:1883\"";
     let embedded = format!(
         "{}[deploy]\nbroker = \"local\"\ntrusted_keys = [\"{key}\"]\n",
-        &EXAMPLE[..functions].replace("url = \"mqtt://127.0.0.1:1883\"", "embedded = true")
+        &EXAMPLE[..functions].replace("url = \"mqtt://127.0.0.1:1883\"", EMBEDDED)
     );
     assert_eq!(problem_keys(dir.path(), &embedded), ["deploy.broker"]);
-    let external = embedded.replace("embedded = true", "url = \"mqtt://127.0.0.1:1883\"");
+    let external = embedded.replace(EMBEDDED, "url = \"mqtt://127.0.0.1:1883\"");
     let c = Config::load(&write(dir.path(), &external)).unwrap();
     assert_eq!(c.deploy.unwrap().broker, DeployBroker::Local);
     // Unsigned bundles: allowed when asked, with a warning.

@@ -206,6 +206,10 @@ impl Inner {
             Parameter::MessagePublishCheckAcl(session, publish) => {
                 self.on_client_publish(session, publish, acc).await
             }
+            Parameter::ClientAuthenticate(info) => self.gate.authenticate(info).await,
+            Parameter::ClientSubscribeCheckAcl(session, subscribe) => {
+                self.gate.check_subscribe(session, subscribe, acc)
+            }
             Parameter::SessionCreated(session) => {
                 self.bump(&session.id.client_id, |slot| &slot.sessions);
                 (true, acc)
@@ -217,7 +221,9 @@ impl Inner {
             Parameter::MessagePublish(_, from, publish)
                 if matches!(from.typ(), FromType::LastWill) =>
             {
-                if self.functions.matches_any(&publish.topic) {
+                // Routed after this hook; `Sessions::forwards` drops it there too.
+                let allowed = self.gate.may_publish_will(&from.id, &publish.topic, true);
+                if allowed && self.functions.matches_any(&publish.topic) {
                     let (topic, payload) = (publish.topic.to_string(), publish.payload.clone());
                     self.deliver_unacked(topic, payload, Origin::LastWill).await;
                 }
@@ -254,6 +260,11 @@ impl Inner {
             && verdict.is_rejected()
         {
             return (true, acc);
+        }
+        if !self.gate.may_publish(session, &publish.topic) {
+            // Not routed, not committed; MQTT 5 gets PUBACK 0x87, 3.1.1 a plain PUBACK.
+            let refusal = PublishAclResult::rejected(false, Some("not authorized".into()));
+            return (false, Some(HookResult::PublishAclResult(refusal)));
         }
         if !self.functions.matches_any(&publish.topic) {
             return (true, acc);

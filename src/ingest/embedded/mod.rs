@@ -38,8 +38,12 @@
 //!   Implementation Specific Error. For QoS 0 there is no acknowledgement to withhold: the
 //!   message is routed normally and the loss logged.
 //!
-//! rmqtt skips the ACL hook for superuser sessions; with anonymous access and no
-//! authentication handler no session is a superuser.
+//! rmqtt skips the ACL hook for superuser sessions; edgefn's authentication handler
+//! (`access`) never makes one.
+//!
+//! Before any of this, the same hook asks the access rules (`access`: `[local]
+//! password_file`, `acl_file`): a PUBLISH the ACL denies is refused without `disconnect`
+//! (MQTT 5 PUBACK 0x87, 3.1.1 a plain PUBACK) and never reaches the pipeline.
 //!
 //! # Behaviour that follows
 //!
@@ -190,6 +194,7 @@ use crate::ingest::{Ack, Delivery, Hold};
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 
+mod access;
 mod hook;
 mod sessions;
 mod share;
@@ -472,6 +477,8 @@ struct Inner {
     drop_warnings: crate::throttle::Throttle,
     /// Clients with a publish being handled or messages in the pipeline.
     clients: Clients,
+    /// Who may connect, publish and subscribe.
+    gate: Arc<access::Gate>,
 }
 
 /// The hook handler registered with rmqtt (one instance per hook type).
@@ -604,6 +611,7 @@ impl EmbeddedBroker {
         listen: SocketAddr,
         max_message_size: usize,
         memory_limit: usize,
+        access: crate::access::AccessFiles,
         functions: Arc<Registry>,
         deliveries: mpsc::Sender<Delivery>,
         metrics: Arc<Metrics>,
@@ -615,6 +623,7 @@ impl EmbeddedBroker {
             MQTT_MAX_PACKET - PACKET_OVERHEAD
         );
         let max_packet = u32::try_from(max_packet).context("max message size out of range")?;
+        let gate = Arc::new(access::Gate::new(access, metrics.clone())?);
 
         let scx = ServerContext::new()
             // rmqtt would refuse new connections while the 1-min load average exceeds 80 or the
@@ -631,6 +640,7 @@ impl EmbeddedBroker {
             scx: scx.clone(),
             limit: memory_limit,
             metrics: metrics.clone(),
+            gate: gate.clone(),
         });
         *scx.extends.shared_subscription_mut().await = Box::new(share::InTurn::default());
 
@@ -643,6 +653,7 @@ impl EmbeddedBroker {
             metrics,
             drop_warnings: crate::throttle::Throttle::new(1, DROP_WARN_INTERVAL),
             clients: Clients::default(),
+            gate,
         });
 
         let register = scx.extends.hook_mgr().register();
@@ -652,6 +663,8 @@ impl EmbeddedBroker {
             Type::MessageDropped,
             Type::SessionCreated,
             Type::ClientConnect,
+            Type::ClientAuthenticate,
+            Type::ClientSubscribeCheckAcl,
         ] {
             register
                 .add(typ, Box::new(EdgefnHook(Arc::clone(&inner))))
@@ -666,7 +679,8 @@ impl EmbeddedBroker {
             .reuseaddr(Some(true))
             // A PUBACK is a small write after a wait: Nagle's algorithm would hold it back.
             .nodelay(true)
-            .allow_anonymous(true)
+            // Every CONNECT goes to the gate, anonymous ones included.
+            .allow_anonymous(false)
             .max_packet_size(max_packet)
             .max_inflight(NonZeroU16::new(MAX_INFLIGHT).unwrap_or(NonZeroU16::MIN))
             .max_mqueue_len(MAX_MQUEUE_LEN)
@@ -740,6 +754,14 @@ impl EmbeddedBroker {
     /// matches a trigger is also handed to the pipeline (chaining), see the module docs.
     pub async fn publish(&self, topic: &str, payload: Bytes) -> anyhow::Result<()> {
         self.publisher.publish(topic, payload).await
+    }
+
+    /// Re-reads `[local] password_file` and `acl_file` (SIGHUP): applied if
+    /// both are right, else the rules before stay; clients whose password
+    /// entry changed are disconnected, the others keep their connections.
+    pub async fn reload_access(&self) {
+        let publisher = &self.publisher;
+        publisher.inner.gate.reload(&publisher.scx).await;
     }
 
     /// A cloneable handle whose `publish` is this broker's [`EmbeddedBroker::publish`]. It

@@ -72,6 +72,8 @@ pub(super) struct Sessions {
     pub(super) limit: usize,
     /// Where the held bytes and the drops are counted.
     pub(super) metrics: Arc<Metrics>,
+    /// Whose read rights each message is routed by.
+    pub(super) gate: Arc<super::access::Gate>,
 }
 
 /// A payload whose bytes count as held until it is dropped.
@@ -112,6 +114,52 @@ impl Sessions {
             payload,
             metrics: self.metrics.clone(),
         }))
+    }
+}
+
+impl Sessions {
+    /// [`DefaultShared::forwards`] (on one node, without a message store)
+    /// with the subscribers the ACL does not let read the topic left out.
+    async fn forwards_readable(
+        &self,
+        from: From,
+        publish: Publish,
+    ) -> std::result::Result<ForwardedCount, (ForwardedCount, Vec<(To, From, Publish, Reason)>)>
+    {
+        let node = self.scx.node.id();
+        let mut relations = match self
+            .scx
+            .extends
+            .router()
+            .await
+            .matches(from.id.clone(), &publish.topic)
+            .await
+        {
+            Ok(mut map) => map.remove(&node).unwrap_or_default(),
+            Err(e) => {
+                tracing::warn!(error = %e, topic = %Printable(&publish.topic), "cannot match subscribers");
+                return Ok(0);
+            }
+        };
+        relations.retain(|(_, client_id, ..)| {
+            let id = Id::new(node, 0, None, None, client_id.clone(), None);
+            // A session gone meanwhile is reported by `forwards_to` as usual.
+            self.table
+                .entry(id)
+                .session()
+                .is_none_or(|s| self.gate.may_read(&s, &publish.topic))
+        });
+        if relations.is_empty() {
+            return Ok(0);
+        }
+        match self
+            .table
+            .forwards_to(from, &publish, relations, None)
+            .await
+        {
+            Ok(recipients) => Ok(recipients.len()),
+            Err((recipients, errs)) => Err((recipients.len(), errs)),
+        }
     }
 }
 
@@ -266,7 +314,17 @@ impl Shared for Sessions {
                 return Ok(0);
             }
         }
-        self.table.forwards(msg_id, from, publish).await
+        if matches!(from.typ(), rmqtt::types::FromType::LastWill)
+            && !self
+                .gate
+                .may_publish_will(&from.id, &publish.inner.topic, false)
+        {
+            return Ok(0);
+        }
+        if publish.target_clientid.is_some() || !self.gate.has_acl() {
+            return self.table.forwards(msg_id, from, publish).await;
+        }
+        self.forwards_readable(from, publish).await
     }
 
     async fn forwards_and_get_shareds(

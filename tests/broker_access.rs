@@ -1,0 +1,548 @@
+//! Who may use the built-in broker, and for what: the same password file
+//! (written by `mosquitto_passwd`) and ACL file given to a private Mosquitto
+//! and to edgefn, and the same answers expected from both, with real
+//! clients. Where they differ on purpose (a subscription no message could
+//! pass), each case says so.
+
+#![cfg(feature = "embedded-broker")]
+
+use std::path::Path;
+use std::time::Duration;
+
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, Packet, PubAckReason, SubscribeReasonCode};
+use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use testkit::*;
+
+/// Every device writes under its own client id, reads its own commands;
+/// `watcher` reads every sensor; before any `user` line: anonymous rules.
+const ACL: &str = "\
+topic read public/#
+
+user watcher
+topic read sensors/#
+topic write devices/#
+
+user dev1
+topic read dev1/private/#
+
+pattern write sensors/%c/#
+pattern read devices/%c/cmd
+";
+
+/// `bob`'s password is `old-secret`, hashed the older way (`$6$`).
+const BOB: &str = "bob:$6$AQIDBAUGBwgJCgsM$q8WZNGxz4gZSUVFmhfLpzJLMmkwMchRq4rrNP7ob6znEaTy8+k8sd0LgD3p+C1UZjuANnLi21QfjnVQBEn0gFQ==";
+
+/// Adds `user` with `password` to the password file at `path` (creating it
+/// with `create`), as an operator does.
+fn passwd(path: &Path, create: bool, user: &str, password: &str) {
+    let mut cmd = std::process::Command::new("mosquitto_passwd");
+    if create {
+        cmd.arg("-c");
+    }
+    let status = cmd
+        .args(["-b", path.to_str().unwrap(), user, password])
+        .status()
+        .expect("mosquitto_passwd (apt-get install mosquitto)");
+    assert!(status.success());
+}
+
+/// A broker under test.
+struct Broker {
+    /// `mosquitto` or `edgefn`.
+    name: &'static str,
+    /// Where clients connect.
+    port: u16,
+    /// edgefn's: the daemon, its metrics port and the cloud's subscriber.
+    edgefn: Option<(Daemon, u16, Upstream)>,
+    /// What else keeps it running.
+    _keep: Box<dyn std::any::Any + Send>,
+}
+
+/// The files, in `dir`: users dev1, dev2, watcher (`$7$`) and bob (`$6$`).
+fn write_files(dir: &Path) {
+    let pw = dir.join("passwd");
+    passwd(&pw, true, "dev1", "s3cret");
+    passwd(&pw, false, "dev2", "other");
+    passwd(&pw, false, "watcher", "w4tch");
+    let mut text = std::fs::read_to_string(&pw).unwrap();
+    text.push_str(BOB);
+    text.push('\n');
+    std::fs::write(&pw, text).unwrap();
+    std::fs::write(dir.join("acl"), ACL).unwrap();
+}
+
+/// A Mosquitto and edgefn's built-in broker (with a cloud behind it), both
+/// reading the files of [`write_files`], anonymous clients refused.
+async fn brokers(dir: &Path) -> [Broker; 2] {
+    write_files(dir);
+    let mosquitto = Mosquitto::start_with_extra(&format!(
+        "allow_anonymous false\npassword_file {}\nacl_file {}\n",
+        dir.join("passwd").display(),
+        dir.join("acl").display()
+    ))
+    .await;
+    let cloud = Mosquitto::cloud().await;
+    let upstream = Upstream::subscribe(cloud.port, "#").await;
+    let port = free_port();
+    let metrics = free_port();
+    let mut file = standard(dir, Local::Embedded(port), cloud.port);
+    file.local.password_file = Some("passwd".into());
+    file.local.acl_file = Some("acl".into());
+    file.local.allow_anonymous = Some(false);
+    file.metrics_on(metrics);
+    let daemon = Daemon::start(&write_config(dir, &file));
+    port_open(port).await;
+    wait_for_counter(metrics, "upstream_connects", 1).await;
+    [
+        Broker {
+            name: "mosquitto",
+            port: mosquitto.port,
+            edgefn: None,
+            _keep: Box::new(mosquitto),
+        },
+        Broker {
+            name: "edgefn",
+            port,
+            edgefn: Some((daemon, metrics, upstream)),
+            _keep: Box::new(cloud),
+        },
+    ]
+}
+
+/// An MQTT 5 connection and what arrives on it.
+struct Conn {
+    client: AsyncClient,
+    /// Packets in; an error when the connection ended.
+    incoming: tokio::sync::mpsc::UnboundedReceiver<Result<Packet, String>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Connects over MQTT 5 as `id`, logging in with `login`; the connection, or
+/// the CONNACK's refusal.
+async fn connect(port: u16, id: &str, login: Option<(&str, &str)>) -> Result<Conn, String> {
+    connect_with(port, id, login, None).await
+}
+
+/// [`connect`] with a will on `will`, if given.
+async fn connect_with(
+    port: u16,
+    id: &str,
+    login: Option<(&str, &str)>,
+    will: Option<&str>,
+) -> Result<Conn, String> {
+    let mut o = MqttOptions::new(id, "127.0.0.1", port);
+    if let Some(topic) = will {
+        o.set_last_will(rumqttc::v5::mqttbytes::v5::LastWill::new(
+            topic,
+            "gone",
+            QoS::AtLeastOnce,
+            false,
+            None,
+        ));
+    }
+    o.set_keep_alive(Duration::from_secs(30));
+    if let Some((user, password)) = login {
+        o.set_credentials(user, password);
+    }
+    let (client, mut events) = AsyncClient::new(o, 10);
+    match tokio::time::timeout(PATIENCE, events.poll()).await {
+        Ok(Ok(Event::Incoming(Packet::ConnAck(a)))) if a.code == ConnectReturnCode::Success => {}
+        Ok(Ok(Event::Incoming(Packet::ConnAck(a)))) => return Err(format!("{:?}", a.code)),
+        Ok(Err(rumqttc::v5::ConnectionError::ConnectionRefused(code))) => {
+            return Err(format!("{code:?}"));
+        }
+        other => panic!("{id}: no CONNACK: {other:?}"),
+    }
+    let (tx, incoming) = tokio::sync::mpsc::unbounded_channel();
+    let task = tokio::spawn(async move {
+        loop {
+            match events.poll().await {
+                Ok(Event::Incoming(p)) => {
+                    if tx.send(Ok(p)).is_err() {
+                        return;
+                    }
+                }
+                Ok(Event::Outgoing(_)) => {}
+                Err(e) => {
+                    let _ = tx.send(Err(e.to_string()));
+                    return;
+                }
+            }
+        }
+    });
+    Ok(Conn {
+        client,
+        incoming,
+        task,
+    })
+}
+
+impl Conn {
+    /// The next packet, within [`PATIENCE`].
+    async fn next(&mut self, what: &str) -> Packet {
+        match tokio::time::timeout(PATIENCE, self.incoming.recv()).await {
+            Ok(Some(Ok(packet))) => packet,
+            Ok(Some(Err(e))) => panic!("connection gone waiting for {what}: {e}"),
+            Ok(None) => panic!("connection gone waiting for {what}"),
+            Err(_) => panic!("no {what}"),
+        }
+    }
+
+    /// Waits until the broker closes the connection (with a DISCONNECT or without).
+    async fn closed(&mut self) {
+        loop {
+            match tokio::time::timeout(PATIENCE, self.incoming.recv()).await {
+                Ok(Some(Ok(Packet::Disconnect(_))) | Some(Err(_)) | None) => return,
+                Ok(Some(Ok(_))) => {}
+                Err(_) => panic!("the connection stayed open"),
+            }
+        }
+    }
+
+    /// Publishes at QoS 1; the PUBACK's reason.
+    async fn publish(&mut self, topic: &str, payload: &str) -> PubAckReason {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload.to_owned())
+            .await
+            .unwrap();
+        loop {
+            if let Packet::PubAck(ack) = self.next("PUBACK").await {
+                return ack.reason;
+            }
+        }
+    }
+
+    /// Subscribes at QoS 1; the SUBACK's reason.
+    async fn subscribe(&mut self, filter: &str) -> SubscribeReasonCode {
+        self.client
+            .subscribe(filter, QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        loop {
+            if let Packet::SubAck(ack) = self.next("SUBACK").await {
+                return ack.return_codes[0];
+            }
+        }
+    }
+
+    /// The topics and payloads of the next `n` messages.
+    async fn messages(&mut self, n: usize) -> Vec<(String, String)> {
+        let mut got = Vec::new();
+        while got.len() < n {
+            if let Packet::Publish(p) = self.next("a message").await {
+                got.push((
+                    String::from_utf8_lossy(&p.topic).into_owned(),
+                    String::from_utf8_lossy(&p.payload).into_owned(),
+                ));
+            }
+        }
+        got
+    }
+}
+
+/// Connects over MQTT 3.1.1; the CONNACK's answer.
+async fn connect_v311(port: u16, id: &str, login: Option<(&str, &str)>) -> String {
+    use rumqttc::{AsyncClient, ConnectionError, Event, MqttOptions, Packet};
+    let mut o = MqttOptions::new(id, "127.0.0.1", port);
+    if let Some((user, password)) = login {
+        o.set_credentials(user, password);
+    }
+    let (_client, mut events) = AsyncClient::new(o, 10);
+    match tokio::time::timeout(PATIENCE, events.poll()).await {
+        Ok(Ok(Event::Incoming(Packet::ConnAck(a)))) => format!("{:?}", a.code),
+        Ok(Err(ConnectionError::ConnectionRefused(code))) => format!("{code:?}"),
+        other => panic!("{id}: no CONNACK: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_gets_in_only_with_a_password_from_the_password_file() {
+    let dir = tempfile::tempdir().unwrap();
+    for broker in brokers(dir.path()).await {
+        let name = broker.name;
+        let port = broker.port;
+        for (who, login) in [
+            ("dev1", Some(("dev1", "s3cret"))),
+            ("bob, hashed the older way", Some(("bob", "old-secret"))),
+        ] {
+            assert!(connect(port, "in", login).await.is_ok(), "{name}: {who}");
+            assert_eq!(
+                connect_v311(port, "in", login).await,
+                "Success",
+                "{name}: {who}"
+            );
+        }
+        for (who, login) in [
+            ("a wrong password", Some(("dev1", "S3cret"))),
+            ("an unknown user", Some(("mallory", "s3cret"))),
+            ("no user name", None),
+        ] {
+            assert_eq!(
+                connect(port, "out", login).await.err().as_deref(),
+                Some("NotAuthorized"),
+                "{name}: {who} on MQTT 5"
+            );
+            assert_eq!(
+                connect_v311(port, "out", login).await,
+                "NotAuthorized",
+                "{name}: {who} on MQTT 3.1.1"
+            );
+        }
+        // A will on a topic its client may not write: let in, the will dropped.
+        let mut watcher = connect(port, "watcher", Some(("watcher", "w4tch")))
+            .await
+            .unwrap();
+        watcher.subscribe("sensors/#").await;
+        // The denied one first: the watcher's first message shows it was dropped.
+        for topic in ["sensors/dev2/status", "sensors/dev1/status"] {
+            let client = connect_with(port, "dev1", Some(("dev1", "s3cret")), Some(topic))
+                .await
+                .unwrap_or_else(|e| panic!("{name}: a will on {topic}: {e}"));
+            // Gone without DISCONNECT: the will is due.
+            drop(client);
+        }
+        let got = watcher.messages(1).await;
+        assert_eq!(
+            got,
+            [("sensors/dev1/status".to_owned(), "gone".to_owned())],
+            "{name}"
+        );
+        let Some((daemon, metrics, _)) = &broker.edgefn else {
+            continue;
+        };
+        // Counted by reason; a guessing loop gets one log line a minute.
+        for _ in 0..20 {
+            let _ = connect(port, "guesser", Some(("dev1", "guess"))).await;
+        }
+        let report = wait_for_counter(*metrics, "broker_refused_password", 22).await;
+        let counters = &report["gateway"]["counters"];
+        assert_eq!(counters["broker_refused_user"], 2, "{counters}");
+        assert_eq!(counters["broker_refused_anonymous"], 2, "{counters}");
+        assert_eq!(counters["broker_refused_will"], 1, "{counters}");
+        let lines = daemon
+            .log()
+            .lines()
+            .filter(|l| {
+                l.contains("built-in broker refused a client") && l.contains("bad_password")
+            })
+            .count();
+        assert_eq!(lines, 1, "{}", daemon.log());
+        let prometheus = get(*metrics, "/metrics");
+        assert!(
+            prometheus.contains("edgefn_broker_refusals_total{reason=\"bad_password\"} 22"),
+            "{prometheus}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_may_publish_on_its_own_topics_and_not_on_anothers() {
+    let dir = tempfile::tempdir().unwrap();
+    for broker in brokers(dir.path()).await {
+        let name = broker.name;
+        let mut watcher = connect(broker.port, "watcher", Some(("watcher", "w4tch")))
+            .await
+            .unwrap();
+        assert_eq!(
+            watcher.subscribe("sensors/#").await,
+            SubscribeReasonCode::Success(QoS::AtLeastOnce)
+        );
+        let mut dev1 = connect(broker.port, "dev1", Some(("dev1", "s3cret")))
+            .await
+            .unwrap();
+        let own = reading(1, 21.5);
+        let theirs = reading(2, 99.0);
+        assert_eq!(
+            dev1.publish("sensors/dev2/temperature", &theirs).await,
+            PubAckReason::NotAuthorized,
+            "{name}: another device's topic"
+        );
+        let answer = dev1.publish("sensors/dev1/temperature", &own).await;
+        assert!(
+            matches!(
+                answer,
+                PubAckReason::Success | PubAckReason::NoMatchingSubscribers
+            ),
+            "{name}: its own topic: {answer:?}"
+        );
+        // The watcher gets the allowed one only: it was published after.
+        let got = watcher.messages(1).await;
+        assert_eq!(
+            got,
+            [("sensors/dev1/temperature".to_owned(), own.clone())],
+            "{name}"
+        );
+
+        // MQTT 3.1.1 has no way to say no: a plain PUBACK, and nothing routed.
+        publish_v311_as_dev1(broker.port, "sensors/dev2/temperature", &theirs).await;
+        publish_v311_as_dev1(broker.port, "sensors/dev1/temperature", &own).await;
+        let got = watcher.messages(1).await;
+        assert_eq!(
+            got,
+            [("sensors/dev1/temperature".to_owned(), own.clone())],
+            "{name}"
+        );
+
+        let Some((_, metrics, upstream)) = &broker.edgefn else {
+            continue;
+        };
+        // Both allowed readings went upstream, no denied one: committed only when allowed.
+        let seen = upstream
+            .wait_until("the allowed readings upstream", |s| {
+                Upstream::on(s, "site/pi-01/telemetry/dev1/temperature").len() >= 2
+            })
+            .await;
+        assert!(
+            Upstream::on(&seen, "site/pi-01/telemetry/dev2/temperature").is_empty(),
+            "a denied reading went upstream: {seen:?}"
+        );
+        let report = wait_for_counter(*metrics, "broker_refused_publish", 2).await;
+        assert_eq!(report["gateway"]["counters"]["broker_refused_publish"], 2);
+    }
+}
+
+/// Publishes once at QoS 1 over MQTT 3.1.1 as dev1, and waits for the PUBACK.
+async fn publish_v311_as_dev1(port: u16, topic: &str, payload: &str) {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    let mut o = MqttOptions::new("dev1", "127.0.0.1", port);
+    o.set_credentials("dev1", "s3cret");
+    let (client, mut events) = AsyncClient::new(o, 10);
+    client
+        .publish(topic, QoS::AtLeastOnce, false, payload.to_owned())
+        .await
+        .unwrap();
+    tokio::time::timeout(PATIENCE, async {
+        loop {
+            match events.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(_))) => return,
+                Ok(_) => {}
+                Err(e) => panic!("{topic}: {e}"),
+            }
+        }
+    })
+    .await
+    .expect("a PUBACK");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_receives_nothing_it_may_not_read() {
+    let dir = tempfile::tempdir().unwrap();
+    for broker in brokers(dir.path()).await {
+        let name = broker.name;
+        let mut dev1 = connect(broker.port, "dev1", Some(("dev1", "s3cret")))
+            .await
+            .unwrap();
+        // `#` overlaps what dev1 may read: granted by both, and filtered.
+        assert_eq!(
+            dev1.subscribe("#").await,
+            SubscribeReasonCode::Success(QoS::AtLeastOnce),
+            "{name}"
+        );
+        // Nothing of `sensors/#` is dev1's to read. Mosquitto grants the
+        // subscription and withholds every message; edgefn says no at once.
+        let answer = dev1.subscribe("sensors/#").await;
+        let expected = if name == "edgefn" {
+            SubscribeReasonCode::NotAuthorized
+        } else {
+            SubscribeReasonCode::Success(QoS::AtLeastOnce)
+        };
+        assert_eq!(answer, expected, "{name}");
+
+        let mut dev2 = connect(broker.port, "dev2", Some(("dev2", "other")))
+            .await
+            .unwrap();
+        dev2.publish("sensors/dev2/temperature", &reading(1, 20.0))
+            .await;
+        // Something dev1 may read, published after: the only message it gets.
+        let mut ops = connect(broker.port, "ops", Some(("watcher", "w4tch")))
+            .await
+            .unwrap();
+        let _ = ops.publish("devices/dev1/cmd", "open").await;
+        let got = dev1.messages(1).await;
+        assert_eq!(
+            got,
+            [("devices/dev1/cmd".to_owned(), "open".to_owned())],
+            "{name}"
+        );
+
+        if let Some((_, metrics, _)) = &broker.edgefn {
+            let report = wait_for_counter(*metrics, "broker_refused_subscribe", 1).await;
+            assert!(report["gateway"]["counters"]["broker_refused_read"].as_u64() >= Some(1));
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_sighup_new_rights_apply_and_only_clients_whose_password_changed_are_disconnected() {
+    let dir = tempfile::tempdir().unwrap();
+    let [_, edgefn] = brokers(dir.path()).await;
+    let (daemon, metrics, _) = edgefn.edgefn.as_ref().unwrap();
+    let port = edgefn.port;
+    let mut dev1 = connect(port, "dev1", Some(("dev1", "s3cret")))
+        .await
+        .unwrap();
+    let mut dev2 = connect(port, "dev2", Some(("dev2", "other")))
+        .await
+        .unwrap();
+    assert_eq!(
+        dev1.publish("alerts/dev1", "x").await,
+        PubAckReason::NotAuthorized
+    );
+
+    // dev2's password changes; dev1 may now publish alerts.
+    passwd(&dir.path().join("passwd"), false, "dev2", "rotated");
+    std::fs::write(
+        dir.path().join("acl"),
+        format!("{ACL}pattern write alerts/%c\n"),
+    )
+    .unwrap();
+    signal(daemon.child.id(), "-HUP");
+    wait_for_counter(*metrics, "access_reloads", 1).await;
+
+    // dev2's password changed: disconnected.
+    dev2.closed().await;
+    assert_eq!(
+        connect(port, "dev2", Some(("dev2", "other")))
+            .await
+            .err()
+            .as_deref(),
+        Some("NotAuthorized")
+    );
+    assert!(
+        connect(port, "dev2", Some(("dev2", "rotated")))
+            .await
+            .is_ok()
+    );
+    // dev1 kept its connection, and its new right.
+    let answer = dev1.publish("alerts/dev1", "x").await;
+    assert!(
+        matches!(
+            answer,
+            PubAckReason::Success | PubAckReason::NoMatchingSubscribers
+        ),
+        "{answer:?}"
+    );
+    let report = wait_for_counter(*metrics, "broker_refused_revoked", 1).await;
+    assert_eq!(report["gateway"]["counters"]["broker_refused_revoked"], 1);
+
+    // A broken file is not applied: the rules before stay.
+    std::fs::write(dir.path().join("acl"), "topic read a/#/b\n").unwrap();
+    signal(daemon.child.id(), "-HUP");
+    wait_for_counter(*metrics, "access_reloads_failed", 1).await;
+    let answer = dev1.publish("alerts/dev1", "y").await;
+    assert!(
+        matches!(
+            answer,
+            PubAckReason::Success | PubAckReason::NoMatchingSubscribers
+        ),
+        "{answer:?}"
+    );
+    assert!(daemon.log().contains("local.acl_file"), "{}", daemon.log());
+}
