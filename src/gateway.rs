@@ -269,19 +269,24 @@ impl Gateway {
                 listen,
                 memory_limit,
                 access,
+                tls,
             } => {
+                let settings = crate::ingest::embedded::BrokerConfig {
+                    listen: *listen,
+                    tls: tls.clone(),
+                    max_message_size: config.local.max_message_size,
+                    memory_limit: *memory_limit,
+                    access: access.clone(),
+                };
                 let b = crate::ingest::embedded::EmbeddedBroker::start(
-                    *listen,
-                    config.local.max_message_size,
-                    *memory_limit,
-                    access.clone(),
+                    settings,
                     registry.clone(),
                     deliveries_tx,
                     metrics.clone(),
                 )
                 .await
                 .with_context(|| format!("cannot start the embedded broker on {listen}"))?;
-                tracing::info!(listen = %b.local_addr(), "embedded broker listening");
+                tracing::info!(listen = %b.local_addr(), tls_listen = ?b.tls_addr(), "embedded broker listening");
                 ingest.push(tokio::spawn(forward_local_publishes(
                     b.publisher(),
                     publish_rx,

@@ -10,10 +10,13 @@ mod cli;
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     // The daemon logs at info; the demo's screen is its live counts table.
+    // rmqtt's accept loop warns of every TLS handshake it refuses, which
+    // anyone on the network can cause at will: those stay out of the
+    // journal unless asked for (EDGEFN_LOG=info,rmqtt::server=warn).
     let default = match cli.command {
         #[cfg(feature = "embedded-broker")]
         cli::Command::Demo(_) => "error",
-        _ => "info,rmqtt=warn,rmqtt_net=warn",
+        _ => "info,rmqtt=warn,rmqtt::server=error,rmqtt_net=warn",
     };
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -173,6 +173,9 @@ counters! {
     /// Built-in broker: clients disconnected at a reload because their
     /// password file entry changed or went.
     broker_refused_revoked => "edgefn_broker_refusals" ["reason" = "revoked"],
+    /// Built-in broker: CONNECTs refused, a client certificate without a
+    /// common name to take as user name (use_identity_as_username).
+    broker_refused_identity => "edgefn_broker_refusals" ["reason" = "no_identity"],
     /// Built-in broker: password and ACL files re-read (SIGHUP) and applied.
     access_reloads => "edgefn_broker_access_reloads" ["outcome" = "applied"],
     /// Built-in broker: reloads that failed (a file unreadable or wrong);
@@ -625,7 +628,7 @@ pub const FAMILIES: &[Family] = &[
             &["reason"],
             "Built-in broker: what local.password_file, local.acl_file and local.allow_anonymous refused, by reason.",
         ),
-        "`bad_password`, `unknown_user` and `anonymous`: CONNECTs refused (CONNACK Not authorized); `will_denied`: wills on a topic their client may not write, dropped when due (the client was let in, as by Mosquitto); `publish_denied`: PUBLISHes not routed nor committed (MQTT 5: PUBACK 0x87); `subscribe_denied`: SUBSCRIBE filters refused in the SUBACK; `read_denied`: messages withheld from a subscriber; `revoked`: clients disconnected at a reload because their password entry changed. Each is logged at most once a minute per client address.",
+        "`bad_password`, `unknown_user` and `anonymous`: CONNECTs refused (CONNACK Not authorized); `will_denied`: wills on a topic their client may not write, dropped when due (the client was let in, as by Mosquitto); `publish_denied`: PUBLISHes not routed nor committed (MQTT 5: PUBACK 0x87); `subscribe_denied`: SUBSCRIBE filters refused in the SUBACK; `read_denied`: messages withheld from a subscriber; `revoked`: clients disconnected at a reload because their password entry changed; `no_identity`: a client certificate without a common name (use_identity_as_username). A TLS handshake the listener refuses (no certificate, a foreign one) is not counted: it ends before MQTT begins. Each is logged at most once a minute per client address.",
     ),
     family(
         "edgefn_broker_access_reloads",

@@ -132,22 +132,7 @@ impl TlsFiles {
             }
             (Some(cert), Some(key)) => {
                 let chain = certificates("cert_file", cert).map_err(|p| problems.push(p));
-                let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| {
-                    // PKCS#8, or the older OpenSSL format with a Proc-Type header.
-                    let encrypted = std::fs::read_to_string(key).is_ok_and(|text| {
-                        text.contains("-----BEGIN ENCRYPTED PRIVATE KEY-----")
-                            || text.contains("Proc-Type: 4,ENCRYPTED")
-                    });
-                    let why = if encrypted {
-                        "an encrypted private key, which edgefn cannot use: store it \
-                         decrypted (openssl pkey -in KEY -out KEY.plain), readable by \
-                         root and edgefn only"
-                            .to_owned()
-                    } else {
-                        pem_error(&e, "no PEM private key in it (expected e.g. \"-----BEGIN PRIVATE KEY-----\")")
-                    };
-                    problems.push(TlsProblem::new("key_file", format!("{}: {why}", key.display())))
-                });
+                let key_der = private_key(key).map_err(|p| problems.push(p));
                 summary.push_str(&format!(", client certificate {}", cert.display()));
                 chain.ok().zip(key_der.ok())
             }
@@ -163,22 +148,145 @@ impl TlsFiles {
                 .with_root_certificates(roots);
         let config = match identity {
             None => builder.with_no_client_auth(),
-            Some((chain, key)) => builder.with_client_auth_cert(chain, key).map_err(|e| {
-                vec![TlsProblem::new(
-                    "key_file",
-                    format!(
-                        "{} does not go with cert_file {}: {e}",
-                        self.key_file.as_deref().unwrap_or(Path::new("")).display(),
-                        self.cert_file.as_deref().unwrap_or(Path::new("")).display(),
-                    ),
-                )]
-            })?,
+            Some((chain, key)) => builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| self.mismatch(&e))?,
         };
         Ok(Tls {
             config: Arc::new(config),
             summary,
         })
     }
+}
+
+/// The files of the built-in broker's TLS listener, checked: `cert_file`
+/// and `key_file` (the broker's certificate chain and its key, required),
+/// and `ca_file` (the CA client certificates must chain to; required with
+/// `require_certificate`). The listener itself is built by rmqtt from the
+/// same paths.
+impl TlsFiles {
+    /// Reads the files as a TLS server would and checks that the key goes
+    /// with the certificate; a one-line summary for `edgefn check`.
+    pub fn check_server(&self, require_certificate: bool) -> Result<String, Vec<TlsProblem>> {
+        let mut problems = Vec::new();
+        let chain = match &self.cert_file {
+            Some(path) => certificates("cert_file", path)
+                .map_err(|p| problems.push(p))
+                .ok(),
+            None => {
+                problems.push(TlsProblem::new(
+                    "cert_file",
+                    "is missing: the TLS listener needs the broker's certificate (PEM)",
+                ));
+                None
+            }
+        };
+        let key = match &self.key_file {
+            Some(path) => private_key(path).map_err(|p| problems.push(p)).ok(),
+            None => {
+                problems.push(TlsProblem::new(
+                    "key_file",
+                    "is missing: the TLS listener needs the private key of cert_file (PEM)",
+                ));
+                None
+            }
+        };
+        let mut summary = String::from("TLS");
+        let clients = match (&self.ca_file, require_certificate) {
+            (Some(path), _) => match certificates("ca_file", path) {
+                Ok(certs) => {
+                    let mut roots = RootCertStore::empty();
+                    if roots.add_parsable_certificates(certs).0 == 0 {
+                        problems.push(TlsProblem::new(
+                            "ca_file",
+                            format!("{}: no usable CA certificate in it", path.display()),
+                        ));
+                    }
+                    Some(roots)
+                }
+                Err(p) => {
+                    problems.push(p);
+                    None
+                }
+            },
+            (None, true) => {
+                problems.push(TlsProblem::new(
+                    "ca_file",
+                    "is missing: require_certificate needs the CA that client certificates must chain to",
+                ));
+                None
+            }
+            (None, false) => None,
+        };
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        let (Some(chain), Some(key)) = (chain, key) else {
+            unreachable!("both read, or a problem recorded");
+        };
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier = match clients.filter(|_| require_certificate) {
+            Some(roots) => {
+                summary.push_str(&format!(
+                    ", client certificates from {}",
+                    self.ca_file.as_deref().unwrap_or(Path::new("")).display()
+                ));
+                rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    provider.clone(),
+                )
+                .build()
+                .map_err(|e| vec![TlsProblem::new("ca_file", e.to_string())])?
+            }
+            None => rustls::server::WebPkiClientVerifier::no_client_auth(),
+        };
+        rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("ring supports the default TLS versions")
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, key)
+            .map_err(|e| self.mismatch(&e))?;
+        Ok(summary)
+    }
+}
+
+impl TlsFiles {
+    /// `key_file` does not go with `cert_file`, as rustls found.
+    fn mismatch(&self, e: &rustls::Error) -> Vec<TlsProblem> {
+        let name =
+            |p: &Option<PathBuf>| p.as_deref().unwrap_or(Path::new("")).display().to_string();
+        vec![TlsProblem::new(
+            "key_file",
+            format!(
+                "{} does not go with cert_file {}: {e}",
+                name(&self.key_file),
+                name(&self.cert_file)
+            ),
+        )]
+    }
+}
+
+/// The unencrypted PEM private key in `path`.
+fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsProblem> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| {
+        // PKCS#8, or the older OpenSSL format with a Proc-Type header.
+        let encrypted = std::fs::read_to_string(path).is_ok_and(|text| {
+            text.contains("-----BEGIN ENCRYPTED PRIVATE KEY-----")
+                || text.contains("Proc-Type: 4,ENCRYPTED")
+        });
+        let why = if encrypted {
+            "an encrypted private key, which edgefn cannot use: store it \
+             decrypted (openssl pkey -in KEY -out KEY.plain), readable by \
+             root and edgefn only"
+                .to_owned()
+        } else {
+            pem_error(
+                &e,
+                "no PEM private key in it (expected e.g. \"-----BEGIN PRIVATE KEY-----\")",
+            )
+        };
+        TlsProblem::new("key_file", format!("{}: {why}", path.display()))
+    })
 }
 
 /// The PEM certificates in `path` (at least one).

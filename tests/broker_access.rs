@@ -130,6 +130,27 @@ async fn connect(port: u16, id: &str, login: Option<(&str, &str)>) -> Result<Con
     connect_with(port, id, login, None).await
 }
 
+/// Connects over MQTT 5 and TLS as `id`, trusting `pki`'s CA and showing
+/// the client certificate `cert` of `shown` (`client`, `nameless`), if any.
+async fn connect_tls(
+    port: u16,
+    id: &str,
+    pki: &Pki,
+    shown: Option<(&Pki, &str)>,
+) -> Result<Conn, String> {
+    let files = edgefn::tls::TlsFiles {
+        ca_file: Some(pki.file("ca.pem")),
+        cert_file: shown.map(|(p, name)| p.file(&format!("{name}.pem"))),
+        key_file: shown.map(|(p, name)| p.file(&format!("{name}.key"))),
+    };
+    let tls = files.load().unwrap();
+    let mut o = MqttOptions::new(id, "127.0.0.1", port);
+    o.set_transport(rumqttc::Transport::tls_with_config(
+        rumqttc::TlsConfiguration::Rustls(tls.config),
+    ));
+    open(o).await
+}
+
 /// [`connect`] with a will on `will`, if given.
 async fn connect_with(
     port: u16,
@@ -147,10 +168,16 @@ async fn connect_with(
             None,
         ));
     }
-    o.set_keep_alive(Duration::from_secs(30));
     if let Some((user, password)) = login {
         o.set_credentials(user, password);
     }
+    open(o).await
+}
+
+/// Opens the connection `o` describes: it, or why it was refused (the
+/// CONNACK's reason, or the error that ended it before one).
+async fn open(mut o: MqttOptions) -> Result<Conn, String> {
+    o.set_keep_alive(Duration::from_secs(30));
     let (client, mut events) = AsyncClient::new(o, 10);
     match tokio::time::timeout(PATIENCE, events.poll()).await {
         Ok(Ok(Event::Incoming(Packet::ConnAck(a)))) if a.code == ConnectReturnCode::Success => {}
@@ -158,7 +185,8 @@ async fn connect_with(
         Ok(Err(rumqttc::v5::ConnectionError::ConnectionRefused(code))) => {
             return Err(format!("{code:?}"));
         }
-        other => panic!("{id}: no CONNACK: {other:?}"),
+        Ok(Err(e)) => return Err(format!("no CONNACK: {e}")),
+        other => panic!("no CONNACK: {other:?}"),
     }
     let (tx, incoming) = tokio::sync::mpsc::unbounded_channel();
     let task = tokio::spawn(async move {
@@ -545,4 +573,107 @@ async fn after_sighup_new_rights_apply_and_only_clients_whose_password_changed_a
         "{answer:?}"
     );
     assert!(daemon.log().contains("local.acl_file"), "{}", daemon.log());
+}
+
+/// Mosquitto and edgefn, each with a TLS listener that wants a client
+/// certificate from `pki`'s CA and takes its common name as user name, and
+/// the ACL `pattern write sensors/%u/#`; no password file.
+async fn tls_brokers(dir: &Path, pki: &Pki) -> [Broker; 2] {
+    std::fs::write(dir.join("acl"), "pattern write sensors/%u/#\n").unwrap();
+    let mosquitto_tls = free_port();
+    let mosquitto = Mosquitto::start_with_extra(&format!(
+        "allow_anonymous false\nacl_file {}\n{}use_identity_as_username true\n",
+        dir.join("acl").display(),
+        pki.mosquitto_listener(mosquitto_tls),
+    ))
+    .await;
+    port_open(mosquitto_tls).await;
+    let cloud = Mosquitto::cloud().await;
+    let upstream = Upstream::subscribe(cloud.port, "#").await;
+    let (port, tls_port, metrics) = (free_port(), free_port(), free_port());
+    let mut file = standard(dir, Local::Embedded(port), cloud.port);
+    let local = &mut file.local;
+    local.tls_listen = Some(format!("127.0.0.1:{tls_port}"));
+    local.ca_file = Some(pki.file("ca.pem").display().to_string());
+    local.cert_file = Some(pki.file("broker.pem").display().to_string());
+    local.key_file = Some(pki.file("broker.key").display().to_string());
+    local.require_certificate = Some(true);
+    local.use_identity_as_username = Some(true);
+    local.acl_file = Some("acl".into());
+    local.allow_anonymous = Some(false);
+    file.metrics_on(metrics);
+    let daemon = Daemon::start(&write_config(dir, &file));
+    port_open(tls_port).await;
+    wait_for_counter(metrics, "upstream_connects", 1).await;
+    [
+        Broker {
+            name: "mosquitto",
+            port: mosquitto_tls,
+            edgefn: None,
+            _keep: Box::new(mosquitto),
+        },
+        Broker {
+            name: "edgefn",
+            port: tls_port,
+            edgefn: Some((daemon, metrics, upstream)),
+            _keep: Box::new(cloud),
+        },
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tls_only_a_certificate_from_the_ca_gets_in_and_its_name_is_the_user() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new();
+    let stranger = Pki::new();
+    for broker in tls_brokers(dir.path(), &pki).await {
+        let name = broker.name;
+        let port = broker.port;
+        for (who, shown) in [
+            ("no certificate", None),
+            ("a certificate of another CA", Some((&stranger, "client"))),
+        ] {
+            let answer = connect_tls(port, "x", &pki, shown).await;
+            assert!(answer.is_err(), "{name}: {who} got in");
+        }
+        assert_eq!(
+            connect_tls(port, "x", &pki, Some((&pki, "nameless")))
+                .await
+                .err()
+                .as_deref(),
+            Some("BadUserNamePassword"),
+            "{name}: a certificate without a common name"
+        );
+        let mut device = connect_tls(port, "pi-01", &pki, Some((&pki, "client")))
+            .await
+            .unwrap_or_else(|e| panic!("{name}: the CA's certificate: {e}"));
+        // Its user name is the certificate's common name: `sensors/%u/#` is its own.
+        let own = device
+            .publish("sensors/pi-01/temperature", &reading(1, 20.0))
+            .await;
+        assert!(
+            matches!(
+                own,
+                PubAckReason::Success | PubAckReason::NoMatchingSubscribers
+            ),
+            "{name}: {own:?}"
+        );
+        assert_eq!(
+            device
+                .publish("sensors/pi-02/temperature", &reading(2, 20.0))
+                .await,
+            PubAckReason::NotAuthorized,
+            "{name}"
+        );
+        let Some((_, metrics, upstream)) = &broker.edgefn else {
+            continue;
+        };
+        upstream
+            .wait_until("the reading sent over TLS", |s| {
+                !Upstream::on(s, "site/pi-01/telemetry/pi-01/temperature").is_empty()
+            })
+            .await;
+        let report = wait_for_counter(*metrics, "broker_refused_identity", 1).await;
+        assert_eq!(report["gateway"]["counters"]["broker_refused_publish"], 1);
+    }
 }

@@ -7,6 +7,8 @@
 //! target/release/edgefn-bench --messages 20000 --devices 10
 //! target/release/edgefn-bench --only deploy,restart,fleet
 //! target/release/edgefn-bench --only wear
+//! target/release/edgefn-bench --only connect
+//! target/release/edgefn-bench --only embedded-n,embedded-tls
 //! ```
 //!
 //! The deploy scenarios are described in `fleet.rs`; the rest of this
@@ -42,8 +44,36 @@ use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use testkit::{ConfigFile, Local, Mosquitto, free_port, port_open, write_config};
 
+mod connect;
 mod fleet;
 mod wear;
+
+/// How a bench client reaches its broker: over TLS (trusting a CA), and
+/// with a user name and password, or neither.
+#[derive(Clone, Default)]
+pub(crate) struct Dial {
+    /// TLS, with this client setup.
+    pub(crate) tls: Option<Arc<rustls::ClientConfig>>,
+    /// User name and password.
+    pub(crate) login: Option<(String, String)>,
+}
+
+impl Dial {
+    /// Options for client `id` of the broker at `port`.
+    pub(crate) fn options(&self, id: String, port: u16) -> MqttOptions {
+        let mut o = MqttOptions::new(id, "127.0.0.1", port);
+        o.set_keep_alive(Duration::from_secs(60));
+        if let Some(tls) = &self.tls {
+            o.set_transport(rumqttc::Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(tls.clone()),
+            ));
+        }
+        if let Some((user, password)) = &self.login {
+            o.set_credentials(user, password);
+        }
+        o
+    }
+}
 
 /// End-to-end benchmark of edgefn against Mosquitto's bridge.
 #[derive(Debug, Parser)]
@@ -61,8 +91,8 @@ struct Args {
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     latency_for: Duration,
     /// Scenarios to run: the throughput ones (bridge, edgefn, embedded-1,
-    /// embedded-n; all of them by default) or the deploy ones (deploy,
-    /// restart, fleet; see fleet.rs).
+    /// embedded-n by default, and embedded-tls), the deploy ones (deploy,
+    /// restart, fleet; see fleet.rs), `connect` (see connect.rs) or `wear`.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Measurements in each of the deploy and restart scenarios.
@@ -182,12 +212,18 @@ fn ts_of(payload: &[u8]) -> u64 {
 /// Publishes `total` readings from `devices` connections to `port`, at
 /// `rate` msg/s in total (0 = as fast as possible). Returns when all are
 /// handed to the clients.
-async fn load(port: u16, devices: usize, total: u64, rate: u64, tag: &str) -> anyhow::Result<()> {
+async fn load(
+    dial: &Dial,
+    port: u16,
+    devices: usize,
+    total: u64,
+    rate: u64,
+    tag: &str,
+) -> anyhow::Result<()> {
     let per = total / devices as u64;
     let mut tasks = Vec::new();
     for d in 0..devices {
-        let mut o = MqttOptions::new(format!("bench-{tag}-{d}"), "127.0.0.1", port);
-        o.set_keep_alive(Duration::from_secs(60));
+        let o = dial.options(format!("bench-{tag}-{d}"), port);
         let (client, mut events) = AsyncClient::new(o, 1000);
         let poller = tokio::spawn(async move {
             loop {
@@ -360,6 +396,7 @@ fn proc_value_at(path: &str, file: &str, key: &str) -> Option<u64> {
 async fn measure(
     args: &Args,
     name: &str,
+    dial: &Dial,
     device_port: u16,
     cloud_port: u16,
     devices: usize,
@@ -372,7 +409,7 @@ async fn measure(
     let n = args.messages / devices as u64 * devices as u64;
     let usage_before = edgefn_pid.and_then(Usage::of);
     let start = Instant::now();
-    load(device_port, devices, n, 0, "tput").await?;
+    load(dial, device_port, devices, n, 0, "tput").await?;
     let last = arrived(&arrivals, n).await;
     let delivered = arrivals.count.load(Ordering::Relaxed);
     let rate = delivered as f64 / (last - start).as_secs_f64();
@@ -392,7 +429,7 @@ async fn measure(
     let m = (args.rate as f64 * args.latency_for.as_secs_f64()) as u64 / devices as u64
         * devices as u64;
     let started = Instant::now();
-    load(device_port, devices, m, args.rate, "lat").await?;
+    load(dial, device_port, devices, m, args.rate, "lat").await?;
     let last = arrived(&arrivals, delivered + m).await;
     let delivered_lat = arrivals.count.load(Ordering::Relaxed) - delivered;
     let latency_rate = delivered_lat as f64 / (last - started).as_secs_f64();
@@ -532,6 +569,7 @@ async fn scenario(args: &Args, which: &str, module: &Path) -> anyhow::Result<Fig
             measure(
                 args,
                 "Mosquitto bridge (reference)",
+                &Dial::default(),
                 local.port,
                 cloud_port,
                 args.devices,
@@ -553,6 +591,7 @@ async fn scenario(args: &Args, which: &str, module: &Path) -> anyhow::Result<Fig
             measure(
                 args,
                 "edgefn via Mosquitto",
+                &Dial::default(),
                 local.port,
                 cloud_port,
                 args.devices,
@@ -577,7 +616,39 @@ async fn scenario(args: &Args, which: &str, module: &Path) -> anyhow::Result<Fig
                 args.devices
             };
             let name = format!("edgefn embedded broker, {devices} device(s)");
-            measure(args, &name, port, cloud_port, devices, Some(e.0.id())).await
+            let dial = Dial::default();
+            measure(
+                args,
+                &name,
+                &dial,
+                port,
+                cloud_port,
+                devices,
+                Some(e.0.id()),
+            )
+            .await
+        }
+        "embedded-tls" => {
+            // The same, over the TLS listener (the broker's certificate only).
+            let pki = testkit::Pki::new();
+            let (port, tls_port) = (free_port(), free_port());
+            let mut file = edgefn_config(
+                dir.path(),
+                Local::Embedded(port),
+                cloud_port,
+                module,
+                &args.durability,
+            );
+            connect::tls_listener(&mut file, &pki, tls_port, false);
+            let e = start_edgefn(&write_config(dir.path(), &file))?;
+            port_open(tls_port).await;
+            let dial = connect::tls_dial(&pki, false);
+            let name = format!(
+                "edgefn embedded broker over TLS, {} device(s)",
+                args.devices
+            );
+            let pid = Some(e.0.id());
+            measure(args, &name, &dial, tls_port, cloud_port, args.devices, pid).await
         }
         other => bail!("unknown scenario {other}"),
     }
@@ -603,6 +674,10 @@ async fn main() -> anyhow::Result<()> {
     if chosen.contains(&"wear") {
         anyhow::ensure!(chosen.len() == 1, "run the wear scenario on its own");
         return wear::run(&module, &args).await;
+    }
+    if chosen.contains(&"connect") {
+        anyhow::ensure!(chosen.len() == 1, "run the connect scenario on its own");
+        return connect::run(&module, args.samples.max(1) * 100).await;
     }
     let deploys = ["deploy", "restart", "fleet"];
     if chosen.iter().any(|c| deploys.contains(c)) {

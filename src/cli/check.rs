@@ -53,11 +53,26 @@ pub fn run(path: &std::path::Path) -> anyhow::Result<ExitCode> {
             listen,
             memory_limit,
             access,
-        } => println!(
-            "local    embedded broker on {listen}, holding at most {} for subscribers; {}",
-            bytesize::ByteSize(*memory_limit as u64),
-            who_may_connect(access)
-        ),
+            tls,
+        } => {
+            println!(
+                "local    embedded broker on {listen}, holding at most {} for subscribers; {}",
+                bytesize::ByteSize(*memory_limit as u64),
+                who_may_connect(access)
+            );
+            if let Some(tls) = tls {
+                println!(
+                    "         and on {} ({}{})",
+                    tls.listen,
+                    tls.summary,
+                    if tls.use_identity_as_username {
+                        ", the certificate's common name as user name"
+                    } else {
+                        ""
+                    }
+                );
+            }
+        }
     }
     match &config.upstream {
         Some(u) => println!(

@@ -405,20 +405,19 @@ async fn start_cloud(addr: SocketAddr) -> anyhow::Result<Cloud> {
     // Nothing is ever routed to a function: the channel stays empty.
     let (tx, _rx) = mpsc::channel(1);
     let metrics = Arc::new(edgefn::metrics::Metrics::default());
-    let broker = EmbeddedBroker::start(
-        addr,
-        1 << 20,
-        64 << 20,
+    let settings = edgefn::ingest::embedded::BrokerConfig {
+        listen: addr,
+        tls: None,
+        max_message_size: 1 << 20,
+        memory_limit: 64 << 20,
         // The stand-in cloud listens on loopback and takes anyone.
-        edgefn::access::AccessFiles {
+        access: edgefn::access::AccessFiles {
             allow_anonymous: true,
             ..Default::default()
         },
-        Arc::new(Registry::default()),
-        tx,
-        metrics,
-    )
-    .await?;
+    };
+    let broker =
+        EmbeddedBroker::start(settings, Arc::new(Registry::default()), tx, metrics).await?;
     Ok(Cloud::Up(Box::new(broker)))
 }
 

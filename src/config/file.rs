@@ -124,14 +124,23 @@ pub struct LocalTable {
     /// `local.allow_anonymous`
     #[serde(skip_serializing_if = "Option::is_none")]
     pub allow_anonymous: Option<bool>,
-    /// `local.ca_file`
+    /// `local.tls_listen`
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_listen: Option<String>,
+    /// `local.require_certificate`
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub require_certificate: Option<bool>,
+    /// `local.use_identity_as_username`
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub use_identity_as_username: Option<bool>,
+    /// `local.ca_file` (Mosquitto's `cafile` too)
+    #[serde(skip_serializing_if = "Option::is_none", alias = "cafile")]
     pub ca_file: Option<String>,
-    /// `local.cert_file`
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// `local.cert_file` (Mosquitto's `certfile` too)
+    #[serde(skip_serializing_if = "Option::is_none", alias = "certfile")]
     pub cert_file: Option<String>,
-    /// `local.key_file`
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// `local.key_file` (Mosquitto's `keyfile` too)
+    #[serde(skip_serializing_if = "Option::is_none", alias = "keyfile")]
     pub key_file: Option<String>,
 }
 

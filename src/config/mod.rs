@@ -31,7 +31,8 @@ mod function;
 
 pub use broker::{BrokerClientConfig, tool_broker};
 use broker::{check_tls, parse_mqtt_url};
-use embedded::check_access;
+pub use embedded::TlsListener;
+use embedded::{check_access, check_tls_listener};
 pub use file::ConfigFile;
 use file::{BufferTable, DeployTable, LocalTable, MetricsTable, UpstreamTable};
 use function::check_function;
@@ -185,6 +186,8 @@ pub enum LocalSource {
         memory_limit: usize,
         /// Who may connect, and what they may do (re-read on SIGHUP).
         access: crate::access::AccessFiles,
+        /// A second listener, for MQTT over TLS.
+        tls: Option<TlsListener>,
     },
 }
 
@@ -619,9 +622,6 @@ fn check_local(p: &mut Checker, raw: LocalTable, id: &str, base: &Path) -> Optio
                 ("in_flight", raw.in_flight.is_some()),
                 ("session_expiry", raw.session_expiry.is_some()),
                 ("keep_alive", raw.keep_alive.is_some()),
-                ("ca_file", raw.ca_file.is_some()),
-                ("cert_file", raw.cert_file.is_some()),
-                ("key_file", raw.key_file.is_some()),
             ],
             "only applies to an external broker (url = ...), not with embedded = true",
         );
@@ -648,11 +648,13 @@ fn check_local(p: &mut Checker, raw: LocalTable, id: &str, base: &Path) -> Optio
         let listen = raw.listen.as_deref().unwrap_or(default_listen());
         match listen.parse::<SocketAddr>() {
             Ok(listen) => {
-                let access = check_access(p, &raw, listen, base);
+                let tls = check_tls_listener(p, &raw, listen, base);
+                let access = check_access(p, &raw, listen, tls.as_ref(), base);
                 Some(LocalSource::Embedded {
                     listen,
                     memory_limit,
                     access,
+                    tls,
                 })
             }
             Err(_) => {
@@ -676,6 +678,12 @@ fn check_local(p: &mut Checker, raw: LocalTable, id: &str, base: &Path) -> Optio
                 ("password_file", raw.password_file.is_some()),
                 ("acl_file", raw.acl_file.is_some()),
                 ("allow_anonymous", raw.allow_anonymous.is_some()),
+                ("tls_listen", raw.tls_listen.is_some()),
+                ("require_certificate", raw.require_certificate.is_some()),
+                (
+                    "use_identity_as_username",
+                    raw.use_identity_as_username.is_some(),
+                ),
             ],
             "is only used with embedded = true (the built-in broker)",
         );

@@ -447,10 +447,10 @@ fn tls_files_belong_to_mqtts_urls_and_are_checked_at_load() {
         );
         Config::load(&path)
     };
-    // TLS files with a plain URL, or with the embedded broker.
+    // TLS files with a plain URL, or with an embedded broker without a TLS listener.
     let err = load(
         "url = \"mqtt://cloud:1883\"\nca_file = \"ca.pem\"",
-        "embedded = true\ncert_file = \"c.pem\"",
+        "embedded = true\nlisten = \"127.0.0.1:1883\"\ncert_file = \"c.pem\"",
     )
     .unwrap_err()
     .to_string();
@@ -459,7 +459,9 @@ fn tls_files_belong_to_mqtts_urls_and_are_checked_at_load() {
         "{err}"
     );
     assert!(
-        err.contains("local.cert_file: only applies to an external broker"),
+        err.contains(
+            "local.cert_file: belongs to the built-in broker's TLS listener: set tls_listen"
+        ),
         "{err}"
     );
     // A URL that is wrong does not hide the files' problems; a host
@@ -492,4 +494,81 @@ fn tls_files_belong_to_mqtts_urls_and_are_checked_at_load() {
     ] {
         assert!(err.contains(&needle), "{needle:?} not in {err}");
     }
+}
+
+#[test]
+fn the_built_in_brokers_tls_listener_needs_its_files_and_its_flags_go_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let pem = |name: &str| {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        std::fs::write(dir.path().join(format!("{name}.pem")), cert.pem()).unwrap();
+        std::fs::write(dir.path().join(format!("{name}.key")), key.serialize_pem()).unwrap();
+    };
+    pem("broker");
+    pem("other");
+    let local = |keys: &str| {
+        EXAMPLE.replace(
+            "url = \"mqtt://127.0.0.1:1883\"",
+            &format!("embedded = true\nlisten = \"127.0.0.1:1883\"\n{keys}"),
+        )
+    };
+    let good =
+        "tls_listen = \"127.0.0.1:8883\"\ncert_file = \"broker.pem\"\nkey_file = \"broker.key\"\n";
+    let c = Config::load(&write(dir.path(), &local(good))).unwrap();
+    let LocalSource::Embedded { tls: Some(tls), .. } = c.local.source else {
+        panic!("no TLS listener");
+    };
+    assert_eq!(tls.listen.port(), 8883);
+    assert!(!tls.require_certificate);
+    // Mosquitto's spellings, a CA for client certificates, and identities.
+    let mosquitto = "tls_listen = \"127.0.0.1:8883\"\ncertfile = \"broker.pem\"\nkeyfile = \"broker.key\"\ncafile = \"other.pem\"\nrequire_certificate = true\nuse_identity_as_username = true\n";
+    let c = Config::load(&write(dir.path(), &local(mosquitto))).unwrap();
+    let LocalSource::Embedded { tls: Some(tls), .. } = c.local.source else {
+        panic!("no TLS listener");
+    };
+    assert!(tls.require_certificate && tls.use_identity_as_username);
+    assert!(
+        tls.summary.contains("client certificates from"),
+        "{}",
+        tls.summary
+    );
+
+    for (keys, expected) in [
+        (
+            "tls_listen = \"127.0.0.1:8883\"\n",
+            &["local.cert_file", "local.key_file"][..],
+        ),
+        (
+            "cert_file = \"broker.pem\"\nrequire_certificate = true\n",
+            &["local.cert_file", "local.require_certificate"],
+        ),
+        (
+            &format!("{good}require_certificate = true\n"),
+            &["local.ca_file"],
+        ),
+        (
+            &format!("{good}use_identity_as_username = true\n"),
+            &["local.use_identity_as_username"],
+        ),
+        (
+            "tls_listen = \"127.0.0.1:1883\"\ncert_file = \"broker.pem\"\nkey_file = \"other.key\"\n",
+            &["local.tls_listen", "local.key_file"],
+        ),
+        ("tls_listen = \"8883\"\n", &["local.tls_listen"]),
+    ] {
+        assert_eq!(problem_keys(dir.path(), &local(keys)), expected, "{keys}");
+    }
+    // Off loopback, certificates can be the logins: no password file needed.
+    let exposed = local(&format!(
+        "{}require_certificate = true\nuse_identity_as_username = true\nca_file = \"other.pem\"\n",
+        good.replace("127.0.0.1:8883", "0.0.0.0:8883")
+    ));
+    let c = Config::load(&write(dir.path(), &exposed)).unwrap();
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    let exposed = local(&good.replace("127.0.0.1:8883", "0.0.0.0:8883"));
+    assert_eq!(problem_keys(dir.path(), &exposed), ["local.password_file"]);
 }

@@ -217,13 +217,22 @@ impl Pki {
         )
         .unwrap();
         let issuer = rcgen::Issuer::new(ca, ca_key);
-        for (name, names) in [("broker", names), ("client", &["pi-01"])] {
+        for (name, names) in [
+            ("broker", names),
+            ("client", &["pi-01"]),
+            ("nameless", &["nameless"]),
+        ] {
             let key = rcgen::KeyPair::generate().unwrap();
-            let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-            let cert = rcgen::CertificateParams::new(names)
-                .unwrap()
-                .signed_by(&key, &issuer)
-                .unwrap();
+            let sans: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+            let mut params = rcgen::CertificateParams::new(sans).unwrap();
+            params.distinguished_name = rcgen::DistinguishedName::new();
+            if name == "client" {
+                // The client's identity, for `use_identity_as_username`.
+                params
+                    .distinguished_name
+                    .push(rcgen::DnType::CommonName, "pi-01");
+            }
+            let cert = params.signed_by(&key, &issuer).unwrap();
             std::fs::write(dir.path().join(format!("{name}.pem")), cert.pem()).unwrap();
             std::fs::write(dir.path().join(format!("{name}.key")), key.serialize_pem()).unwrap();
         }
@@ -231,7 +240,8 @@ impl Pki {
     }
 
     /// A file of it: `ca.pem`, `broker.pem`, `broker.key`, `client.pem`,
-    /// `client.key`.
+    /// `client.key` (common name `pi-01`), `nameless.pem`, `nameless.key`
+    /// (no common name).
     pub fn file(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }

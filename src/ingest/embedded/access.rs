@@ -11,6 +11,9 @@
 //!   ([`Gate::may_publish_will`]: neither routed nor committed). Password hashes are computed on
 //!   the blocking pool, two at a time: a password-guessing loop waits its
 //!   turn and cannot stall the data path.
+//! * TLS with `use_identity_as_username`: a client whose certificate
+//!   (verified against `ca_file` in the handshake) has a common name logs
+//!   in as that user without a password, as with Mosquitto.
 //! * PUBLISH: checked in the publish hook before anything else; a denied
 //!   message is neither routed nor committed. MQTT 5 clients get PUBACK
 //!   (PUBREC) 0x87 Not authorized; MQTT 3.1.1 ones an ordinary PUBACK, as
@@ -68,6 +71,9 @@ pub(super) enum Refused {
     Subscribe,
     /// The client's password entry changed or went at a reload.
     Revoked,
+    /// A client certificate without a common name, or one that is not the
+    /// user name (`use_identity_as_username`).
+    Identity,
 }
 
 impl Refused {
@@ -81,6 +87,7 @@ impl Refused {
             Refused::Publish => "publish_denied",
             Refused::Subscribe => "subscribe_denied",
             Refused::Revoked => "revoked",
+            Refused::Identity => "no_identity",
         }
     }
 
@@ -93,6 +100,7 @@ impl Refused {
             Refused::Publish => &m.broker_refused_publish,
             Refused::Subscribe => &m.broker_refused_subscribe,
             Refused::Revoked => &m.broker_refused_revoked,
+            Refused::Identity => &m.broker_refused_identity,
         }
     }
 }
@@ -169,6 +177,12 @@ impl Gate {
         let rules = self.rules.load_full();
         let user = info.username().map(|u| &**u);
         let refusal = match (user, &rules.passwords) {
+            // Only the TLS listener with `use_identity_as_username` collects certificates
+            // (verified against `ca_file` by then); rmqtt put its common name in the user name.
+            _ if info.cert().is_some() => {
+                let cn = info.cert().and_then(|c| c.common_name.as_deref());
+                (cn.is_none() || cn != user).then_some(Refused::Identity)
+            }
             (None, _) if rules.allow_anonymous => None,
             (None, _) => Some(Refused::Anonymous),
             // No password file: a user name is taken as given, as Mosquitto does.
@@ -180,9 +194,14 @@ impl Gate {
             None => AuthResult::Allow(false, None),
             Some(why) => {
                 self.refused(why, info.client_id(), info.ipaddress(), user, None);
-                // Whatever the reason, as Mosquitto answers: MQTT 3.1.1 code 5, MQTT 5
-                // 0x87 Not authorized (nothing tells a guesser which part was wrong).
-                AuthResult::NotAuthorized
+                // As Mosquitto answers: Not authorized (MQTT 3.1.1 code 5, MQTT 5 0x87)
+                // whatever was wrong with a login, so nothing tells a guesser which part;
+                // a certificate without a name, Bad user name or password.
+                if why == Refused::Identity {
+                    AuthResult::BadUsernameOrPassword
+                } else {
+                    AuthResult::NotAuthorized
+                }
             }
         };
         (false, Some(HookResult::AuthResult(result)))
@@ -331,6 +350,14 @@ impl Gate {
             let Some(user) = session.username() else {
                 continue;
             };
+            // Logged in by certificate: the password file does not concern it.
+            if session
+                .connect_info()
+                .await
+                .is_ok_and(|i| i.cert().is_some())
+            {
+                continue;
+            }
             let kept = match (&old.passwords, &new.passwords) {
                 (Some(before), Some(now)) => before.same_user(now, user),
                 (None, None) => true,

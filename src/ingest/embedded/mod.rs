@@ -201,13 +201,19 @@ mod share;
 
 use hook::relay_chained;
 
-/// Name of the listener, shown in rmqtt's own log lines.
+/// Name of the plain listener, shown in rmqtt's own log lines.
 const LISTENER_NAME: &str = "edgefn/tcp";
+
+/// Name of the TLS listener.
+const TLS_LISTENER_NAME: &str = "edgefn/tls";
 
 /// Key of our only listener in rmqtt's `listen_cfgs`. `MqttServerBuilder::listener` would use the
 /// port, which is 0 when the caller asks for a free port (and rmqtt then logs a warning), so
 /// the id is set explicitly with `listener_by_id`.
 const LISTENER_ID: ListenerId = 1;
+
+/// Key of the TLS listener.
+const TLS_LISTENER_ID: ListenerId = 2;
 
 /// Client id under which edgefn's own publishes enter the broker. It only matters to MQTT 5
 /// subscribers with "no local" set, who would not receive messages from a client of the same id.
@@ -495,12 +501,29 @@ struct Chained {
     payload: Bytes,
 }
 
+/// What the built-in broker is asked to be: `[local]` with `embedded = true`.
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    /// The plain MQTT listener (port 0: a free port).
+    pub listen: SocketAddr,
+    /// The MQTT-over-TLS listener, if any.
+    pub tls: Option<crate::config::TlsListener>,
+    /// Largest payload taken (plus room for any topic).
+    pub max_message_size: usize,
+    /// Most payload bytes held for subscribers.
+    pub memory_limit: usize,
+    /// Who may connect, and what they may do.
+    pub access: crate::access::AccessFiles,
+}
+
 /// The broker running in this process (ingest source \[B\]).
 pub struct EmbeddedBroker {
     /// Publishes edgefn's own messages; also holds rmqtt's server context and the shared state.
     publisher: BrokerPublisher,
     /// Address the listener is bound to (the real port when 0 was asked for).
     local_addr: SocketAddr,
+    /// Address the TLS listener is bound to, if there is one.
+    tls_addr: Option<SocketAddr>,
     /// Announces the [`Phase`] to the hook and the relay.
     phase: watch::Sender<Phase>,
     /// The accept loop (`MqttServer::run`); aborting it closes the listening socket.
@@ -608,14 +631,18 @@ impl EmbeddedBroker {
     /// by any broker. Runs on the caller's tokio runtime; port 0 picks a free port (see
     /// [`EmbeddedBroker::local_addr`]).
     pub async fn start(
-        listen: SocketAddr,
-        max_message_size: usize,
-        memory_limit: usize,
-        access: crate::access::AccessFiles,
+        config: BrokerConfig,
         functions: Arc<Registry>,
         deliveries: mpsc::Sender<Delivery>,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<EmbeddedBroker> {
+        let BrokerConfig {
+            listen,
+            tls,
+            max_message_size,
+            memory_limit,
+            access,
+        } = config;
         let max_packet = max_message_size.saturating_add(PACKET_OVERHEAD);
         anyhow::ensure!(
             max_packet <= MQTT_MAX_PACKET,
@@ -672,36 +699,33 @@ impl EmbeddedBroker {
         }
         register.start().await;
 
-        let listener = Builder::new()
-            .name(LISTENER_NAME)
-            .laddr(listen)
-            // Restarting under systemd must not fail on connections left in TIME_WAIT.
-            .reuseaddr(Some(true))
-            // A PUBACK is a small write after a wait: Nagle's algorithm would hold it back.
-            .nodelay(true)
-            // Every CONNECT goes to the gate, anonymous ones included.
-            .allow_anonymous(false)
-            .max_packet_size(max_packet)
-            .max_inflight(NonZeroU16::new(MAX_INFLIGHT).unwrap_or(NonZeroU16::MIN))
-            .max_mqueue_len(MAX_MQUEUE_LEN)
-            // No rate limit on delivery from the queues (rmqtt's default, made explicit).
-            .mqueue_rate_limit(NonZeroU32::MAX, Duration::from_secs(1))
-            .max_qos_allowed(QoS::ExactlyOnce)
-            .message_expiry_interval(MESSAGE_EXPIRY)
-            .session_expiry_interval(SESSION_EXPIRY)
-            .max_session_expiry_interval(MAX_SESSION_EXPIRY)
-            .message_retry_interval(MESSAGE_RETRY_INTERVAL)
-            .handshake_timeout(HANDSHAKE_TIMEOUT)
-            .send_timeout(SEND_TIMEOUT)
-            .max_topic_aliases(MAX_TOPIC_ALIASES)
+        let listener = listener_builder(LISTENER_NAME, listen, max_packet)
             .bind()
             .with_context(|| format!("cannot listen for MQTT on {listen}"))?
             .tcp()?;
         let local_addr = listener.local_addr()?;
-
-        let server = MqttServer::new(scx.clone())
-            .listener_by_id(listener, LISTENER_ID)
-            .build();
+        let mut server = MqttServer::new(scx.clone()).listener_by_id(listener, LISTENER_ID);
+        let mut tls_addr = None;
+        if let Some(tls) = &tls {
+            let path = |p: &Option<std::path::PathBuf>| {
+                p.as_ref().map(|p| p.to_string_lossy().into_owned())
+            };
+            let listener = listener_builder(TLS_LISTENER_NAME, tls.listen, max_packet)
+                .tls_cert(path(&tls.files.cert_file))
+                .tls_key(path(&tls.files.key_file))
+                .tls_client_ca_certs(path(&tls.files.ca_file))
+                .tls_cross_certificate(tls.require_certificate)
+                .cert_cn_as_username(tls.use_identity_as_username)
+                // The gate reads the certificate: only this listener's clients have one.
+                .collect_cert_info(tls.use_identity_as_username)
+                .bind()
+                .with_context(|| format!("cannot listen for MQTT over TLS on {}", tls.listen))?
+                .tls()
+                .context("cannot set up the TLS listener (local.cert_file, key_file, ca_file)")?;
+            tls_addr = Some(listener.local_addr()?);
+            server = server.listener_by_id(listener, TLS_LISTENER_ID);
+        }
+        let server = server.build();
         let server_task = tokio::spawn(async move {
             // `run` returns only when every accept loop has ended, which they never do; the
             // task is aborted by `shutdown`. (`MqttServer::start` is not used: on error it
@@ -732,6 +756,7 @@ impl EmbeddedBroker {
                 from,
             },
             local_addr,
+            tls_addr,
             phase,
             server_task,
             relay_task,
@@ -741,6 +766,11 @@ impl EmbeddedBroker {
     /// The address the broker listens on (with the real port if 0 was asked for).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The TLS listener's address, if there is one (with the real port).
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls_addr
     }
 
     /// Connections and sessions (connected, and persistent ones of offline clients) now.
@@ -839,6 +869,32 @@ impl EmbeddedBroker {
             "embedded MQTT broker stopped"
         );
     }
+}
+
+/// A listener with edgefn's settings (see the constants above), on `addr`.
+fn listener_builder(name: &str, addr: SocketAddr, max_packet: u32) -> Builder {
+    Builder::new()
+        .name(name)
+        .laddr(addr)
+        // Restarting under systemd must not fail on connections left in TIME_WAIT.
+        .reuseaddr(Some(true))
+        // A PUBACK is a small write after a wait: Nagle's algorithm would hold it back.
+        .nodelay(true)
+        // Every CONNECT goes to the gate, anonymous ones included.
+        .allow_anonymous(false)
+        .max_packet_size(max_packet)
+        .max_inflight(NonZeroU16::new(MAX_INFLIGHT).unwrap_or(NonZeroU16::MIN))
+        .max_mqueue_len(MAX_MQUEUE_LEN)
+        // No rate limit on delivery from the queues (rmqtt's default, made explicit).
+        .mqueue_rate_limit(NonZeroU32::MAX, Duration::from_secs(1))
+        .max_qos_allowed(QoS::ExactlyOnce)
+        .message_expiry_interval(MESSAGE_EXPIRY)
+        .session_expiry_interval(SESSION_EXPIRY)
+        .max_session_expiry_interval(MAX_SESSION_EXPIRY)
+        .message_retry_interval(MESSAGE_RETRY_INTERVAL)
+        .handshake_timeout(HANDSHAKE_TIMEOUT)
+        .send_timeout(SEND_TIMEOUT)
+        .max_topic_aliases(MAX_TOPIC_ALIASES)
 }
 
 impl std::fmt::Debug for EmbeddedBroker {
