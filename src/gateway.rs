@@ -210,6 +210,16 @@ impl Gateway {
                 .context("cannot read the local broker session's filters")?,
             LocalSource::Embedded { .. } => Vec::new(),
         };
+        // The built-in broker's retained messages, and where it keeps them.
+        let retained = match &config.local.source {
+            LocalSource::Embedded { .. } => Some((
+                reader
+                    .retained()
+                    .context("cannot read the retained messages")?,
+                reader.retained_messages(),
+            )),
+            LocalSource::Broker(_) => None,
+        };
         let incarnation = reader.incarnation();
         let outbox = reader.outbox();
         let reader = Arc::new(Mutex::new(reader));
@@ -280,6 +290,7 @@ impl Gateway {
                 };
                 let b = crate::ingest::embedded::EmbeddedBroker::start(
                     settings,
+                    retained,
                     registry.clone(),
                     deliveries_tx,
                     metrics.clone(),
@@ -296,6 +307,7 @@ impl Gateway {
             }
             #[cfg(not(feature = "embedded-broker"))]
             LocalSource::Embedded { .. } => {
+                drop(retained);
                 anyhow::bail!("this edgefn was built without the embedded-broker feature")
             }
         }

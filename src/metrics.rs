@@ -146,8 +146,8 @@ counters! {
     /// Embedded broker: messages dropped on the way to a local subscriber
     /// (its queue full, expired, subscriber gone).
     broker_dropped_to_subscribers => "edgefn_broker_dropped" ["reason" = "to_subscriber"],
-    /// Embedded broker: messages not routed to any subscriber because they
-    /// would take it beyond `local.memory_limit`.
+    /// Embedded broker: messages not routed to any subscriber (or not
+    /// retained) because they would take it beyond `local.memory_limit`.
     broker_dropped_memory_limit => "edgefn_broker_dropped" ["reason" = "memory_limit"],
     /// Embedded broker, now: payload bytes held for subscribers (queued,
     /// in flight), at most `local.memory_limit`.
@@ -608,7 +608,7 @@ pub const FAMILIES: &[Family] = &[
             "edgefn_broker_held",
             G,
             &[],
-            "Built-in broker: payload bytes held for subscribers now (queued for online and offline sessions, in flight), at most local.memory_limit.",
+            "Built-in broker: payload bytes held for subscribers now (queued for online and offline sessions, in flight, retained), at most local.memory_limit.",
         ),
         "bytes",
     ),
@@ -619,7 +619,7 @@ pub const FAMILIES: &[Family] = &[
             &["reason"],
             "Built-in broker: messages lost on its own side, by reason.",
         ),
-        "`to_subscriber`: on the way to a local subscriber (its queue full, expired, gone); `internal`: last wills and functions' publishes on trigger topics that never reached a commit (nobody sends these again); `memory_limit`: not routed to subscribers, as it would take the broker beyond `local.memory_limit` (the publisher is answered as always).",
+        "`to_subscriber`: on the way to a local subscriber (its queue full, expired, gone); `internal`: last wills and functions' publishes on trigger topics that never reached a commit (nobody sends these again); `memory_limit`: not routed to subscribers, or not retained, as it would take the broker beyond `local.memory_limit` (the publisher is answered as always).",
     ),
     more(
         family(

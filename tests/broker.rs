@@ -249,3 +249,83 @@ async fn a_persistent_session_gets_what_was_published_while_it_was_away() {
         assert_eq!(got, ["cmd 0", "cmd 1", "cmd 2"], "{}", broker.name);
     }
 }
+
+/// The topics and payloads of `seen`, sorted.
+fn messages(seen: &[Seen]) -> Vec<(String, String)> {
+    let mut m: Vec<_> = seen
+        .iter()
+        .map(|s| (s.topic.clone(), s.payload.clone()))
+        .collect();
+    m.sort();
+    m
+}
+
+/// Subscribes to `filter` on `port`, then publishes a message on
+/// `marker`, which `filter` matches: once it arrives, every retained
+/// message the subscription brought has arrived before it. What arrived,
+/// sorted, without the marker.
+async fn retained_for(port: u16, filter: &str, marker: &str) -> Vec<(String, String)> {
+    let subscriber = Upstream::subscribe(port, filter).await;
+    let mut dev = Device::connect("marker", port).await;
+    assert!(dev.publish_acked(marker, "marker", PATIENCE).await);
+    let seen = subscriber
+        .wait_until("the marker", |s| s.iter().any(|m| m.topic == marker))
+        .await;
+    let mut got = messages(&seen);
+    got.retain(|(topic, _)| topic != marker);
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retained_message_greets_each_new_subscriber_until_it_is_cleared() {
+    for broker in brokers().await {
+        let port = broker.port;
+        publish_retained(port, "dev/config/x", b"hello".to_vec()).await;
+        publish_retained(port, "dev/config/y", b"world".to_vec()).await;
+        publish_retained(port, "dev/state/y", b"other".to_vec()).await;
+        let pair = |t: &str, p: &str| (t.to_owned(), p.to_owned());
+        assert_eq!(
+            retained_for(port, "dev/config/#", "dev/config/marker").await,
+            [pair("dev/config/x", "hello"), pair("dev/config/y", "world")],
+            "{}",
+            broker.name
+        );
+        assert_eq!(
+            retained_for(port, "dev/+/y", "dev/marker/y").await,
+            [pair("dev/config/y", "world"), pair("dev/state/y", "other")],
+            "{}",
+            broker.name
+        );
+        // A newer one replaces it; an empty one clears it.
+        publish_retained(port, "dev/config/y", b"again".to_vec()).await;
+        publish_retained(port, "dev/config/x", Vec::new()).await;
+        assert_eq!(
+            retained_for(port, "dev/config/#", "dev/config/marker").await,
+            [pair("dev/config/y", "again")],
+            "{}",
+            broker.name
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_messages_outlive_a_restart_of_the_built_in_broker() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut file = standard(dir.path(), Local::Embedded(port), free_port());
+    file.upstream = None;
+    let config = write_config(dir.path(), &file);
+    let mut daemon = Daemon::start(&config);
+    port_open(port).await;
+    publish_retained(port, "dev/config/kept", b"kept".to_vec()).await;
+    publish_retained(port, "dev/config/gone", b"soon cleared".to_vec()).await;
+    publish_retained(port, "dev/config/gone", Vec::new()).await;
+    assert!(daemon.terminate().success());
+
+    let _daemon = Daemon::start(&config);
+    port_open(port).await;
+    assert_eq!(
+        retained_for(port, "dev/config/#", "dev/config/marker").await,
+        [("dev/config/kept".to_owned(), "kept".to_owned())]
+    );
+}

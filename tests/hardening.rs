@@ -393,19 +393,27 @@ fn peak_rss(pid: u32) -> u64 {
     kb * 1024
 }
 
+/// A daemon on `dir` whose built-in broker holds at most `memory_limit`
+/// (messages up to 512 KiB), no upstream: it, its port and its metrics port.
+#[cfg(feature = "embedded-broker")]
+async fn broker_within(dir: &std::path::Path, memory_limit: &str) -> (Daemon, u16, u16) {
+    let port = free_port();
+    let metrics = free_port();
+    let mut file = standard(dir, Local::Embedded(port), free_port());
+    file.upstream = None;
+    file.local.max_message_size = Some("512KiB".into());
+    file.local.memory_limit = Some(memory_limit.into());
+    file.metrics_on(metrics);
+    let daemon = Daemon::start(&write_config(dir, &file));
+    port_open(port).await;
+    (daemon, port, metrics)
+}
+
 #[cfg(feature = "embedded-broker")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_the_built_in_broker_holds_for_subscribers_stays_within_its_memory_limit() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let metrics = free_port();
-    let mut file = standard(dir.path(), Local::Embedded(port), free_port());
-    file.upstream = None;
-    file.local.max_message_size = Some("512KiB".into());
-    file.local.memory_limit = Some("2MiB".into());
-    file.metrics_on(metrics);
-    let daemon = Daemon::start(&write_config(dir.path(), &file));
-    port_open(port).await;
+    let (daemon, port, metrics) = broker_within(dir.path(), "2MiB").await;
     // Eight sleepers: persistent sessions, offline, each on its own topic.
     for s in 0..8 {
         session_v5(
@@ -451,5 +459,39 @@ async fn what_the_built_in_broker_holds_for_subscribers_stays_within_its_memory_
     wait_for_report(metrics, "nothing held", |r| {
         r["gateway"]["counters"]["broker_held_bytes"] == 0
     })
+    .await;
+}
+
+#[cfg(feature = "embedded-broker")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_messages_count_against_the_memory_limit_and_give_it_back_when_cleared() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_daemon, port, metrics) = broker_within(dir.path(), "1MiB").await;
+    let size = 300 * 1024;
+    let held_and_dropped = |held: u64, dropped: u64| {
+        move |r: &serde_json::Value| {
+            let c = &r["gateway"]["counters"];
+            c["broker_held_bytes"] == held && c["broker_dropped_memory_limit"] == dropped
+        }
+    };
+    // Three fit in 1 MiB; the fourth is acknowledged, not kept.
+    for t in 0..4 {
+        publish_retained(port, &format!("retain/{t}"), vec![b'r'; size]).await;
+    }
+    wait_for_report(
+        metrics,
+        "three held, one not kept",
+        held_and_dropped(3 * size as u64, 1),
+    )
+    .await;
+    // Cleared, its bytes are given back, and the fourth fits now.
+    publish_retained(port, "retain/0", Vec::new()).await;
+    wait_for_report(metrics, "two held", held_and_dropped(2 * size as u64, 1)).await;
+    publish_retained(port, "retain/3", vec![b'r'; size]).await;
+    wait_for_report(
+        metrics,
+        "three held again",
+        held_and_dropped(3 * size as u64, 1),
+    )
     .await;
 }

@@ -305,9 +305,10 @@ struct Deploy {
 impl Deploy {
     /// Publishes `version` (v1: `UNIT=F`, later ones `UNIT=C`) and waits
     /// until the gateway runs it; returns how long that took (ms). The
-    /// stand-in cloud keeps no retained messages, so a bundle published
-    /// before the gateway's control connection subscribed is lost: it is
-    /// published again (the same version twice changes nothing).
+    /// stand-in cloud keeps retained messages only while it runs, and it
+    /// goes away in the demo, so a bundle published before an outage can
+    /// be lost: it is published again (the same version twice changes
+    /// nothing).
     async fn push(&self, version: u64) -> anyhow::Result<u128> {
         use crate::cli::fleet::{DeployRequest, Publish};
         use edgefn::bundle::Targets;
@@ -417,7 +418,7 @@ async fn start_cloud(addr: SocketAddr) -> anyhow::Result<Cloud> {
         },
     };
     let broker =
-        EmbeddedBroker::start(settings, Arc::new(Registry::default()), tx, metrics).await?;
+        EmbeddedBroker::start(settings, None, Arc::new(Registry::default()), tx, metrics).await?;
     Ok(Cloud::Up(Box::new(broker)))
 }
 

@@ -890,7 +890,7 @@ fn check_deploy(
     if broker == DeployBroker::Local && embedded {
         p.push(
             "deploy.broker",
-            "\"local\" needs an external local broker: the embedded one keeps no retained messages (a gateway would miss every bundle published while it was away) and takes no message larger than local.max_message_size; use the upstream broker",
+            "\"local\" needs an external local broker: the embedded one takes no message larger than local.max_message_size, which bundles often are, and edgefn would be a client of itself; use the upstream broker",
         );
     }
     for (i, g) in raw.groups.iter().enumerate() {

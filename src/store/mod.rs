@@ -46,7 +46,7 @@
 //!    its own before the records that use it, because a commit that is not
 //!    synced can vanish after its records were sent upstream.
 //!
-//! # Schema (version 6, in `PRAGMA user_version`)
+//! # Schema (version 7, in `PRAGMA user_version`)
 //!
 //! - `outbox(seq INTEGER PRIMARY KEY, topic TEXT, payload BLOB,
 //!   created_ms INTEGER)`: records waiting for upstream. `topic` is what the
@@ -83,6 +83,9 @@
 //! - `schedule_runs(function TEXT PRIMARY KEY, last_ms INTEGER)` (version
 //!   5): when each scheduled function's last run was committed, for the
 //!   one catch-up run at start-up ([`crate::schedule`]).
+//! - `retained(topic TEXT PRIMARY KEY, payload BLOB, qos INTEGER)`
+//!   (version 7): the built-in broker's retained messages
+//!   ([`RetainedMessages`]), written in the writer's next transaction.
 //! - `dead_letters.version`, `dead_letters.replay` (version 5): the
 //!   version of the function that failed (0 for a function of the
 //!   configuration file; none before version 5), and whether an operator
@@ -212,6 +215,13 @@ const MIGRATIONS: &[&str] = &[
 ",
     "
     ALTER TABLE function_versions ADD COLUMN floor INTEGER;
+",
+    "
+    CREATE TABLE retained (
+        topic   TEXT PRIMARY KEY,
+        payload BLOB NOT NULL,
+        qos     INTEGER NOT NULL
+    ) WITHOUT ROWID;
 ",
 ];
 
@@ -506,6 +516,9 @@ struct Shared {
     tail: Mutex<Tail>,
     /// The local broker session's filters, to write in the next transaction.
     subscriptions: Mutex<Option<(String, Vec<String>)>>,
+    /// Retained messages set (`Some`) or cleared (`None`) since the last
+    /// transaction, by topic.
+    retained: Mutex<std::collections::HashMap<String, Option<Retained>>>,
     /// This database's incarnation (invariant 5).
     incarnation: u64,
 }
@@ -944,6 +957,29 @@ impl Reader {
         SessionFilters(self.shared.clone())
     }
 
+    /// The built-in broker's retained messages, as last committed.
+    pub fn retained(&self) -> Result<Vec<Retained>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT topic, payload, qos FROM retained ORDER BY topic")
+            .map_err(self.err())?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(Retained {
+                    topic: r.get(0)?,
+                    payload: r.get(1)?,
+                    qos: r.get(2)?,
+                })
+            })
+            .map_err(self.err())?;
+        rows.collect::<Result<_, _>>().map_err(self.err())
+    }
+
+    /// The handle with which the built-in broker keeps its retained messages.
+    pub fn retained_messages(&self) -> RetainedMessages {
+        RetainedMessages(self.shared.clone())
+    }
+
     /// This database's incarnation: a random number drawn when it was
     /// created, part of every record's id (invariant 5).
     pub fn incarnation(&self) -> u64 {
@@ -1020,6 +1056,46 @@ impl SessionFilters {
     pub fn save(&self, session: &str, filters: Vec<String>) {
         *self.0.subscriptions.lock().expect("subscriptions lock") =
             Some((session.to_owned(), filters));
+        self.0.leaving_ready.notify_one();
+    }
+}
+
+/// A retained message of the built-in broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Retained {
+    /// Its topic.
+    pub topic: String,
+    /// Its payload (never empty: an empty retained publish clears).
+    pub payload: Vec<u8>,
+    /// Its QoS, 0 to 2.
+    pub qos: u8,
+}
+
+/// Keeps the built-in broker's retained messages: a change is written in
+/// the writer's next transaction (which it wakes), after the message was
+/// acknowledged to its publisher, as retained messages are kept by
+/// Mosquitto's `persistence`: a crash can lose the latest changes, never
+/// records.
+#[derive(Debug, Clone)]
+pub struct RetainedMessages(Arc<Shared>);
+
+impl RetainedMessages {
+    /// Remembers `message` as the one retained on its topic.
+    pub fn set(&self, message: Retained) {
+        self.change(message.topic.clone(), Some(message));
+    }
+
+    /// Forgets the message retained on `topic`.
+    pub fn clear(&self, topic: &str) {
+        self.change(topic.to_owned(), None);
+    }
+
+    fn change(&self, topic: String, value: Option<Retained>) {
+        self.0
+            .retained
+            .lock()
+            .expect("retained lock")
+            .insert(topic, value);
         self.0.leaving_ready.notify_one();
     }
 }

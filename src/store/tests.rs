@@ -596,3 +596,31 @@ fn a_newer_schema_is_refused() {
     .unwrap();
     assert!(matches!(e, StoreError::TooNew { found: 99, .. }), "{e}");
 }
+
+#[test]
+fn retained_messages_are_written_in_the_next_transaction_and_read_back_after_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (mut w, r) = open_plain(dir.path());
+        let retained = r.retained_messages();
+        let message = |topic: &str, payload: &str| Retained {
+            topic: topic.into(),
+            payload: payload.into(),
+            qos: 1,
+        };
+        retained.set(message("dev/config/a", "one"));
+        retained.set(message("dev/config/b", "two"));
+        retained.set(message("dev/config/a", "three"));
+        assert!(w.has_acknowledged(), "a change waits for a transaction");
+        assert!(r.retained().unwrap().is_empty(), "not before it");
+        w.commit(&mut [], NEVER).unwrap();
+        assert!(!w.has_acknowledged());
+        retained.clear("dev/config/b");
+        w.commit(&mut [], NEVER).unwrap();
+        assert_eq!(r.retained().unwrap(), [message("dev/config/a", "three")]);
+    }
+    let (_w, r) = open_plain(dir.path());
+    let kept = r.retained().unwrap();
+    assert_eq!(kept.len(), 1);
+    assert_eq!(kept[0].payload, b"three");
+}

@@ -52,7 +52,8 @@ impl Writer {
             .lock()
             .expect("subscriptions lock")
             .take();
-        let result = self.write(batch, incoming, &taken, subscriptions.as_ref());
+        let retained = std::mem::take(&mut *self.shared.retained.lock().expect("retained lock"));
+        let result = self.write(batch, incoming, &taken, subscriptions.as_ref(), &retained);
         if result.is_err() && subscriptions.is_some() {
             let mut pending = self
                 .shared
@@ -61,6 +62,13 @@ impl Writer {
                 .expect("subscriptions lock");
             if pending.is_none() {
                 *pending = subscriptions;
+            }
+        }
+        if result.is_err() {
+            // For the next transaction, unless newer changes came meanwhile.
+            let mut pending = self.shared.retained.lock().expect("retained lock");
+            for (topic, value) in retained {
+                pending.entry(topic).or_insert(value);
             }
         }
         self.shared
@@ -83,6 +91,7 @@ impl Writer {
         incoming: u64,
         taken: &Taken,
         subscriptions: Option<&(String, Vec<String>)>,
+        retained: &std::collections::HashMap<String, Option<Retained>>,
     ) -> Result<Committed, StoreError> {
         let path = self.path.clone();
         let err = |source| StoreError::Sqlite {
@@ -108,6 +117,7 @@ impl Writer {
         if let Some((session, filters)) = subscriptions {
             save_subscriptions(&tx, session, filters).map_err(err)?;
         }
+        save_retained(&tx, retained).map_err(err)?;
         {
             let refused = refuse(&tx, &taken.refused, now).map_err(err)?;
             freed += refused.outbox_bytes;
@@ -283,12 +293,20 @@ impl Writer {
             || self.has_subscriptions_to_save()
     }
 
+    /// Whether the local session's filters or retained messages wait for
+    /// a transaction.
     fn has_subscriptions_to_save(&self) -> bool {
         self.shared
             .subscriptions
             .lock()
             .expect("subscriptions lock")
             .is_some()
+            || !self
+                .shared
+                .retained
+                .lock()
+                .expect("retained lock")
+                .is_empty()
     }
 
     /// Moves the records just committed, with seqs from `first` on, into
@@ -407,6 +425,26 @@ impl Writer {
 }
 
 /// Replaces the remembered filters with `filters` of `session`.
+/// Writes the retained messages set or cleared since the last transaction.
+fn save_retained(
+    tx: &rusqlite::Transaction<'_>,
+    retained: &std::collections::HashMap<String, Option<Retained>>,
+) -> rusqlite::Result<()> {
+    for (topic, value) in retained {
+        match value {
+            Some(m) => tx
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO retained (topic, payload, qos) VALUES (?1, ?2, ?3)",
+                )?
+                .execute(params![topic, m.payload, m.qos])?,
+            None => tx
+                .prepare_cached("DELETE FROM retained WHERE topic = ?1")?
+                .execute([topic])?,
+        };
+    }
+    Ok(())
+}
+
 fn save_subscriptions(
     tx: &rusqlite::Transaction<'_>,
     session: &str,

@@ -88,10 +88,9 @@
 //! * Shutdown is two-phase (see [`EmbeddedBroker::shutdown`]): nothing new enters the pipeline,
 //!   what it already holds gets a grace period to be committed and acknowledged, then the
 //!   remaining waits are refused and every session is kicked.
-//! * rmqtt core keeps everything in memory: sessions, subscriptions and messages queued for
-//!   devices are lost when edgefn restarts. Retained messages are not supported: without
-//!   rmqtt's `retain` feature and a storage behind it nothing is stored (its
-//!   `DefaultRetainStorage` is a stub), and an MQTT 5 client whose will is retained is refused.
+//! * rmqtt core keeps sessions, subscriptions and messages queued for devices in memory:
+//!   they are lost when edgefn restarts. Retained messages are kept in SQLite as well
+//!   (`retain`).
 //!
 //! # Pinned by tests
 //!
@@ -160,8 +159,7 @@
 //! * last wills passing the `MessagePublish` hook only, and their delivery;
 //! * that [`EmbeddedBroker::publish`] runs no publish hook, and chaining through the relay;
 //! * the two phases of [`EmbeddedBroker::shutdown`];
-//! * retained messages being unsupported (and an MQTT 5 retained will refused), and sessions
-//!   living in memory only;
+//! * sessions living in memory only;
 //! * the listener limits and defaults described on the constants below.
 
 use std::collections::HashMap;
@@ -196,6 +194,7 @@ use crate::registry::Registry;
 
 mod access;
 mod hook;
+mod retain;
 mod sessions;
 mod share;
 
@@ -632,6 +631,7 @@ impl EmbeddedBroker {
     /// [`EmbeddedBroker::local_addr`]).
     pub async fn start(
         config: BrokerConfig,
+        retained: Option<(Vec<crate::store::Retained>, crate::store::RetainedMessages)>,
         functions: Arc<Registry>,
         deliveries: mpsc::Sender<Delivery>,
         metrics: Arc<Metrics>,
@@ -662,13 +662,26 @@ impl EmbeddedBroker {
             .await;
         // Reconnects take their session over whatever state the old one is in, and what is
         // routed to subscribers stays within `memory_limit`.
+        let budget = Arc::new(sessions::Budget {
+            limit: memory_limit,
+            metrics: metrics.clone(),
+        });
         *scx.extends.shared_mut().await = Box::new(sessions::Sessions {
             table: rmqtt::shared::DefaultShared::new(Some(scx.clone())),
             scx: scx.clone(),
-            limit: memory_limit,
-            metrics: metrics.clone(),
+            budget: budget.clone(),
             gate: gate.clone(),
         });
+        let retainer =
+            retain::Retainer::new(retained.as_ref().map(|r| r.1.clone()), budget, gate.clone());
+        if let Some((kept, _)) = retained {
+            let loaded = retainer
+                .load(kept, &retain::loaded_from(scx.node.id()))
+                .await
+                .context("cannot load the retained messages")?;
+            debug!(loaded, "retained messages loaded");
+        }
+        *scx.extends.retain_mut().await = Box::new(retainer);
         *scx.extends.shared_subscription_mut().await = Box::new(share::InTurn::default());
 
         let (phase, phase_rx) = watch::channel(Phase::Running);

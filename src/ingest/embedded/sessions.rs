@@ -68,12 +68,19 @@ pub(super) struct Sessions {
     pub(super) table: DefaultShared,
     /// The broker: its router tells whether a message has subscribers.
     pub(super) scx: ServerContext,
+    /// What routed messages are held within.
+    pub(super) budget: Arc<Budget>,
+    /// Whose read rights each message is routed by.
+    pub(super) gate: Arc<super::access::Gate>,
+}
+
+/// `[local] memory_limit`: the payload bytes the broker holds for its
+/// clients (routed, queued, in flight, retained).
+pub(super) struct Budget {
     /// The payload bytes held now are `metrics.broker_held_bytes`.
     pub(super) limit: usize,
     /// Where the held bytes and the drops are counted.
     pub(super) metrics: Arc<Metrics>,
-    /// Whose read rights each message is routed by.
-    pub(super) gate: Arc<super::access::Gate>,
 }
 
 /// A payload whose bytes count as held until it is dropped.
@@ -101,9 +108,10 @@ impl Drop for Held {
 /// Drops for the memory limit, logged at most once a minute.
 static LIMIT_LOGGED: Throttle = Throttle::per_minute(1);
 
-impl Sessions {
-    /// `payload` counted as held, or `None` if it does not fit.
-    fn hold(&self, payload: Bytes) -> Option<Bytes> {
+impl Budget {
+    /// `payload` counted as held until its last copy is dropped, or `None`
+    /// if it does not fit.
+    pub(super) fn hold(&self, payload: Bytes) -> Option<Bytes> {
         let len = payload.len() as u64;
         let held = &self.metrics.broker_held_bytes;
         held.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |now| {
@@ -163,8 +171,10 @@ impl Sessions {
     }
 }
 
-/// One client id's entry of [`Takeover`].
-struct TakeoverEntry(Box<dyn Entry>);
+/// One client id's entry of the session table, with the gate whose read
+/// rights the messages published to it directly (retained ones, as it
+/// subscribes) are checked against.
+struct TakeoverEntry(Box<dyn Entry>, Arc<super::access::Gate>);
 
 #[async_trait]
 impl Entry for TakeoverEntry {
@@ -172,7 +182,7 @@ impl Entry for TakeoverEntry {
         let deadline = Instant::now() + LOCK_PATIENCE;
         loop {
             match self.0.try_lock().await {
-                Ok(locked) => return Ok(Box::new(TakeoverEntry(locked))),
+                Ok(locked) => return Ok(Box::new(TakeoverEntry(locked, self.1.clone()))),
                 Err(e) if Instant::now() >= deadline => return Err(e),
                 Err(_) => tokio::time::sleep(LOCK_RETRY).await,
             }
@@ -257,6 +267,11 @@ impl Entry for TakeoverEntry {
         from: From,
         p: Publish,
     ) -> std::result::Result<(), (From, Publish, Reason)> {
+        if let Some(session) = self.0.session()
+            && !self.1.may_read(&session, &p.topic)
+        {
+            return Ok(());
+        }
         self.0.publish(from, p).await
     }
 
@@ -268,7 +283,7 @@ impl Entry for TakeoverEntry {
 #[async_trait]
 impl Shared for Sessions {
     fn entry(&self, id: Id) -> Box<dyn Entry> {
-        Box::new(TakeoverEntry(self.table.entry(id)))
+        Box::new(TakeoverEntry(self.table.entry(id), self.gate.clone()))
     }
 
     fn exist(&self, client_id: &str) -> bool {
@@ -284,7 +299,7 @@ impl Shared for Sessions {
     {
         let payload = std::mem::take(&mut publish.inner.payload);
         let size = payload.len();
-        match self.hold(payload) {
+        match self.budget.hold(payload) {
             Some(held) => publish.inner.payload = held,
             None => {
                 // A message nobody subscribed to is not held anyway: nothing to count.
@@ -303,12 +318,12 @@ impl Shared for Sessions {
                     return Ok(0);
                 }
                 event!(
-                    self.metrics.broker_dropped_memory_limit,
+                    self.budget.metrics.broker_dropped_memory_limit,
                     warn,
                     throttle = LIMIT_LOGGED,
                     topic = %Printable(&publish.inner.topic),
                     size,
-                    limit = self.limit,
+                    limit = self.budget.limit,
                     "the built-in broker holds local.memory_limit for its subscribers: a message was not routed to them"
                 );
                 return Ok(0);
@@ -357,8 +372,16 @@ impl Shared for Sessions {
         Box::new(
             self.table
                 .iter()
-                .map(|e| Box::new(TakeoverEntry(e)) as Box<dyn Entry>),
+                .map(|e| Box::new(TakeoverEntry(e, self.gate.clone())) as Box<dyn Entry>),
         )
+    }
+
+    async fn retain_load_with(
+        &self,
+        topic_filter: &rmqtt::types::TopicFilter,
+        cb: Arc<dyn rmqtt::shared::RetainLoadCallback>,
+    ) -> Result<Vec<(NodeId, MsgID)>> {
+        self.table.retain_load_with(topic_filter, cb).await
     }
 
     fn random_session(&self) -> Option<Session> {
