@@ -24,13 +24,13 @@
 //! * `pattern [read|write|readwrite|deny] FILTER`: a rule of every client,
 //!   where `%c` stands for its client id and `%u` for its user name. A
 //!   pattern does not apply to a client whose substituted value is missing
-//!   (`%u` of an anonymous client) or contains `+`, `#` or `/`: such a client
-//!   id could otherwise reach into another client's topics.
+//!   (`%u` of an anonymous client) or contains `+`, `#`, `/` or `%`: such a
+//!   client id could otherwise reach into another client's topics.
 //!
 //! With an ACL file, what no rule grants is denied; a `deny` rule that
 //! matches wins over any grant. `write` governs publishing (and a client's
 //! will), `read` receiving: each message is checked against the receiver's
-//! rules as it is delivered, as Mosquitto does. A subscription is refused
+//! rules as it is routed to it (Mosquitto checks as it delivers). A subscription is refused
 //! outright when no message could ever pass: its filter overlaps no `read`
 //! grant, or a `deny` rule covers all of it.
 
@@ -164,6 +164,9 @@ impl fmt::Debug for Hash {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Passwords {
     users: HashMap<String, Hash>,
+    /// Most `$7$` iterations of the file: what a login of an unknown user
+    /// costs, so that it takes as long as a known user's.
+    dummy_iterations: u32,
 }
 
 /// The answer to a login.
@@ -208,8 +211,19 @@ impl Passwords {
                 Err(message) => problems.push(problem(format!("user {user:?}: {message}"))),
             }
         }
+        let dummy_iterations = users
+            .values()
+            .filter_map(|h| match h {
+                Hash::Pbkdf2 { iterations, .. } => Some(*iterations),
+                Hash::Sha512 { .. } => None,
+            })
+            .max()
+            .unwrap_or(1);
         if problems.is_empty() {
-            Ok(Passwords { users })
+            Ok(Passwords {
+                users,
+                dummy_iterations,
+            })
         } else {
             Err(problems)
         }
@@ -222,7 +236,12 @@ impl Passwords {
             Some(hash) if hash.verify(password) => Login::Accepted,
             Some(_) => Login::BadPassword,
             None => {
-                let _ = DUMMY.verify(password);
+                let dummy = Hash::Pbkdf2 {
+                    iterations: self.dummy_iterations,
+                    salt: vec![0; 12],
+                    hash: vec![0; 64],
+                };
+                let _ = dummy.verify(password);
                 Login::UnknownUser
             }
         }
@@ -247,13 +266,6 @@ impl Passwords {
         self.users.is_empty()
     }
 }
-
-/// Hashed for a user that does not exist: `mosquitto_passwd`'s defaults.
-static DUMMY: std::sync::LazyLock<Hash> = std::sync::LazyLock::new(|| Hash::Pbkdf2 {
-    iterations: 101,
-    salt: vec![0; 12],
-    hash: vec![0; 64],
-});
 
 /// What a rule lets a client do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -378,6 +390,13 @@ impl Acl {
         }
     }
 
+    /// Whether a rule depends on the user name (`user` lines, `%u`): then
+    /// user names must be proven (a password file or certificates).
+    pub fn names_users(&self) -> bool {
+        self.users.values().any(|rules| !rules.is_empty())
+            || self.patterns.iter().any(|r| r.filter.contains("%u"))
+    }
+
     /// The filters of `client`'s rules, patterns substituted.
     fn rules<'a>(&'a self, client: Client<'a>) -> impl Iterator<Item = (Right, TopicFilter)> + 'a {
         let own = match client.user {
@@ -434,7 +453,8 @@ impl Acl {
 /// `filter` with `%c` and `%u` replaced by `client`'s; none when a value it
 /// needs is missing or holds a wildcard or level separator.
 fn substitute(filter: &str, client: Client<'_>) -> Option<String> {
-    let safe = |value: &str| !value.is_empty() && !value.contains(['+', '#', '/']);
+    // `%` too: a client id `%u` must not become the user name.
+    let safe = |value: &str| !value.is_empty() && !value.contains(['+', '#', '/', '%']);
     let mut out = filter.to_owned();
     if filter.contains("%c") {
         if !safe(client.id) {
@@ -452,7 +472,7 @@ fn substitute(filter: &str, client: Client<'_>) -> Option<String> {
 /// The built-in broker's access rules: who may connect, and what they may do.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Access {
-    /// The password file; none: no user can log in.
+    /// The password file; none: user names are not checked.
     pub passwords: Option<Passwords>,
     /// The ACL file; none: every client may publish and subscribe anywhere.
     pub acl: Option<Acl>,

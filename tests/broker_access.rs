@@ -22,6 +22,7 @@ topic read public/#
 user watcher
 topic read sensors/#
 topic write devices/#
+topic write dev1/private/#
 
 user dev1
 topic read dev1/private/#
@@ -523,6 +524,70 @@ async fn a_client_receives_nothing_it_may_not_read() {
             let report = wait_for_counter(*metrics, "broker_refused_subscribe", 1).await;
             assert!(report["gateway"]["counters"]["broker_refused_read"].as_u64() >= Some(1));
         }
+    }
+}
+
+/// Connects over MQTT 5 as `id` and `user`, resuming a session kept an
+/// hour; whether the broker had one.
+async fn resume(port: u16, id: &str, user: (&str, &str)) -> (Conn, bool) {
+    let mut o = MqttOptions::new(id, "127.0.0.1", port);
+    o.set_clean_start(false);
+    o.set_session_expiry_interval(Some(3600));
+    o.set_credentials(user.0, user.1);
+    let (client, mut events) = AsyncClient::new(o, 10);
+    let present = match tokio::time::timeout(PATIENCE, events.poll()).await {
+        Ok(Ok(Event::Incoming(Packet::ConnAck(a)))) if a.code == ConnectReturnCode::Success => {
+            a.session_present
+        }
+        other => panic!("{id}: {other:?}"),
+    };
+    let (tx, incoming) = tokio::sync::mpsc::unbounded_channel();
+    let task = tokio::spawn(async move {
+        while let Ok(event) = events.poll().await {
+            if let Event::Incoming(p) = event
+                && tx.send(Ok(p)).is_err()
+            {
+                return;
+            }
+        }
+    });
+    let conn = Conn {
+        client,
+        incoming,
+        early: Default::default(),
+        task,
+    };
+    (conn, present)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_user_with_the_same_client_id_gets_a_fresh_session_not_the_queued_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    for broker in brokers(dir.path()).await {
+        let name = broker.name;
+        let port = broker.port;
+        // dev1's persistent session, subscribed to what only dev1 may read; then away.
+        let (mut dev1, _) = resume(port, "dev1", ("dev1", "s3cret")).await;
+        dev1.subscribe("dev1/private/#").await;
+        drop(dev1);
+        let mut ops = connect(port, "ops", Some(("watcher", "w4tch")))
+            .await
+            .unwrap();
+        let _ = ops.publish("dev1/private/key", "secret").await;
+        // dev2 takes dev1's client id and gets nothing of dev1's. Mosquitto
+        // 2.0 resumes the session and withholds what dev2 may not read as it
+        // delivers; edgefn checks as it routes, so it starts a fresh session.
+        let (mut intruder, present) = resume(port, "dev1", ("dev2", "other")).await;
+        assert_eq!(present, name == "mosquitto", "{name}: session present");
+        // What it may read (its client id's commands) is the first it gets.
+        intruder.subscribe("devices/dev1/cmd").await;
+        let _ = ops.publish("devices/dev1/cmd", "marker").await;
+        let got = intruder.messages(1).await;
+        assert_eq!(
+            got,
+            [("devices/dev1/cmd".to_owned(), "marker".to_owned())],
+            "{name}"
+        );
     }
 }
 

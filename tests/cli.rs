@@ -106,6 +106,19 @@ fn check_stops_a_built_in_broker_off_loopback_that_takes_nobody_and_warns_of_one
         "{t}"
     );
 
+    // User lines need proven user names.
+    file.local.password_file = None;
+    file.local.allow_anonymous = Some(true);
+    std::fs::write(dir.path().join("acl"), "user dev1\ntopic sensors/#\n").unwrap();
+    let (ok, t) = check(&file);
+    assert!(
+        !ok && t
+            .contains("local.acl_file: has user lines or %u patterns, but without password_file"),
+        "{t}"
+    );
+    file.local.password_file = Some("passwd".into());
+    file.local.allow_anonymous = None;
+
     // Wrong lines are named by file and line, all at once.
     std::fs::write(&passwd, "dev1:plain\n").unwrap();
     std::fs::write(dir.path().join("acl"), "topic read a/#/b\n").unwrap();

@@ -109,15 +109,26 @@ pub(super) fn check_access(
         acl_file: raw.acl_file.as_ref().map(|f| base.join(f)),
         allow_anonymous: raw.allow_anonymous.unwrap_or(exposed.is_none()),
     };
-    if let Err(problems) = files.load() {
-        for (key, problem) in problems {
-            p.push(format!("local.{key}"), problem.to_string());
+    let certificates = tls.is_some_and(|t| t.use_identity_as_username);
+    match files.load() {
+        Err(problems) => {
+            for (key, problem) in problems {
+                p.push(format!("local.{key}"), problem.to_string());
+            }
+        }
+        Ok(access) => {
+            let names_users = access.acl.as_ref().is_some_and(|acl| acl.names_users());
+            if names_users && files.allow_anonymous && files.password_file.is_none() {
+                p.push(
+                    "local.acl_file",
+                    "has user lines or %u patterns, but without password_file a client may give any user name (allow_anonymous is true): set password_file, or allow_anonymous = false",
+                );
+            }
         }
     }
     let Some(listen) = exposed else {
         return files;
     };
-    let certificates = tls.is_some_and(|t| t.use_identity_as_username);
     if files.allow_anonymous {
         p.warnings.push(Problem {
             key: "local.allow_anonymous".into(),

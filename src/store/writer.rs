@@ -424,7 +424,6 @@ impl Writer {
     }
 }
 
-/// Replaces the remembered filters with `filters` of `session`.
 /// Writes the retained messages set or cleared since the last transaction.
 fn save_retained(
     tx: &rusqlite::Transaction<'_>,
@@ -445,6 +444,7 @@ fn save_retained(
     Ok(())
 }
 
+/// Replaces the remembered filters with `filters` of `session`.
 fn save_subscriptions(
     tx: &rusqlite::Transaction<'_>,
     session: &str,

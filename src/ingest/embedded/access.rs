@@ -282,12 +282,16 @@ impl Gate {
         acc: Option<HookResult>,
     ) -> ReturnType {
         let rules = self.rules.load();
-        let (Some(acl), Ok(filter)) = (&rules.acl, TopicFilter::new(&subscribe.topic_filter))
-        else {
+        let Some(acl) = &rules.acl else {
             return (true, acc);
         };
         let who = client(session);
-        if acl.may_subscribe(who, &filter) {
+        // A filter rmqtt let through but edgefn cannot read is refused.
+        let filter = TopicFilter::new(&subscribe.topic_filter);
+        if filter
+            .as_ref()
+            .is_ok_and(|filter| acl.may_subscribe(who, filter))
+        {
             return (true, acc);
         }
         self.refused(
@@ -295,7 +299,7 @@ impl Gate {
             who.id,
             session.id.remote_addr,
             who.user,
-            Some(filter.as_str()),
+            Some(&subscribe.topic_filter),
         );
         let refusal = SubscribeAclResult::new_failure(SubscribeAckReason::NotAuthorized);
         (false, Some(HookResult::SubscribeAclResult(refusal)))
@@ -321,7 +325,7 @@ impl Gate {
 
     /// Re-reads the files; on success applies them and disconnects the
     /// clients whose password entry changed (see the module docs).
-    pub(super) async fn reload(&self, scx: &ServerContext) {
+    pub(super) async fn reload(self: &Arc<Self>, scx: &ServerContext) {
         let files = self.files.clone();
         let loaded = tokio::task::spawn_blocking(move || files.load()).await;
         let new = match loaded {
@@ -367,21 +371,29 @@ impl Gate {
                 continue;
             }
             revoked += 1;
-            self.refused(
-                Refused::Revoked,
-                &session.id.client_id,
-                session.id.remote_addr,
-                Some(user),
-                None,
-            );
-            match entry.try_lock().await {
-                Ok(mut locked) => {
-                    if let Err(e) = locked.kick(true, true, true).await {
-                        debug!(error = %e, "disconnecting a revoked client failed");
-                    }
+            // Each in a task of its own: a session busy with a handshake may
+            // take its lock's patience, and the next signal must not wait.
+            let gate = Arc::clone(self);
+            tokio::spawn(async move {
+                let kicked = match entry.try_lock().await {
+                    Ok(mut locked) => locked.kick(true, true, true).await.map(|_| ()),
+                    Err(e) => Err(e),
+                };
+                match kicked {
+                    Ok(()) => gate.refused(
+                        Refused::Revoked,
+                        &session.id.client_id,
+                        session.id.remote_addr,
+                        session.username().map(|u| &**u),
+                        None,
+                    ),
+                    Err(e) => warn!(
+                        client_id = %Printable(&session.id.client_id),
+                        error = %e,
+                        "a client whose password entry changed could not be disconnected"
+                    ),
                 }
-                Err(e) => debug!(error = %e, "locking a revoked client's session failed"),
-            }
+            });
         }
         info!(
             users = new.passwords.as_ref().map_or(0, |p| p.len()),

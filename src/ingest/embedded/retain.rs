@@ -5,10 +5,12 @@
 //!   it. A subscriber gets what matches its filter as it subscribes (MQTT 5
 //!   retain handling as asked), each message checked against its read
 //!   rights like any other (see `sessions`).
-//! * Its payload counts against `[local] memory_limit` while it is retained.
-//!   One that does not fit is not retained (the one before stays), counted
-//!   in `broker_dropped_memory_limit` and logged at most once a minute; it
-//!   is still routed and acknowledged as usual.
+//! * Its payload and topic count against `[local] memory_limit` while it is
+//!   retained, and at most [`MAX_RETAINED`] topics hold one. One that does
+//!   not fit is not retained (the one before stays), counted in
+//!   `broker_dropped_memory_limit` and logged at most once a minute; it is
+//!   still routed and acknowledged as usual. While it is routed its payload
+//!   counts twice (the retained copy and the routed one).
 //! * A message is kept until it is replaced or cleared; rmqtt's default
 //!   lifetime for queued messages does not apply. An MQTT 5 message expiry
 //!   interval set by the publisher does: such a message is kept in memory
@@ -39,6 +41,11 @@ use crate::metrics::event;
 use crate::store::{Retained, RetainedMessages};
 use crate::text::Printable;
 use crate::throttle::Throttle;
+
+/// Most retained messages (topics) at once: each costs a node of the tree
+/// besides its bytes. Beyond it, a retained publish on a new topic is not
+/// kept (one on a topic already retained replaces it as usual).
+pub(super) const MAX_RETAINED: isize = 10_000;
 
 /// How often expired retained messages are swept out of memory.
 const SWEEP_INTERVAL_MS: u64 = 60_000;
@@ -89,7 +96,8 @@ impl Retainer {
     pub(super) async fn load(&self, kept: Vec<Retained>, from: &From) -> Result<usize> {
         let mut loaded = 0;
         for m in kept {
-            let Some(payload) = self.budget.hold(Bytes::from(m.payload)) else {
+            let extra = m.topic.len();
+            let Some(payload) = self.budget.hold_with(Bytes::from(m.payload), extra) else {
                 tracing::warn!(
                     topic = %Printable(&m.topic),
                     "a retained message does not fit in local.memory_limit: not loaded"
@@ -166,9 +174,23 @@ impl RetainStorage for Retainer {
             .as_ref()
             .and_then(|p| p.message_expiry_interval)
             .map(|s| Duration::from_secs(u64::from(s.get())));
+        if RetainStorage::count(&self.tree).await >= MAX_RETAINED
+            && self.tree.get_message(topic).await?.is_empty()
+        {
+            event!(
+                self.budget.metrics.broker_dropped_memory_limit,
+                warn,
+                throttle = LIMIT_LOGGED,
+                topic = %Printable(topic),
+                most = MAX_RETAINED,
+                "the built-in broker holds its most retained messages: one on a new topic was not kept"
+            );
+            return Ok(());
+        }
         let payload = std::mem::take(&mut retain.publish.payload);
         let size = payload.len();
-        let Some(held) = self.budget.hold(payload) else {
+        // The topic stays with the message: it counts too.
+        let Some(held) = self.budget.hold_with(payload, topic.len()) else {
             event!(
                 self.budget.metrics.broker_dropped_memory_limit,
                 warn,

@@ -87,6 +87,8 @@ pub(super) struct Budget {
 struct Held {
     /// The payload.
     payload: Bytes,
+    /// Bytes counted besides the payload's (a retained message's topic).
+    extra: usize,
     /// Where it is counted.
     metrics: Arc<Metrics>,
 }
@@ -101,7 +103,7 @@ impl Drop for Held {
     fn drop(&mut self) {
         self.metrics
             .broker_held_bytes
-            .fetch_sub(self.payload.len() as u64, Ordering::Relaxed);
+            .fetch_sub((self.payload.len() + self.extra) as u64, Ordering::Relaxed);
     }
 }
 
@@ -112,7 +114,12 @@ impl Budget {
     /// `payload` counted as held until its last copy is dropped, or `None`
     /// if it does not fit.
     pub(super) fn hold(&self, payload: Bytes) -> Option<Bytes> {
-        let len = payload.len() as u64;
+        self.hold_with(payload, 0)
+    }
+
+    /// [`Budget::hold`], counting `extra` bytes besides the payload's.
+    pub(super) fn hold_with(&self, payload: Bytes, extra: usize) -> Option<Bytes> {
+        let len = (payload.len() + extra) as u64;
         let held = &self.metrics.broker_held_bytes;
         held.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |now| {
             (now.saturating_add(len) <= self.limit as u64).then_some(now + len)
@@ -120,6 +127,7 @@ impl Budget {
         .ok()?;
         Some(Bytes::from_owner(Held {
             payload,
+            extra,
             metrics: self.metrics.clone(),
         }))
     }
@@ -211,10 +219,20 @@ impl Entry for TakeoverEntry {
 
     async fn kick(
         &mut self,
-        clean_start: bool,
-        clear_subscriptions: bool,
+        mut clean_start: bool,
+        mut clear_subscriptions: bool,
         is_admin: IsAdmin,
     ) -> Result<OfflineSession> {
+        // A session goes on only with the user it was made for: a client of
+        // another user with the same client id starts afresh (as with
+        // Mosquitto), or it would receive what was queued under the old
+        // user's read rights.
+        if let Some(old) = self.0.session()
+            && old.username() != self.0.id().username.as_ref()
+        {
+            clean_start = true;
+            clear_subscriptions = true;
+        }
         match self
             .0
             .kick(clean_start, clear_subscriptions, is_admin)
