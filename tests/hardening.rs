@@ -490,10 +490,5 @@ async fn retained_messages_count_against_the_memory_limit_and_give_it_back_when_
     publish_retained(port, "retain/0", Vec::new()).await;
     wait_for_report(metrics, "two held", held_and_dropped(2 * one, 1)).await;
     publish_retained(port, "retain/3", vec![b'r'; size]).await;
-    wait_for_report(
-        metrics,
-        "three held again",
-        held_and_dropped(3 * one, 1),
-    )
-    .await;
+    wait_for_report(metrics, "three held again", held_and_dropped(3 * one, 1)).await;
 }
