@@ -3,8 +3,10 @@
 //!
 //! * A retained PUBLISH replaces what its topic held; an empty one clears
 //!   it. A subscriber gets what matches its filter as it subscribes (MQTT 5
-//!   retain handling as asked), each message checked against its read
-//!   rights like any other (see `sessions`).
+//!   retain handling as asked, none for a shared subscription), each
+//!   message checked against its read rights like any other, and queued
+//!   before the SUBACK, so that nothing routed to the subscription later
+//!   arrives before it (see `sessions`).
 //! * Its payload and topic count against `[local] memory_limit` while it is
 //!   retained, and at most [`MAX_RETAINED`] topics hold one. One that does
 //!   not fit is not retained (the one before stays), counted in
