@@ -34,6 +34,7 @@
 //! outright when no message could ever pass: its filter overlaps no `read`
 //! grant, or a `deny` rule covers all of it.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
 use std::path::Path;
@@ -296,8 +297,9 @@ enum Want {
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Rule {
     right: Right,
-    /// The filter as written (with `%c`/`%u` for a pattern).
-    filter: String,
+    /// The filter as written (with `%c`/`%u` for a pattern), checked once
+    /// as it is read.
+    filter: TopicFilter,
 }
 
 /// The rules of an ACL file.
@@ -364,14 +366,14 @@ impl Acl {
                         problems.push(problem(format!("`{keyword}` needs a topic filter")));
                         continue;
                     }
-                    if let Err(e) = TopicFilter::new(filter) {
-                        problems.push(problem(format!("{filter:?}: {e}")));
-                        continue;
-                    }
-                    let rule = Rule {
-                        right,
-                        filter: filter.to_owned(),
+                    let filter = match TopicFilter::new(filter) {
+                        Ok(filter) => filter,
+                        Err(e) => {
+                            problems.push(problem(format!("{filter:?}: {e}")));
+                            continue;
+                        }
                     };
+                    let rule = Rule { right, filter };
                     match (keyword, &user) {
                         ("pattern", _) => acl.patterns.push(rule),
                         (_, Some(user)) => acl.users.entry(user.clone()).or_default().push(rule),
@@ -394,21 +396,30 @@ impl Acl {
     /// user names must be proven (a password file or certificates).
     pub fn names_users(&self) -> bool {
         self.users.values().any(|rules| !rules.is_empty())
-            || self.patterns.iter().any(|r| r.filter.contains("%u"))
+            || self
+                .patterns
+                .iter()
+                .any(|r| r.filter.as_str().contains("%u"))
     }
 
-    /// The filters of `client`'s rules, patterns substituted.
-    fn rules<'a>(&'a self, client: Client<'a>) -> impl Iterator<Item = (Right, TopicFilter)> + 'a {
+    /// The filters of `client`'s rules, patterns substituted. Only a
+    /// pattern that names the client allocates: this runs for every
+    /// message routed.
+    fn rules<'a>(
+        &'a self,
+        client: Client<'a>,
+    ) -> impl Iterator<Item = (Right, Cow<'a, TopicFilter>)> + 'a {
         let own = match client.user {
             Some(user) => self.users.get(user).map_or(&[][..], Vec::as_slice),
             None => &self.anonymous[..],
         };
-        let own = own
-            .iter()
-            .filter_map(|r| Some((r.right, TopicFilter::new(&r.filter).ok()?)));
+        let own = own.iter().map(|r| (r.right, Cow::Borrowed(&r.filter)));
         let patterns = self.patterns.iter().filter_map(move |r| {
-            let filter = substitute(&r.filter, client)?;
-            Some((r.right, TopicFilter::new(&filter).ok()?))
+            if !r.filter.as_str().contains('%') {
+                return Some((r.right, Cow::Borrowed(&r.filter)));
+            }
+            let filter = substitute(r.filter.as_str(), client)?;
+            Some((r.right, Cow::Owned(TopicFilter::new(&filter).ok()?)))
         });
         own.chain(patterns)
     }
