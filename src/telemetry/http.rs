@@ -108,7 +108,10 @@ pub async fn serve(
                 .header_read_timeout(HEADER_TIMEOUT)
                 .keep_alive(false)
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-            let cut = match tokio::time::timeout(CONNECTION_TIMEOUT, connection).await {
+            // The connection owns the socket, and lives (pinned here) until
+            // the end of this task: whoever sees it closed sees it counted.
+            let mut connection = std::pin::pin!(connection);
+            let cut = match tokio::time::timeout(CONNECTION_TIMEOUT, connection.as_mut()).await {
                 Ok(Ok(())) => false,
                 Ok(Err(e)) => e.is_timeout(),
                 Err(_) => true,
