@@ -6,41 +6,8 @@
 
 use std::time::Duration;
 
+use testkit::pair::*;
 use testkit::*;
-
-/// A broker under test.
-struct Broker {
-    /// `mosquitto` or `edgefn`.
-    name: &'static str,
-    /// Where clients connect.
-    port: u16,
-    /// What keeps it running (the broker, or the daemon and its directory).
-    _running: Box<dyn std::any::Any + Send>,
-}
-
-/// A stock Mosquitto, and edgefn's built-in broker (the standard functions,
-/// no upstream).
-async fn brokers() -> [Broker; 2] {
-    let mosquitto = Mosquitto::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let mut file = standard(dir.path(), Local::Embedded(port), free_port());
-    file.upstream = None;
-    let daemon = Daemon::start(&write_config(dir.path(), &file));
-    port_open(port).await;
-    [
-        Broker {
-            name: "mosquitto",
-            port: mosquitto.port,
-            _running: Box::new(mosquitto),
-        },
-        Broker {
-            name: "edgefn",
-            port,
-            _running: Box::new((daemon, dir)),
-        },
-    ]
-}
 
 /// How a client's CONNECT was answered.
 #[derive(Debug, Clone, PartialEq)]

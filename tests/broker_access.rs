@@ -7,11 +7,11 @@
 #![cfg(feature = "embedded-broker")]
 
 use std::path::Path;
-use std::time::Duration;
 
+use rumqttc::v5::MqttOptions;
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, Packet, PubAckReason, SubscribeReasonCode};
-use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use rumqttc::v5::mqttbytes::v5::{PubAckReason, SubscribeReasonCode};
+use testkit::client::*;
 use testkit::*;
 
 /// Every device writes under its own client id, reads its own commands;
@@ -111,28 +111,6 @@ async fn brokers(dir: &Path) -> [Broker; 2] {
     ]
 }
 
-/// An MQTT 5 connection and what arrives on it.
-struct Conn {
-    client: AsyncClient,
-    /// Packets in; an error when the connection ended.
-    incoming: tokio::sync::mpsc::UnboundedReceiver<Result<Packet, String>>,
-    /// Messages that arrived while an acknowledgement was awaited.
-    early: std::collections::VecDeque<Packet>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Conn {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// Connects over MQTT 5 as `id`, logging in with `login`; the connection, or
-/// the CONNACK's refusal.
-async fn connect(port: u16, id: &str, login: Option<(&str, &str)>) -> Result<Conn, String> {
-    connect_with(port, id, login, None).await
-}
-
 /// Connects over MQTT 5 and TLS as `id`, trusting `pki`'s CA and showing
 /// the client certificate `cert` of `shown` (`client`, `nameless`), if any.
 async fn connect_tls(
@@ -152,159 +130,6 @@ async fn connect_tls(
         rumqttc::TlsConfiguration::Rustls(tls.config),
     ));
     open(o).await
-}
-
-/// [`connect`] with a will on `will`, if given.
-async fn connect_with(
-    port: u16,
-    id: &str,
-    login: Option<(&str, &str)>,
-    will: Option<&str>,
-) -> Result<Conn, String> {
-    let mut o = MqttOptions::new(id, "127.0.0.1", port);
-    if let Some(topic) = will {
-        o.set_last_will(rumqttc::v5::mqttbytes::v5::LastWill::new(
-            topic,
-            "gone",
-            QoS::AtLeastOnce,
-            false,
-            None,
-        ));
-    }
-    if let Some((user, password)) = login {
-        o.set_credentials(user, password);
-    }
-    open(o).await
-}
-
-/// Opens the connection `o` describes: it, or why it was refused (the
-/// CONNACK's reason, or the error that ended it before one).
-async fn open(mut o: MqttOptions) -> Result<Conn, String> {
-    o.set_keep_alive(Duration::from_secs(30));
-    let (client, mut events) = AsyncClient::new(o, 10);
-    match tokio::time::timeout(PATIENCE, events.poll()).await {
-        Ok(Ok(Event::Incoming(Packet::ConnAck(a)))) if a.code == ConnectReturnCode::Success => {}
-        Ok(Ok(Event::Incoming(Packet::ConnAck(a)))) => return Err(format!("{:?}", a.code)),
-        Ok(Err(rumqttc::v5::ConnectionError::ConnectionRefused(code))) => {
-            return Err(format!("{code:?}"));
-        }
-        Ok(Err(e)) => return Err(format!("no CONNACK: {e}")),
-        other => panic!("no CONNACK: {other:?}"),
-    }
-    let (tx, incoming) = tokio::sync::mpsc::unbounded_channel();
-    let task = tokio::spawn(async move {
-        loop {
-            match events.poll().await {
-                Ok(Event::Incoming(p)) => {
-                    if tx.send(Ok(p)).is_err() {
-                        return;
-                    }
-                }
-                Ok(Event::Outgoing(_)) => {}
-                Err(e) => {
-                    let _ = tx.send(Err(e.to_string()));
-                    return;
-                }
-            }
-        }
-    });
-    Ok(Conn {
-        client,
-        incoming,
-        early: Default::default(),
-        task,
-    })
-}
-
-impl Conn {
-    /// The next packet, within [`PATIENCE`].
-    async fn next(&mut self, what: &str) -> Packet {
-        match tokio::time::timeout(PATIENCE, self.incoming.recv()).await {
-            Ok(Some(Ok(packet))) => packet,
-            Ok(Some(Err(e))) => panic!("connection gone waiting for {what}: {e}"),
-            Ok(None) => panic!("connection gone waiting for {what}"),
-            Err(_) => panic!("no {what}"),
-        }
-    }
-
-    /// Waits until the broker closes the connection (with a DISCONNECT or without).
-    async fn closed(&mut self) {
-        loop {
-            match tokio::time::timeout(PATIENCE, self.incoming.recv()).await {
-                Ok(Some(Ok(Packet::Disconnect(_))) | Some(Err(_)) | None) => return,
-                Ok(Some(Ok(_))) => {}
-                Err(_) => panic!("the connection stayed open"),
-            }
-        }
-    }
-
-    /// Publishes at QoS 1; the PUBACK's reason.
-    async fn publish(&mut self, topic: &str, payload: &str) -> PubAckReason {
-        self.publish_with(topic, payload, false).await
-    }
-
-    /// [`Conn::publish`], retained if `retain`.
-    async fn publish_with(&mut self, topic: &str, payload: &str, retain: bool) -> PubAckReason {
-        self.client
-            .publish(topic, QoS::AtLeastOnce, retain, payload.to_owned())
-            .await
-            .unwrap();
-        loop {
-            match self.next("PUBACK").await {
-                Packet::PubAck(ack) => return ack.reason,
-                p @ Packet::Publish(_) => self.early.push_back(p),
-                _ => {}
-            }
-        }
-    }
-
-    /// Subscribes at QoS 1; the SUBACK's reason.
-    async fn subscribe(&mut self, filter: &str) -> SubscribeReasonCode {
-        self.client
-            .subscribe(filter, QoS::AtLeastOnce)
-            .await
-            .unwrap();
-        loop {
-            match self.next("SUBACK").await {
-                Packet::SubAck(ack) => return ack.return_codes[0],
-                p @ Packet::Publish(_) => self.early.push_back(p),
-                _ => {}
-            }
-        }
-    }
-
-    /// The topics and payloads of the next `n` messages.
-    async fn messages(&mut self, n: usize) -> Vec<(String, String)> {
-        let mut got = Vec::new();
-        while got.len() < n {
-            let next = match self.early.pop_front() {
-                Some(p) => p,
-                None => self.next("a message").await,
-            };
-            if let Packet::Publish(p) = next {
-                got.push((
-                    String::from_utf8_lossy(&p.topic).into_owned(),
-                    String::from_utf8_lossy(&p.payload).into_owned(),
-                ));
-            }
-        }
-        got
-    }
-}
-
-/// Connects over MQTT 3.1.1; the CONNACK's answer.
-async fn connect_v311(port: u16, id: &str, login: Option<(&str, &str)>) -> String {
-    use rumqttc::{AsyncClient, ConnectionError, Event, MqttOptions, Packet};
-    let mut o = MqttOptions::new(id, "127.0.0.1", port);
-    if let Some((user, password)) = login {
-        o.set_credentials(user, password);
-    }
-    let (_client, mut events) = AsyncClient::new(o, 10);
-    match tokio::time::timeout(PATIENCE, events.poll()).await {
-        Ok(Ok(Event::Incoming(Packet::ConnAck(a)))) => format!("{:?}", a.code),
-        Ok(Err(ConnectionError::ConnectionRefused(code))) => format!("{code:?}"),
-        other => panic!("{id}: no CONNACK: {other:?}"),
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -534,29 +359,8 @@ async fn resume(port: u16, id: &str, user: (&str, &str)) -> (Conn, bool) {
     o.set_clean_start(false);
     o.set_session_expiry_interval(Some(3600));
     o.set_credentials(user.0, user.1);
-    let (client, mut events) = AsyncClient::new(o, 10);
-    let present = match tokio::time::timeout(PATIENCE, events.poll()).await {
-        Ok(Ok(Event::Incoming(Packet::ConnAck(a)))) if a.code == ConnectReturnCode::Success => {
-            a.session_present
-        }
-        other => panic!("{id}: {other:?}"),
-    };
-    let (tx, incoming) = tokio::sync::mpsc::unbounded_channel();
-    let task = tokio::spawn(async move {
-        while let Ok(event) = events.poll().await {
-            if let Event::Incoming(p) = event
-                && tx.send(Ok(p)).is_err()
-            {
-                return;
-            }
-        }
-    });
-    let conn = Conn {
-        client,
-        incoming,
-        early: Default::default(),
-        task,
-    };
+    let conn = open(o).await.unwrap_or_else(|e| panic!("{id}: {e}"));
+    let present = conn.session_present;
     (conn, present)
 }
 

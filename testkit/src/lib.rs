@@ -9,11 +9,13 @@
 //! `tokio::time::sleep`, each bounded by [`PATIENCE`].
 
 pub mod bundle;
+pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod metrics;
 pub mod mosquitto;
 pub mod mqtt;
+pub mod pair;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
