@@ -173,7 +173,7 @@ impl Gateway {
 
         let in_flight = match &config.local.source {
             LocalSource::Broker(b) => usize::from(b.in_flight),
-            LocalSource::Embedded { .. } => 1024,
+            LocalSource::Embedded(_) => 1024,
         };
         let (deliveries_tx, deliveries_rx) = mpsc::channel(in_flight);
         let commit_latency = Arc::new(crate::metrics::Window::default());
@@ -208,11 +208,11 @@ impl Gateway {
             LocalSource::Broker(b) => reader
                 .local_subscriptions(&b.session_name())
                 .context("cannot read the local broker session's filters")?,
-            LocalSource::Embedded { .. } => Vec::new(),
+            LocalSource::Embedded(_) => Vec::new(),
         };
         // The built-in broker's retained messages, and where it keeps them.
         let retained = match &config.local.source {
-            LocalSource::Embedded { .. } => Some((
+            LocalSource::Embedded(_) => Some((
                 reader
                     .retained()
                     .context("cannot read the retained messages")?,
@@ -275,28 +275,19 @@ impl Gateway {
                 ));
             }
             #[cfg(feature = "embedded-broker")]
-            LocalSource::Embedded {
-                listen,
-                memory_limit,
-                access,
-                tls,
-            } => {
-                let settings = crate::ingest::embedded::BrokerConfig {
-                    listen: *listen,
-                    tls: tls.clone(),
-                    max_message_size: config.local.max_message_size,
-                    memory_limit: *memory_limit,
-                    access: access.clone(),
-                };
+            LocalSource::Embedded(embedded) => {
                 let b = crate::ingest::embedded::EmbeddedBroker::start(
-                    settings,
+                    embedded,
+                    config.local.max_message_size,
                     retained,
                     registry.clone(),
                     deliveries_tx,
                     metrics.clone(),
                 )
                 .await
-                .with_context(|| format!("cannot start the embedded broker on {listen}"))?;
+                .with_context(|| {
+                    format!("cannot start the embedded broker on {}", embedded.listen)
+                })?;
                 tracing::info!(listen = %b.local_addr(), tls_listen = ?b.tls_addr(), "embedded broker listening");
                 ingest.push(tokio::spawn(forward_local_publishes(
                     b.publisher(),
@@ -306,7 +297,7 @@ impl Gateway {
                 broker = Some(b);
             }
             #[cfg(not(feature = "embedded-broker"))]
-            LocalSource::Embedded { .. } => {
+            LocalSource::Embedded(_) => {
                 drop(retained);
                 anyhow::bail!("this edgefn was built without the embedded-broker feature")
             }

@@ -149,6 +149,9 @@ counters! {
     /// Embedded broker: messages not routed to any subscriber (or not
     /// retained) because they would take it beyond `local.memory_limit`.
     broker_dropped_memory_limit => "edgefn_broker_dropped" ["reason" = "memory_limit"],
+    /// Embedded broker: messages not routed to one subscriber because they
+    /// would take its session beyond `local.max_queued_bytes`.
+    broker_dropped_session_limit => "edgefn_broker_dropped" ["reason" = "max_queued_bytes"],
     /// Embedded broker, now: payload bytes held for subscribers (queued,
     /// in flight), at most `local.memory_limit`.
     broker_held_bytes => "edgefn_broker_held",
@@ -176,6 +179,14 @@ counters! {
     /// Built-in broker: CONNECTs refused, a client certificate without a
     /// common name to take as user name (use_identity_as_username).
     broker_refused_identity => "edgefn_broker_refusals" ["reason" = "no_identity"],
+    /// Built-in broker: CONNECTs refused, `local.max_connections` reached.
+    broker_refused_connections => "edgefn_broker_refusals" ["reason" = "max_connections"],
+    /// Built-in broker: CONNECTs refused, `local.max_connections_per_user`
+    /// reached for their user name.
+    broker_refused_user_connections => "edgefn_broker_refusals" ["reason" = "max_connections_per_user"],
+    /// Built-in broker: PUBLISHes that waited because their connection went
+    /// beyond `local.max_publish_rate`.
+    broker_publish_waits => "edgefn_broker_publish_waits",
     /// Built-in broker: password and ACL files re-read (SIGHUP) and applied.
     access_reloads => "edgefn_broker_access_reloads" ["outcome" = "applied"],
     /// Built-in broker: reloads that failed (a file unreadable or wrong);
@@ -619,16 +630,22 @@ pub const FAMILIES: &[Family] = &[
             &["reason"],
             "Built-in broker: messages lost on its own side, by reason.",
         ),
-        "`to_subscriber`: on the way to a local subscriber (its queue full, expired, gone); `internal`: last wills and functions' publishes on trigger topics that never reached a commit (nobody sends these again); `memory_limit`: not routed to subscribers, or not retained, as it would take the broker beyond `local.memory_limit` (the publisher is answered as always).",
+        "`to_subscriber`: on the way to a local subscriber (its queue full, expired, gone); `internal`: last wills and functions' publishes on trigger topics that never reached a commit (nobody sends these again); `memory_limit`: not routed to subscribers, or not retained, as it would take the broker beyond `local.memory_limit` (the publisher is answered as always); `max_queued_bytes`: not routed to one subscriber, as it would take its session beyond `local.max_queued_bytes`.",
     ),
     more(
         family(
             "edgefn_broker_refusals",
             C,
             &["reason"],
-            "Built-in broker: what local.password_file, local.acl_file and local.allow_anonymous refused, by reason.",
+            "Built-in broker: what local.password_file, local.acl_file, local.allow_anonymous and the connection limits refused, by reason.",
         ),
-        "`bad_password`, `unknown_user` and `anonymous`: CONNECTs refused (CONNACK Not authorized); `will_denied`: wills on a topic their client may not write, dropped when due (the client was let in, as by Mosquitto); `publish_denied`: PUBLISHes not routed nor committed (MQTT 5: PUBACK 0x87); `subscribe_denied`: SUBSCRIBE filters refused in the SUBACK; `read_denied`: messages withheld from a subscriber; `revoked`: clients disconnected at a reload because their password entry changed; `no_identity`: a client certificate without a common name (use_identity_as_username). A TLS handshake the listener refuses (no certificate, a foreign one) is not counted: it ends before MQTT begins. Each is logged at most once a minute per client address.",
+        "`bad_password`, `unknown_user` and `anonymous`: CONNECTs refused (CONNACK Not authorized); `will_denied`: wills on a topic their client may not write, dropped when due (the client was let in, as by Mosquitto); `publish_denied`: PUBLISHes not routed nor committed (MQTT 5: PUBACK 0x87); `subscribe_denied`: SUBSCRIBE filters refused in the SUBACK; `read_denied`: messages withheld from a subscriber; `revoked`: clients disconnected at a reload because their password entry changed; `no_identity`: a client certificate without a common name (use_identity_as_username); `max_connections`: CONNECTs refused as local.max_connections clients were connected (MQTT 5 0x89 Server busy, 3.1.1 code 3); `max_connections_per_user`: CONNECTs refused as local.max_connections_per_user clients of their user name were connected (MQTT 5 0x97 Quota exceeded, 3.1.1 code 3). A TLS handshake the listener refuses (no certificate, a foreign one) is not counted: it ends before MQTT begins. Each is logged at most once a minute per client address.",
+    ),
+    family(
+        "edgefn_broker_publish_waits",
+        C,
+        &[],
+        "Built-in broker: PUBLISHes that waited because their connection sent faster than local.max_publish_rate.",
     ),
     family(
         "edgefn_broker_access_reloads",

@@ -64,7 +64,7 @@ fn check_stops_a_built_in_broker_off_loopback_that_takes_nobody_and_warns_of_one
     let (ok, t) = check(&file);
     assert!(ok && !t.contains("warning"), "{t}");
     assert!(
-        t.contains("local    embedded broker on 127.0.0.1:1883, holding at most 32.0 MiB for subscribers; no users, anonymous clients, any topic"),
+        t.contains("local    embedded broker on 127.0.0.1:1883, holding at most 32.0 MiB for subscribers (8.0 MiB per session); no users, anonymous clients, any topic"),
         "{t}"
     );
 

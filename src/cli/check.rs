@@ -3,7 +3,7 @@
 
 use std::process::ExitCode;
 
-use edgefn::config::{BrokerClientConfig, Config, LocalSource};
+use edgefn::config::{BrokerClientConfig, Config, EmbeddedConfig, LocalSource};
 use edgefn::runtime::{Runtime, Target};
 
 /// `edgefn check`: every problem in the config, then every module.
@@ -49,15 +49,16 @@ pub fn run(path: &std::path::Path) -> anyhow::Result<ExitCode> {
             b.in_flight,
             tls(b)
         ),
-        LocalSource::Embedded {
+        LocalSource::Embedded(EmbeddedConfig {
             listen,
-            memory_limit,
-            access,
             tls,
-        } => {
+            access,
+            limits,
+        }) => {
             println!(
-                "local    embedded broker on {listen}, holding at most {} for subscribers; {}",
-                bytesize::ByteSize(*memory_limit as u64),
+                "local    embedded broker on {listen}, holding at most {} for subscribers ({} per session); {}",
+                bytesize::ByteSize(limits.memory_limit as u64),
+                bytesize::ByteSize(limits.max_queued_bytes as u64),
                 who_may_connect(access)
             );
             if let Some(tls) = tls {

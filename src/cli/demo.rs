@@ -406,19 +406,22 @@ async fn start_cloud(addr: SocketAddr) -> anyhow::Result<Cloud> {
     // Nothing is ever routed to a function: the channel stays empty.
     let (tx, _rx) = mpsc::channel(1);
     let metrics = Arc::new(edgefn::metrics::Metrics::default());
-    let settings = edgefn::ingest::embedded::BrokerConfig {
+    let settings = edgefn::config::EmbeddedConfig {
         listen: addr,
         tls: None,
-        max_message_size: 1 << 20,
-        memory_limit: 64 << 20,
         // The stand-in cloud listens on loopback and takes anyone.
         access: edgefn::access::AccessFiles {
             allow_anonymous: true,
             ..Default::default()
         },
+        limits: edgefn::config::BrokerLimits {
+            memory_limit: 64 << 20,
+            max_queued_bytes: 64 << 20,
+            ..Default::default()
+        },
     };
-    let broker =
-        EmbeddedBroker::start(settings, None, Arc::new(Registry::default()), tx, metrics).await?;
+    let registry = Arc::new(Registry::default());
+    let broker = EmbeddedBroker::start(&settings, 1 << 20, None, registry, tx, metrics).await?;
     Ok(Cloud::Up(Box::new(broker)))
 }
 

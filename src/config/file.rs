@@ -115,6 +115,24 @@ pub struct LocalTable {
     /// `local.max_message_size`
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_message_size: Option<String>,
+    /// `local.max_queued_messages`
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_queued_messages: Option<i64>,
+    /// `local.max_queued_bytes`
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_queued_bytes: Option<String>,
+    /// `local.max_connections`
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<i64>,
+    /// `local.max_connections_per_user`
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections_per_user: Option<i64>,
+    /// `local.max_publish_rate`
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_publish_rate: Option<i64>,
+    /// `local.max_keepalive`
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_keepalive: Option<String>,
     /// `local.password_file`
     #[serde(skip_serializing_if = "Option::is_none")]
     pub password_file: Option<String>,

@@ -31,8 +31,8 @@ mod function;
 
 pub use broker::{BrokerClientConfig, tool_broker};
 use broker::{check_tls, parse_mqtt_url};
-pub use embedded::TlsListener;
-use embedded::{check_access, check_tls_listener};
+pub use embedded::{BrokerLimits, EmbeddedConfig, TlsListener};
+use embedded::{check_access, check_limits, check_tls_listener};
 pub use file::ConfigFile;
 use file::{BufferTable, DeployTable, LocalTable, MetricsTable, UpstreamTable};
 use function::check_function;
@@ -177,18 +177,8 @@ pub struct LocalConfig {
 pub enum LocalSource {
     /// An existing broker (Mosquitto) reached as an MQTT 5 client.
     Broker(BrokerClientConfig),
-    /// The broker built into edgefn, listening on this address.
-    Embedded {
-        /// TCP address devices connect to.
-        listen: SocketAddr,
-        /// Most bytes of payloads the broker holds for its subscribers
-        /// (queued for online and offline sessions, in flight).
-        memory_limit: usize,
-        /// Who may connect, and what they may do (re-read on SIGHUP).
-        access: crate::access::AccessFiles,
-        /// A second listener, for MQTT over TLS.
-        tls: Option<TlsListener>,
-    },
+    /// The broker built into edgefn.
+    Embedded(EmbeddedConfig),
 }
 
 /// `[upstream]`: the cloud broker records are forwarded to.
@@ -286,12 +276,6 @@ fn default_keep_alive() -> &'static str {
     "30s"
 }
 /// Default largest device message.
-/// `local.memory_limit`: with the daemon's own 25–30 MB, the built-in broker
-/// stays within 64 MB whatever clients make it hold.
-fn default_broker_memory_limit() -> &'static str {
-    "32MiB"
-}
-
 fn default_max_message_size() -> &'static str {
     "256KiB"
 }
@@ -421,7 +405,7 @@ impl Config {
         }
         let embedded = matches!(
             local.as_ref().map(|l| &l.source),
-            Some(LocalSource::Embedded { .. })
+            Some(LocalSource::Embedded(_))
         );
         let deploy = raw
             .deploy
@@ -631,31 +615,18 @@ fn check_local(p: &mut Checker, raw: LocalTable, id: &str, base: &Path) -> Optio
                 "this edgefn was built without the `embedded-broker` feature",
             );
         }
-        let memory_limit = p.size(
-            "local.memory_limit",
-            raw.memory_limit.as_deref(),
-            default_broker_memory_limit(),
-        );
-        if memory_limit < max_message_size as u64 {
-            p.push(
-                "local.memory_limit",
-                format!(
-                    "{memory_limit} bytes is less than local.max_message_size ({max_message_size}): not one message could be held"
-                ),
-            );
-        }
-        let memory_limit = usize::try_from(memory_limit).unwrap_or(usize::MAX);
+        let limits = check_limits(p, &raw, max_message_size);
         let listen = raw.listen.as_deref().unwrap_or(default_listen());
         match listen.parse::<SocketAddr>() {
             Ok(listen) => {
                 let tls = check_tls_listener(p, &raw, listen, base);
                 let access = check_access(p, &raw, listen, tls.as_ref(), base);
-                Some(LocalSource::Embedded {
+                Some(LocalSource::Embedded(EmbeddedConfig {
                     listen,
-                    memory_limit,
-                    access,
                     tls,
-                })
+                    access,
+                    limits,
+                }))
             }
             Err(_) => {
                 p.push(
@@ -669,12 +640,19 @@ fn check_local(p: &mut Checker, raw: LocalTable, id: &str, base: &Path) -> Optio
         if raw.listen.is_some() {
             p.push("local.listen", "is only used with embedded = true");
         }
-        if raw.memory_limit.is_some() {
-            p.push("local.memory_limit", "is only used with embedded = true");
-        }
         p.not_applicable(
             "local",
             &[
+                ("memory_limit", raw.memory_limit.is_some()),
+                ("max_queued_messages", raw.max_queued_messages.is_some()),
+                ("max_queued_bytes", raw.max_queued_bytes.is_some()),
+                ("max_connections", raw.max_connections.is_some()),
+                (
+                    "max_connections_per_user",
+                    raw.max_connections_per_user.is_some(),
+                ),
+                ("max_publish_rate", raw.max_publish_rate.is_some()),
+                ("max_keepalive", raw.max_keepalive.is_some()),
                 ("password_file", raw.password_file.is_some()),
                 ("acl_file", raw.acl_file.is_some()),
                 ("allow_anonymous", raw.allow_anonymous.is_some()),

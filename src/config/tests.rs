@@ -519,7 +519,7 @@ fn the_built_in_brokers_tls_listener_needs_its_files_and_its_flags_go_together()
     let good =
         "tls_listen = \"127.0.0.1:8883\"\ncert_file = \"broker.pem\"\nkey_file = \"broker.key\"\n";
     let c = Config::load(&write(dir.path(), &local(good))).unwrap();
-    let LocalSource::Embedded { tls: Some(tls), .. } = c.local.source else {
+    let LocalSource::Embedded(EmbeddedConfig { tls: Some(tls), .. }) = c.local.source else {
         panic!("no TLS listener");
     };
     assert_eq!(tls.listen.port(), 8883);
@@ -527,7 +527,7 @@ fn the_built_in_brokers_tls_listener_needs_its_files_and_its_flags_go_together()
     // Mosquitto's spellings, a CA for client certificates, and identities.
     let mosquitto = "tls_listen = \"127.0.0.1:8883\"\ncertfile = \"broker.pem\"\nkeyfile = \"broker.key\"\ncafile = \"other.pem\"\nrequire_certificate = true\nuse_identity_as_username = true\n";
     let c = Config::load(&write(dir.path(), &local(mosquitto))).unwrap();
-    let LocalSource::Embedded { tls: Some(tls), .. } = c.local.source else {
+    let LocalSource::Embedded(EmbeddedConfig { tls: Some(tls), .. }) = c.local.source else {
         panic!("no TLS listener");
     };
     assert!(tls.require_certificate && tls.use_identity_as_username);
@@ -571,4 +571,62 @@ fn the_built_in_brokers_tls_listener_needs_its_files_and_its_flags_go_together()
     assert!(c.warnings.is_empty(), "{:?}", c.warnings);
     let exposed = local(&good.replace("127.0.0.1:8883", "0.0.0.0:8883"));
     assert_eq!(problem_keys(dir.path(), &exposed), ["local.password_file"]);
+}
+
+#[test]
+fn the_built_in_brokers_bounds_have_defaults_and_each_problem_names_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let local = |keys: &str| {
+        EXAMPLE.replace(
+            "url = \"mqtt://127.0.0.1:1883\"",
+            &format!("embedded = true\nlisten = \"127.0.0.1:1883\"\n{keys}"),
+        )
+    };
+    let limits = |keys: &str| {
+        let c = Config::load(&write(dir.path(), &local(keys))).unwrap();
+        let LocalSource::Embedded(embedded) = c.local.source else {
+            panic!("not the built-in broker");
+        };
+        embedded.limits
+    };
+    assert_eq!(limits(""), BrokerLimits::default());
+    let set = limits(
+        "max_queued_bytes = \"2MiB\"\nmax_queued_messages = 50\nmax_connections = 100\nmax_connections_per_user = 4\nmax_publish_rate = 200\nmax_keepalive = \"1min\"\n",
+    );
+    assert_eq!(
+        (
+            set.max_queued_bytes,
+            set.max_queued_messages,
+            set.max_connections.get(),
+            set.max_connections_per_user.map(|n| n.get()),
+            set.max_publish_rate.map(|n| n.get()),
+            set.max_keepalive,
+        ),
+        (2 << 20, 50, 100, Some(4), Some(200), 60)
+    );
+    for (keys, expected) in [
+        ("max_queued_bytes = \"64KiB\"", "local.max_queued_bytes"),
+        ("max_queued_bytes = \"lots\"", "local.max_queued_bytes"),
+        ("max_queued_messages = 0", "local.max_queued_messages"),
+        ("max_connections = 0", "local.max_connections"),
+        ("max_connections = 100000", "local.max_connections"),
+        (
+            "max_connections_per_user = 0",
+            "local.max_connections_per_user",
+        ),
+        ("max_publish_rate = -1", "local.max_publish_rate"),
+        ("max_keepalive = \"2s\"", "local.max_keepalive"),
+        ("max_keepalive = \"1day\"", "local.max_keepalive"),
+    ] {
+        assert_eq!(problem_keys(dir.path(), &local(keys)), [expected], "{keys}");
+    }
+    // With an external broker, none of them applies.
+    let external = EXAMPLE.replace(
+        "url = \"mqtt://127.0.0.1:1883\"",
+        "url = \"mqtt://127.0.0.1:1883\"\nmax_connections = 10\nmax_queued_bytes = \"1MiB\"",
+    );
+    assert_eq!(
+        problem_keys(dir.path(), &external),
+        ["local.max_queued_bytes", "local.max_connections"]
+    );
 }

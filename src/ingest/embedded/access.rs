@@ -74,6 +74,19 @@ pub(super) enum Refused {
     /// A client certificate without a common name, or one that is not the
     /// user name (`use_identity_as_username`).
     Identity,
+    /// `max_connections` clients are connected.
+    Connections,
+    /// `max_connections_per_user` clients of its user name are connected.
+    UserConnections,
+}
+
+impl From<super::limits::Over> for Refused {
+    fn from(over: super::limits::Over) -> Refused {
+        match over {
+            super::limits::Over::Connections => Refused::Connections,
+            super::limits::Over::UserConnections => Refused::UserConnections,
+        }
+    }
 }
 
 impl Refused {
@@ -88,6 +101,8 @@ impl Refused {
             Refused::Subscribe => "subscribe_denied",
             Refused::Revoked => "revoked",
             Refused::Identity => "no_identity",
+            Refused::Connections => "max_connections",
+            Refused::UserConnections => "max_connections_per_user",
         }
     }
 
@@ -101,6 +116,8 @@ impl Refused {
             Refused::Subscribe => &m.broker_refused_subscribe,
             Refused::Revoked => &m.broker_refused_revoked,
             Refused::Identity => &m.broker_refused_identity,
+            Refused::Connections => &m.broker_refused_connections,
+            Refused::UserConnections => &m.broker_refused_user_connections,
         }
     }
 }

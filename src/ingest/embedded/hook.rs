@@ -206,7 +206,29 @@ impl Inner {
             Parameter::MessagePublishCheckAcl(session, publish) => {
                 self.on_client_publish(session, publish, acc).await
             }
-            Parameter::ClientAuthenticate(info) => self.gate.authenticate(info).await,
+            Parameter::ClientAuthenticate(info) => {
+                let verdict = self.gate.authenticate(info).await;
+                let Some(HookResult::AuthResult(AuthResult::Allow(..))) = &verdict.1 else {
+                    return verdict;
+                };
+                if let Err(over) = self.limits.admit(info).await {
+                    // Refused as rmqtt locks the session table for this login.
+                    let id = info.id();
+                    let user = id.username.as_deref();
+                    let why = access::Refused::from(over);
+                    self.gate
+                        .refused(why, &id.client_id, id.remote_addr, user, None);
+                }
+                verdict
+            }
+            Parameter::ClientConnected(session) => {
+                self.limits.connected(session).await;
+                (true, acc)
+            }
+            Parameter::ClientDisconnected(session, _) => {
+                self.limits.disconnected(session).await;
+                (true, acc)
+            }
             Parameter::ClientSubscribeCheckAcl(session, subscribe) => {
                 self.gate.check_subscribe(session, subscribe, acc)
             }
@@ -255,6 +277,7 @@ impl Inner {
         acc: Option<HookResult>,
     ) -> ReturnType {
         let client = &session.id;
+        self.limits.pace(&client.client_id).await;
         // A handler of higher priority already refused the message: leave it refused.
         if let Some(HookResult::PublishAclResult(verdict)) = &acc
             && verdict.is_rejected()

@@ -181,8 +181,8 @@ use rmqtt::server::MqttServer;
 use rmqtt::session::SessionState;
 use rmqtt::shared::Entry;
 use rmqtt::types::{
-    ClientId, CodecPublish, From as MsgFrom, FromType, Id, ListenerId, Publish, PublishAclResult,
-    PublishResult, QoS, Reason,
+    AuthResult, ClientId, CodecPublish, From as MsgFrom, FromType, Id, ListenerId, Publish,
+    PublishAclResult, PublishResult, QoS, Reason,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
@@ -193,7 +193,9 @@ use crate::metrics::Metrics;
 use crate::registry::Registry;
 
 mod access;
+mod fitter;
 mod hook;
+mod limits;
 mod retain;
 mod sessions;
 mod share;
@@ -237,11 +239,6 @@ const MAX_SESSIONS: isize = 4096;
 /// Receive Maximum it announces to MQTT 5 clients. It also bounds a client's unfinished
 /// inbound QoS 2 exchanges: a client beyond it is disconnected. rmqtt's default is 16.
 const MAX_INFLIGHT: u16 = 32;
-
-/// Messages queued per subscriber behind its in-flight window (and for a persistent session
-/// while it is offline). Beyond it rmqtt drops messages, which edgefn counts and logs. rmqtt's
-/// default, made explicit.
-const MAX_MQUEUE_LEN: usize = 1000;
 
 /// Lifetime of a message waiting in a subscriber's queue when the publisher set no MQTT 5
 /// expiry. Commands to devices mostly go stale: a valve command should not fire an hour
@@ -484,6 +481,8 @@ struct Inner {
     clients: Clients,
     /// Who may connect, publish and subscribe.
     gate: Arc<access::Gate>,
+    /// How many may connect, and how fast each may publish.
+    limits: Arc<limits::Limits>,
 }
 
 /// The hook handler registered with rmqtt (one instance per hook type).
@@ -498,21 +497,6 @@ struct Chained {
     topic: String,
     /// Payload.
     payload: Bytes,
-}
-
-/// What the built-in broker is asked to be: `[local]` with `embedded = true`.
-#[derive(Debug, Clone)]
-pub struct BrokerConfig {
-    /// The plain MQTT listener (port 0: a free port).
-    pub listen: SocketAddr,
-    /// The MQTT-over-TLS listener, if any.
-    pub tls: Option<crate::config::TlsListener>,
-    /// Largest payload taken (plus room for any topic).
-    pub max_message_size: usize,
-    /// Most payload bytes held for subscribers.
-    pub memory_limit: usize,
-    /// Who may connect, and what they may do.
-    pub access: crate::access::AccessFiles,
 }
 
 /// The broker running in this process (ingest source \[B\]).
@@ -630,19 +614,20 @@ impl EmbeddedBroker {
     /// by any broker. Runs on the caller's tokio runtime; port 0 picks a free port (see
     /// [`EmbeddedBroker::local_addr`]).
     pub async fn start(
-        config: BrokerConfig,
+        config: &crate::config::EmbeddedConfig,
+        max_message_size: usize,
         retained: Option<(Vec<crate::store::Retained>, crate::store::RetainedMessages)>,
         functions: Arc<Registry>,
         deliveries: mpsc::Sender<Delivery>,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<EmbeddedBroker> {
-        let BrokerConfig {
+        let crate::config::EmbeddedConfig {
             listen,
             tls,
-            max_message_size,
-            memory_limit,
             access,
+            limits,
         } = config;
+        let listen = *listen;
         let max_packet = max_message_size.saturating_add(PACKET_OVERHEAD);
         anyhow::ensure!(
             max_packet <= MQTT_MAX_PACKET,
@@ -650,7 +635,7 @@ impl EmbeddedBroker {
             MQTT_MAX_PACKET - PACKET_OVERHEAD
         );
         let max_packet = u32::try_from(max_packet).context("max message size out of range")?;
-        let gate = Arc::new(access::Gate::new(access, metrics.clone())?);
+        let gate = Arc::new(access::Gate::new(access.clone(), metrics.clone())?);
 
         let scx = ServerContext::new()
             // rmqtt would refuse new connections while the 1-min load average exceeds 80 or the
@@ -663,14 +648,22 @@ impl EmbeddedBroker {
         // Reconnects take their session over whatever state the old one is in, and what is
         // routed to subscribers stays within `memory_limit`.
         let budget = Arc::new(sessions::Budget {
-            limit: memory_limit,
+            limit: limits.memory_limit,
             metrics: metrics.clone(),
         });
+        let client_limits = Arc::new(limits::Limits::new(limits, scx.clone(), metrics.clone()));
         *scx.extends.shared_mut().await = Box::new(sessions::Sessions {
             table: rmqtt::shared::DefaultShared::new(Some(scx.clone())),
-            scx: scx.clone(),
             budget: budget.clone(),
-            gate: gate.clone(),
+            cx: Arc::new(sessions::Around {
+                scx: scx.clone(),
+                gate: gate.clone(),
+                queues: Arc::new(sessions::Queues::new(
+                    limits.max_queued_bytes,
+                    metrics.clone(),
+                )),
+                limits: client_limits.clone(),
+            }),
         });
         let retainer =
             retain::Retainer::new(retained.as_ref().map(|r| r.1.clone()), budget, gate.clone());
@@ -683,6 +676,9 @@ impl EmbeddedBroker {
         }
         *scx.extends.retain_mut().await = Box::new(retainer);
         *scx.extends.shared_subscription_mut().await = Box::new(share::InTurn::default());
+        *scx.extends.fitter_mgr_mut().await = Box::new(fitter::Fitters {
+            max_keepalive: limits.max_keepalive,
+        });
 
         let (phase, phase_rx) = watch::channel(Phase::Running);
         let inner = Arc::new(Inner {
@@ -690,10 +686,11 @@ impl EmbeddedBroker {
             deliveries: Mutex::new(Some(deliveries)),
             phase: phase_rx,
             in_flight: AtomicUsize::new(0),
-            metrics,
+            metrics: metrics.clone(),
             drop_warnings: crate::throttle::Throttle::new(1, DROP_WARN_INTERVAL),
             clients: Clients::default(),
             gate,
+            limits: client_limits,
         });
 
         let register = scx.extends.hook_mgr().register();
@@ -704,6 +701,8 @@ impl EmbeddedBroker {
             Type::SessionCreated,
             Type::ClientConnect,
             Type::ClientAuthenticate,
+            Type::ClientConnected,
+            Type::ClientDisconnected,
             Type::ClientSubscribeCheckAcl,
         ] {
             register
@@ -712,7 +711,7 @@ impl EmbeddedBroker {
         }
         register.start().await;
 
-        let listener = listener_builder(LISTENER_NAME, listen, max_packet)
+        let listener = listener_builder(LISTENER_NAME, listen, max_packet, limits)
             .bind()
             .with_context(|| format!("cannot listen for MQTT on {listen}"))?
             .tcp()?;
@@ -723,7 +722,7 @@ impl EmbeddedBroker {
             let path = |p: &Option<std::path::PathBuf>| {
                 p.as_ref().map(|p| p.to_string_lossy().into_owned())
             };
-            let listener = listener_builder(TLS_LISTENER_NAME, tls.listen, max_packet)
+            let listener = listener_builder(TLS_LISTENER_NAME, tls.listen, max_packet, limits)
                 .tls_cert(path(&tls.files.cert_file))
                 .tls_key(path(&tls.files.key_file))
                 .tls_client_ca_certs(path(&tls.files.ca_file))
@@ -885,7 +884,12 @@ impl EmbeddedBroker {
 }
 
 /// A listener with edgefn's settings (see the constants above), on `addr`.
-fn listener_builder(name: &str, addr: SocketAddr, max_packet: u32) -> Builder {
+fn listener_builder(
+    name: &str,
+    addr: SocketAddr,
+    max_packet: u32,
+    limits: &crate::config::BrokerLimits,
+) -> Builder {
     Builder::new()
         .name(name)
         .laddr(addr)
@@ -897,7 +901,9 @@ fn listener_builder(name: &str, addr: SocketAddr, max_packet: u32) -> Builder {
         .allow_anonymous(false)
         .max_packet_size(max_packet)
         .max_inflight(NonZeroU16::new(MAX_INFLIGHT).unwrap_or(NonZeroU16::MIN))
-        .max_mqueue_len(MAX_MQUEUE_LEN)
+        // Messages queued per subscriber behind its in-flight window (and for a persistent
+        // session while it is offline). Beyond it rmqtt drops messages, which edgefn counts.
+        .max_mqueue_len(limits.max_queued_messages)
         // No rate limit on delivery from the queues (rmqtt's default, made explicit).
         .mqueue_rate_limit(NonZeroU32::MAX, Duration::from_secs(1))
         .max_qos_allowed(QoS::ExactlyOnce)

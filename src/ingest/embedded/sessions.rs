@@ -34,9 +34,16 @@
 //! most once a minute. The publisher is not refused: a device's message on a trigger
 //! topic was already committed and is acknowledged as always; subscribers
 //! of the built-in broker get at most what fits.
+//!
+//! Within that, each session holds at most `[local] max_queued_bytes`
+//! ([`Queues`]): a message that would take one subscriber's session beyond
+//! it is not routed to that subscriber (counted,
+//! `broker_dropped_session_limit`), while the others get it. So a few
+//! offline sessions cannot take the whole budget from the rest.
 
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use crate::metrics::{Metrics, event};
@@ -50,9 +57,10 @@ use rmqtt::context::ServerContext;
 use rmqtt::session::Session;
 use rmqtt::shared::{DefaultShared, Entry, Shared};
 use rmqtt::types::{
-    ForwardedCount, ForwardedRecipients, From, HealthInfo, Id, IsAdmin, MsgID, NodeHealthStatus,
-    NodeId, OfflineSession, Publish, Reason, SessionStatus, SubRelations, SubRelationsMap,
-    SubsSearchParams, SubsSearchResult, Subscribe, SubscribeReturn, To, Tx, Unsubscribe,
+    ClientId, ForwardedCount, ForwardedRecipients, From, HealthInfo, Id, IsAdmin, MsgID,
+    NodeHealthStatus, NodeId, OfflineSession, Publish, Reason, SessionStatus, SubRelations,
+    SubRelationsMap, SubsSearchParams, SubsSearchResult, Subscribe, SubscribeReturn, To, Tx,
+    Unsubscribe,
 };
 
 /// Longest a CONNECT waits for another CONNECT of its client id to finish
@@ -67,12 +75,182 @@ const LOCK_RETRY: Duration = Duration::from_millis(5);
 pub(super) struct Sessions {
     /// rmqtt's own.
     pub(super) table: DefaultShared,
-    /// The broker: its router tells whether a message has subscribers.
-    pub(super) scx: ServerContext,
     /// What routed messages are held within.
     pub(super) budget: Arc<Budget>,
+    /// What the entries need too.
+    pub(super) cx: Arc<Around>,
+}
+
+/// What the session table's entries need besides rmqtt's own.
+pub(super) struct Around {
+    /// The broker: its router tells whether a message has subscribers.
+    pub(super) scx: ServerContext,
     /// Whose read rights each message is routed by.
     pub(super) gate: Arc<super::access::Gate>,
+    /// What each session holds.
+    pub(super) queues: Arc<Queues>,
+    /// Logins a connection limit refused.
+    pub(super) limits: Arc<super::limits::Limits>,
+}
+
+/// Drops for a client's Maximum Packet Size, logged at most once a minute.
+static TOO_LARGE_LOGGED: Throttle = Throttle::per_minute(1);
+
+impl Around {
+    /// Whether a PUBLISH of about `size` bytes fits the Maximum Packet Size
+    /// `session`'s client announced (MQTT 5); if not, the message is not
+    /// sent to it, as MQTT asks, and that is counted and logged.
+    async fn fits(&self, session: &Session, size: usize, publish: &Publish) -> bool {
+        let max = match session.connect_info().await.as_deref() {
+            Ok(rmqtt::types::ConnectInfo::V5(_, connect)) => connect.max_packet_size,
+            _ => None,
+        };
+        let Some(max) = max.filter(|max| size > max.get() as usize) else {
+            return true;
+        };
+        event!(
+            self.queues.metrics.broker_dropped_to_subscribers,
+            warn,
+            throttle = TOO_LARGE_LOGGED,
+            client_id = %Printable(&session.id.client_id),
+            topic = %Printable(&publish.topic),
+            size,
+            max = max.get(),
+            "a message larger than a subscriber's Maximum Packet Size was not sent to it"
+        );
+        false
+    }
+}
+
+/// About the size of `p` as a PUBLISH packet, never less: the fixed header
+/// (at most 5 bytes), topic, packet id, properties (with room for the
+/// subscription identifiers added per subscriber) and payload.
+pub(super) fn packet_size(p: &Publish) -> usize {
+    let props = p.properties.as_ref().map_or(0, |pr| {
+        let text = |t: Option<usize>| t.map_or(0, |len| 3 + len);
+        let users: usize = pr
+            .user_properties
+            .iter()
+            .map(|(k, v)| 5 + k.len() + v.len())
+            .sum();
+        // Topic alias, expiry, payload format: at most 2 + 5 + 3 bytes.
+        10 + text(pr.correlation_data.as_ref().map(|d| d.len()))
+            + text(pr.content_type.as_ref().map(|t| t.len()))
+            + text(pr.response_topic.as_ref().map(|t| t.len()))
+            + users
+    });
+    5 + 2 + p.topic.len() + 2 + 4 + 16 + props + p.payload.len()
+}
+
+/// `[local] max_queued_bytes`: the payload bytes held for each session
+/// (queued while it is online or offline, in flight).
+pub(super) struct Queues {
+    /// Most bytes one session holds.
+    limit: usize,
+    /// Bytes held per client id; an entry goes when its count is back to 0.
+    held: Mutex<HashMap<ClientId, Arc<AtomicUsize>>>,
+    /// Where drops are counted.
+    metrics: Arc<Metrics>,
+}
+
+/// A payload counted for one session until dropped.
+struct QueuedFor {
+    /// The payload (itself counted in the broker's [`Budget`]).
+    payload: Bytes,
+    /// The session's count.
+    count: Arc<AtomicUsize>,
+    /// Its client id, to remove the count when it is back to 0.
+    client_id: ClientId,
+    /// Where the count is kept.
+    queues: Arc<Queues>,
+}
+
+impl AsRef<[u8]> for QueuedFor {
+    fn as_ref(&self) -> &[u8] {
+        &self.payload
+    }
+}
+
+impl Drop for QueuedFor {
+    fn drop(&mut self) {
+        let len = self.payload.len();
+        if self.count.fetch_sub(len, Ordering::Relaxed) == len {
+            let mut held = self.queues.lock();
+            if held
+                .get(&self.client_id)
+                .is_some_and(|c| Arc::ptr_eq(c, &self.count) && c.load(Ordering::Relaxed) == 0)
+            {
+                held.remove(&self.client_id);
+            }
+        }
+    }
+}
+
+/// Drops for a session's limit, logged at most once a minute.
+static SESSION_LIMIT_LOGGED: Throttle = Throttle::per_minute(1);
+
+impl Queues {
+    pub(super) fn new(limit: usize, metrics: Arc<Metrics>) -> Queues {
+        Queues {
+            limit,
+            held: Mutex::default(),
+            metrics,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ClientId, Arc<AtomicUsize>>> {
+        self.held.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// `payload` counted for `client_id`'s session until its last copy is
+    /// dropped, or `None` (counted and logged) if it does not fit.
+    fn hold(self: &Arc<Self>, client_id: &ClientId, topic: &str, payload: &Bytes) -> Option<Bytes> {
+        let len = payload.len();
+        let count = {
+            let mut held = self.lock();
+            let count = held.entry(client_id.clone()).or_default();
+            let fits = count
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |now| {
+                    (now.saturating_add(len) <= self.limit).then_some(now + len)
+                })
+                .is_ok();
+            if fits {
+                Some(count.clone())
+            } else {
+                if count.load(Ordering::Relaxed) == 0 {
+                    held.remove(client_id);
+                }
+                None
+            }
+        };
+        let Some(count) = count else {
+            event!(
+                self.metrics.broker_dropped_session_limit,
+                warn,
+                throttle = SESSION_LIMIT_LOGGED,
+                client_id = %Printable(client_id),
+                topic = %Printable(topic),
+                size = len,
+                limit = self.limit,
+                "a session of the built-in broker holds local.max_queued_bytes: a message was not routed to it"
+            );
+            return None;
+        };
+        Some(Bytes::from_owner(QueuedFor {
+            payload: payload.clone(),
+            count,
+            client_id: client_id.clone(),
+            queues: self.clone(),
+        }))
+    }
+
+    /// `publish` with its payload counted for `client_id`'s session.
+    fn publish_for(self: &Arc<Self>, client_id: &ClientId, publish: &Publish) -> Option<Publish> {
+        let payload = self.hold(client_id, &publish.topic, &publish.payload)?;
+        let mut p = publish.clone();
+        p.inner.payload = payload;
+        Some(p)
+    }
 }
 
 /// `[local] memory_limit`: the payload bytes the broker holds for its
@@ -135,16 +313,19 @@ impl Budget {
 }
 
 impl Sessions {
-    /// [`DefaultShared::forwards`] (on one node, without a message store)
-    /// with the subscribers the ACL does not let read the topic left out.
-    async fn forwards_readable(
+    /// [`DefaultShared::forwards`] (on one node, without a message store),
+    /// each subscriber getting the message within its session's
+    /// `max_queued_bytes`, and those the ACL does not let read the topic
+    /// left out.
+    async fn forwards_within(
         &self,
         from: From,
         publish: Publish,
     ) -> std::result::Result<ForwardedCount, (ForwardedCount, Vec<(To, From, Publish, Reason)>)>
     {
-        let node = self.scx.node.id();
+        let node = self.cx.scx.node.id();
         let mut relations = match self
+            .cx
             .scx
             .extends
             .router()
@@ -158,24 +339,49 @@ impl Sessions {
                 return Ok(0);
             }
         };
-        relations.retain(|(_, client_id, ..)| {
-            let id = Id::new(node, 0, None, None, client_id.clone(), None);
-            // A session gone meanwhile is reported by `forwards_to` as usual.
-            self.table
-                .entry(id)
-                .session()
-                .is_none_or(|s| self.gate.may_read(&s, &publish.topic))
-        });
-        if relations.is_empty() {
-            return Ok(0);
+        let acl = self.cx.gate.has_acl();
+        // Only when a client announced a Maximum Packet Size this message
+        // could exceed is each subscriber's looked up for it.
+        let size = packet_size(&publish);
+        let sized = self.cx.limits.may_exceed(size);
+        if acl || sized {
+            let mut kept = Vec::with_capacity(relations.len());
+            for relation in relations {
+                let id = Id::new(node, 0, None, None, relation.1.clone(), None);
+                // A session gone meanwhile is reported by `forwards_to` as usual.
+                if let Some(session) = self.table.entry(id).session() {
+                    if acl && !self.cx.gate.may_read(&session, &publish.topic) {
+                        continue;
+                    }
+                    if sized && !self.cx.fits(&session, size, &publish).await {
+                        continue;
+                    }
+                }
+                kept.push(relation);
+            }
+            relations = kept;
         }
-        match self
-            .table
-            .forwards_to(from, &publish, relations, None)
-            .await
-        {
-            Ok(recipients) => Ok(recipients.len()),
-            Err((recipients, errs)) => Err((recipients.len(), errs)),
+        let (mut forwarded, mut errors) = (0, Vec::new());
+        for relation in relations {
+            let Some(p) = self.cx.queues.publish_for(&relation.1, &publish) else {
+                continue;
+            };
+            match self
+                .table
+                .forwards_to(from.clone(), &p, vec![relation], None)
+                .await
+            {
+                Ok(recipients) => forwarded += recipients.len(),
+                Err((recipients, errs)) => {
+                    forwarded += recipients.len();
+                    errors.extend(errs);
+                }
+            }
+        }
+        if errors.is_empty() {
+            Ok(forwarded)
+        } else {
+            Err((forwarded, errors))
         }
     }
 }
@@ -183,16 +389,22 @@ impl Sessions {
 /// One client id's entry of the session table, with the gate whose read
 /// rights the messages published to it directly (retained ones, as it
 /// subscribes) are checked against.
-struct TakeoverEntry(Box<dyn Entry>, Arc<super::access::Gate>, ServerContext);
+struct TakeoverEntry(Box<dyn Entry>, Arc<Around>);
 
 #[async_trait]
 impl Entry for TakeoverEntry {
+    /// Called by rmqtt only as a client logs in, after its authentication:
+    /// a login a connection limit refused stops here, with CONNACK Server
+    /// unavailable (see `limits`).
     async fn try_lock(&self) -> Result<Box<dyn Entry>> {
+        if let Some(over) = self.1.limits.refusal(&self.0.id()) {
+            return Err(anyhow::anyhow!("{}", over.as_str()));
+        }
         let deadline = Instant::now() + LOCK_PATIENCE;
         loop {
             match self.0.try_lock().await {
                 Ok(locked) => {
-                    let entry = TakeoverEntry(locked, self.1.clone(), self.2.clone());
+                    let entry = TakeoverEntry(locked, self.1.clone());
                     return Ok(Box::new(entry));
                 }
                 Err(e) if Instant::now() >= deadline => return Err(e),
@@ -298,7 +510,8 @@ impl Entry for TakeoverEntry {
             return Ok(answer);
         }
         let retained = self
-            .2
+            .1
+            .scx
             .extends
             .retain()
             .await
@@ -314,7 +527,7 @@ impl Entry for TakeoverEntry {
             p.packet_id = None;
             p.create_time = Some(rmqtt::utils::timestamp_millis());
             if let Err((from, p, reason)) = self.publish(retain.from, retain.publish).await {
-                let hooks = self.2.extends.hook_mgr();
+                let hooks = self.1.scx.extends.hook_mgr();
                 hooks
                     .message_dropped(Some(self.id()), from, p, reason)
                     .await;
@@ -332,12 +545,19 @@ impl Entry for TakeoverEntry {
         from: From,
         p: Publish,
     ) -> std::result::Result<(), (From, Publish, Reason)> {
-        if let Some(session) = self.0.session()
-            && !self.1.may_read(&session, &p.topic)
-        {
-            return Ok(());
+        if let Some(session) = self.0.session() {
+            if !self.1.gate.may_read(&session, &p.topic) {
+                return Ok(());
+            }
+            let size = packet_size(&p);
+            if self.1.limits.may_exceed(size) && !self.1.fits(&session, size, &p).await {
+                return Ok(());
+            }
         }
-        self.0.publish(from, p).await
+        match self.1.queues.publish_for(&self.0.id().client_id, &p) {
+            Some(p) => self.0.publish(from, p).await,
+            None => Ok(()),
+        }
     }
 
     async fn subscriptions(&self) -> Option<Vec<SubsSearchResult>> {
@@ -348,11 +568,7 @@ impl Entry for TakeoverEntry {
 #[async_trait]
 impl Shared for Sessions {
     fn entry(&self, id: Id) -> Box<dyn Entry> {
-        Box::new(TakeoverEntry(
-            self.table.entry(id),
-            self.gate.clone(),
-            self.scx.clone(),
-        ))
+        Box::new(TakeoverEntry(self.table.entry(id), self.cx.clone()))
     }
 
     fn exist(&self, client_id: &str) -> bool {
@@ -373,6 +589,7 @@ impl Shared for Sessions {
             None => {
                 // A message nobody subscribed to is not held anyway: nothing to count.
                 let subscribed = match self
+                    .cx
                     .scx
                     .extends
                     .router()
@@ -400,15 +617,16 @@ impl Shared for Sessions {
         }
         if matches!(from.typ(), rmqtt::types::FromType::LastWill)
             && !self
+                .cx
                 .gate
                 .may_publish_will(&from.id, &publish.inner.topic, false)
         {
             return Ok(0);
         }
-        if publish.target_clientid.is_some() || !self.gate.has_acl() {
+        if publish.target_clientid.is_some() {
             return self.table.forwards(msg_id, from, publish).await;
         }
-        self.forwards_readable(from, publish).await
+        self.forwards_within(from, publish).await
     }
 
     async fn forwards_and_get_shareds(
@@ -439,7 +657,8 @@ impl Shared for Sessions {
 
     fn iter(&self) -> Box<dyn Iterator<Item = Box<dyn Entry>> + Sync + Send + '_> {
         Box::new(self.table.iter().map(|e| {
-            Box::new(TakeoverEntry(e, self.gate.clone(), self.scx.clone())) as Box<dyn Entry>
+            let entry = TakeoverEntry(e, self.cx.clone());
+            Box::new(entry) as Box<dyn Entry>
         }))
     }
 
