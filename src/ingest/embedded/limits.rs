@@ -11,10 +11,12 @@
 //! * passing the gate, it holds a reservation ([`Pending::Admitted`]);
 //! * connected (`ClientConnected` hook), the reservation becomes a
 //!   [`Counted`] kept in its session's attributes; it is given back when the
-//!   connection ends (`ClientDisconnected`) or, should rmqtt drop the session
-//!   without ending the connection, with the session;
-//! * never connected within [`PENDING_PATIENCE`] (refused later in the
-//!   handshake, or gone), the reservation goes.
+//!   connection ends (`ClientDisconnected`), with the session, or, at a
+//!   limit, when its session task is found gone ([`Limits::sweep`]: rmqtt
+//!   keeps a session whose CONNACK could not be sent, and runs no hook);
+//! * the handshake failing to lock the session table, the reservation goes
+//!   at once; failing later, or the client gone, after
+//!   [`PENDING_PATIENCE`].
 //!
 //! A reconnect of the same client id and user name whose old connection
 //! still counts is never refused: it replaces that connection (which the
@@ -31,7 +33,8 @@
 //!
 //! # Maximum Packet Size
 //!
-//! The smallest Maximum Packet Size any MQTT 5 client announced is kept,
+//! The smallest Maximum Packet Size any MQTT 5 client announced is kept
+//! (from its login on, before anything can be routed to it),
 //! so that routing looks at each subscriber's only for messages that could
 //! exceed it (`sessions`).
 //!
@@ -171,6 +174,17 @@ impl Drop for Counted {
     }
 }
 
+/// Stops counting `session`'s connection, if it still counts.
+async fn uncount(session: &Session) {
+    let counted = session
+        .extra_attrs
+        .write()
+        .await
+        .get_mut::<Option<Counted>>(COUNTED)
+        .and_then(Option::take);
+    drop(counted);
+}
+
 /// The bounds, and the counts they are checked against.
 pub(super) struct Limits {
     /// `max_connections`.
@@ -213,6 +227,12 @@ impl Limits {
     /// After the gate let `info` in: whether a limit refuses it. If not, it
     /// counts from now on.
     pub(super) async fn admit(&self, info: &ConnectInfo) -> Result<(), Over> {
+        // Before anything can be routed to it.
+        if let ConnectInfo::V5(_, connect) = info
+            && let Some(max) = connect.max_packet_size
+        {
+            self.smallest_packet.fetch_min(max.get(), Ordering::Relaxed);
+        }
         let id = info.id();
         let user = id.username.clone();
         if let Some(old) = self.scx.extends.shared().await.entry(id.clone()).session()
@@ -227,16 +247,12 @@ impl Limits {
             // A takeover: this connection replaces one that still counts.
             return Ok(());
         }
+        if self.over(&user).is_some() {
+            self.sweep().await;
+        }
         let mut c = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
         c.prune(Instant::now());
-        let (total, mine) = c.of(&user);
-        let over = if total >= self.max_connections.get() {
-            Some(Over::Connections)
-        } else if self.per_user.is_some_and(|max| mine >= max.get()) {
-            Some(Over::UserConnections)
-        } else {
-            None
-        };
+        let over = self.over_in(&c, &user);
         let login = (id.remote_addr, id.client_id.clone());
         let pending = match over {
             Some(over) => Pending::Refused {
@@ -250,6 +266,45 @@ impl Limits {
         };
         c.pending.insert(login, pending);
         over.map_or(Ok(()), Err)
+    }
+
+    /// Which limit a login of `user` would meet now, if any.
+    fn over(&self, user: &Option<UserName>) -> Option<Over> {
+        let mut c = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
+        c.prune(Instant::now());
+        self.over_in(&c, user)
+    }
+
+    /// Which limit a login of `user` would meet with `c`, if any.
+    fn over_in(&self, c: &Counts, user: &Option<UserName>) -> Option<Over> {
+        let (total, mine) = c.of(user);
+        if total >= self.max_connections.get() {
+            Some(Over::Connections)
+        } else if self.per_user.is_some_and(|max| mine >= max.get()) {
+            Some(Over::UserConnections)
+        } else {
+            None
+        }
+    }
+
+    /// Stops counting connections whose session task is gone without its
+    /// `ClientDisconnected` hook: rmqtt leaves such a session in its table
+    /// when its CONNACK could not be sent. Only run at a limit.
+    async fn sweep(&self) {
+        let entries: Vec<_> = self.scx.extends.shared().await.iter().collect();
+        for entry in entries {
+            if entry.tx().is_some_and(|tx| tx.is_closed())
+                && let Some(session) = entry.session()
+            {
+                uncount(&session).await;
+            }
+        }
+    }
+
+    /// Forgets the login of `id` (its handshake failed): it no longer counts.
+    pub(super) fn forget(&self, id: &Id) {
+        let mut c = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
+        c.pending.remove(&(id.remote_addr, id.client_id.clone()));
     }
 
     /// Whether a limit refused the login of `id` (once: the refusal is
@@ -269,11 +324,6 @@ impl Limits {
 
     /// The `ClientConnected` hook: `session`'s connection counts until it ends.
     pub(super) async fn connected(&self, session: &Session) {
-        if let Ok(ConnectInfo::V5(_, connect)) = session.connect_info().await.as_deref()
-            && let Some(max) = connect.max_packet_size
-        {
-            self.smallest_packet.fetch_min(max.get(), Ordering::Relaxed);
-        }
         let user = session.id.username.clone();
         {
             let mut c = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
@@ -295,13 +345,7 @@ impl Limits {
 
     /// The `ClientDisconnected` hook: `session`'s connection no longer counts.
     pub(super) async fn disconnected(&self, session: &Session) {
-        let counted = session
-            .extra_attrs
-            .write()
-            .await
-            .get_mut::<Option<Counted>>(COUNTED)
-            .and_then(Option::take);
-        drop(counted);
+        uncount(session).await;
         if let Some(rate) = &self.rate
             && rate.len() > 2 * self.max_connections.get()
         {

@@ -660,6 +660,7 @@ impl EmbeddedBroker {
                 gate: gate.clone(),
                 queues: Arc::new(sessions::Queues::new(
                     limits.max_queued_bytes,
+                    limits.memory_limit,
                     metrics.clone(),
                 )),
                 limits: client_limits.clone(),

@@ -123,8 +123,9 @@ impl Around {
 }
 
 /// About the size of `p` as a PUBLISH packet, never less: the fixed header
-/// (at most 5 bytes), topic, packet id, properties (with room for the
-/// subscription identifiers added per subscriber) and payload.
+/// (at most 5 bytes), topic, packet id, properties and payload, with room
+/// for a message expiry and a topic alias whether or not they are sent.
+/// Each subscription identifier added per subscriber takes 5 bytes more.
 pub(super) fn packet_size(p: &Publish) -> usize {
     let props = p.properties.as_ref().map_or(0, |pr| {
         let text = |t: Option<usize>| t.map_or(0, |len| 3 + len);
@@ -133,25 +134,42 @@ pub(super) fn packet_size(p: &Publish) -> usize {
             .iter()
             .map(|(k, v)| 5 + k.len() + v.len())
             .sum();
-        // Topic alias, expiry, payload format: at most 2 + 5 + 3 bytes.
+        // Payload format 2, message expiry 5, topic alias 3.
         10 + text(pr.correlation_data.as_ref().map(|d| d.len()))
             + text(pr.content_type.as_ref().map(|t| t.len()))
             + text(pr.response_topic.as_ref().map(|t| t.len()))
             + users
+            + 5 * pr.subscription_ids.len()
     });
-    5 + 2 + p.topic.len() + 2 + 4 + 16 + props + p.payload.len()
+    // Fixed header, topic length, packet id, properties length.
+    5 + 2 + p.topic.len() + 2 + 4 + props + p.payload.len()
 }
 
 /// `[local] max_queued_bytes`: the payload bytes held for each session
 /// (queued while it is online or offline, in flight).
 pub(super) struct Queues {
-    /// Most bytes one session holds.
-    limit: usize,
-    /// Bytes held per client id; an entry goes when its count is back to 0.
-    held: Mutex<HashMap<ClientId, Arc<AtomicUsize>>>,
+    /// Most bytes one session holds; `None` where that cannot bind (not
+    /// below `memory_limit`), and nothing is counted per session.
+    limit: Option<usize>,
+    /// Bytes held per client id.
+    held: Mutex<SessionCounts>,
     /// Where drops are counted.
     metrics: Arc<Metrics>,
 }
+
+/// Bytes held per client id. An entry stays (at 0) while anything may
+/// count in it, so that routing a message and dropping it take no lock
+/// and allocate no entry; entries nothing refers to are swept as the map
+/// outgrows twice what it held at the last sweep.
+struct SessionCounts {
+    /// The counts.
+    counts: HashMap<ClientId, Arc<AtomicUsize>>,
+    /// Size at which the next sweep runs.
+    sweep_at: usize,
+}
+
+/// Entries the per-session counts hold before their first sweep.
+const FIRST_SWEEP: usize = 1024;
 
 /// A payload counted for one session until dropped.
 struct QueuedFor {
@@ -159,10 +177,6 @@ struct QueuedFor {
     payload: Bytes,
     /// The session's count.
     count: Arc<AtomicUsize>,
-    /// Its client id, to remove the count when it is back to 0.
-    client_id: ClientId,
-    /// Where the count is kept.
-    queues: Arc<Queues>,
 }
 
 impl AsRef<[u8]> for QueuedFor {
@@ -173,16 +187,7 @@ impl AsRef<[u8]> for QueuedFor {
 
 impl Drop for QueuedFor {
     fn drop(&mut self) {
-        let len = self.payload.len();
-        if self.count.fetch_sub(len, Ordering::Relaxed) == len {
-            let mut held = self.queues.lock();
-            if held
-                .get(&self.client_id)
-                .is_some_and(|c| Arc::ptr_eq(c, &self.count) && c.load(Ordering::Relaxed) == 0)
-            {
-                held.remove(&self.client_id);
-            }
-        }
+        self.count.fetch_sub(self.payload.len(), Ordering::Relaxed);
     }
 }
 
@@ -190,66 +195,65 @@ impl Drop for QueuedFor {
 static SESSION_LIMIT_LOGGED: Throttle = Throttle::per_minute(1);
 
 impl Queues {
-    pub(super) fn new(limit: usize, metrics: Arc<Metrics>) -> Queues {
+    /// Each session within `limit` bytes, the broker within `memory_limit`.
+    pub(super) fn new(limit: usize, memory_limit: usize, metrics: Arc<Metrics>) -> Queues {
         Queues {
-            limit,
-            held: Mutex::default(),
+            limit: (limit < memory_limit).then_some(limit),
+            held: Mutex::new(SessionCounts {
+                counts: HashMap::new(),
+                sweep_at: FIRST_SWEEP,
+            }),
             metrics,
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ClientId, Arc<AtomicUsize>>> {
-        self.held.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// `payload` counted for `client_id`'s session until its last copy is
-    /// dropped, or `None` (counted and logged) if it does not fit.
-    fn hold(self: &Arc<Self>, client_id: &ClientId, topic: &str, payload: &Bytes) -> Option<Bytes> {
+    /// `publish` with its payload (`payload`) counted for `client_id`'s
+    /// session until its last copy is dropped; false (counted and logged)
+    /// if it does not fit.
+    fn count_for(&self, client_id: &ClientId, publish: &mut Publish, payload: &Bytes) -> bool {
+        let Some(limit) = self.limit else {
+            return true;
+        };
         let len = payload.len();
         let count = {
-            let mut held = self.lock();
-            let count = held.entry(client_id.clone()).or_default();
-            let fits = count
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |now| {
-                    (now.saturating_add(len) <= self.limit).then_some(now + len)
-                })
-                .is_ok();
-            if fits {
-                Some(count.clone())
-            } else {
-                if count.load(Ordering::Relaxed) == 0 {
-                    held.remove(client_id);
+            let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+            if held.counts.len() >= held.sweep_at {
+                held.counts
+                    .retain(|_, c| Arc::strong_count(c) > 1 || c.load(Ordering::Relaxed) > 0);
+                held.sweep_at = (2 * held.counts.len()).max(FIRST_SWEEP);
+            }
+            match held.counts.get(client_id) {
+                Some(count) => count.clone(),
+                None => {
+                    let count = Arc::new(AtomicUsize::new(0));
+                    held.counts.insert(client_id.clone(), count.clone());
+                    count
                 }
-                None
             }
         };
-        let Some(count) = count else {
+        let fits = count
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |now| {
+                (now.saturating_add(len) <= limit).then_some(now + len)
+            })
+            .is_ok();
+        if !fits {
             event!(
                 self.metrics.broker_dropped_session_limit,
                 warn,
                 throttle = SESSION_LIMIT_LOGGED,
                 client_id = %Printable(client_id),
-                topic = %Printable(topic),
+                topic = %Printable(&publish.topic),
                 size = len,
-                limit = self.limit,
+                limit,
                 "a session of the built-in broker holds local.max_queued_bytes: a message was not routed to it"
             );
-            return None;
-        };
-        Some(Bytes::from_owner(QueuedFor {
+            return false;
+        }
+        publish.inner.payload = Bytes::from_owner(QueuedFor {
             payload: payload.clone(),
             count,
-            client_id: client_id.clone(),
-            queues: self.clone(),
-        }))
-    }
-
-    /// `publish` with its payload counted for `client_id`'s session.
-    fn publish_for(self: &Arc<Self>, client_id: &ClientId, publish: &Publish) -> Option<Publish> {
-        let payload = self.hold(client_id, &publish.topic, &publish.payload)?;
-        let mut p = publish.clone();
-        p.inner.payload = payload;
-        Some(p)
+        });
+        true
     }
 }
 
@@ -320,7 +324,7 @@ impl Sessions {
     async fn forwards_within(
         &self,
         from: From,
-        publish: Publish,
+        mut publish: Publish,
     ) -> std::result::Result<ForwardedCount, (ForwardedCount, Vec<(To, From, Publish, Reason)>)>
     {
         let node = self.cx.scx.node.id();
@@ -343,7 +347,8 @@ impl Sessions {
         // Only when a client announced a Maximum Packet Size this message
         // could exceed is each subscriber's looked up for it.
         let size = packet_size(&publish);
-        let sized = self.cx.limits.may_exceed(size);
+        // With room for 16 subscription identifiers (each subscriber's own).
+        let sized = self.cx.limits.may_exceed(size + 5 * 16);
         if acl || sized {
             let mut kept = Vec::with_capacity(relations.len());
             for relation in relations {
@@ -353,7 +358,8 @@ impl Sessions {
                     if acl && !self.cx.gate.may_read(&session, &publish.topic) {
                         continue;
                     }
-                    if sized && !self.cx.fits(&session, size, &publish).await {
+                    let ids = relation.3.as_ref().map_or(0, Vec::len);
+                    if sized && !self.cx.fits(&session, size + 5 * ids, &publish).await {
                         continue;
                     }
                 }
@@ -362,13 +368,18 @@ impl Sessions {
             relations = kept;
         }
         let (mut forwarded, mut errors) = (0, Vec::new());
+        let payload = publish.payload.clone();
         for relation in relations {
-            let Some(p) = self.cx.queues.publish_for(&relation.1, &publish) else {
+            if !self
+                .cx
+                .queues
+                .count_for(&relation.1, &mut publish, &payload)
+            {
                 continue;
-            };
+            }
             match self
                 .table
-                .forwards_to(from.clone(), &p, vec![relation], None)
+                .forwards_to(from.clone(), &publish, vec![relation], None)
                 .await
             {
                 Ok(recipients) => forwarded += recipients.len(),
@@ -391,15 +402,10 @@ impl Sessions {
 /// subscribes) are checked against.
 struct TakeoverEntry(Box<dyn Entry>, Arc<Around>);
 
-#[async_trait]
-impl Entry for TakeoverEntry {
-    /// Called by rmqtt only as a client logs in, after its authentication:
-    /// a login a connection limit refused stops here, with CONNACK Server
-    /// unavailable (see `limits`).
-    async fn try_lock(&self) -> Result<Box<dyn Entry>> {
-        if let Some(over) = self.1.limits.refusal(&self.0.id()) {
-            return Err(anyhow::anyhow!("{}", over.as_str()));
-        }
+impl TakeoverEntry {
+    /// rmqtt's lock of this client id, waiting up to [`LOCK_PATIENCE`] for
+    /// another CONNECT of it to finish.
+    async fn lock_in_turn(&self) -> Result<Box<dyn Entry>> {
         let deadline = Instant::now() + LOCK_PATIENCE;
         loop {
             match self.0.try_lock().await {
@@ -411,6 +417,24 @@ impl Entry for TakeoverEntry {
                 Err(_) => tokio::time::sleep(LOCK_RETRY).await,
             }
         }
+    }
+}
+
+#[async_trait]
+impl Entry for TakeoverEntry {
+    /// Called by rmqtt only as a client logs in, after its authentication:
+    /// a login a connection limit refused stops here, with CONNACK Server
+    /// unavailable (see `limits`).
+    async fn try_lock(&self) -> Result<Box<dyn Entry>> {
+        let id = self.0.id();
+        if let Some(over) = self.1.limits.refusal(&id) {
+            return Err(anyhow::anyhow!("{}", over.as_str()));
+        }
+        let locked = self.lock_in_turn().await;
+        if locked.is_err() {
+            self.1.limits.forget(&id);
+        }
+        locked
     }
 
     fn id(&self) -> Id {
@@ -543,7 +567,7 @@ impl Entry for TakeoverEntry {
     async fn publish(
         &self,
         from: From,
-        p: Publish,
+        mut p: Publish,
     ) -> std::result::Result<(), (From, Publish, Reason)> {
         if let Some(session) = self.0.session() {
             if !self.1.gate.may_read(&session, &p.topic) {
@@ -554,10 +578,15 @@ impl Entry for TakeoverEntry {
                 return Ok(());
             }
         }
-        match self.1.queues.publish_for(&self.0.id().client_id, &p) {
-            Some(p) => self.0.publish(from, p).await,
-            None => Ok(()),
+        let payload = p.payload.clone();
+        if !self
+            .1
+            .queues
+            .count_for(&self.0.id().client_id, &mut p, &payload)
+        {
+            return Ok(());
         }
+        self.0.publish(from, p).await
     }
 
     async fn subscriptions(&self) -> Option<Vec<SubsSearchResult>> {
@@ -710,5 +739,75 @@ impl Shared for Sessions {
 
     fn operation_is_busy(&self) -> bool {
         self.table.operation_is_busy()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rmqtt::types::{CodecPublish, QoS};
+
+    fn publish() -> Publish {
+        Publish::from(CodecPublish {
+            dup: false,
+            retain: false,
+            qos: QoS::AtLeastOnce,
+            topic: "t".into(),
+            packet_id: None,
+            payload: Bytes::new(),
+            properties: None,
+        })
+    }
+
+    #[test]
+    fn a_session_holds_at_most_its_bytes_and_gets_them_back_as_copies_go() {
+        let metrics = Arc::new(Metrics::default());
+        let queues = Queues::new(10, 100, metrics.clone());
+        let (a, b) = (ClientId::from("a"), ClientId::from("b"));
+        let six = Bytes::from_static(b"123456");
+        let mut first = publish();
+        assert!(queues.count_for(&a, &mut first, &six));
+        assert_eq!(&first.payload[..], b"123456");
+        // Twelve bytes would be more than a's ten; b has its own.
+        assert!(!queues.count_for(&a, &mut publish(), &six));
+        assert!(queues.count_for(&b, &mut publish(), &six));
+        // A copy held elsewhere (in flight, queued) still counts.
+        let copy = first.clone();
+        drop(first);
+        assert!(!queues.count_for(&a, &mut publish(), &six));
+        drop(copy);
+        assert!(queues.count_for(&a, &mut publish(), &six));
+        assert_eq!(
+            metrics.broker_dropped_session_limit.load(Ordering::Relaxed),
+            2
+        );
+    }
+
+    #[test]
+    fn a_session_limit_not_below_the_memory_limit_counts_nothing() {
+        let queues = Queues::new(100, 100, Arc::new(Metrics::default()));
+        let big = Bytes::from(vec![0u8; 1000]);
+        let mut p = publish();
+        assert!(queues.count_for(&ClientId::from("a"), &mut p, &big));
+        assert!(p.payload.is_empty(), "the payload is left as it was");
+    }
+
+    #[test]
+    fn counts_nothing_refers_to_are_swept_as_the_map_grows() {
+        let queues = Queues::new(10, 100, Arc::new(Metrics::default()));
+        let one = Bytes::from_static(b"1");
+        let mut kept = publish();
+        assert!(queues.count_for(&ClientId::from("kept"), &mut kept, &one));
+        for i in 0..2 * FIRST_SWEEP {
+            let id = ClientId::from(format!("gone-{i}"));
+            assert!(queues.count_for(&id, &mut publish(), &one));
+        }
+        let held = queues.held.lock().unwrap();
+        assert!(
+            held.counts.len() <= FIRST_SWEEP + 1,
+            "{}",
+            held.counts.len()
+        );
+        assert!(held.counts.contains_key("kept"));
     }
 }
