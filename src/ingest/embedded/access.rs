@@ -324,15 +324,20 @@ impl Gate {
 
     /// Whether a message on `topic` may be routed to `session`; a denial is counted.
     pub(super) fn may_read(&self, session: &Session, topic: &str) -> bool {
-        let rules = self.rules.load();
-        let Some(acl) = &rules.acl else {
-            return true;
-        };
-        let allowed = acl.may_read(client(session), topic);
+        let allowed = self.can_read(session, topic);
         if !allowed {
             Metrics::add(&self.metrics.broker_refused_read, 1);
         }
         allowed
+    }
+
+    /// [`Gate::may_read`], counting nothing.
+    pub(super) fn can_read(&self, session: &Session, topic: &str) -> bool {
+        let rules = self.rules.load();
+        rules
+            .acl
+            .as_ref()
+            .is_none_or(|acl| acl.may_read(client(session), topic))
     }
 
     /// Whether there is an ACL to route by.

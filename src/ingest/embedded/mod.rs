@@ -676,7 +676,7 @@ impl EmbeddedBroker {
             debug!(loaded, "retained messages loaded");
         }
         *scx.extends.retain_mut().await = Box::new(retainer);
-        *scx.extends.shared_subscription_mut().await = Box::new(share::InTurn::default());
+        *scx.extends.shared_subscription_mut().await = Box::new(share::InTurn::new(gate.clone()));
         *scx.extends.fitter_mgr_mut().await = Box::new(fitter::Fitters {
             max_keepalive: limits.max_keepalive,
         });
