@@ -383,12 +383,7 @@ async fn a_shared_group_gives_each_message_to_a_member_that_may_read_it() {
     ops.publish("devices/dev1/cmd", "open").await;
     let to_dev1 = dev1.messages(1).await;
     assert_eq!(to_dev1[0].0, "devices/dev1/cmd");
-    let to_watcher: Vec<String> = watcher
-        .messages(10)
-        .await
-        .into_iter()
-        .map(|m| m.1)
-        .collect();
+    let to_watcher = watcher.payloads(10).await;
     let all: Vec<String> = (0..10).map(|i| i.to_string()).collect();
     assert_eq!(to_watcher, all);
 }

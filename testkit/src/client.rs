@@ -243,6 +243,11 @@ impl Conn {
         }
         got
     }
+
+    /// The payloads of the next `n` messages.
+    pub async fn payloads(&mut self, n: usize) -> Vec<String> {
+        self.messages(n).await.into_iter().map(|m| m.1).collect()
+    }
 }
 
 /// Connects over MQTT 3.1.1; the CONNACK's answer.
