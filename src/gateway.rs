@@ -575,6 +575,7 @@ impl Counts {
             let clients = b.clients();
             Metrics::set(&self.metrics.broker_connections, clients.connections);
             Metrics::set(&self.metrics.broker_sessions, clients.sessions);
+            Metrics::set(&self.metrics.broker_sockets, clients.sockets);
         }
         self.metrics.snapshot()
     }

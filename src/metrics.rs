@@ -184,6 +184,9 @@ counters! {
     /// Built-in broker: CONNECTs refused, `local.max_connections_per_user`
     /// reached for their user name.
     broker_refused_user_connections => "edgefn_broker_refusals" ["reason" = "max_connections_per_user"],
+    /// Built-in broker: connections closed as they opened,
+    /// `local.max_connections_per_address` from their address being open.
+    broker_refused_address_connections => "edgefn_broker_refusals" ["reason" = "max_connections_per_address"],
     /// Built-in broker: PUBLISHes that waited because their connection went
     /// beyond `local.max_publish_rate`.
     broker_publish_waits => "edgefn_broker_publish_waits",
@@ -210,6 +213,8 @@ counters! {
     /// Embedded broker, now: sessions (connected clients and the persistent
     /// sessions of offline ones).
     broker_sessions => "edgefn_broker_sessions",
+    /// Embedded broker, now: open sockets on its listeners, logged in or not.
+    broker_sockets => "edgefn_broker_sockets",
 }
 
 /// What a metric family is to Prometheus.
@@ -614,6 +619,12 @@ pub const FAMILIES: &[Family] = &[
         &[],
         "Built-in broker: open connections.",
     ),
+    family(
+        "edgefn_broker_sockets",
+        G,
+        &[],
+        "Built-in broker: open sockets on its listeners, logged in or not (at most local.max_connections + 256, fewer if the file limit cannot hold three descriptors for each; local.max_connections_per_address from one IP address).",
+    ),
     unit(
         family(
             "edgefn_broker_held",
@@ -639,7 +650,7 @@ pub const FAMILIES: &[Family] = &[
             &["reason"],
             "Built-in broker: what local.password_file, local.acl_file, local.allow_anonymous and the connection limits refused, by reason.",
         ),
-        "`bad_password`, `unknown_user` and `anonymous`: CONNECTs refused (CONNACK Not authorized); `will_denied`: wills on a topic their client may not write, dropped when due (the client was let in, as by Mosquitto); `publish_denied`: PUBLISHes not routed nor committed (MQTT 5: PUBACK 0x87); `subscribe_denied`: SUBSCRIBE filters refused in the SUBACK; `read_denied`: messages withheld from a subscriber; `revoked`: clients disconnected at a reload because their password entry changed; `no_identity`: a client certificate without a common name (use_identity_as_username); `max_connections`: CONNECTs refused as local.max_connections clients were connected; `max_connections_per_user`: CONNECTs refused as local.max_connections_per_user clients of their user name were connected (both CONNACK Server unavailable: MQTT 5 0x88, 3.1.1 code 3). A TLS handshake the listener refuses (no certificate, a foreign one) is not counted: it ends before MQTT begins. Each is logged at most once a minute per client address.",
+        "`bad_password`, `unknown_user` and `anonymous`: CONNECTs refused (CONNACK Not authorized); `will_denied`: wills on a topic their client may not write, dropped when due (the client was let in, as by Mosquitto); `publish_denied`: PUBLISHes not routed nor committed (MQTT 5: PUBACK 0x87); `subscribe_denied`: SUBSCRIBE filters refused in the SUBACK; `read_denied`: messages withheld from a subscriber; `revoked`: clients disconnected at a reload because their password entry changed; `no_identity`: a client certificate without a common name (use_identity_as_username); `max_connections`: CONNECTs refused as local.max_connections clients were connected; `max_connections_per_user`: CONNECTs refused as local.max_connections_per_user clients of their user name were connected (both CONNACK Server unavailable: MQTT 5 0x88, 3.1.1 code 3). `max_connections_per_address`: connections closed as they opened, local.max_connections_per_address being open from their IP address (`max_connections` also counts those closed as they opened because edgefn_broker_sockets was at its most). A TLS handshake the listener refuses (no certificate, a foreign one) is not counted: it ends before MQTT begins. Each is logged at most once a minute per client address.",
     ),
     family(
         "edgefn_broker_publish_waits",

@@ -12,6 +12,7 @@ use rumqttc::v5::MqttOptions;
 use rumqttc::v5::mqttbytes::v5::PubAckReason;
 use testkit::client::*;
 use testkit::*;
+use tokio::io::AsyncWriteExt;
 
 /// The built-in broker alone (no upstream), with `limits` set in its
 /// `[local]` table: the daemon, the broker's port and the metrics port.
@@ -24,6 +25,7 @@ async fn broker(dir: &Path, limits: impl FnOnce(&mut LocalTable)) -> (Daemon, u1
     file.metrics_on(metrics);
     let daemon = Daemon::start(&write_config(dir, &file));
     port_open(port).await;
+    port_open(metrics).await;
     (daemon, port, metrics)
 }
 
@@ -67,6 +69,105 @@ async fn connections_beyond_the_limits_are_refused_and_a_reconnect_always_gets_i
     assert!(counter(metrics, "broker_refused_user_connections") >= 1);
     assert!(counter(metrics, "broker_refused_connections") >= 3);
     drop(a1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_cannot_take_the_sockets_and_others_still_get_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_daemon, port, metrics) = broker(dir.path(), |l| {
+        l.max_connections_per_address = Some(3);
+    })
+    .await;
+    // Three sockets from 127.0.0.1 that never log in (once the probe of
+    // `port_open` is gone).
+    eventually("no socket open", || counter(metrics, "broker_sockets") == 0).await;
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        idle.push(from_address("127.0.0.1", port).await);
+    }
+    eventually("3 sockets open", || counter(metrics, "broker_sockets") == 3).await;
+    // A fourth from there is closed as it opens: its CONNECT gets no answer.
+    let mut fourth = from_address("127.0.0.1", port).await;
+    let _ = fourth.write_all(&raw::connect(5, 30, "fourth")).await;
+    assert_eq!(raw::read(&mut fourth).await, None);
+    assert!(counter(metrics, "broker_refused_address_connections") >= 1);
+    // A device on another address logs in and is answered.
+    let mut other = from_address("127.0.0.2", port).await;
+    other
+        .write_all(&raw::connect(5, 30, "other"))
+        .await
+        .unwrap();
+    let (first, body) = raw::read(&mut other).await.expect("a CONNACK");
+    assert_eq!((first, body[1]), (0x20, 0));
+    other
+        .write_all(&raw::publish(5, "sensors/o/temperature", b"{}"))
+        .await
+        .unwrap();
+    let (first, _) = raw::read(&mut other).await.expect("a PUBACK");
+    assert_eq!(first, 0x40);
+    // One of the idle sockets goes: 127.0.0.1 may log in again.
+    drop(idle.pop());
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        let mut again = from_address("127.0.0.1", port).await;
+        let _ = again.write_all(&raw::connect(5, 30, "again")).await;
+        if let Some((first, body)) = raw::read(&mut again).await {
+            assert_eq!((first, body[1]), (0x20, 0));
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "127.0.0.1 never got back in"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_straight_to_the_brokers_loopback_port_is_refused() {
+    // Devices reach rmqtt through edgefn's listener, which relays them to a
+    // loopback port rmqtt announces in its log.
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut file = standard(dir.path(), Local::Embedded(port), free_port());
+    file.upstream = None;
+    let daemon = Daemon::start_logging(
+        &write_config(dir.path(), &file),
+        "info,rmqtt=warn,rmqtt_net::builder=info",
+    );
+    port_open(port).await;
+    daemon.wait_for_log("Listening on edgefn/tcp").await;
+    let log = daemon.log();
+    let inner: u16 = log
+        .split("Listening on edgefn/tcp 127.0.0.1:")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .expect("rmqtt's loopback port in the log");
+    assert_ne!(inner, port);
+    let mut device = connect(port, "dev-1", None).await.unwrap();
+    // A local process logging in there straight, as the device, is refused
+    // and takes nothing over.
+    let refused = connect(inner, "dev-1", None).await.err();
+    assert_eq!(refused.as_deref(), Some("NotAuthorized"));
+    assert_eq!(
+        device
+            .publish("sensors/d1/temperature", &reading(1, 20.0))
+            .await,
+        PubAckReason::Success
+    );
+}
+
+/// A TCP connection to the broker's `port` from the local address `ip`.
+async fn from_address(ip: &str, port: u16) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket
+        .bind(std::net::SocketAddr::new(ip.parse().unwrap(), 0))
+        .unwrap();
+    socket
+        .connect(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+        .await
+        .unwrap()
 }
 
 /// Connects `id` as `login`, again while a limit refuses it (a place not

@@ -8,7 +8,52 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use testkit::client::raw;
 use testkit::*;
+use tokio::io::AsyncWriteExt;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connections_publishes_share_commits_and_each_puback_follows_its_own() {
+    // No upstream: every committed record stays in the outbox.
+    let dir = tempfile::tempdir().unwrap();
+    let (port, metrics) = (free_port(), free_port());
+    let mut file = standard(dir.path(), Local::Embedded(port), free_port());
+    file.upstream = None;
+    file.metrics_on(metrics);
+    let _daemon = Daemon::start(&write_config(dir.path(), &file));
+    port_open(port).await;
+    let db = dir.path().join("data/edgefn.db");
+    // An MQTT 3.1.1 device sends 200 readings at once, without waiting for
+    // any PUBACK.
+    let (mut device, connack) = raw::connack(port, 4, 60, "pipelining").await;
+    assert_eq!(connack.code, 0);
+    let mut burst = Vec::new();
+    for id in 1..=200u16 {
+        let payload = reading(u64::from(id), 21.0);
+        burst.extend(raw::publish_id(
+            4,
+            "sensors/p1/temperature",
+            payload.as_bytes(),
+            id,
+        ));
+    }
+    device.write_all(&burst).await.unwrap();
+    // The PUBACKs come in the order of the publishes, each once its reading
+    // is committed.
+    for id in 1..=200u16 {
+        let (first, body) = raw::read(&mut device).await.expect("a PUBACK");
+        assert_eq!((first, u16::from_be_bytes([body[0], body[1]])), (0x40, id));
+        assert!(
+            outbox_rows(&db) >= i64::from(id),
+            "PUBACK {id} before its commit"
+        );
+    }
+    // They shared commits: one connection is not one commit per message.
+    let counters = &report(metrics)["gateway"]["counters"];
+    assert_eq!(counters["committed"], 200);
+    let commits = counters["commit_batches"].as_u64().unwrap();
+    assert!(commits < 200, "{commits} commits for 200 readings");
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_puback_from_the_embedded_broker_means_the_reading_is_committed() {

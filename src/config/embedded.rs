@@ -36,6 +36,9 @@ pub struct BrokerLimits {
     /// `max_connections_per_user`: most clients of one user name (or of
     /// anonymous clients) connected at once.
     pub max_connections_per_user: Option<NonZeroUsize>,
+    /// `max_connections_per_address`: most open connections from one IP
+    /// address on the plain listener, logged in or not.
+    pub max_connections_per_address: NonZeroUsize,
     /// `max_publish_rate`: PUBLISH packets per second one connection may
     /// send; beyond it (after a second's worth at once) its publishes wait.
     pub max_publish_rate: Option<NonZeroU32>,
@@ -58,6 +61,10 @@ const DEFAULT_MAX_QUEUED_MESSAGES: i64 = 1000;
 /// `local.max_connections`: a Pi serves this many devices on a few MB.
 const DEFAULT_MAX_CONNECTIONS: i64 = 1024;
 
+/// `local.max_connections_per_address`: more than a LAN device opens, few
+/// enough that one address cannot take the gateway's sockets.
+const DEFAULT_MAX_CONNECTIONS_PER_ADDRESS: i64 = 64;
+
 /// `local.max_keepalive`: MQTT's longest, as Mosquitto's default.
 const DEFAULT_MAX_KEEPALIVE: &str = "65535s";
 
@@ -79,6 +86,10 @@ impl Default for BrokerLimits {
             max_connections: NonZeroUsize::new(DEFAULT_MAX_CONNECTIONS as usize)
                 .unwrap_or(NonZeroUsize::MIN),
             max_connections_per_user: None,
+            max_connections_per_address: NonZeroUsize::new(
+                DEFAULT_MAX_CONNECTIONS_PER_ADDRESS as usize,
+            )
+            .unwrap_or(NonZeroUsize::MIN),
             max_publish_rate: None,
             max_keepalive: u16::MAX,
         }
@@ -88,7 +99,7 @@ impl Default for BrokerLimits {
 /// Checks the built-in broker's bounds: `memory_limit`, `max_queued_bytes`
 /// (each at least `max_message_size`, or not one message could be held),
 /// `max_queued_messages`, `max_connections`, `max_connections_per_user`,
-/// `max_publish_rate`, `max_keepalive`.
+/// `max_connections_per_address`, `max_publish_rate`, `max_keepalive`.
 pub(super) fn check_limits(
     p: &mut Checker,
     raw: &LocalTable,
@@ -130,6 +141,12 @@ pub(super) fn check_limits(
         DEFAULT_MAX_CONNECTIONS,
         (1, MAX_CONNECTIONS),
     ) as usize;
+    let max_connections_per_address = p.int(
+        "local.max_connections_per_address",
+        raw.max_connections_per_address,
+        DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
+        (1, MAX_CONNECTIONS),
+    ) as usize;
     let mut optional = |key: &str, value: Option<i64>, max: i64| {
         value.and_then(|v| usize::try_from(p.int(key, Some(v), 1, (1, max))).ok())
     };
@@ -165,6 +182,8 @@ pub(super) fn check_limits(
         max_queued_bytes,
         max_connections: NonZeroUsize::new(max_connections).unwrap_or(NonZeroUsize::MIN),
         max_connections_per_user,
+        max_connections_per_address: NonZeroUsize::new(max_connections_per_address)
+            .unwrap_or(NonZeroUsize::MIN),
         max_publish_rate,
         max_keepalive,
     }

@@ -127,6 +127,9 @@ pub struct LocalTable {
     /// `local.max_connections_per_user`
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_connections_per_user: Option<i64>,
+    /// `local.max_connections_per_address`
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections_per_address: Option<i64>,
     /// `local.max_publish_rate`
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_publish_rate: Option<i64>,

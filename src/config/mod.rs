@@ -651,6 +651,10 @@ fn check_local(p: &mut Checker, raw: LocalTable, id: &str, base: &Path) -> Optio
                     "max_connections_per_user",
                     raw.max_connections_per_user.is_some(),
                 ),
+                (
+                    "max_connections_per_address",
+                    raw.max_connections_per_address.is_some(),
+                ),
                 ("max_publish_rate", raw.max_publish_rate.is_some()),
                 ("max_keepalive", raw.max_keepalive.is_some()),
                 ("password_file", raw.password_file.is_some()),

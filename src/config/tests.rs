@@ -591,7 +591,7 @@ fn the_built_in_brokers_bounds_have_defaults_and_each_problem_names_its_key() {
     };
     assert_eq!(limits(""), BrokerLimits::default());
     let set = limits(
-        "max_queued_bytes = \"2MiB\"\nmax_queued_messages = 50\nmax_connections = 100\nmax_connections_per_user = 4\nmax_publish_rate = 200\nmax_keepalive = \"1min\"\n",
+        "max_queued_bytes = \"2MiB\"\nmax_queued_messages = 50\nmax_connections = 100\nmax_connections_per_user = 4\nmax_connections_per_address = 8\nmax_publish_rate = 200\nmax_keepalive = \"1min\"\n",
     );
     assert_eq!(
         (
@@ -599,10 +599,11 @@ fn the_built_in_brokers_bounds_have_defaults_and_each_problem_names_its_key() {
             set.max_queued_messages,
             set.max_connections.get(),
             set.max_connections_per_user.map(|n| n.get()),
+            set.max_connections_per_address.get(),
             set.max_publish_rate.map(|n| n.get()),
             set.max_keepalive,
         ),
-        (2 << 20, 50, 100, Some(4), Some(200), 60)
+        (2 << 20, 50, 100, Some(4), 8, Some(200), 60)
     );
     for (keys, expected) in [
         ("max_queued_bytes = \"64KiB\"", "local.max_queued_bytes"),
@@ -613,6 +614,10 @@ fn the_built_in_brokers_bounds_have_defaults_and_each_problem_names_its_key() {
         (
             "max_connections_per_user = 0",
             "local.max_connections_per_user",
+        ),
+        (
+            "max_connections_per_address = 0",
+            "local.max_connections_per_address",
         ),
         ("max_publish_rate = -1", "local.max_publish_rate"),
         ("max_keepalive = \"2s\"", "local.max_keepalive"),

@@ -317,9 +317,14 @@ pub mod raw {
 
     /// A QoS 1 PUBLISH (packet id 1) of `payload` on `topic`.
     pub fn publish(version: u8, topic: &str, payload: &[u8]) -> Vec<u8> {
+        publish_id(version, topic, payload, 1)
+    }
+
+    /// A QoS 1 PUBLISH of `payload` on `topic` with packet id `id`.
+    pub fn publish_id(version: u8, topic: &str, payload: &[u8], id: u16) -> Vec<u8> {
         let mut body = Vec::new();
         string(topic.as_bytes(), &mut body);
-        body.extend_from_slice(&1u16.to_be_bytes());
+        body.extend_from_slice(&id.to_be_bytes());
         if version == 5 {
             body.push(0);
         }

@@ -78,6 +78,8 @@ pub(super) enum Refused {
     Connections,
     /// `max_connections_per_user` clients of its user name are connected.
     UserConnections,
+    /// `max_connections_per_address` connections from its address are open.
+    AddressConnections,
 }
 
 impl From<super::limits::Over> for Refused {
@@ -103,6 +105,7 @@ impl Refused {
             Refused::Identity => "no_identity",
             Refused::Connections => "max_connections",
             Refused::UserConnections => "max_connections_per_user",
+            Refused::AddressConnections => "max_connections_per_address",
         }
     }
 
@@ -118,6 +121,7 @@ impl Refused {
             Refused::Identity => &m.broker_refused_identity,
             Refused::Connections => &m.broker_refused_connections,
             Refused::UserConnections => &m.broker_refused_user_connections,
+            Refused::AddressConnections => &m.broker_refused_address_connections,
         }
     }
 }
@@ -134,6 +138,8 @@ pub(super) struct Gate {
     logged: PerKey,
     /// Where refusals are counted.
     metrics: Arc<Metrics>,
+    /// The front's connections: a refused client's address is its device's.
+    peers: Arc<super::front::Peers>,
 }
 
 /// Who a session is, for the ACL.
@@ -147,7 +153,11 @@ fn client(session: &Session) -> Client<'_> {
 impl Gate {
     /// A gate with the rules read from `files` (already checked by the
     /// configuration; read again here).
-    pub(super) fn new(files: AccessFiles, metrics: Arc<Metrics>) -> anyhow::Result<Gate> {
+    pub(super) fn new(
+        files: AccessFiles,
+        metrics: Arc<Metrics>,
+        peers: Arc<super::front::Peers>,
+    ) -> anyhow::Result<Gate> {
         let rules = files.load().map_err(|problems| {
             let text: Vec<String> = problems
                 .iter()
@@ -161,10 +171,12 @@ impl Gate {
             logins: Semaphore::new(CONCURRENT_LOGINS),
             logged: PerKey::per_minute(LOGGED_PEERS),
             metrics,
+            peers,
         })
     }
 
-    /// Counts a refusal and logs it, at most once a minute per address and reason.
+    /// Counts a refusal and logs it, at most once a minute per address and reason. `addr` is
+    /// the device's ([`super::front::Peers::device_addr`]).
     pub(super) fn refused(
         &self,
         why: Refused,
@@ -210,7 +222,8 @@ impl Gate {
         let result = match refusal {
             None => AuthResult::Allow(false, None),
             Some(why) => {
-                self.refused(why, info.client_id(), info.ipaddress(), user, None);
+                let addr = self.peers.device_addr(info.id());
+                self.refused(why, info.client_id(), addr, user, None);
                 // As Mosquitto answers: Not authorized (MQTT 3.1.1 code 5, MQTT 5 0x87)
                 // whatever was wrong with a login, so nothing tells a guesser which part;
                 // a certificate without a name, Bad user name or password.
@@ -264,7 +277,7 @@ impl Gate {
         self.refused(
             Refused::Publish,
             who.id,
-            session.id.remote_addr,
+            self.peers.device_addr(&session.id),
             who.user,
             Some(topic),
         );
@@ -286,7 +299,8 @@ impl Gate {
             return true;
         }
         if count {
-            self.refused(Refused::Will, who.id, id.remote_addr, who.user, Some(topic));
+            let addr = self.peers.device_addr(id);
+            self.refused(Refused::Will, who.id, addr, who.user, Some(topic));
         }
         false
     }
@@ -314,7 +328,7 @@ impl Gate {
         self.refused(
             Refused::Subscribe,
             who.id,
-            session.id.remote_addr,
+            self.peers.device_addr(&session.id),
             who.user,
             Some(&subscribe.topic_filter),
         );
@@ -405,7 +419,7 @@ impl Gate {
                     Ok(()) => gate.refused(
                         Refused::Revoked,
                         &session.id.client_id,
-                        session.id.remote_addr,
+                        gate.peers.device_addr(&session.id),
                         session.username().map(|u| &**u),
                         None,
                     ),

@@ -5,24 +5,14 @@
 
 use super::*;
 
-/// Counts one device publish in [`Inner::in_flight`] while it lives.
-struct InFlight<'a>(
-    /// The counter ([`Inner::in_flight`]).
-    &'a AtomicUsize,
-);
-
-impl<'a> InFlight<'a> {
-    /// Starts counting.
-    pub(super) fn enter(count: &'a AtomicUsize) -> Self {
-        count.fetch_add(1, Ordering::Relaxed);
-        InFlight(count)
-    }
-}
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
+/// A device's message in the pipeline, before its commit.
+pub(super) struct Handed {
+    /// Its commit.
+    waiter: AckWaiter,
+    /// What tells that the device stopped waiting for it.
+    device: DeviceWait,
+    /// Counts it in flight.
+    in_flight: InFlight,
 }
 
 impl Inner {
@@ -69,13 +59,46 @@ impl Inner {
     /// again and that copy is the only one. See [`Inner::linger`] for when the hook then
     /// returns.
     pub(super) async fn deliver_and_wait(
-        &self,
+        self: &Arc<Self>,
         client: &Id,
         give_up_after: Option<Duration>,
         topic: &str,
         payload: Bytes,
     ) -> Result<(), Refusal> {
-        let _in_flight = InFlight::enter(&self.in_flight);
+        let Handed {
+            mut waiter,
+            mut device,
+            in_flight: _in_flight,
+        } = self.deliver(client, give_up_after, topic, payload).await?;
+        let mut watching = true;
+        loop {
+            tokio::select! {
+                biased;
+                committed = &mut waiter => return committed.map_err(|_| Refusal::Dropped),
+                () = self.reached(Phase::Stopped) => return Err(Refusal::ShuttingDown),
+                why = device.gave_up(), if watching => {
+                    if waiter.abandon() {
+                        Metrics::add(&self.metrics.abandoned, 1);
+                        return Err(self.linger(why, &mut device).await);
+                    }
+                    // A commit has it: it is acknowledged in a moment.
+                    watching = false;
+                }
+            }
+        }
+    }
+
+    /// Sends a device's message into the pipeline, once its client has a permit and the
+    /// pipeline room, unless the device stops waiting first (as in
+    /// [`Inner::deliver_and_wait`]).
+    pub(super) async fn deliver(
+        self: &Arc<Self>,
+        client: &Id,
+        give_up_after: Option<Duration>,
+        topic: &str,
+        payload: Bytes,
+    ) -> Result<Handed, Refusal> {
+        let in_flight = InFlight::enter(self);
         let me = ClientRef::enter(&self.clients, &client.client_id);
         let mut device = DeviceWait {
             deadline: give_up_after.map(|d| tokio::time::Instant::now() + d),
@@ -87,13 +110,13 @@ impl Inner {
             permit = me.slot().permits.clone().acquire_owned() => {
                 permit.map_err(|_| Refusal::ShuttingDown)?
             }
-            why = device.gave_up() => return self.linger(why, &mut device).await,
+            why = device.gave_up() => return Err(self.linger(why, &mut device).await),
         };
         let hold = Hold::new(ClientPermit {
             _permit: permit,
             _client: ClientRef::enter(&self.clients, &client.client_id),
         });
-        let (ack, mut waiter) = Ack::waiter_holding(Some(hold));
+        let (ack, waiter) = Ack::waiter_holding(Some(hold));
         let delivery = Delivery {
             topic: topic.to_owned(),
             payload,
@@ -104,24 +127,13 @@ impl Inner {
             biased;
             handed = self.hand_over(delivery) => handed?,
             // Not handed over: dropped here with its ack, never committed.
-            why = device.gave_up() => return self.linger(why, &mut device).await,
+            why = device.gave_up() => return Err(self.linger(why, &mut device).await),
         }
-        let mut watching = true;
-        loop {
-            tokio::select! {
-                biased;
-                committed = &mut waiter => return committed.map_err(|_| Refusal::Dropped),
-                () = self.reached(Phase::Stopped) => return Err(Refusal::ShuttingDown),
-                why = device.gave_up(), if watching => {
-                    if waiter.abandon() {
-                        Metrics::add(&self.metrics.abandoned, 1);
-                        return self.linger(why, &mut device).await;
-                    }
-                    // A commit has it: it is acknowledged in a moment.
-                    watching = false;
-                }
-            }
-        }
+        Ok(Handed {
+            waiter,
+            device,
+            in_flight,
+        })
     }
 
     /// After a message was given up: returns [`Refusal::GaveUp`], which ends this session.
@@ -129,7 +141,7 @@ impl Inner {
     /// keep-alive passed): rmqtt asks the old session to step aside during that CONNECT and
     /// waits for the answer, which a session that ended meanwhile can never give, and the
     /// CONNECT would be refused.
-    pub(super) async fn linger(&self, why: GaveUp, device: &mut DeviceWait) -> Result<(), Refusal> {
+    pub(super) async fn linger(&self, why: GaveUp, device: &mut DeviceWait) -> Refusal {
         if why == GaveUp::Reconnecting {
             tokio::select! {
                 _ = device.sessions.changed() => {}
@@ -137,7 +149,7 @@ impl Inner {
                 () = self.reached(Phase::Stopped) => {}
             }
         }
-        Err(Refusal::GaveUp)
+        Refusal::GaveUp
     }
 
     /// Sends a message nobody acknowledges (last will, edgefn's own publish) into the pipeline,
@@ -207,6 +219,14 @@ impl Inner {
                 self.on_client_publish(session, publish, acc).await
             }
             Parameter::ClientAuthenticate(info) => {
+                if !self.peers.relays_login(info.id()) {
+                    debug!(
+                        client_id = %info.client_id(),
+                        "refused a login on the broker's loopback port that no relay made"
+                    );
+                    let refusal = HookResult::AuthResult(AuthResult::NotAuthorized);
+                    return (false, Some(refusal));
+                }
                 let verdict = self.gate.authenticate(info).await;
                 let Some(HookResult::AuthResult(AuthResult::Allow(..))) = &verdict.1 else {
                     return verdict;
@@ -217,7 +237,7 @@ impl Inner {
                     let user = id.username.as_deref();
                     let why = access::Refused::from(over);
                     self.gate
-                        .refused(why, &id.client_id, id.remote_addr, user, None);
+                        .refused(why, &id.client_id, self.peers.device_addr(id), user, None);
                 }
                 verdict
             }
@@ -271,7 +291,7 @@ impl Inner {
 
     /// The ack-after-commit path for a client's PUBLISH (see the module docs).
     pub(super) async fn on_client_publish(
-        &self,
+        self: &Arc<Self>,
         session: &rmqtt::session::Session,
         publish: &Publish,
         acc: Option<HookResult>,
@@ -306,14 +326,35 @@ impl Inner {
             }
             Err(_) => None,
         };
-        let outcome = self
-            .deliver_and_wait(
-                client,
-                give_up_after,
-                &publish.topic,
-                publish.payload.clone(),
-            )
-            .await;
+        let (topic, payload) = (&publish.topic, publish.payload.clone());
+        let outcome = match self.peers.relayed(client) {
+            // Behind the relay: the acknowledgement waits there, the connection goes on.
+            front::Relayed::Holding(peer) => {
+                match self.deliver(client, give_up_after, topic, payload).await {
+                    Ok(handed) => {
+                        if let Some(packet_id) = publish.packet_id {
+                            peer.hold(front::Held {
+                                packet_id: packet_id.get(),
+                                waiter: handed.waiter,
+                                device: handed.device,
+                                client_id: client.client_id.clone(),
+                                topic: topic.clone(),
+                                in_flight: handed.in_flight,
+                                settled: false,
+                            });
+                        }
+                        Ok(())
+                    }
+                    Err(refusal) => Err(refusal),
+                }
+            }
+            // Its relay ended: nobody could receive the acknowledgement.
+            front::Relayed::Gone => Err(Refusal::GaveUp),
+            front::Relayed::Waiting => {
+                self.deliver_and_wait(client, give_up_after, topic, payload)
+                    .await
+            }
+        };
         let Err(refusal) = outcome else {
             // Proceed without a verdict: rmqtt allows the message, routes it and acknowledges.
             return (true, acc);
@@ -327,26 +368,7 @@ impl Inner {
             );
             return (true, acc);
         }
-        let total = self.metrics.broker_refused.fetch_add(1, Ordering::Relaxed) + 1;
-        if matches!(refusal, Refusal::ShuttingDown | Refusal::GaveUp) {
-            debug!(
-                client_id = %client.client_id,
-                topic = %publish.topic,
-                reason = refusal.as_str(),
-                total,
-                "closing the connection without acknowledging"
-            );
-        } else {
-            warn!(
-                client_id = %client.client_id,
-                remote_addr = ?client.remote_addr,
-                topic = %publish.topic,
-                reason = refusal.as_str(),
-                total,
-                "message not committed: closing the connection without acknowledging, \
-                 the device will resend"
-            );
-        }
+        self.not_acknowledged(&client.client_id, &publish.topic, refusal);
         let verdict = PublishResult::reason_code(
             PublishAckReason::ImplementationSpecificError,
             Some(refusal.as_str().into()),
@@ -357,6 +379,30 @@ impl Inner {
             false,
             Some(HookResult::PublishAclResult(PublishAclResult(verdict))),
         )
+    }
+
+    /// Counts and logs a device's QoS 1/2 message that is not acknowledged: its connection
+    /// closes and the device sends it again.
+    pub(super) fn not_acknowledged(&self, client_id: &ClientId, topic: &str, refusal: Refusal) {
+        let total = self.metrics.broker_refused.fetch_add(1, Ordering::Relaxed) + 1;
+        if matches!(refusal, Refusal::ShuttingDown | Refusal::GaveUp) {
+            debug!(
+                %client_id,
+                topic,
+                reason = refusal.as_str(),
+                total,
+                "closing the connection without acknowledging"
+            );
+        } else {
+            warn!(
+                %client_id,
+                topic,
+                reason = refusal.as_str(),
+                total,
+                "message not committed: closing the connection without acknowledging, \
+                 the device will resend"
+            );
+        }
     }
 
     /// Counts and logs (rate-limited) a message rmqtt dropped.

@@ -26,8 +26,14 @@
 //!   sends an ordinary PUBACK, which carries no reason code.
 //!
 //! So edgefn's hook is registered on [`Type::MessagePublishCheckAcl`]. For a matching topic it
-//! sends the [`Delivery`] into `deliveries` (awaiting capacity: backpressure to the device) and
-//! awaits the [`crate::ingest::AckWaiter`]:
+//! sends the [`Delivery`] into `deliveries` (awaiting capacity: backpressure to the device).
+//! Then, on the plain listener, whose connections reach rmqtt through edgefn's own relay
+//! (`front`), it leaves the [`crate::ingest::AckWaiter`] with that connection under the
+//! message's packet id and returns `(true, acc)` at once: rmqtt writes the PUBACK, and the
+//! relay holds it (and all rmqtt sends that device after it) until the commit, or closes the
+//! connection without it if the message is not committed. Elsewhere (the TLS listener, whose
+//! bytes the relay cannot read, and a connection made straight to rmqtt's loopback port) the
+//! hook awaits the waiter itself:
 //! * committed: it returns `(true, acc)`, i.e. "proceed, no verdict"; with no other handler,
 //!   `DefaultHook::message_publish_check_acl` then allows the message (no verdict means
 //!   allowed), rmqtt forwards it to local subscribers and sends the PUBACK;
@@ -38,6 +44,9 @@
 //!   Implementation Specific Error. For QoS 0 there is no acknowledgement to withhold: the
 //!   message is routed normally and the loss logged.
 //!
+//! A refusal before the message is handed over (shutting down, the device gave up while it
+//! waited for room) is answered that way on either path.
+//!
 //! rmqtt skips the ACL hook for superuser sessions; edgefn's authentication handler
 //! (`access`) never makes one.
 //!
@@ -47,26 +56,29 @@
 //!
 //! # Behaviour that follows
 //!
-//! * One connection's publishes are processed strictly in order and one at a time: a device's
-//!   rate is bounded by the commit latency (one commit per message per connection); different
-//!   connections proceed concurrently. A device that pipelines QoS 1 publishes simply waits:
-//!   the unread packets stay in the socket buffer.
-//! * While a hook waits, its connection answers nothing: no PUBACK, no PINGRESP, no delivery of
-//!   messages it subscribed to. A commit stall (a full buffer, a stuck disk) can outlast the
-//!   device's patience, so `Inner::deliver_and_wait` gives the message up when, before it is
-//!   committed, the device connects again with the same client id or a newer session of that
-//!   client id appears (rmqtt's `ClientConnect` and `SessionCreated` hooks), or when its
-//!   keep-alive passes. The keep-alive deadline is the server-side timeout rmqtt's fitter
-//!   computes from the client's keep-alive (`Fitter::keep_alive`: keep-alive + 3 s below 6 s,
-//!   else 1.5 × keep-alive, twice the default backoff of 0.75), after which rmqtt itself would
-//!   close a connection it heard nothing from, were its loop not waiting for the hook.
+//! * One connection's publishes are handled by rmqtt strictly in order. Behind the relay they
+//!   share commits: rmqtt reads the next while the relay holds the PUBACKs, which go out in
+//!   the order of the publishes. On the TLS listener they go one at a time: a device's rate is
+//!   bounded by the commit latency, and pipelined publishes wait unread in the socket buffer.
+//! * While a message waits for its commit, its device hears nothing more on that connection:
+//!   behind the relay, all rmqtt sends after the PUBACK waits with it (PINGRESP included); on
+//!   the TLS listener rmqtt's loop waits for the hook. A commit stall (a full buffer, a stuck
+//!   disk) can outlast the device's patience, so edgefn gives the message up when, before it
+//!   is committed, its connection ends (behind the relay: the device closed it, typically
+//!   after a keep-alive without PINGRESP), or the device connects again with the same client
+//!   id or a newer session of that client id appears (rmqtt's `ClientConnect` and
+//!   `SessionCreated` hooks), or, where the hook waits, its keep-alive passes. The keep-alive
+//!   deadline is the server-side timeout rmqtt's fitter computes from the client's keep-alive
+//!   (`Fitter::keep_alive`: keep-alive + 3 s below 6 s, else 1.5 × keep-alive, twice the
+//!   default backoff of 0.75), after which rmqtt itself would close a connection it heard
+//!   nothing from, were its loop not waiting for the hook.
 //! * A message given up is never committed: while it waits for its client's permit or for room
 //!   in `deliveries` it is simply not handed over; once handed over it is abandoned
 //!   ([`crate::ingest::AckWaiter::abandon`]) and the commit stage leaves it out. The connection
 //!   is closed without PUBACK, as for any refusal, and the copy the device sends again is the
 //!   only one committed. A message a commit already holds is not given up: it is acknowledged
-//!   a moment later.
-//! * After a reconnect, the hook returns only once the new session exists (rmqtt's
+//!   a moment later, if its connection is still there.
+//! * After a reconnect, a hook that gave up returns only once the new session exists (rmqtt's
 //!   `SessionCreated` hook) or the keep-alive passes (`Inner::linger`). During that CONNECT
 //!   rmqtt kicks the old session and waits up to 5 s for its answer. The lingering session
 //!   does not answer, so such a reconnect takes those 5 s, then replaces the old session.
@@ -76,7 +88,8 @@
 //!   where rmqtt alone would refuse the new CONNECT (Server unavailable).
 //! * At most `MAX_IN_PIPELINE_PER_CLIENT` messages of one client id are in the pipeline, those
 //!   its device gave up on included (an abandoned message counts until the commit stage drops
-//!   it). The next waits for one to leave, and is given up like any other.
+//!   it). The next waits for one to leave, and is given up like any other; its connection's
+//!   later packets wait unread behind it.
 //! * Last wills whose topic matches a trigger are delivered too (they pass the
 //!   `MessagePublish` hook only); nobody waits for their commit.
 //! * Messages published by edgefn itself ([`EmbeddedBroker::publish`]) go through
@@ -94,9 +107,15 @@
 //!
 //! # Pinned by tests
 //!
-//! The integration tests run edgefn with its devices on this broker; the devices are MQTT 5
-//! clients publishing at QoS 1, each waiting for a PUBACK before its next publish.
+//! The integration tests run edgefn with its devices on this broker's plain listener, behind
+//! the relay; the devices are MQTT 5 clients publishing at QoS 1, each waiting for a PUBACK
+//! before its next publish, unless said otherwise.
 //!
+//! * `a_connections_publishes_share_commits_and_each_puback_follows_its_own`
+//!   (tests/embedded_broker.rs): an MQTT 3.1.1 device writes 200 publishes at once; their
+//!   PUBACKs come in order, when each arrives the outbox holds at least as many rows, and the
+//!   200 took fewer than 200 commits. Pins that the relay holds each PUBACK until its commit
+//!   while rmqtt reads on.
 //! * `a_puback_from_the_embedded_broker_means_the_reading_is_committed`
 //!   (tests/embedded_broker.rs): when each PUBACK arrives, the reading's outbox row exists;
 //!   a reading the function drops is acknowledged with no row. Pins that rmqtt sends the PUBACK
@@ -106,13 +125,13 @@
 //!   (tests/embedded_broker.rs): while a full buffer stalls every commit, a device with a 5 s
 //!   keep-alive and one that stops waiting for a PUBACK after 3 s and reconnects with the same
 //!   client id both lose connections with a reading unacknowledged and resend it; afterwards
-//!   every reading arrives upstream under exactly one record id. Pins that a refused ACL
-//!   verdict with `disconnect` closes the connection without PUBACK and the device resends (a
-//!   PUBACK for a given-up reading would lose it), that a message given up on is never
-//!   committed, and that keep-alive expiry and a reconnect with the same client id both count.
-//!   It does not tell the two apart: the 5 s device's client drops its connection 5 to 10 s
-//!   after the stuck publish (at its second keep-alive tick without PINGRESP), so it may
-//!   reconnect before its 8 s deadline passes.
+//!   every reading arrives upstream under exactly one record id. Pins that a given-up reading
+//!   gets no PUBACK (the relay closes the connection without it; a reading still waiting for
+//!   room is refused with `disconnect`) and the device resends (a PUBACK for a given-up
+//!   reading would lose it), that a message given up on is never committed, and that a
+//!   connection the device closed and a reconnect with the same client id both count. It does
+//!   not tell the two apart: the 5 s device's client drops its connection 5 to 10 s after the
+//!   stuck publish (at its second keep-alive tick without PINGRESP) and reconnects.
 //! * `the_embedded_brokers_clients_and_refusals_are_in_the_gateway_metrics`
 //!   (tests/embedded_broker.rs): with two devices connected (one idle after a publish on a
 //!   topic no trigger matches, one whose readings stall on a full buffer), the gateway's
@@ -150,9 +169,10 @@
 //!   `disconnect`, is used);
 //! * the DISCONNECT reason 0x83 an MQTT 5 device gets (the tests see only the closed connection);
 //! * QoS 2 (PUBREC after the commit) and QoS 0 (routed normally when not committed);
+//! * that on the TLS listener a PUBACK follows the commit: its tests publish through the
+//!   waiting hook (tests/broker_access.rs) without looking at the outbox;
 //! * that rmqtt skips the ACL hook for superusers, and that no session is one here;
-//! * that a connection answers nothing, PINGREQ included, while its hook waits, and that
-//!   pipelined publishes wait unread (the tests' devices never pipeline);
+//! * that a connection answers nothing, PINGREQ included, while a message waits for its commit;
 //! * the linger after a reconnect: a CONNECT rmqtt refused would only make the reconnecting
 //!   device try again, which the stall test does not tell from a failed publish;
 //! * the bound of `MAX_IN_PIPELINE_PER_CLIENT` messages per client id;
@@ -188,12 +208,13 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tracing::{debug, info, warn};
 
-use crate::ingest::{Ack, Delivery, Hold};
+use crate::ingest::{Ack, AckWaiter, Delivery, Hold};
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 
 mod access;
 mod fitter;
+mod front;
 mod hook;
 mod limits;
 mod retain;
@@ -261,6 +282,9 @@ const MESSAGE_RETRY_INTERVAL: Duration = Duration::from_secs(20);
 /// has not done so within this time on a local network is dead or hostile.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// Connections waiting to be accepted (rmqtt's listeners' default).
+const LISTEN_BACKLOG: u32 = 512;
+
 /// Time a write to a client may take before the connection is dropped. rmqtt's default, made
 /// explicit. A PUBACK that cannot be written in this time ends the connection; the device then
 /// resends, which at-least-once delivery allows.
@@ -271,11 +295,10 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_TOPIC_ALIASES: u16 = 32;
 
 /// Most messages of one client id in the pipeline at once, those its device gave up on
-/// included. A connection hands over one message at a time, so a second means the device
-/// came back while an earlier one was still stuck; a few let it come back a few times
-/// during a long stall, and a device reconnecting in a loop cannot fill the pipeline. Its
-/// next message waits (and is given up like any other) until one leaves.
-const MAX_IN_PIPELINE_PER_CLIENT: usize = 4;
+/// included: as many as an MQTT 5 client may have unacknowledged (the Receive Maximum, so
+/// that they can share a commit), and a device reconnecting in a loop cannot fill the
+/// pipeline. Its next message waits (and is given up like any other) until one leaves.
+const MAX_IN_PIPELINE_PER_CLIENT: usize = MAX_INFLIGHT as usize;
 
 /// Messages published by edgefn itself on trigger topics waiting to enter `deliveries`.
 const CHAIN_QUEUE_CAPACITY: usize = 1024;
@@ -368,6 +391,32 @@ impl DeviceWait {
             _ = self.connects.changed() => GaveUp::Reconnecting,
             _ = self.sessions.changed() => GaveUp::Replaced,
         }
+    }
+}
+
+/// Counts one device publish in [`Inner::in_flight`] while it lives: until it is
+/// acknowledged or refused (shutdown's grace waits for these).
+struct InFlight(
+    /// The state holding the counter.
+    Arc<Inner>,
+);
+
+impl InFlight {
+    /// Starts counting.
+    fn enter(inner: &Arc<Inner>) -> Self {
+        inner.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(Arc::clone(inner))
+    }
+
+    /// The shared state.
+    fn inner(&self) -> &Inner {
+        &self.0
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -483,6 +532,8 @@ struct Inner {
     gate: Arc<access::Gate>,
     /// How many may connect, and how fast each may publish.
     limits: Arc<limits::Limits>,
+    /// The connections the plain listener's front relays (see `front`).
+    peers: Arc<front::Peers>,
 }
 
 /// The hook handler registered with rmqtt (one instance per hook type).
@@ -536,6 +587,8 @@ pub struct BrokerClients {
     pub connections: u64,
     /// Sessions: connected clients and the persistent sessions of offline ones.
     pub sessions: u64,
+    /// Open sockets on the listeners, logged in or not.
+    pub sockets: u64,
 }
 
 impl BrokerPublisher {
@@ -545,6 +598,7 @@ impl BrokerPublisher {
         BrokerClients {
             connections: count(self.scx.connections.count()),
             sessions: count(self.scx.sessions.count()),
+            sockets: self.inner.peers.sockets() as u64,
         }
     }
 
@@ -635,7 +689,12 @@ impl EmbeddedBroker {
             MQTT_MAX_PACKET - PACKET_OVERHEAD
         );
         let max_packet = u32::try_from(max_packet).context("max message size out of range")?;
-        let gate = Arc::new(access::Gate::new(access.clone(), metrics.clone())?);
+        let peers = Arc::new(front::Peers::default());
+        let gate = Arc::new(access::Gate::new(
+            access.clone(),
+            metrics.clone(),
+            peers.clone(),
+        )?);
 
         let scx = ServerContext::new()
             // rmqtt would refuse new connections while the 1-min load average exceeds 80 or the
@@ -692,6 +751,7 @@ impl EmbeddedBroker {
             clients: Clients::default(),
             gate,
             limits: client_limits,
+            peers: peers.clone(),
         });
 
         let register = scx.extends.hook_mgr().register();
@@ -712,18 +772,31 @@ impl EmbeddedBroker {
         }
         register.start().await;
 
-        let listener = listener_builder(LISTENER_NAME, listen, max_packet, limits)
+        // Devices connect to the front, which relays each connection to rmqtt on loopback.
+        let devices =
+            bind_front(listen).with_context(|| format!("cannot listen for MQTT on {listen}"))?;
+        let local_addr = devices.local_addr()?;
+        let loopback = SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, 0));
+        let listener = listener_builder(LISTENER_NAME, loopback, max_packet, limits)
             .bind()
-            .with_context(|| format!("cannot listen for MQTT on {listen}"))?
+            .context("cannot open the built-in broker's loopback listener")?
             .tcp()?;
-        let local_addr = listener.local_addr()?;
+        let front = Arc::new(front::Front::new(peers, limits, Arc::clone(&inner)));
+        let mut fronts = vec![Arc::clone(&front).run(
+            devices,
+            listener.local_addr()?,
+            front::Relay::HoldingAcks,
+        )];
         let mut server = MqttServer::new(scx.clone()).listener_by_id(listener, LISTENER_ID);
         let mut tls_addr = None;
         if let Some(tls) = &tls {
             let path = |p: &Option<std::path::PathBuf>| {
                 p.as_ref().map(|p| p.to_string_lossy().into_owned())
             };
-            let listener = listener_builder(TLS_LISTENER_NAME, tls.listen, max_packet, limits)
+            let devices = bind_front(tls.listen)
+                .with_context(|| format!("cannot listen for MQTT over TLS on {}", tls.listen))?;
+            tls_addr = Some(devices.local_addr()?);
+            let listener = listener_builder(TLS_LISTENER_NAME, loopback, max_packet, limits)
                 .tls_cert(path(&tls.files.cert_file))
                 .tls_key(path(&tls.files.key_file))
                 .tls_client_ca_certs(path(&tls.files.ca_file))
@@ -732,10 +805,14 @@ impl EmbeddedBroker {
                 // The gate reads the certificate: only this listener's clients have one.
                 .collect_cert_info(tls.use_identity_as_username)
                 .bind()
-                .with_context(|| format!("cannot listen for MQTT over TLS on {}", tls.listen))?
+                .context("cannot open the built-in broker's loopback TLS listener")?
                 .tls()
                 .context("cannot set up the TLS listener (local.cert_file, key_file, ca_file)")?;
-            tls_addr = Some(listener.local_addr()?);
+            fronts.push(Arc::clone(&front).run(
+                devices,
+                listener.local_addr()?,
+                front::Relay::Bytes,
+            ));
             server = server.listener_by_id(listener, TLS_LISTENER_ID);
         }
         let server = server.build();
@@ -743,7 +820,8 @@ impl EmbeddedBroker {
             // `run` returns only when every accept loop has ended, which they never do; the
             // task is aborted by `shutdown`. (`MqttServer::start` is not used: on error it
             // calls `std::process::exit`.)
-            if let Err(error) = server.run().await {
+            let (stopped, _) = tokio::join!(server.run(), futures_util::future::join_all(fronts));
+            if let Err(error) = stopped {
                 warn!(%error, "embedded MQTT broker stopped");
             }
         });
@@ -882,6 +960,19 @@ impl EmbeddedBroker {
             "embedded MQTT broker stopped"
         );
     }
+}
+
+/// The listening socket devices connect to (the front's), on `addr`.
+fn bind_front(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // Restarting under systemd must not fail on connections left in TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// A listener with edgefn's settings (see the constants above), on `addr`.
