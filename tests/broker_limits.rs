@@ -17,13 +17,22 @@ use tokio::io::AsyncWriteExt;
 /// The built-in broker alone (no upstream), with `limits` set in its
 /// `[local]` table: the daemon, the broker's port and the metrics port.
 async fn broker(dir: &Path, limits: impl FnOnce(&mut LocalTable)) -> (Daemon, u16, u16) {
+    broker_logging(dir, DAEMON_LOG, limits).await
+}
+
+/// [`broker`] with the daemon's log filter `filter`.
+async fn broker_logging(
+    dir: &Path,
+    filter: &str,
+    limits: impl FnOnce(&mut LocalTable),
+) -> (Daemon, u16, u16) {
     let port = free_port();
     let metrics = free_port();
     let mut file = standard(dir, Local::Embedded(port), free_port());
     file.upstream = None;
     limits(&mut file.local);
     file.metrics_on(metrics);
-    let daemon = Daemon::start(&write_config(dir, &file));
+    let daemon = Daemon::start_logging(&write_config(dir, &file), filter);
     port_open(port).await;
     port_open(metrics).await;
     (daemon, port, metrics)
@@ -128,14 +137,12 @@ async fn a_login_straight_to_the_brokers_loopback_port_is_refused() {
     // Devices reach rmqtt through edgefn's listener, which relays them to a
     // loopback port rmqtt announces in its log.
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let mut file = standard(dir.path(), Local::Embedded(port), free_port());
-    file.upstream = None;
-    let daemon = Daemon::start_logging(
-        &write_config(dir.path(), &file),
+    let (daemon, port, _) = broker_logging(
+        dir.path(),
         "info,rmqtt=warn,rmqtt_net::builder=info",
-    );
-    port_open(port).await;
+        |_| {},
+    )
+    .await;
     daemon.wait_for_log("Listening on edgefn/tcp").await;
     let log = daemon.log();
     let inner: u16 = log

@@ -50,6 +50,9 @@ pub fn text(o: &Output) -> String {
     )
 }
 
+/// The log filter of [`Daemon::start`].
+pub const DAEMON_LOG: &str = "info,rmqtt=warn,rmqtt_net=warn";
+
 /// The `edgefn` daemon as a child process.
 pub struct Daemon {
     /// The process.
@@ -61,7 +64,7 @@ pub struct Daemon {
 impl Daemon {
     /// Starts `edgefn run --config CONFIG`, logging to a file beside it.
     pub fn start(config: &Path) -> Daemon {
-        Self::start_logging(config, "info,rmqtt=warn,rmqtt_net=warn")
+        Self::start_logging(config, DAEMON_LOG)
     }
 
     /// [`Daemon::start`] with the log filter `filter` (`EDGEFN_LOG`).

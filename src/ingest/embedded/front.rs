@@ -96,32 +96,30 @@ impl Peers {
             .total
     }
 
+    /// The relay a session's connection came through: open, and opened before the session
+    /// began (a session of an earlier connection from a reused port has none).
+    fn relay_of(&self, id: &Id) -> Option<Arc<Peer>> {
+        let addr = id.remote_addr?;
+        let relays = self.relays.lock().unwrap_or_else(PoisonError::into_inner);
+        relays
+            .get(&(id.lid, addr.port()))
+            .filter(|peer| id.create_time >= peer.opened_ms)
+            .cloned()
+    }
+
     /// How a session's acknowledgements reach its device.
     pub(super) fn relayed(&self, id: &Id) -> Relayed {
         if id.lid != LISTENER_ID {
             return Relayed::Waiting;
         }
-        let Some(addr) = id.remote_addr else {
-            return Relayed::Gone;
-        };
-        let relays = self.relays.lock().unwrap_or_else(PoisonError::into_inner);
-        match relays.get(&(id.lid, addr.port())) {
-            Some(peer) if id.create_time >= peer.opened_ms => Relayed::Holding(Arc::clone(peer)),
-            _ => Relayed::Gone,
-        }
+        self.relay_of(id).map_or(Relayed::Gone, Relayed::Holding)
     }
 
-    /// Whether a login came through one of the front's relays, opened before it. rmqtt's
-    /// loopback listeners take no other: a local process connecting to them straight could
-    /// otherwise take a device's session over.
+    /// Whether a login came through one of the front's relays. rmqtt's loopback listeners
+    /// take no other: a local process connecting to them straight could otherwise take a
+    /// device's session over.
     pub(super) fn relays_login(&self, id: &Id) -> bool {
-        let Some(addr) = id.remote_addr else {
-            return false;
-        };
-        let relays = self.relays.lock().unwrap_or_else(PoisonError::into_inner);
-        relays
-            .get(&(id.lid, addr.port()))
-            .is_some_and(|peer| id.create_time >= peer.opened_ms)
+        self.relay_of(id).is_some()
     }
 
     /// The address of the device a session's connection came from.
@@ -205,26 +203,17 @@ impl Held {
     /// Waits for the commit; `Err` when the message will not be acknowledged: then the
     /// connection must close.
     async fn committed(mut self, inner: &Inner) -> Result<(), Refusal> {
-        let mut watching = true;
-        let outcome = loop {
-            tokio::select! {
-                biased;
-                committed = &mut self.waiter => break committed.map_err(|_| Refusal::Dropped),
-                () = inner.reached(Phase::Stopped) => {
-                    if self.waiter.abandon() {
-                        Metrics::add(&inner.metrics.abandoned, 1);
-                    }
-                    break Err(Refusal::ShuttingDown);
+        let outcome = match inner.commit_of(&mut self.waiter, &mut self.device).await {
+            Ok(()) => Ok(()),
+            Err(Unwaited::Dropped) => Err(Refusal::Dropped),
+            Err(Unwaited::Stopped) => {
+                // Its connection closes now: out of the pipeline, unless a commit has it.
+                if self.waiter.abandon() {
+                    Metrics::add(&inner.metrics.abandoned, 1);
                 }
-                _ = self.device.gave_up(), if watching => {
-                    if self.waiter.abandon() {
-                        Metrics::add(&inner.metrics.abandoned, 1);
-                        break Err(Refusal::GaveUp);
-                    }
-                    // A commit has it: it is acknowledged in a moment.
-                    watching = false;
-                }
+                Err(Refusal::ShuttingDown)
             }
+            Err(Unwaited::GaveUp(_)) => Err(Refusal::GaveUp),
         };
         self.settled = true;
         if let Err(refusal) = outcome {

@@ -70,16 +70,33 @@ impl Inner {
             mut device,
             in_flight: _in_flight,
         } = self.deliver(client, give_up_after, topic, payload).await?;
+        match self.commit_of(&mut waiter, &mut device).await {
+            Ok(()) => Ok(()),
+            Err(Unwaited::Dropped) => Err(Refusal::Dropped),
+            Err(Unwaited::Stopped) => Err(Refusal::ShuttingDown),
+            Err(Unwaited::GaveUp(why)) => Err(self.linger(why, &mut device).await),
+        }
+    }
+
+    /// Waits for the commit of a message whose device is watched by `device`. Ends early
+    /// when the broker stops, or when the device gave up while no commit had the message yet:
+    /// then it is taken out of the pipeline and counted in `abandoned`. A message a commit
+    /// already has is waited for, whatever the device does.
+    pub(super) async fn commit_of(
+        &self,
+        waiter: &mut AckWaiter,
+        device: &mut DeviceWait,
+    ) -> Result<(), Unwaited> {
         let mut watching = true;
         loop {
             tokio::select! {
                 biased;
-                committed = &mut waiter => return committed.map_err(|_| Refusal::Dropped),
-                () = self.reached(Phase::Stopped) => return Err(Refusal::ShuttingDown),
+                committed = &mut *waiter => return committed.map_err(|_| Unwaited::Dropped),
+                () = self.reached(Phase::Stopped) => return Err(Unwaited::Stopped),
                 why = device.gave_up(), if watching => {
                     if waiter.abandon() {
                         Metrics::add(&self.metrics.abandoned, 1);
-                        return Err(self.linger(why, &mut device).await);
+                        return Err(Unwaited::GaveUp(why));
                     }
                     // A commit has it: it is acknowledged in a moment.
                     watching = false;
@@ -329,25 +346,23 @@ impl Inner {
         let (topic, payload) = (&publish.topic, publish.payload.clone());
         let outcome = match self.peers.relayed(client) {
             // Behind the relay: the acknowledgement waits there, the connection goes on.
-            front::Relayed::Holding(peer) => {
-                match self.deliver(client, give_up_after, topic, payload).await {
-                    Ok(handed) => {
-                        if let Some(packet_id) = publish.packet_id {
-                            peer.hold(front::Held {
-                                packet_id: packet_id.get(),
-                                waiter: handed.waiter,
-                                device: handed.device,
-                                client_id: client.client_id.clone(),
-                                topic: topic.clone(),
-                                in_flight: handed.in_flight,
-                                settled: false,
-                            });
-                        }
-                        Ok(())
+            front::Relayed::Holding(peer) => self
+                .deliver(client, give_up_after, topic, payload)
+                .await
+                .map(|handed| {
+                    // QoS 0 has no packet id and no acknowledgement to hold.
+                    if let Some(packet_id) = publish.packet_id {
+                        peer.hold(front::Held {
+                            packet_id: packet_id.get(),
+                            waiter: handed.waiter,
+                            device: handed.device,
+                            client_id: client.client_id.clone(),
+                            topic: topic.clone(),
+                            in_flight: handed.in_flight,
+                            settled: false,
+                        });
                     }
-                    Err(refusal) => Err(refusal),
-                }
-            }
+                }),
             // Its relay ended: nobody could receive the acknowledgement.
             front::Relayed::Gone => Err(Refusal::GaveUp),
             front::Relayed::Waiting => {

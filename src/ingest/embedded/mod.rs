@@ -373,6 +373,16 @@ enum GaveUp {
     Replaced,
 }
 
+/// How a wait for a commit ended without it (see `Inner::commit_of`).
+enum Unwaited {
+    /// The pipeline dropped the message uncommitted.
+    Dropped,
+    /// The broker stopped.
+    Stopped,
+    /// The device gave up, and the message was taken out of the pipeline.
+    GaveUp(GaveUp),
+}
+
 /// What tells that a device stopped waiting for the message it sent.
 struct DeviceWait {
     /// When its keep-alive passes, if it has one.
