@@ -14,7 +14,7 @@ fn spec() -> FunctionSpec {
         fuel: None,
         name: "bench".into(),
         env: vec![("UNIT".into(), "F".into())],
-        memory_limit: 16 << 20,
+        memory_limit: Some(16 << 20),
         timeout: Duration::from_secs(1),
         max_record_size: 1 << 20,
         max_emit_bytes: 1 << 20,

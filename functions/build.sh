@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Builds every function in this workspace (each cdylib member) in release mode
-# to functions/dist/<name>.wasm, from any current directory.
+# to functions/dist/<name>.wasm, then the Python and JavaScript functions to
+# WebAssembly components (functions/dist/<name>_py.wasm, <name>_js.wasm),
+# from any current directory.
 #
 # Toolchain, first that is available:
 #   1. rustup with the wasm32-wasip1 target    (rustup target add wasm32-wasip1)
@@ -11,8 +13,18 @@
 # If none is: as root with apt-get, and EDGEFN_INSTALL=1 or CI=true, installs
 # Debian's and goes on; otherwise stops and says what to install.
 #
+# Python functions build with componentize-py, JavaScript ones with
+# componentize-js, at the versions pinned below and in js/package.json. They
+# are installed where they are missing, into functions/target/componentize-py
+# (a venv) and functions/js/node_modules, from PyPI and npm. That needs
+# python3 with venv, and node with npm; where one is missing, as root with
+# apt-get and EDGEFN_INSTALL=1 or CI=true, Debian's packages are installed,
+# otherwise that language is skipped with the command to run (and
+# EDGEFN_COMPONENTS=required makes a skip an error).
+#
 # Environment: EDGEFN_INSTALL=1 (see above), RUSTFLAGS (passed on),
-# EDGEFN_TOOLCHAIN=rustup|debian to force a choice.
+# EDGEFN_TOOLCHAIN=rustup|debian to force a choice,
+# EDGEFN_COMPONENTS=required|skip.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -110,4 +122,98 @@ done < <(grep -o '"[^"]*\.wasm"' "$messages" | tr -d '"' | grep -v '/deps/' | so
 if [[ "$built" == 0 ]]; then
     echo "build.sh: cargo built no .wasm module" >&2
     exit 1
+fi
+
+# ---- Python and JavaScript: WebAssembly components -------------------------
+
+componentize_py_version=0.25.1
+wit="$here/../wit"
+
+may_apt() {
+    [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1 &&
+        [[ "${EDGEFN_INSTALL:-}" == 1 || "${CI:-}" == true ]]
+}
+
+# Stops or goes on without a language, saying how to get its toolchain.
+skip() {
+    echo "build.sh: $1" >&2
+    if [[ "${EDGEFN_COMPONENTS:-}" == required ]]; then
+        exit 1
+    fi
+}
+
+# Installs Debian packages if allowed; fails otherwise.
+apt_install() {
+    may_apt || return 1
+    echo "build.sh: installing ${*}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq && apt-get install -y --no-install-recommends "$@" >&2
+}
+
+# The function directories under LANGUAGE_DIR holding ENTRY (not the sdk).
+function_dirs() {
+    local entry
+    for entry in "$here/$1"/*/"$2"; do
+        [[ "$(basename "$(dirname "$entry")")" == sdk ]] || dirname "$entry"
+    done
+}
+
+# Says what was built and its size.
+built() {
+    printf '%-28s %8d bytes\n' "dist/$(basename "$1")" "$(wc -c <"$1")"
+}
+
+build_python() {
+    local venv="$here/target/componentize-py"
+    local py="$venv/bin/componentize-py"
+    if [[ ! -x "$py" ]] || [[ "$("$py" --version 2>/dev/null)" != *"$componentize_py_version"* ]]; then
+        if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1 &&
+            ! apt_install python3 python3-venv python3-pip; then
+            skip "Python functions skipped: no python3 with venv; install it with
+  apt-get install python3 python3-venv"
+            return 0
+        fi
+        echo "build.sh: installing componentize-py $componentize_py_version into $venv" >&2
+        rm -rf "$venv"
+        python3 -m venv "$venv"
+        "$venv/bin/pip" install --quiet --disable-pip-version-check \
+            "componentize-py==$componentize_py_version"
+    fi
+    local dir
+    for dir in $(function_dirs python app.py); do
+        local out="$dist/$(basename "$dir")_py.wasm"
+        "$py" -d "$wit" -w function-with-init componentize \
+            -p "$here/python/sdk" -p "$dir" app -o "$out" >/dev/null
+        built "$out"
+    done
+}
+
+build_js() {
+    if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+        if ! apt_install nodejs npm; then
+            skip "JavaScript functions skipped: no node and npm; install them with
+  apt-get install nodejs npm"
+            return 0
+        fi
+    fi
+    if [[ ! -d "$here/js/node_modules/@bytecodealliance/componentize-js" ]]; then
+        echo "build.sh: installing componentize-js (js/package.json) into js/node_modules" >&2
+        (cd "$here/js" && npm install --no-audit --no-fund --loglevel=error >&2)
+    fi
+    local dir
+    for dir in $(function_dirs js index.js); do
+        local name out
+        name="$(basename "$dir")"
+        out="$dist/${name//-/_}_js.wasm"
+        (cd "$here/js" && node build.mjs "$dir/index.js" "$out" >/dev/null)
+        built "$out"
+    done
+    # TypeScript declarations of the world, for editors and tsc.
+    (cd "$here/js" && node types.mjs "$dist/js-types" >/dev/null)
+    echo "dist/js-types/                TypeScript declarations of the function world"
+}
+
+if [[ "${EDGEFN_COMPONENTS:-}" != skip ]]; then
+    build_python
+    build_js
 fi

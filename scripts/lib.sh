@@ -51,8 +51,8 @@ need_mosquitto() {
 
 build_functions() {
     if can_install; then
-        EDGEFN_INSTALL=1 bash "$root_dir/functions/build.sh"
+        EDGEFN_INSTALL=1 EDGEFN_COMPONENTS=${EDGEFN_COMPONENTS:-required} bash "$root_dir/functions/build.sh"
     else
-        bash "$root_dir/functions/build.sh"
+        EDGEFN_COMPONENTS=${EDGEFN_COMPONENTS:-required} bash "$root_dir/functions/build.sh"
     fi
 }

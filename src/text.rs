@@ -49,6 +49,21 @@ pub fn printable_bytes(bytes: &[u8]) -> String {
     printable(&String::from_utf8_lossy(bytes)).into_owned()
 }
 
+/// A size in bytes as the configuration writes it: `"16MiB"` when whole
+/// mebibytes, else `"16.5MiB"` (one decimal, rounded up), `"512KiB"` below
+/// one mebibyte.
+pub fn mib(bytes: usize) -> String {
+    const MIB: usize = 1 << 20;
+    if bytes.is_multiple_of(MIB) {
+        format!("{}MiB", bytes / MIB)
+    } else if bytes < MIB {
+        format!("{}KiB", bytes.div_ceil(1024))
+    } else {
+        let tenths = (bytes * 10).div_ceil(MIB);
+        format!("{}.{}MiB", tenths / 10, tenths % 10)
+    }
+}
+
 /// Whether `c` is written as an escape.
 fn needs_escape(c: char) -> bool {
     c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
@@ -71,5 +86,13 @@ mod tests {
         assert_eq!(printable("admin\u{202e}txt.exe"), "admin\\u{202e}txt.exe");
         assert!(matches!(printable("température 25°C ✓"), Cow::Borrowed(_)));
         assert_eq!(printable_bytes(b"ok\x1b[31m\xff"), "ok\\x1b[31m\u{fffd}");
+    }
+
+    #[test]
+    fn sizes_are_written_in_mebibytes() {
+        assert_eq!(mib(16 << 20), "16MiB");
+        assert_eq!(mib((16 << 20) + (1 << 19)), "16.5MiB");
+        assert_eq!(mib((16 << 20) + 1), "16.1MiB");
+        assert_eq!(mib(512 << 10), "512KiB");
     }
 }

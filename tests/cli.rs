@@ -36,11 +36,19 @@ fn check_accepts_a_good_config_and_summarises_it() {
     let out = edgefn(&["check", "--config", cfg.to_str().unwrap()]);
     let t = text(&out);
     assert!(out.status.success(), "{t}");
-    assert!(t.contains("function clean-temperature ok"), "{t}");
-    assert!(t.contains("function chaos ok"), "{t}");
-    // Each function's limits, as configured or defaulted.
+    assert!(t.contains("function clean-temperature ok: module"), "{t}");
+    assert!(t.contains("function chaos ok: module"), "{t}");
+    // Each function's limits, as configured or defaulted, and the memory
+    // an instance has once started.
+    let line = t
+        .lines()
+        .find(|l| l.contains("timeout 100ms"))
+        .unwrap_or_else(|| panic!("{t}"));
+    assert!(line.contains("memory 16.0 MiB ("), "{t}");
     assert!(
-        t.contains("memory 16.0 MiB, timeout 100ms, concurrency 2, retries 0, fuel unlimited"),
+        line.contains(
+            " MiB in use at start), timeout 100ms, concurrency 2, retries 0, fuel unlimited"
+        ),
         "{t}"
     );
     assert!(

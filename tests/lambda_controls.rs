@@ -65,20 +65,7 @@ fn config(
     functions: Vec<FunctionManifest>,
     more: impl FnOnce(&mut ConfigFile),
 ) -> std::path::PathBuf {
-    let mut file = ConfigFile {
-        gateway: GatewayTable {
-            id: "pi-01".into(),
-            data_dir: Some(dir.join("data").display().to_string()),
-        },
-        local: LocalTable {
-            embedded: Some(true),
-            listen: Some(format!("127.0.0.1:{port}")),
-            ..Default::default()
-        },
-        upstream: Some(upstream(cloud_port)),
-        functions,
-        ..Default::default()
-    };
+    let mut file = embedded_gateway(dir, port, cloud_port, functions);
     more(&mut file);
     write_config(dir, &file)
 }

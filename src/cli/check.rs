@@ -96,10 +96,15 @@ pub fn run(path: &std::path::Path) -> anyhow::Result<ExitCode> {
             .as_ref()
             .map_or("", |u| u.topic_prefix.as_str());
         match runtime.load_file(&f.module, edgefn::registry::function_spec(f, prefix)) {
-            Ok(_) => {
+            Ok(function) => {
                 println!(
-                    "function {} ok: {} <- {}",
+                    "function {} ok: {} {} <- {}",
                     f.name,
+                    if function.is_component() {
+                        "component"
+                    } else {
+                        "module"
+                    },
                     f.module.display(),
                     f.triggers
                         .iter()
@@ -108,8 +113,9 @@ pub fn run(path: &std::path::Path) -> anyhow::Result<ExitCode> {
                         .join(", ")
                 );
                 println!(
-                    "         memory {}, timeout {}, concurrency {}, retries {}, fuel {}",
-                    bytesize::ByteSize(f.memory_limit as u64),
+                    "         memory {} ({} in use at start), timeout {}, concurrency {}, retries {}, fuel {}",
+                    bytesize::ByteSize(function.memory_limit() as u64),
+                    bytesize::ByteSize(function.memory_at_start() as u64),
                     humantime::format_duration(f.timeout),
                     f.concurrency,
                     f.retries,

@@ -27,9 +27,9 @@ pub struct Args {
     /// Environment variable for the function, KEY=VALUE (repeatable).
     #[arg(long = "env", short, value_parser = super::parse_env)]
     env: Vec<(String, String)>,
-    /// Memory limit.
-    #[arg(long, default_value = "16MiB")]
-    memory_limit: bytesize::ByteSize,
+    /// Memory limit [default: 16MiB for a module, 64MiB for a component]
+    #[arg(long)]
+    memory_limit: Option<bytesize::ByteSize>,
     /// Timeout.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     timeout: std::time::Duration,
@@ -86,7 +86,7 @@ pub fn command(args: Args) -> anyhow::Result<std::process::ExitCode> {
         topic,
         payload,
         env,
-        memory_limit: memory_limit.as_u64() as usize,
+        memory_limit: memory_limit.map(|m| m.as_u64() as usize),
         timeout,
         pulley,
         fuel,
@@ -115,7 +115,7 @@ pub struct InvokeRequest {
     /// Environment variables for the guest.
     pub env: Vec<(String, String)>,
     /// Memory limit.
-    pub memory_limit: usize,
+    pub memory_limit: Option<usize>,
     /// Timeout.
     pub timeout: Duration,
     /// Run on the Pulley interpreter instead of native code.

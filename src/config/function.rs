@@ -94,7 +94,9 @@ pub struct FunctionConfig {
     /// Environment variables the guest sees through WASI.
     pub env: BTreeMap<String, String>,
     /// Largest linear memory an instance may grow to.
-    pub memory_limit: usize,
+    /// `None`: the runtime's default for the function's kind (16 MiB for a
+    /// module, 64 MiB for a component).
+    pub memory_limit: Option<usize>,
     /// Wall-clock limit of one invocation.
     pub timeout: Duration,
     /// Warm instances, i.e. invocations that may run at once.
@@ -254,7 +256,7 @@ pub(super) fn check_function(
         raw.memory_limit.as_deref(),
         default_memory_limit(),
     );
-    if memory_limit < MIN_MEMORY_LIMIT {
+    if raw.memory_limit.is_some() && memory_limit < MIN_MEMORY_LIMIT {
         p.push(
             format!("{key}.memory_limit"),
             format!("{memory_limit} bytes is too small; expected at least 128KiB"),
@@ -308,7 +310,7 @@ pub(super) fn check_function(
         module: raw.module.map(|m| base.join(m)).unwrap_or_default(),
         triggers,
         env: raw.env,
-        memory_limit: memory_limit as usize,
+        memory_limit: raw.memory_limit.is_some().then_some(memory_limit as usize),
         timeout,
         concurrency,
         retries,

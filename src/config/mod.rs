@@ -149,7 +149,8 @@ pub enum DeployBroker {
 
 /// Default `deploy.max_bundle_size`.
 fn default_max_bundle_size() -> &'static str {
-    "16MiB"
+    // A Python function's component is about 19 MB.
+    "32MiB"
 }
 
 /// `[gateway]`: who this gateway is and where it keeps its data.

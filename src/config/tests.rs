@@ -47,7 +47,7 @@ fn the_readme_example_loads() {
     assert_eq!(up.topic_prefix, "site/pi-01/");
     assert_eq!(c.buffer.max_size, 256 * 1024 * 1024);
     let f = &c.functions[0];
-    assert_eq!(f.memory_limit, 16 * 1024 * 1024);
+    assert_eq!(f.memory_limit, Some(16 * 1024 * 1024));
     assert_eq!(f.timeout, Duration::from_millis(100));
     assert_eq!(f.concurrency, 2);
     assert_eq!(f.env.get("UNIT").map(String::as_str), Some("F"));
@@ -251,7 +251,7 @@ fn a_deploy_section_takes_keys_and_groups_and_makes_functions_optional() {
     assert_eq!(d.groups, ["site-a"]);
     assert_eq!(d.trusted_keys.len(), 1);
     assert!(!d.allow_unsigned);
-    assert_eq!(d.max_bundle_size, 16 << 20);
+    assert_eq!(d.max_bundle_size, 32 << 20);
 
     let bad = format!(
         "{}[deploy]\nbroker = \"cloud\"\ngroups = [\"a/b\", \"\"]\ntrusted_keys = [\"{key}\", \"ed25519:short\"]\nmax_bundle_size = \"1TiB\"\n",

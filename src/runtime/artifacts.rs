@@ -36,10 +36,52 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use sha2::{Digest, Sha256};
+use wasmtime::component::Component;
 use wasmtime::{Engine, Module};
 
 /// What an artifact file's name ends with.
 const EXTENSION: &str = "cwasm";
+
+/// What the cache keeps: a compiled core module or component.
+pub trait Compiled: Sized {
+    /// Compiles `bytes` for `engine`.
+    fn compile(engine: &Engine, bytes: &[u8]) -> wasmtime::Result<Self>;
+    /// What wasmtime made of it, to write to disk.
+    fn serialize(&self) -> wasmtime::Result<Vec<u8>>;
+    /// Reads back what [`Compiled::serialize`] wrote.
+    ///
+    /// # Safety
+    ///
+    /// wasmtime runs `bytes` as machine code: they must be what
+    /// `serialize` produced, unaltered.
+    unsafe fn deserialize(engine: &Engine, bytes: &[u8]) -> wasmtime::Result<Self>;
+}
+
+impl Compiled for Module {
+    fn compile(engine: &Engine, bytes: &[u8]) -> wasmtime::Result<Self> {
+        Module::new(engine, bytes)
+    }
+    fn serialize(&self) -> wasmtime::Result<Vec<u8>> {
+        Module::serialize(self)
+    }
+    unsafe fn deserialize(engine: &Engine, bytes: &[u8]) -> wasmtime::Result<Self> {
+        // SAFETY: passed on from the caller.
+        unsafe { Module::deserialize(engine, bytes) }
+    }
+}
+
+impl Compiled for Component {
+    fn compile(engine: &Engine, bytes: &[u8]) -> wasmtime::Result<Self> {
+        Component::new(engine, bytes)
+    }
+    fn serialize(&self) -> wasmtime::Result<Vec<u8>> {
+        Component::serialize(self)
+    }
+    unsafe fn deserialize(engine: &Engine, bytes: &[u8]) -> wasmtime::Result<Self> {
+        // SAFETY: passed on from the caller.
+        unsafe { Component::deserialize(engine, bytes) }
+    }
+}
 
 /// A directory of precompiled modules (see the module doc).
 pub struct ArtifactCache {
@@ -79,18 +121,18 @@ impl ArtifactCache {
     /// `bytes` compiled for `engine`: read from its artifact when there is
     /// a sound one, else compiled and its artifact (re)written. The lease
     /// keeps the file through the next [`ArtifactCache::prune`]s.
-    pub fn module(
+    pub fn compiled<C: Compiled>(
         &self,
         engine: &Engine,
         bytes: &[u8],
-    ) -> wasmtime::Result<(Module, Arc<Lease>, Source)> {
+    ) -> wasmtime::Result<(C, Arc<Lease>, Source)> {
         let name = file_name(engine, bytes);
         let lease = self.lease(&name);
         let path = self.dir.join(&name);
-        if let Some(module) = self.read(engine, &path) {
+        if let Some(module) = self.read::<C>(engine, &path) {
             return Ok((module, lease, Source::Cache));
         }
-        let module = Module::new(engine, bytes)?;
+        let module = C::compile(engine, bytes)?;
         match module.serialize() {
             Ok(artifact) => {
                 if let Err(e) = self.write(&path, &artifact) {
@@ -153,7 +195,7 @@ impl ArtifactCache {
 
     /// The module in the artifact at `path`, if the file exists, its hash
     /// matches and wasmtime accepts it.
-    fn read(&self, engine: &Engine, path: &Path) -> Option<Module> {
+    fn read<C: Compiled>(&self, engine: &Engine, path: &Path) -> Option<C> {
         let file = match std::fs::read(path) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return None,
@@ -176,7 +218,7 @@ impl ArtifactCache {
         // data directory, and the hash checked above proves the bytes are
         // the ones it wrote. wasmtime then checks the artifact's version
         // and configuration against this engine.
-        match unsafe { Module::deserialize(engine, artifact) } {
+        match unsafe { C::deserialize(engine, artifact) } {
             Ok(m) => Some(m),
             Err(e) => {
                 tracing::info!(path = %path.display(), reason = %format!("{e:#}"), "a precompiled module is not for this edgefn; compiling");
@@ -243,11 +285,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cache = ArtifactCache::open(dir.path()).unwrap();
         let bytes = wasm(WAT);
-        let (_, _lease, source) = cache.module(&engine(), &bytes).unwrap();
+        let (_, _lease, source) = cache.compiled::<Module>(&engine(), &bytes).unwrap();
         assert_eq!(source, Source::Compiled);
         assert_eq!(artifacts(dir.path()).len(), 1);
         let again = ArtifactCache::open(dir.path()).unwrap();
-        let (m, _lease, source) = again.module(&engine(), &bytes).unwrap();
+        let (m, _lease, source) = again.compiled::<Module>(&engine(), &bytes).unwrap();
         assert_eq!(source, Source::Cache);
         assert!(m.get_export("f").is_some());
     }
@@ -259,7 +301,7 @@ mod tests {
         drop(
             ArtifactCache::open(dir.path())
                 .unwrap()
-                .module(&engine(), &bytes),
+                .compiled::<Module>(&engine(), &bytes),
         );
         let path = artifacts(dir.path()).pop().unwrap();
         let mut file = std::fs::read(&path).unwrap();
@@ -267,14 +309,14 @@ mod tests {
         file[last] ^= 0xff;
         std::fs::write(&path, &file).unwrap();
         let cache = ArtifactCache::open(dir.path()).unwrap();
-        let (_, _lease, source) = cache.module(&engine(), &bytes).unwrap();
+        let (_, _lease, source) = cache.compiled::<Module>(&engine(), &bytes).unwrap();
         assert_eq!(source, Source::Compiled);
-        let (_, _lease, source) = cache.module(&engine(), &bytes).unwrap();
+        let (_, _lease, source) = cache.compiled::<Module>(&engine(), &bytes).unwrap();
         assert_eq!(source, Source::Cache, "the rewritten artifact is sound");
 
         // Truncated to less than its hash.
         std::fs::write(&path, b"short").unwrap();
-        let (_, _lease, source) = cache.module(&engine(), &bytes).unwrap();
+        let (_, _lease, source) = cache.compiled::<Module>(&engine(), &bytes).unwrap();
         assert_eq!(source, Source::Compiled);
     }
 
@@ -286,8 +328,8 @@ mod tests {
         let mut fuel = wasmtime::Config::new();
         fuel.consume_fuel(true);
         let metered = Engine::new(&fuel).unwrap();
-        let (_, _a, s1) = cache.module(&engine(), &bytes).unwrap();
-        let (_, _b, s2) = cache.module(&metered, &bytes).unwrap();
+        let (_, _a, s1) = cache.compiled::<Module>(&engine(), &bytes).unwrap();
+        let (_, _b, s2) = cache.compiled::<Module>(&metered, &bytes).unwrap();
         assert_eq!((s1, s2), (Source::Compiled, Source::Compiled));
         assert_eq!(artifacts(dir.path()).len(), 2);
     }
@@ -300,9 +342,9 @@ mod tests {
         // A sound hash over bytes that are no artifact.
         let path = dir.path().join(file_name(&engine(), &bytes));
         cache.write(&path, b"not an artifact").unwrap();
-        let (_, _lease, source) = cache.module(&engine(), &bytes).unwrap();
+        let (_, _lease, source) = cache.compiled::<Module>(&engine(), &bytes).unwrap();
         assert_eq!(source, Source::Compiled);
-        let (_, _lease, source) = cache.module(&engine(), &bytes).unwrap();
+        let (_, _lease, source) = cache.compiled::<Module>(&engine(), &bytes).unwrap();
         assert_eq!(source, Source::Cache);
     }
 
@@ -312,11 +354,11 @@ mod tests {
         let cache = ArtifactCache::open(dir.path()).unwrap();
         let kept = wasm(WAT);
         let dropped = wasm(r#"(module (func (export "g")))"#);
-        let (_, lease, _) = cache.module(&engine(), &kept).unwrap();
+        let (_, lease, _) = cache.compiled::<Module>(&engine(), &kept).unwrap();
         // Two functions with the same module share one file and one lease.
-        let (_, same, _) = cache.module(&engine(), &kept).unwrap();
+        let (_, same, _) = cache.compiled::<Module>(&engine(), &kept).unwrap();
         assert!(Arc::ptr_eq(&lease, &same));
-        drop(cache.module(&engine(), &dropped).unwrap());
+        drop(cache.compiled::<Module>(&engine(), &dropped).unwrap());
         std::fs::write(dir.path().join("x.cwasm.1-0.tmp"), b"left over").unwrap();
         std::fs::write(dir.path().join("notes.txt"), b"not ours").unwrap();
         assert_eq!(artifacts(dir.path()).len(), 4);

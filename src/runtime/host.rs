@@ -19,9 +19,9 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use wasmtime::{Caller, Linker, StoreLimits, StoreLimitsBuilder};
-use wasmtime_wasi::WasiCtxBuilder;
+use wasmtime::{Caller, Linker, ResourceLimiter};
 use wasmtime_wasi::p1::WasiP1Ctx;
+use wasmtime_wasi::{WasiCtxBuilder, WasiCtxView, WasiView};
 
 use super::{FunctionSpec, MAX_CAPTURED_OUTPUT, MAX_RECORDS_PER_INVOCATION, Output};
 use crate::state::{MAX_KEY_LEN, Overlay, Refused};
@@ -81,6 +81,91 @@ pub struct RefusedCalls {
     /// `state_set` past `state_limit`, and `state_set`/`state_delete`
     /// past the writes one invocation may make.
     pub state_refused: AtomicU64,
+}
+
+/// The bounds on one store: every linear memory together within the
+/// function's `memory_limit` (a component has several: its interpreter's,
+/// libc's, the WASI adapter's), and room for the instances and tables a
+/// module (one each) or a component (a few dozen) is made of.
+pub(super) struct Limits {
+    /// Most bytes of linear memory, all memories together.
+    memory_limit: usize,
+    /// Bytes of linear memory now, all memories together.
+    memory: usize,
+    /// The most the store asked for and was refused, if any: for the
+    /// error that says how much a function needs.
+    refused: Option<usize>,
+    /// Most core instances, memories and tables.
+    counts: (usize, usize, usize),
+}
+
+/// Most elements of one table.
+const MAX_TABLE_ELEMENTS: usize = 100_000;
+
+impl Limits {
+    fn new(memory_limit: usize, component: bool) -> Limits {
+        Limits {
+            memory_limit,
+            memory: 0,
+            refused: None,
+            counts: if component { (256, 64, 256) } else { (1, 1, 4) },
+        }
+    }
+
+    /// Bytes of linear memory the store has, all memories together.
+    pub(super) fn memory(&self) -> usize {
+        self.memory
+    }
+
+    /// The largest total the store asked for and was refused, if any.
+    pub(super) fn refused(&self) -> Option<usize> {
+        self.refused
+    }
+}
+
+impl ResourceLimiter for Limits {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let total = (self.memory - current.min(self.memory)).saturating_add(desired);
+        if total > self.memory_limit {
+            self.refused = Some(self.refused.unwrap_or(0).max(total));
+            return Ok(false);
+        }
+        self.memory = total;
+        Ok(true)
+    }
+
+    fn memory_grow_failed(&mut self, _error: wasmtime::Error) -> wasmtime::Result<()> {
+        // The growth was accounted for but did not happen (the host could
+        // not map it): the guest sees a failed `memory.grow`; the small
+        // overcount only makes the limit stricter for this instance.
+        Ok(())
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= MAX_TABLE_ELEMENTS)
+    }
+
+    fn instances(&self) -> usize {
+        self.counts.0
+    }
+
+    fn memories(&self) -> usize {
+        self.counts.1
+    }
+
+    fn tables(&self) -> usize {
+        self.counts.2
+    }
 }
 
 /// A function's allowance of log lines, shared by all its instances: a
@@ -264,10 +349,11 @@ pub(super) enum LogSink {
 /// Per-store state: the WASI context, limits and what the current
 /// invocation produced.
 pub(super) struct HostState {
-    /// WASI preview 1 (env, clocks, random, captured stdio).
+    /// WASI (env, clocks, random, captured stdio): preview 1 for modules,
+    /// through the same context 0.2 for components.
     pub(super) wasi: WasiP1Ctx,
     /// Memory/instance limits, installed with `Store::limiter`.
-    pub(super) limits: StoreLimits,
+    pub(super) limits: Limits,
     /// The function's name and limits.
     pub(super) spec: Arc<FunctionSpec>,
     /// The function's log allowance, shared by its instances.
@@ -293,21 +379,27 @@ pub(super) struct HostState {
 }
 
 impl HostState {
-    pub(super) fn new(spec: Arc<FunctionSpec>, log_budget: Arc<LogBudget>) -> HostState {
+    /// A fresh state for one instance of a module (`component`: false) or
+    /// a component, with `memory_limit` bytes of memory.
+    pub(super) fn new(
+        spec: Arc<FunctionSpec>,
+        log_budget: Arc<LogBudget>,
+        memory_limit: usize,
+        component: bool,
+    ) -> HostState {
         let stdout = Arc::new(Mutex::new(Vec::new()));
         let stderr = Arc::new(Mutex::new(Vec::new()));
+        // No preopened directories, no network: a guest's file and socket
+        // calls fail. These are WASI's defaults, spelled out.
         let wasi = WasiCtxBuilder::new()
             .envs(&spec.env)
             .stdout(Capture(stdout.clone()))
             .stderr(Capture(stderr.clone()))
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
             .build_p1();
-        let limits = StoreLimitsBuilder::new()
-            .memory_size(spec.memory_limit)
-            .instances(1)
-            .memories(1)
-            .tables(4)
-            .table_elements(100_000)
-            .build();
+        let limits = Limits::new(memory_limit, component);
         HostState {
             wasi,
             limits,
@@ -410,6 +502,12 @@ impl HostState {
                 }
             }
         }
+    }
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        self.wasi.ctx()
     }
 }
 
@@ -518,7 +616,146 @@ fn valid_topic(topic: &[u8], max_len: usize) -> Option<String> {
     Some(s.to_owned())
 }
 
-/// Shared body of `emit` and `publish`.
+/// Why the host refused a call: ABI v1's negative codes, the WIT world's
+/// `error` enum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Refusal {
+    /// Empty, not UTF-8, wildcard or NUL in the topic, or too long.
+    InvalidTopic,
+    /// Payload above `max_record_size`.
+    TooLarge,
+    /// More than [`MAX_RECORDS_PER_INVOCATION`] records in one invocation.
+    TooManyRecords,
+    /// Past `max_emit_bytes` in one invocation.
+    TooManyBytes,
+    /// Outside `emit_allow` / `publish_allow`.
+    NotAllowed,
+    /// Past `state_limit`.
+    StateLimit,
+    /// A state key that is empty or longer than 1 KiB.
+    InvalidKey,
+    /// More state writes than one invocation may make.
+    TooManyWrites,
+}
+
+impl Refusal {
+    /// The ABI v1 return code.
+    fn code(self) -> i32 {
+        match self {
+            Refusal::InvalidTopic => code::INVALID_TOPIC,
+            Refusal::TooLarge => code::TOO_LARGE,
+            Refusal::TooManyRecords | Refusal::TooManyWrites => code::TOO_MANY,
+            Refusal::TooManyBytes => code::TOO_MANY_BYTES,
+            Refusal::NotAllowed => code::NOT_ALLOWED,
+            Refusal::StateLimit => code::STATE_LIMIT,
+            Refusal::InvalidKey => code::INVALID_KEY,
+        }
+    }
+}
+
+/// An ABI v1 return code: 0 or the refusal's.
+fn status(r: Result<(), Refusal>) -> i32 {
+    r.map_or_else(Refusal::code, |()| code::OK)
+}
+
+impl HostState {
+    /// `emit` (`publish`: false) or `publish` of one record, within the
+    /// function's permissions and bounds.
+    pub(super) fn record(
+        &mut self,
+        topic: &[u8],
+        payload: Vec<u8>,
+        publish: bool,
+    ) -> Result<(), Refusal> {
+        // An emitted topic goes upstream behind the prefix; a published one
+        // stays local.
+        let max_topic = if publish {
+            MAX_TOPIC_LEN
+        } else {
+            self.spec.max_topic_len
+        };
+        let Some(topic) = valid_topic(topic, max_topic) else {
+            return Err(Refusal::InvalidTopic);
+        };
+        let allowed = if publish {
+            self.spec.publish_allow.iter().any(|f| f.matches(&topic))
+        } else {
+            self.spec
+                .emit_allow
+                .as_ref()
+                .is_none_or(|a| a.iter().any(|f| f.matches(&topic)))
+        };
+        if !allowed {
+            let calls = &self.spec.calls;
+            let denied = if publish {
+                &calls.publish_denied
+            } else {
+                &calls.emit_denied
+            };
+            denied.fetch_add(1, Ordering::Relaxed);
+            return Err(Refusal::NotAllowed);
+        }
+        if payload.len() > self.spec.max_record_size {
+            return Err(Refusal::TooLarge);
+        }
+        let max_bytes = self.spec.max_emit_bytes;
+        let (list, bytes) = if publish {
+            (&mut self.publishes, &mut self.publish_bytes)
+        } else {
+            (&mut self.records, &mut self.record_bytes)
+        };
+        if list.len() >= MAX_RECORDS_PER_INVOCATION {
+            return Err(Refusal::TooManyRecords);
+        }
+        let size = topic.len() + payload.len();
+        if *bytes + size > max_bytes {
+            return Err(Refusal::TooManyBytes);
+        }
+        *bytes += size;
+        list.push(Emitted { topic, payload });
+        Ok(())
+    }
+
+    /// Reads `key` (this invocation's writes first) and hands its value
+    /// to `read`.
+    pub(super) fn state_get<R>(
+        &self,
+        key: &[u8],
+        read: impl FnOnce(Option<&[u8]>) -> R,
+    ) -> Result<R, Refusal> {
+        if key.is_empty() || key.len() > MAX_KEY_LEN {
+            return Err(Refusal::InvalidKey);
+        }
+        Ok(self.overlay.read(&self.spec.state, key, read))
+    }
+
+    /// Sets `key` to `value`, or deletes it (`None`), in this invocation's
+    /// writes.
+    pub(super) fn state_write(&mut self, key: &[u8], value: Option<&[u8]>) -> Result<(), Refusal> {
+        match self.overlay.write(&self.spec.state, key, value) {
+            Ok(()) => Ok(()),
+            Err(Refused::InvalidKey) => Err(Refusal::InvalidKey),
+            Err(refused) => {
+                self.spec
+                    .calls
+                    .state_refused
+                    .fetch_add(1, Ordering::Relaxed);
+                Err(if refused == Refused::TooMany {
+                    Refusal::TooManyWrites
+                } else {
+                    Refusal::StateLimit
+                })
+            }
+        }
+    }
+
+    /// A guest's `log` call.
+    pub(super) fn guest_log(&mut self, level: LogLevel, message: String) {
+        self.log(level, "log", message);
+    }
+}
+
+/// ABI v1 `emit` and `publish`: the record read from guest memory.
 fn record(
     caller: &mut Caller<'_, HostState>,
     args: (i32, i32, i32, i32),
@@ -526,55 +763,7 @@ fn record(
 ) -> wasmtime::Result<i32> {
     let topic = read_guest(caller, args.0, args.1)?;
     let payload = read_guest(caller, args.2, args.3)?;
-    let state = caller.data_mut();
-    // An emitted topic goes upstream behind the prefix; a published one
-    // stays local.
-    let max_topic = if publish {
-        MAX_TOPIC_LEN
-    } else {
-        state.spec.max_topic_len
-    };
-    let Some(topic) = valid_topic(&topic, max_topic) else {
-        return Ok(code::INVALID_TOPIC);
-    };
-    let allowed = if publish {
-        state.spec.publish_allow.iter().any(|f| f.matches(&topic))
-    } else {
-        state
-            .spec
-            .emit_allow
-            .as_ref()
-            .is_none_or(|a| a.iter().any(|f| f.matches(&topic)))
-    };
-    if !allowed {
-        let calls = &state.spec.calls;
-        let denied = if publish {
-            &calls.publish_denied
-        } else {
-            &calls.emit_denied
-        };
-        denied.fetch_add(1, Ordering::Relaxed);
-        return Ok(code::NOT_ALLOWED);
-    }
-    if payload.len() > state.spec.max_record_size {
-        return Ok(code::TOO_LARGE);
-    }
-    let max_bytes = state.spec.max_emit_bytes;
-    let (list, bytes) = if publish {
-        (&mut state.publishes, &mut state.publish_bytes)
-    } else {
-        (&mut state.records, &mut state.record_bytes)
-    };
-    if list.len() >= MAX_RECORDS_PER_INVOCATION {
-        return Ok(code::TOO_MANY);
-    }
-    let size = topic.len() + payload.len();
-    if *bytes + size > max_bytes {
-        return Ok(code::TOO_MANY_BYTES);
-    }
-    *bytes += size;
-    list.push(Emitted { topic, payload });
-    Ok(code::OK)
+    Ok(status(caller.data_mut().record(&topic, payload, publish)))
 }
 
 /// `state_get`: copies the value into the buffer if it fits; returns its
@@ -584,16 +773,13 @@ fn state_get(
     (kp, kl, bp, bl): (i32, i32, i32, i32),
 ) -> wasmtime::Result<i32> {
     let key = read_guest(caller, kp, kl)?;
-    if key.is_empty() || key.len() > MAX_KEY_LEN {
-        return Ok(code::INVALID_KEY);
-    }
     let memory = guest_memory(caller)?;
     let (data, host) = memory.data_and_store_mut(&mut *caller);
     let (start, cap) = (bp as u32 as usize, bl as u32 as usize);
     let Some(buf) = data.get_mut(start..start.saturating_add(cap)) else {
         return Err(out_of_bounds(start, cap, data.len()));
     };
-    Ok(host.overlay.read(&host.spec.state, &key, |v| match v {
+    let read = host.state_get(&key, |v| match v {
         None => code::ABSENT,
         Some(v) => {
             if let Some(dst) = buf.get_mut(..v.len()) {
@@ -601,7 +787,8 @@ fn state_get(
             }
             i32::try_from(v.len()).unwrap_or(i32::MAX)
         }
-    }))
+    });
+    Ok(read.unwrap_or_else(Refusal::code))
 }
 
 /// `state_set` (a value) and `state_delete` (`None`).
@@ -612,24 +799,9 @@ fn state_write(
 ) -> wasmtime::Result<i32> {
     let key = read_guest(caller, kp, kl)?;
     let value = value.map(|(p, l)| read_guest(caller, p, l)).transpose()?;
-    let host = caller.data_mut();
-    Ok(
-        match host.overlay.write(&host.spec.state, &key, value.as_deref()) {
-            Ok(()) => code::OK,
-            Err(Refused::InvalidKey) => code::INVALID_KEY,
-            Err(refused) => {
-                host.spec
-                    .calls
-                    .state_refused
-                    .fetch_add(1, Ordering::Relaxed);
-                if refused == Refused::TooMany {
-                    code::TOO_MANY
-                } else {
-                    code::STATE_LIMIT
-                }
-            }
-        },
-    )
+    Ok(status(
+        caller.data_mut().state_write(&key, value.as_deref()),
+    ))
 }
 
 /// Adds the `edgefn` imports to `linker`.
@@ -654,7 +826,7 @@ pub(super) fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<
         |mut c: Caller<'_, HostState>, level: i32, ptr: i32, len: i32| -> wasmtime::Result<()> {
             let bytes = read_guest(&mut c, ptr, len)?;
             let message = String::from_utf8_lossy(&bytes).into_owned();
-            c.data_mut().log(LogLevel::from_abi(level), "log", message);
+            c.data_mut().guest_log(LogLevel::from_abi(level), message);
             Ok(())
         },
     )?;

@@ -38,6 +38,7 @@
 //! thread until the invocation is over.
 
 pub mod artifacts;
+mod component;
 mod host;
 pub mod pool;
 
@@ -46,6 +47,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use wasmtime::component::Component;
 use wasmtime::{
     Engine, ExternType, InstancePre, Linker, Memory, Module, Store, Trap, TypedFunc, ValType,
 };
@@ -55,6 +57,13 @@ pub use crate::state::{FunctionState, StateWrite};
 use artifacts::{ArtifactCache, Lease, Source};
 pub use host::{Emitted, GuestLog, LogBudget, LogLevel, MAX_LOG_LINE, MAX_TOPIC_LEN, RefusedCalls};
 use host::{HostState, LogSink};
+
+/// Memory of a module whose function sets no `memory_limit`.
+pub const DEFAULT_MODULE_MEMORY: usize = 16 << 20;
+
+/// Memory of a component whose function sets no `memory_limit`: an
+/// interpreter starts with 9 (JavaScript) to 14 MiB (Python) of its own.
+pub const DEFAULT_COMPONENT_MEMORY: usize = 64 << 20;
 
 /// The ABI version this runtime speaks (`edgefn_abi_version()` must return it).
 pub const ABI_VERSION: i32 = 1;
@@ -165,13 +174,16 @@ pub enum Failure {
     /// A fresh instance could not be made.
     #[error("could not start an instance: {0}")]
     Start(String),
+    /// A component's handler returned `err` with this text.
+    #[error("failed: {0}")]
+    Error(String),
 }
 
 impl Failure {
     /// A short, stable label for metrics and dead letters.
     pub fn kind(&self) -> &'static str {
         match self {
-            Failure::Returned { .. } => "error",
+            Failure::Returned { .. } | Failure::Error(_) => "error",
             Failure::Timeout(_) => "timeout",
             Failure::OutOfFuel(_) => "fuel",
             Failure::Trap(_) => "trap",
@@ -199,8 +211,10 @@ pub struct FunctionSpec {
     pub name: Arc<str>,
     /// Environment variables the guest sees.
     pub env: Vec<(String, String)>,
-    /// Largest linear memory, bytes.
-    pub memory_limit: usize,
+    /// Most bytes of linear memory, all of an instance's memories together;
+    /// `None`: [`DEFAULT_MODULE_MEMORY`] for a module,
+    /// [`DEFAULT_COMPONENT_MEMORY`] for a component.
+    pub memory_limit: Option<usize>,
     /// Wall-clock limit per invocation.
     pub timeout: Duration,
     /// Largest payload of one emitted/published record.
@@ -234,9 +248,19 @@ impl FunctionSpec {
     #[cfg(test)]
     pub(crate) fn for_test(name: &str) -> FunctionSpec {
         FunctionSpec {
+            memory_limit: Some(1 << 20),
+            ..FunctionSpec::new(name)
+        }
+    }
+
+    /// `name` with the configuration's defaults: the default memory for
+    /// its kind, 1 s, no fuel budget, no env, any emit and no publish,
+    /// 1 MiB records and state.
+    pub fn new(name: &str) -> FunctionSpec {
+        FunctionSpec {
             name: name.into(),
             env: vec![],
-            memory_limit: 1 << 20,
+            memory_limit: None,
             timeout: Duration::from_secs(1),
             max_record_size: 1 << 20,
             max_emit_bytes: 1 << 20,
@@ -274,6 +298,8 @@ struct Flavor {
     /// The same with WASI's sync implementation: for the others, whose
     /// every WASI call returns at once; a guest call then needs no fiber.
     direct: Linker<HostState>,
+    /// WASI 0.2 and the function world's interfaces, for components.
+    components: wasmtime::component::Linker<HostState>,
 }
 
 impl Flavor {
@@ -308,10 +334,12 @@ impl Flavor {
         wasmtime_wasi::p1::add_to_linker_sync(&mut direct, |s: &mut HostState| &mut s.wasi)
             .map_err(wasm_err)?;
         host::add_to_linker(&mut direct).map_err(wasm_err)?;
+        let components = component::linker(&engine).map_err(wasm_err)?;
         Ok(Flavor {
             engine,
             waiting,
             direct,
+            components,
         })
     }
 }
@@ -421,40 +449,61 @@ impl Runtime {
             path: origin.to_owned(),
             reason: format!("{e:#}"),
         };
-        let (module, artifact) = match &self.artifacts {
-            Some(cache) => {
-                let (module, lease, source) =
-                    cache.module(&flavor.engine, bytes).map_err(not_wasm)?;
-                (module, Some((lease, source)))
-            }
-            None => (Module::new(&flavor.engine, bytes).map_err(not_wasm)?, None),
-        };
-        check_abi(&module).map_err(|reason| LoadError::Abi {
+        let abi = |reason: String| LoadError::Abi {
             path: origin.to_owned(),
             reason,
-        })?;
-        let waits = can_wait(&module);
-        let uses_state = module
-            .imports()
-            .any(|i| i.module() == "edgefn" && i.name().starts_with("state_"));
-        let linker = if waits {
-            &flavor.waiting
-        } else {
-            &flavor.direct
         };
-        let pre = linker
-            .instantiate_pre(&module)
-            .map_err(|e| LoadError::Abi {
-                path: origin.to_owned(),
-                reason: format!("{e:#}"),
-            })?;
-        let function = Function {
-            waits,
-            uses_state,
+        let (code, artifact) = if component::is_component(bytes) {
+            let (component, artifact) = self.compile::<Component>(&flavor.engine, bytes);
+            let component = component.map_err(not_wasm)?;
+            let shape = component::check(&flavor.engine, &component).map_err(abi)?;
+            let linker = component::link(&flavor.components, &flavor.engine, &component)
+                .map_err(|e| abi(format!("{e:#}")))?;
+            let pre = linker
+                .instantiate_pre(&component)
+                .and_then(component::BindingsPre::new)
+                .map_err(|e| abi(format!("{e:#}")))?;
+            let code = Code::Component {
+                pre,
+                init: shape.init,
+                uses_state: shape.uses_state,
+            };
+            (code, artifact)
+        } else {
+            let (module, artifact) = self.compile::<Module>(&flavor.engine, bytes);
+            let module = module.map_err(not_wasm)?;
+            check_abi(&module).map_err(abi)?;
+            let waits = can_wait(&module);
+            let uses_state = module
+                .imports()
+                .any(|i| i.module() == "edgefn" && i.name().starts_with("state_"));
+            let linker = if waits {
+                &flavor.waiting
+            } else {
+                &flavor.direct
+            };
+            let pre = linker
+                .instantiate_pre(&module)
+                .map_err(|e| abi(format!("{e:#}")))?;
+            let code = Code::Module {
+                pre,
+                waits,
+                uses_state,
+            };
+            (code, artifact)
+        };
+        let memory_limit = spec.memory_limit.unwrap_or(if code.is_component() {
+            DEFAULT_COMPONENT_MEMORY
+        } else {
+            DEFAULT_MODULE_MEMORY
+        });
+        let mut function = Function {
+            memory_at_start: 0,
+            memory_limit,
             log_budget: Arc::new(LogBudget::new(spec.log_rate_limit)),
             spec: Arc::new(spec),
             engine: flavor.engine.clone(),
-            pre,
+            code,
             origin: origin.to_owned(),
             precompiled: matches!(artifact, Some((_, Source::Cache))),
             _artifact: artifact.map(|(lease, _)| lease),
@@ -464,11 +513,15 @@ impl Runtime {
         // trusted with a device's message. On a thread of its own: the
         // caller may be an async task, where guest code must not run.
         let started = std::thread::scope(|s| {
-            s.spawn(|| function.instantiate().map(drop))
-                .join()
-                .unwrap_or_else(|_| Err(StartError::Other("the start panicked".into())))
+            s.spawn(|| {
+                function
+                    .instantiate()
+                    .map(|i| i.store.data().limits.memory())
+            })
+            .join()
+            .unwrap_or_else(|_| Err(StartError::Other("the start panicked".into())))
         });
-        started.map_err(|reason| match reason {
+        function.memory_at_start = started.map_err(|reason| match reason {
             StartError::Version(v) => LoadError::Abi {
                 path: origin.to_owned(),
                 reason: format!(
@@ -481,6 +534,24 @@ impl Runtime {
             },
         })?;
         Ok(function)
+    }
+}
+
+impl Runtime {
+    /// `bytes` compiled for `engine`, through the artifact cache if there
+    /// is one, with the artifact's lease and whether it was precompiled.
+    fn compile<C: artifacts::Compiled>(
+        &self,
+        engine: &Engine,
+        bytes: &[u8],
+    ) -> (wasmtime::Result<C>, Option<(Arc<Lease>, Source)>) {
+        match &self.artifacts {
+            Some(cache) => match cache.compiled::<C>(engine, bytes) {
+                Ok((code, lease, source)) => (Ok(code), Some((lease, source))),
+                Err(e) => (Err(e), None),
+            },
+            None => (C::compile(engine, bytes), None),
+        }
     }
 }
 
@@ -572,18 +643,17 @@ fn can_wait(module: &Module) -> bool {
 
 /// A compiled, checked function, ready to make instances.
 pub struct Function {
-    /// Whether it can wait in WASI: then its guest calls are async, under a
-    /// timeout (see the module doc).
-    waits: bool,
-    /// Whether it imports a state call: then its invocations take turns
-    /// ([`state::Turns`]).
-    uses_state: bool,
     /// Name, limits, env.
     spec: Arc<FunctionSpec>,
     /// The engine it was compiled for.
     engine: Engine,
-    /// Imports resolved once; instantiation is then cheap.
-    pre: InstancePre<HostState>,
+    /// Its code, imports resolved once; instantiation is then cheap.
+    code: Code,
+    /// Bytes of linear memory (all memories) a fresh instance has once
+    /// started.
+    memory_at_start: usize,
+    /// Most bytes of linear memory an instance may have.
+    memory_limit: usize,
     /// Where the module came from, for messages.
     origin: String,
     /// Log lines its instances may write, shared by them.
@@ -594,6 +664,36 @@ pub struct Function {
     _artifact: Option<Arc<Lease>>,
     /// Keeps timeouts enforced while the function lives.
     _ticker: Arc<Ticker>,
+}
+
+/// A function's compiled code: a core module (ABI v1) or a component (the
+/// WIT world).
+enum Code {
+    /// A core module.
+    Module {
+        /// Ready to instantiate.
+        pre: InstancePre<HostState>,
+        /// Whether it can wait in WASI: then its guest calls are async,
+        /// under a timeout (see the module doc).
+        waits: bool,
+        /// Whether it imports a state call.
+        uses_state: bool,
+    },
+    /// A component; its guest calls are always async.
+    Component {
+        /// Ready to instantiate.
+        pre: component::BindingsPre<HostState>,
+        /// Whether it exports `init`.
+        init: bool,
+        /// Whether it imports the state interface.
+        uses_state: bool,
+    },
+}
+
+impl Code {
+    fn is_component(&self) -> bool {
+        matches!(self, Code::Component { .. })
+    }
 }
 
 /// Why an instance could not be started.
@@ -622,7 +722,27 @@ impl Function {
     /// Whether it imports a state call (its invocations then run one at a
     /// time, in the order their messages came).
     pub fn uses_state(&self) -> bool {
-        self.uses_state
+        match self.code {
+            Code::Module { uses_state, .. } | Code::Component { uses_state, .. } => uses_state,
+        }
+    }
+
+    /// Bytes of linear memory, all its memories together, a fresh instance
+    /// has once started: what `memory_limit` must leave room above.
+    pub fn memory_at_start(&self) -> usize {
+        self.memory_at_start
+    }
+
+    /// Most bytes of linear memory an instance may have, all its memories
+    /// together: the spec's, or the default for its kind.
+    pub fn memory_limit(&self) -> usize {
+        self.memory_limit
+    }
+
+    /// Whether it is a component (the WIT world) rather than a core module
+    /// (ABI v1).
+    pub fn is_component(&self) -> bool {
+        self.code.is_component()
     }
 
     /// Where the module was loaded from.
@@ -657,73 +777,140 @@ impl Function {
     }
 
     fn instantiate(&self) -> Result<Instance, StartError> {
-        let other = |what: &str, e: wasmtime::Error| StartError::Other(format!("{what}: {e:#}"));
         let timeout = self.spec.timeout;
-        let timed_out =
-            |what: &str| StartError::Other(format!("{what} timed out (timeout is {timeout:?})"));
-        let state = HostState::new(self.spec.clone(), self.log_budget.clone());
+        let state = HostState::new(
+            self.spec.clone(),
+            self.log_budget.clone(),
+            self.memory_limit,
+            self.is_component(),
+        );
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
         store.set_epoch_deadline(deadline_ticks(timeout));
         refuel(&mut store, self.spec.fuel);
-        let instance = if self.waits {
-            block_on_within(timeout, self.pre.instantiate_async(&mut store))
+        let body = match &self.code {
+            Code::Module { pre, waits, .. } => self.start_module(&mut store, pre, *waits),
+            Code::Component { pre, init, .. } => self.start_component(&mut store, pre, *init),
+        };
+        let body = body.map_err(|e| match (e, store.data().limits.refused()) {
+            (StartError::Other(reason), Some(wanted)) => StartError::Other(format!(
+                "{reason}; it needs more than {} of memory to start, and memory_limit is {}",
+                crate::text::mib(wanted),
+                crate::text::mib(self.memory_limit),
+            )),
+            (e, _) => e,
+        })?;
+        store.data_mut().flush_output();
+        Ok(Instance {
+            store,
+            body,
+            invocations: 0,
+        })
+    }
+
+    /// Instantiates a module, runs `_initialize`, checks the ABI version
+    /// and runs `edgefn_init`.
+    fn start_module(
+        &self,
+        store: &mut Store<HostState>,
+        pre: &InstancePre<HostState>,
+        waits: bool,
+    ) -> Result<Body, StartError> {
+        let timeout = self.spec.timeout;
+        let instance = if waits {
+            block_on_within(timeout, pre.instantiate_async(&mut *store))
         } else {
-            Some(self.pre.instantiate(&mut store))
+            Some(pre.instantiate(&mut *store))
         }
-        .ok_or_else(|| timed_out("instantiation"))?
-        .map_err(|e| other("instantiation failed", e))?;
+        .ok_or_else(|| timed_out("instantiation", timeout))?
+        .map_err(|e| start_failed("instantiation failed", e))?;
         let memory = instance
-            .get_memory(&mut store, "memory")
+            .get_memory(&mut *store, "memory")
             .ok_or_else(|| StartError::Other("no memory export".into()))?;
         let typed = |store: &mut Store<HostState>, name: &str| {
             instance.get_typed_func::<(), i32>(store, name).ok()
         };
-        if let Ok(init) = instance.get_typed_func::<(), ()>(&mut store, "_initialize") {
-            guest(&mut store, &init, (), self.waits, || {
-                Instant::now() + timeout
-            })
-            .ok_or_else(|| timed_out("_initialize"))?
-            .map_err(|e| other("_initialize trapped", e))?;
+        let deadline = || Instant::now() + timeout;
+        if let Ok(init) = instance.get_typed_func::<(), ()>(&mut *store, "_initialize") {
+            guest(store, &init, (), waits, deadline)
+                .ok_or_else(|| timed_out("_initialize", timeout))?
+                .map_err(|e| start_failed("_initialize trapped", e))?;
         }
-        let version = typed(&mut store, "edgefn_abi_version")
+        let version = typed(store, "edgefn_abi_version")
             .ok_or_else(|| StartError::Other("no edgefn_abi_version".into()))?;
-        let version = guest(&mut store, &version, (), self.waits, || {
-            Instant::now() + timeout
-        })
-        .ok_or_else(|| timed_out("edgefn_abi_version"))?
-        .map_err(|e| other("edgefn_abi_version trapped", e))?;
+        let version = guest(store, &version, (), waits, deadline)
+            .ok_or_else(|| timed_out("edgefn_abi_version", timeout))?
+            .map_err(|e| start_failed("edgefn_abi_version trapped", e))?;
         if version != ABI_VERSION {
             return Err(StartError::Version(version));
         }
-        if let Some(init) = typed(&mut store, "edgefn_init") {
+        if let Some(init) = typed(store, "edgefn_init") {
             store.set_epoch_deadline(deadline_ticks(timeout));
-            refuel(&mut store, self.spec.fuel);
-            let status = guest(&mut store, &init, (), self.waits, || {
-                Instant::now() + timeout
-            })
-            .ok_or_else(|| timed_out("edgefn_init"))?
-            .map_err(|e| other("edgefn_init trapped", e))?;
+            refuel(store, self.spec.fuel);
+            let status = guest(store, &init, (), waits, deadline)
+                .ok_or_else(|| timed_out("edgefn_init", timeout))?
+                .map_err(|e| start_failed("edgefn_init trapped", e))?;
             if status != 0 {
-                return Err(StartError::Other(format!("edgefn_init returned {status}")));
+                let message = store.data_mut().error.take();
+                return Err(StartError::Other(format!(
+                    "edgefn_init returned {status}{}",
+                    message.map(|m| format!(": {m}")).unwrap_or_default()
+                )));
             }
         }
-        store.data_mut().flush_output();
         let alloc = instance
-            .get_typed_func::<i32, i32>(&mut store, "edgefn_alloc")
-            .map_err(|e| other("edgefn_alloc", e))?;
+            .get_typed_func::<i32, i32>(&mut *store, "edgefn_alloc")
+            .map_err(|e| start_failed("edgefn_alloc", e))?;
         let on_message = instance
-            .get_typed_func::<(i32, i32, i32, i32), i32>(&mut store, "edgefn_on_message")
-            .map_err(|e| other("edgefn_on_message", e))?;
-        Ok(Instance {
-            waits: self.waits,
-            store,
+            .get_typed_func::<(i32, i32, i32, i32), i32>(&mut *store, "edgefn_on_message")
+            .map_err(|e| start_failed("edgefn_on_message", e))?;
+        Ok(Body::Module {
+            waits,
             memory,
             alloc,
             on_message,
-            invocations: 0,
         })
     }
+
+    /// Instantiates a component (its start-up code runs then) and runs its
+    /// `init`, if it exports one.
+    fn start_component(
+        &self,
+        store: &mut Store<HostState>,
+        pre: &component::BindingsPre<HostState>,
+        init: bool,
+    ) -> Result<Body, StartError> {
+        let timeout = self.spec.timeout;
+        let instance = block_on_within(timeout, pre.instance_pre().instantiate_async(&mut *store))
+            .ok_or_else(|| timed_out("instantiation", timeout))?
+            .map_err(|e| start_failed("instantiation failed", e))?;
+        let bindings = component::Bindings::new(&mut *store, &instance)
+            .map_err(|e| start_failed("the handler", e))?;
+        if init {
+            let init = instance
+                .get_typed_func::<(), (Result<(), String>,)>(&mut *store, component::INIT)
+                .map_err(|e| start_failed("export `init` has the wrong type", e))?;
+            store.set_epoch_deadline(deadline_ticks(timeout));
+            refuel(store, self.spec.fuel);
+            let (result,) = block_on_within(timeout, init.call_async(&mut *store, ()))
+                .ok_or_else(|| timed_out("init", timeout))?
+                .map_err(|e| start_failed("init trapped", e))?;
+            if let Err(message) = result {
+                return Err(StartError::Other(format!("init failed: {message}")));
+            }
+        }
+        Ok(Body::Component(bindings))
+    }
+}
+
+/// The start error for a step that failed.
+fn start_failed(what: &str, e: wasmtime::Error) -> StartError {
+    StartError::Other(format!("{what}: {e:#}"))
+}
+
+/// The start error for a step that ran past the timeout.
+fn timed_out(what: &str, timeout: Duration) -> StartError {
+    StartError::Other(format!("{what} timed out (timeout is {timeout:?})"))
 }
 
 thread_local! {
@@ -798,18 +985,29 @@ fn deadline_ticks(timeout: Duration) -> u64 {
 
 /// A warm instance: reuse it until an invocation fails, then drop it.
 pub struct Instance {
-    /// Whether its function can wait in WASI (see [`Function`]).
-    waits: bool,
     /// The store holding the instance's memory, limits and host state.
     store: Store<HostState>,
-    /// The guest's linear memory.
-    memory: Memory,
-    /// `edgefn_alloc`.
-    alloc: TypedFunc<i32, i32>,
-    /// `edgefn_on_message`.
-    on_message: TypedFunc<(i32, i32, i32, i32), i32>,
+    /// How to call its handler.
+    body: Body,
     /// Successful invocations so far.
     invocations: u64,
+}
+
+/// An instance's handler.
+enum Body {
+    /// A core module's exports.
+    Module {
+        /// Whether its function can wait in WASI (see [`Code::Module`]).
+        waits: bool,
+        /// The guest's linear memory.
+        memory: Memory,
+        /// `edgefn_alloc`.
+        alloc: TypedFunc<i32, i32>,
+        /// `edgefn_on_message`.
+        on_message: TypedFunc<(i32, i32, i32, i32), i32>,
+    },
+    /// A component's exports.
+    Component(component::Bindings),
 }
 
 /// The result of an invocation on a capturing instance, for `edgefn invoke`.
@@ -829,6 +1027,17 @@ impl Instance {
     /// Runs the handler on one message. On `Err` the instance must be
     /// dropped: its memory may be in any state.
     pub fn invoke(&mut self, topic: &str, payload: &[u8]) -> Result<Output, Failure> {
+        self.invoke_attempt(topic, payload, 1)
+    }
+
+    /// Like [`Instance::invoke`], for the `attempt`th try of a message (1:
+    /// the first; a component sees it in its context).
+    pub fn invoke_attempt(
+        &mut self,
+        topic: &str,
+        payload: &[u8],
+        attempt: u32,
+    ) -> Result<Output, Failure> {
         let (timeout, fuel) = {
             let spec = &self.store.data().spec;
             (spec.timeout, spec.fuel)
@@ -836,21 +1045,21 @@ impl Instance {
         self.store.set_epoch_deadline(deadline_ticks(timeout));
         refuel(&mut self.store, fuel);
         self.store.data_mut().begin();
-        let result = self.call(topic, payload, timeout);
+        let result = match &self.body {
+            Body::Module { .. } => self.call_module(topic, payload, timeout),
+            Body::Component(_) => self.call_component(topic, payload, attempt, timeout),
+        };
         let state = self.store.data_mut();
         state.flush_output();
         match result {
-            Ok(0) => {
+            Ok(Ok(())) => {
                 self.invocations += 1;
                 let out = state.take_output();
                 // Seen by the next invocation at once (see [`state`]).
                 state.spec.state.apply(&out.state);
                 Ok(out)
             }
-            Ok(code) => Err(Failure::Returned {
-                code,
-                message: state.error.take(),
-            }),
+            Ok(Err(failure)) => Err(failure),
             Err(e) => Err(classify(e, timeout, fuel)),
         }
     }
@@ -878,23 +1087,37 @@ impl Instance {
         self.invocations
     }
 
-    /// Copies the message into the guest and runs the handler, within
+    /// Copies the message into a module and runs its handler, within
     /// `timeout` (an [`Trap::Interrupt`] error past it).
-    fn call(&mut self, topic: &str, payload: &[u8], timeout: Duration) -> wasmtime::Result<i32> {
+    fn call_module(
+        &mut self,
+        topic: &str,
+        payload: &[u8],
+        timeout: Duration,
+    ) -> wasmtime::Result<Result<(), Failure>> {
+        let Body::Module {
+            waits,
+            memory,
+            alloc,
+            on_message,
+        } = &self.body
+        else {
+            unreachable!("call_module on a component");
+        };
+        let (waits, memory) = (*waits, *memory);
+        let (alloc, on_message) = (alloc.clone(), on_message.clone());
         let timed_out = || wasmtime::Error::new(Trap::Interrupt);
         // Read the clock only where a timer needs it.
         let started = std::cell::OnceCell::new();
         let deadline = || *started.get_or_init(|| Instant::now() + timeout);
         let total = topic.len() + payload.len();
         let len = i32::try_from(total).map_err(|_| wasmtime::format_err!("message too large"))?;
-        let alloc = self.alloc.clone();
-        let ptr =
-            guest(&mut self.store, &alloc, len, self.waits, deadline).ok_or_else(timed_out)??;
+        let ptr = guest(&mut self.store, &alloc, len, waits, deadline).ok_or_else(timed_out)??;
         if ptr == 0 && total > 0 {
             wasmtime::bail!("edgefn_alloc({total}) returned 0 (out of memory)");
         }
         let base = ptr as u32 as usize;
-        let mem = self.memory.data_mut(&mut self.store);
+        let mem = memory.data_mut(&mut self.store);
         let region = mem.get_mut(base..base + total).ok_or_else(|| {
             wasmtime::format_err!("edgefn_alloc returned an out-of-bounds pointer")
         })?;
@@ -902,8 +1125,47 @@ impl Instance {
         region[topic.len()..].copy_from_slice(payload);
         let tlen = topic.len() as i32;
         let params = (ptr, tlen, ptr.wrapping_add(tlen), payload.len() as i32);
-        let on_message = self.on_message.clone();
-        guest(&mut self.store, &on_message, params, self.waits, deadline).ok_or_else(timed_out)?
+        let code = guest(&mut self.store, &on_message, params, waits, deadline)
+            .ok_or_else(timed_out)??;
+        Ok(match code {
+            0 => Ok(()),
+            code => Err(Failure::Returned {
+                code,
+                message: self.store.data_mut().error.take(),
+            }),
+        })
+    }
+
+    /// Runs a component's handler on the message, within `timeout`.
+    fn call_component(
+        &mut self,
+        topic: &str,
+        payload: &[u8],
+        attempt: u32,
+        timeout: Duration,
+    ) -> wasmtime::Result<Result<(), Failure>> {
+        let Body::Component(bindings) = &self.body else {
+            unreachable!("call_component on a module");
+        };
+        let trigger = if matches!(self.store.data().sink, LogSink::Collect(_)) {
+            component::Trigger::Test
+        } else if topic.starts_with(crate::schedule::TOPIC_PREFIX) {
+            component::Trigger::Schedule
+        } else {
+            component::Trigger::Mqtt
+        };
+        let message = component::Message {
+            topic: topic.to_owned(),
+            payload: payload.to_vec(),
+            context: component::Context {
+                function: self.store.data().spec.name.to_string(),
+                attempt,
+                trigger,
+            },
+        };
+        let result = block_on_within(timeout, bindings.call_handle(&mut self.store, &message))
+            .ok_or_else(|| wasmtime::Error::new(Trap::Interrupt))??;
+        Ok(result.map_err(Failure::Error))
     }
 }
 

@@ -264,7 +264,9 @@ impl Worker {
                 self.metrics.retries.fetch_add(1, Ordering::Relaxed);
             }
             let started = Instant::now();
-            let result = self.instance().and_then(|i| i.invoke(topic, payload));
+            let result = self
+                .instance()
+                .and_then(|i| i.invoke_attempt(topic, payload, attempts));
             match result {
                 Ok(output) => {
                     let took = started.elapsed();

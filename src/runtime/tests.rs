@@ -35,7 +35,7 @@ fn spec(timeout_ms: u64) -> FunctionSpec {
     FunctionSpec {
         name: "test".into(),
         env: vec![],
-        memory_limit: 1 << 20,
+        memory_limit: Some(1 << 20),
         timeout: Duration::from_millis(timeout_ms),
         max_record_size: 1024,
         max_emit_bytes: 1 << 20,

@@ -44,6 +44,31 @@ pub fn standard(dir: &Path, local: Local, upstream_port: u16) -> ConfigFile {
     }
 }
 
+/// A gateway `pi-01` in `dir` (data in `dir/data`) with the built-in
+/// broker on `port` and its defaults, upstream at `upstream_port` with
+/// prefix `site/pi-01/`, running `functions`.
+pub fn embedded_gateway(
+    dir: &Path,
+    port: u16,
+    upstream_port: u16,
+    functions: Vec<FunctionManifest>,
+) -> ConfigFile {
+    ConfigFile {
+        gateway: GatewayTable {
+            id: "pi-01".into(),
+            data_dir: Some(dir.join("data").display().to_string()),
+        },
+        local: LocalTable {
+            embedded: Some(true),
+            listen: Some(format!("127.0.0.1:{port}")),
+            ..Default::default()
+        },
+        upstream: Some(upstream(upstream_port)),
+        functions,
+        ..Default::default()
+    }
+}
+
 /// `[local]` for `local`, messages of at most 4 KiB.
 pub fn local_table(local: Local) -> LocalTable {
     let mut table = LocalTable {
