@@ -549,3 +549,97 @@ async fn a_python_function_deploys_in_a_signed_bundle_and_restarts_from_its_arti
         .unwrap();
     assert_eq!(committed, 1);
 }
+
+/// Writes `edgefn new NAME --lang LANG` into `dir`/NAME, builds it with its
+/// own build.sh (the toolchains functions/build.sh installed, linked in),
+/// and invokes it.
+fn new_function(dir: &std::path::Path, lang: &str) -> String {
+    let name = format!("my-{lang}");
+    let at = dir.join(&name);
+    let out = edgefn(&["new", &name, "--lang", lang, "--dir", at.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let readme = std::fs::read_to_string(at.join("README.md")).unwrap();
+    for says in [
+        "./build.sh",
+        "edgefn invoke",
+        "edgefn deploy",
+        "[[functions]]",
+    ] {
+        assert!(
+            readme.contains(says),
+            "{lang}: README lacks {says}:\n{readme}"
+        );
+    }
+    assert!(!readme.contains("{{"), "{lang}: {readme}");
+    // The toolchains functions/build.sh installed, so the build needs no
+    // network.
+    module("clean_temperature_py");
+    match lang {
+        "python" => std::os::unix::fs::symlink(
+            root().join("functions/target/componentize-py"),
+            at.join(".venv"),
+        )
+        .unwrap(),
+        "js" => std::os::unix::fs::symlink(
+            root().join("functions/js/node_modules"),
+            at.join("node_modules"),
+        )
+        .unwrap(),
+        _ => {}
+    }
+    let build = std::process::Command::new("bash")
+        .arg(at.join("build.sh"))
+        .output()
+        .unwrap();
+    assert!(build.status.success(), "{lang}: {}", text(&build));
+    let wasm = at.join(format!("{name}.wasm"));
+    let out = edgefn(&[
+        "invoke",
+        wasm.to_str().unwrap(),
+        "--topic",
+        "sensors/pi-7/temperature",
+        "--payload",
+        r#"{"temp_c":21.5}"#,
+    ]);
+    assert!(out.status.success(), "{lang}: {}", text(&out));
+    text(&out)
+}
+
+#[test]
+fn new_functions_in_python_javascript_and_rust_build_and_run() {
+    let dir = tempfile::tempdir().unwrap();
+    for lang in ["python", "js", "rust"] {
+        let out = new_function(dir.path(), lang);
+        let emitted = out
+            .lines()
+            .find(|l| l.starts_with("emit"))
+            .unwrap_or_else(|| panic!("{lang}: {out}"));
+        let json = emitted.split_once(' ').unwrap().1.trim();
+        let (topic, payload) = json.split_once(' ').unwrap();
+        assert_eq!(topic, "processed/sensors/pi-7/temperature", "{lang}");
+        assert_eq!(
+            numbers_as_floats(serde_json::from_str(payload).unwrap()),
+            numbers_as_floats(serde_json::json!({"temp_c": 21.5, "device": "pi-7"})),
+            "{lang}"
+        );
+    }
+    // A C skeleton is written (clang builds it where it is installed), and
+    // a name that cannot be a function's is refused.
+    let out = edgefn(&[
+        "new",
+        "my-c",
+        "--lang",
+        "c",
+        "--dir",
+        dir.path().join("my-c").to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(dir.path().join("my-c/my-c.c").exists());
+    let out = edgefn(&["new", "no/slash", "--lang", "python"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("is not a function name"),
+        "{}",
+        text(&out)
+    );
+}

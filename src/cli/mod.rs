@@ -9,6 +9,7 @@ pub mod demo;
 pub mod deploy;
 pub mod fleet;
 pub mod invoke;
+pub mod new;
 pub mod run;
 pub mod status;
 
@@ -41,6 +42,9 @@ pub enum Command {
     Demo(demo::Args),
     /// Run one event through a module locally and print what it did.
     Invoke(invoke::Args),
+    /// Write a new function's skeleton in Python, JavaScript, Rust or C,
+    /// with its build command and a README (build, invoke, deploy).
+    New(new::Args),
     /// Make a new private signing key; print its public key, for
     /// `deploy.trusted_keys`.
     Keygen(deploy::KeygenArgs),
@@ -80,6 +84,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         #[cfg(feature = "embedded-broker")]
         Command::Demo(args) => demo::command(args),
         Command::Invoke(args) => invoke::command(args),
+        Command::New(args) => new::command(args),
         Command::Keygen(args) => deploy::keygen(args),
         Command::Deploy(args) => deploy::deploy(args),
         Command::Status(args) => status::command(args),
