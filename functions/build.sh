@@ -196,7 +196,9 @@ build_js() {
             return 0
         fi
     fi
-    if [[ ! -d "$here/js/node_modules/@bytecodealliance/componentize-js" ]]; then
+    # Installed, and not older than the pinned versions.
+    if [[ ! -d "$here/js/node_modules/@bytecodealliance/componentize-js" ||
+        "$here/js/package-lock.json" -nt "$here/js/node_modules/.package-lock.json" ]]; then
         echo "build.sh: installing componentize-js (js/package.json) into js/node_modules" >&2
         (cd "$here/js" && npm install --no-audit --no-fund --loglevel=error >&2)
     fi
