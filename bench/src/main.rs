@@ -92,9 +92,20 @@ struct Args {
     latency_for: Duration,
     /// Scenarios to run: the throughput ones (bridge, edgefn, embedded-1,
     /// embedded-n by default, and embedded-tls), the deploy ones (deploy,
-    /// restart, fleet; see fleet.rs), `connect` (see connect.rs) or `wear`.
+    /// restart, fleet; see fleet.rs), `connect` (see connect.rs), `wear`,
+    /// or `memory` (the idle daemon's RSS with the function's instances
+    /// warm, at concurrency 2 and 6).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// The function every scenario runs: an example in functions/dist,
+    /// without `.wasm` (clean_temperature, clean_temperature_py,
+    /// clean_temperature_js). Several, for `restart` only: it deploys
+    /// `--restart-copies` of each.
+    #[arg(long, value_delimiter = ',', default_value = "clean_temperature")]
+    function: Vec<String>,
+    /// `restart`: deployed copies of each `--function`.
+    #[arg(long, default_value_t = 10)]
+    restart_copies: usize,
     /// Measurements in each of the deploy and restart scenarios.
     #[arg(long, default_value_t = 10)]
     samples: usize,
@@ -467,6 +478,59 @@ async fn measure(
     })
 }
 
+/// `memory`: the daemon's resident memory, idle after a burst from
+/// `--devices` devices has warmed every instance of the function, at
+/// concurrency 2 and 6; the difference over 4 is the cost of one more warm
+/// instance.
+async fn memory(args: &Args, module: &Path) -> anyhow::Result<()> {
+    let mut rows = Vec::new();
+    for concurrency in [2, 6] {
+        let dir = tempfile::tempdir()?;
+        let cloud = Mosquitto::cloud().await;
+        let port = free_port();
+        let mut file = edgefn_config(
+            dir.path(),
+            Local::Embedded(port),
+            cloud.port,
+            module,
+            &args.durability,
+        );
+        file.functions[0].concurrency = Some(concurrency);
+        let e = start_edgefn(&write_config(dir.path(), &file))?;
+        port_open(port).await;
+        let idle = proc_value(e.0.id(), "status", "VmRSS:").unwrap_or(0);
+        for round in 0..3 {
+            load(
+                &Dial::default(),
+                port,
+                args.devices,
+                args.messages,
+                0,
+                &format!("m{round}"),
+            )
+            .await?;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let warm = proc_value(e.0.id(), "status", "VmRSS:").unwrap_or(0);
+        eprintln!("  concurrency {concurrency}: RSS {idle} kB at start, {warm} kB warm");
+        rows.push((concurrency, idle, warm));
+    }
+    println!(
+        "| function | concurrency | RSS at start | RSS idle, instances warm |\n| --- | ---: | ---: | ---: |"
+    );
+    let name = module.file_stem().unwrap_or_default().to_string_lossy();
+    for (c, idle, warm) in &rows {
+        println!(
+            "| {name} | {c} | {:.1} MB | {:.1} MB |",
+            *idle as f64 / 1e3,
+            *warm as f64 / 1e3
+        );
+    }
+    let per = (rows[1].2 as f64 - rows[0].2 as f64) / 4.0 / 1e3;
+    println!("\none more warm instance: {per:.1} MB");
+    Ok(())
+}
+
 /// The daemon's configuration in `dir`: gateway `bench`, device messages
 /// from `local`, upstream at `cloud_port` (prefix `site/bench/`), the
 /// buffer with `durability`, clean-temperature (`module`, UNIT=F, 100 ms,
@@ -586,7 +650,17 @@ async fn scenario(args: &Args, which: &str, module: &Path) -> anyhow::Result<Fig
                 module,
                 &args.durability,
             );
+            let metrics = free_port();
+            let mut file = file;
+            testkit::ConfigFileExt::metrics_on(&mut file, metrics);
             let e = start_edgefn(&write_config(dir.path(), &file))?;
+            // Serving once its metrics answer (after the functions load, a
+            // component's compile included); then its subscription.
+            let deadline = std::time::Instant::now() + Duration::from_secs(300);
+            while testkit::metrics::try_get(metrics, "/metrics.json").is_err() {
+                anyhow::ensure!(std::time::Instant::now() < deadline, "edgefn never served");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
             tokio::time::sleep(Duration::from_secs(1)).await;
             measure(
                 args,
@@ -658,13 +732,21 @@ async fn scenario(args: &Args, which: &str, module: &Path) -> anyhow::Result<Fig
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     STALL_MS.store(args.stall.as_millis() as u64, Ordering::Relaxed);
-    let module =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../functions/dist/clean_temperature.wasm");
-    anyhow::ensure!(
-        module.exists(),
-        "{} missing: run functions/build.sh",
-        module.display()
-    );
+    let modules: Vec<PathBuf> = args
+        .function
+        .iter()
+        .map(|f| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("../functions/dist/{f}.wasm"))
+        })
+        .collect();
+    for m in &modules {
+        anyhow::ensure!(
+            m.exists(),
+            "{} missing: run functions/build.sh",
+            m.display()
+        );
+    }
+    let module = modules[0].clone();
     let all = ["bridge", "edgefn", "embedded-1", "embedded-n"];
     let chosen: Vec<&str> = if args.only.is_empty() {
         all.to_vec()
@@ -674,6 +756,10 @@ async fn main() -> anyhow::Result<()> {
     if chosen.contains(&"wear") {
         anyhow::ensure!(chosen.len() == 1, "run the wear scenario on its own");
         return wear::run(&module, &args).await;
+    }
+    if chosen.contains(&"memory") {
+        anyhow::ensure!(chosen.len() == 1, "run the memory scenario on its own");
+        return memory(&args, &module).await;
     }
     if chosen.contains(&"connect") {
         anyhow::ensure!(chosen.len() == 1, "run the connect scenario on its own");
@@ -689,7 +775,14 @@ async fn main() -> anyhow::Result<()> {
         println!("| scenario | figure | | |\n| --- | --- | --- | --- |");
         for which in chosen {
             eprintln!("running {which} ...");
-            fleet::run(which, &module, args.samples, args.gateways).await?;
+            fleet::run(
+                which,
+                &modules,
+                args.samples,
+                args.gateways,
+                args.restart_copies,
+            )
+            .await?;
         }
         return Ok(());
     }
