@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use edgefn::runtime::{FunctionSpec, Runtime, Target};
+use edgefn::runtime::{Function, FunctionSpec, Runtime, Target};
 
 fn spec() -> FunctionSpec {
     FunctionSpec {
@@ -49,6 +49,30 @@ fn warm(c: &mut Criterion) {
         );
     }
     let rt = Runtime::new(Target::Native).unwrap();
+    // The same function as components: CPython and SpiderMonkey per call.
+    for (file, label) in [
+        ("clean_temperature_py.wasm", "Python component"),
+        ("clean_temperature_js.wasm", "JavaScript component"),
+    ] {
+        let bytes = std::fs::read(root.join("functions/dist").join(file))
+            .unwrap_or_else(|_| panic!("functions/dist/{file} (run functions/build.sh)"));
+        let component = FunctionSpec {
+            memory_limit: None,
+            ..spec()
+        };
+        let f = rt.load(file, &bytes, component).unwrap();
+        let mut i = f.new_instance().unwrap();
+        c.bench_function(
+            &format!("warm invocation, clean-temperature, {label}, cranelift"),
+            |b| b.iter(|| i.invoke("sensors/d1/temperature", payload).unwrap()),
+        );
+        fresh(
+            c,
+            &format!("fresh instance + invocation, clean-temperature, {label}, cranelift"),
+            &f,
+            payload,
+        );
+    }
     let metered = FunctionSpec {
         fuel: Some(10_000_000),
         ..spec()
@@ -60,17 +84,24 @@ fn warm(c: &mut Criterion) {
         |b| b.iter(|| i.invoke("sensors/d1/temperature", payload).unwrap()),
     );
     let f = rt.load("clean_temperature.wasm", &clean, spec()).unwrap();
-    c.bench_function(
+    fresh(
+        c,
         "fresh instance + invocation, clean-temperature, cranelift",
-        |b| {
-            b.iter(|| {
-                f.new_instance()
-                    .unwrap()
-                    .invoke("sensors/d1/temperature", payload)
-                    .unwrap()
-            })
-        },
+        &f,
+        payload,
     );
+}
+
+/// Benchmarks starting an instance of `f` and invoking it once.
+fn fresh(c: &mut Criterion, name: &str, f: &Function, payload: &[u8]) {
+    c.bench_function(name, |b| {
+        b.iter(|| {
+            f.new_instance()
+                .unwrap()
+                .invoke("sensors/d1/temperature", payload)
+                .unwrap()
+        })
+    });
 }
 
 criterion_group!(benches, warm);

@@ -154,7 +154,8 @@ apt_install() {
 function_dirs() {
     local entry
     for entry in "$here/$1"/*/"$2"; do
-        [[ "$(basename "$(dirname "$entry")")" == sdk ]] || dirname "$entry"
+        [[ -e "$entry" && "$(basename "$(dirname "$entry")")" != sdk ]] || continue
+        dirname "$entry"
     done
 }
 
@@ -180,12 +181,13 @@ build_python() {
             "componentize-py==$componentize_py_version"
     fi
     local dir
-    for dir in $(function_dirs python app.py); do
-        local out="$dist/$(basename "$dir")_py.wasm"
+    while IFS= read -r dir; do
+        local out
+        out="$dist/$(basename "$dir")_py.wasm"
         "$py" -d "$wit" -w function-with-init componentize \
             -p "$here/python/sdk" -p "$dir" app -o "$out" >/dev/null
         built "$out"
-    done
+    done < <(function_dirs python app.py)
 }
 
 build_js() {
@@ -203,13 +205,13 @@ build_js() {
         (cd "$here/js" && npm install --no-audit --no-fund --loglevel=error >&2)
     fi
     local dir
-    for dir in $(function_dirs js index.js); do
+    while IFS= read -r dir; do
         local name out
         name="$(basename "$dir")"
         out="$dist/${name//-/_}_js.wasm"
         (cd "$here/js" && node build.mjs "$dir/index.js" "$out" >/dev/null)
         built "$out"
-    done
+    done < <(function_dirs js index.js)
     # TypeScript declarations of the world, for editors and tsc.
     (cd "$here/js" && node types.mjs "$dist/js-types" >/dev/null)
     echo "dist/js-types/                TypeScript declarations of the function world"

@@ -53,7 +53,8 @@ pub fn printable_bytes(bytes: &[u8]) -> String {
 /// mebibytes, else `"16.5MiB"` (one decimal, rounded up), `"512KiB"` below
 /// one mebibyte.
 pub fn mib(bytes: usize) -> String {
-    const MIB: usize = 1 << 20;
+    const MIB: u64 = 1 << 20;
+    let bytes = bytes as u64;
     if bytes.is_multiple_of(MIB) {
         format!("{}MiB", bytes / MIB)
     } else if bytes < MIB {

@@ -135,12 +135,16 @@ fi
 node build.mjs index.js {{name}}.wasm
 "#;
 
+/// What the Python, JavaScript and Rust skeletons do.
+const JSON_SKELETON: &str = "It parses each message's payload as a JSON object, adds `device` (the topic's second level) and emits it to `processed/<topic>`; with `VERBOSE=1` in its env it logs each one.";
+
 /// What the README says per language: its name, the kind of function, the
 /// source to edit, the toolchain, and a memory line for the configuration.
-fn readme_fields(lang: Lang) -> [(&'static str, &'static str); 5] {
+fn readme_fields(lang: Lang) -> [(&'static str, &'static str); 6] {
     match lang {
         Lang::Python => [
             ("{{language}}", "Python"),
+            ("{{does}}", JSON_SKELETON),
             (
                 "{{kind}}",
                 "a WebAssembly component built with componentize-py (docs/PYTHON.md)",
@@ -160,6 +164,7 @@ fn readme_fields(lang: Lang) -> [(&'static str, &'static str); 5] {
         ],
         Lang::Js => [
             ("{{language}}", "JavaScript"),
+            ("{{does}}", JSON_SKELETON),
             (
                 "{{kind}}",
                 "a WebAssembly component built with componentize-js (docs/JAVASCRIPT.md)",
@@ -179,6 +184,7 @@ fn readme_fields(lang: Lang) -> [(&'static str, &'static str); 5] {
         ],
         Lang::Rust => [
             ("{{language}}", "Rust"),
+            ("{{does}}", JSON_SKELETON),
             (
                 "{{kind}}",
                 "a core WebAssembly module (ABI v1, docs/ABI.md)",
@@ -195,6 +201,10 @@ fn readme_fields(lang: Lang) -> [(&'static str, &'static str); 5] {
         ],
         Lang::C => [
             ("{{language}}", "C"),
+            (
+                "{{does}}",
+                "It emits each message's payload unchanged to `processed/<topic>`.",
+            ),
             (
                 "{{kind}}",
                 "a core WebAssembly module (ABI v1, docs/ABI.md)",
@@ -213,12 +223,20 @@ fn readme_fields(lang: Lang) -> [(&'static str, &'static str); 5] {
 /// directory exists.
 pub fn command(args: Args) -> anyhow::Result<ExitCode> {
     let name = &args.name;
-    if name.is_empty()
+    // A function's name (the configuration's rule), which is also a file
+    // name, a cargo package name and a command-line argument here: it
+    // starts with a letter.
+    if !name.starts_with(|c: char| c.is_ascii_alphabetic())
         || !name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
     {
-        anyhow::bail!("{name:?} is not a function name: use letters, digits, '-' or '_'");
+        anyhow::bail!(
+            "{name:?} is not a function name: start with a letter, then letters, digits, '-' or '_'"
+        );
+    }
+    if name.replace('-', "_") == "edgefn_sdk" || name == edgefn::config::UPSTREAM {
+        anyhow::bail!("{name:?} is taken (the SDK's name, or reserved); pick another");
     }
     let dir = args.dir.unwrap_or_else(|| PathBuf::from(name));
     if dir.exists() {

@@ -17,7 +17,8 @@
 //! and made under the function's timeout, like a module that can wait.
 
 use wasmtime::Engine;
-use wasmtime::component::{Component, HasSelf, Linker, ResourceType, types::ComponentItem};
+use wasmtime::component::types::{ComponentItem, Type};
+use wasmtime::component::{Component, HasSelf, Linker, ResourceType};
 
 use super::host::{HostState, LogLevel, Refusal};
 
@@ -75,12 +76,12 @@ pub(super) struct Shape {
 /// [`link`]).
 pub(super) fn check(engine: &Engine, component: &Component) -> Result<Shape, String> {
     let ty = component.component_type();
-    let func = |name: &str| match ty.get_export(engine, name).map(|e| e.ty) {
-        None => Ok(false),
-        Some(ComponentItem::ComponentFunc(_)) => Ok(true),
-        Some(_) => Err(format!("export `{name}` is not a function")),
+    let handler = match ty.get_export(engine, HANDLER).map(|e| e.ty) {
+        None => false,
+        Some(ComponentItem::ComponentFunc(_)) => true,
+        Some(_) => return Err(format!("export `{HANDLER}` is not a function")),
     };
-    if !func(HANDLER)? {
+    if !handler {
         let exports: Vec<&str> = ty.exports(engine).map(|(n, _)| n).collect();
         return Err(format!(
             "it does not export `{HANDLER}`: not a component of the world \
@@ -92,7 +93,20 @@ pub(super) fn check(engine: &Engine, component: &Component) -> Result<Shape, Str
             }
         ));
     }
-    let init = func(INIT)?;
+    let init = match ty.get_export(engine, INIT).map(|e| e.ty) {
+        None => false,
+        Some(ComponentItem::ComponentFunc(f))
+            if f.params().len() == 0
+                && matches!(f.results().collect::<Vec<_>>()[..], [Type::Result(_)]) =>
+        {
+            true
+        }
+        Some(_) => {
+            return Err(format!(
+                "export `{INIT}` is not `func() -> result<_, string>` (world function-with-init)"
+            ));
+        }
+    };
     let mut uses_state = false;
     for (name, _) in ty.imports(engine) {
         if let Some(interface) = name.strip_prefix(PACKAGE) {

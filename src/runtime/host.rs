@@ -95,6 +95,8 @@ pub(super) struct Limits {
     /// The most the store asked for and was refused, if any: for the
     /// error that says how much a function needs.
     refused: Option<usize>,
+    /// The growth last accepted, taken back if wasmtime then fails it.
+    accepted: usize,
     /// Most core instances, memories and tables.
     counts: (usize, usize, usize),
 }
@@ -108,6 +110,7 @@ impl Limits {
             memory_limit,
             memory: 0,
             refused: None,
+            accepted: 0,
             counts: if component { (256, 64, 256) } else { (1, 1, 4) },
         }
     }
@@ -128,21 +131,31 @@ impl ResourceLimiter for Limits {
         &mut self,
         current: usize,
         desired: usize,
-        _maximum: Option<usize>,
+        maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
+        // Past the memory's own maximum wasmtime fails it anyway; refused
+        // here, it is not counted.
+        if maximum.is_some_and(|m| desired > m) {
+            return Ok(false);
+        }
         let total = (self.memory - current.min(self.memory)).saturating_add(desired);
         if total > self.memory_limit {
             self.refused = Some(self.refused.unwrap_or(0).max(total));
             return Ok(false);
         }
+        self.accepted = total - self.memory;
         self.memory = total;
         Ok(true)
     }
 
-    fn memory_grow_failed(&mut self, _error: wasmtime::Error) -> wasmtime::Result<()> {
-        // The growth was accounted for but did not happen (the host could
-        // not map it): the guest sees a failed `memory.grow`; the small
-        // overcount only makes the limit stricter for this instance.
+    fn memory_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        // A growth this limiter accepted did not happen (the host could not
+        // map it): no longer counted. wasmtime also reports growths it
+        // refused before asking the limiter (past what the memory's type can
+        // represent); those were never counted.
+        if !error.to_string().contains("memory type's limits") {
+            self.memory -= std::mem::take(&mut self.accepted).min(self.memory);
+        }
         Ok(())
     }
 

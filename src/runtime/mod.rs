@@ -794,7 +794,7 @@ impl Function {
         };
         let body = body.map_err(|e| match (e, store.data().limits.refused()) {
             (StartError::Other(reason), Some(wanted)) => StartError::Other(format!(
-                "{reason}; it needs more than {} of memory to start, and memory_limit is {}",
+                "{reason} (while it started, a growth of its memory to {} was refused: memory_limit is {})",
                 crate::text::mib(wanted),
                 crate::text::mib(self.memory_limit),
             )),

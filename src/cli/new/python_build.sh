@@ -3,7 +3,8 @@
 # installed into .venv on first use (needs python3 with venv).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
-if [[ ! -x .venv/bin/componentize-py ]]; then
+if [[ "$(.venv/bin/componentize-py --version 2>/dev/null)" != *0.25.1* ]]; then
+    rm -rf .venv
     python3 -m venv .venv
     .venv/bin/pip install --quiet --disable-pip-version-check componentize-py==0.25.1
 fi
