@@ -133,16 +133,22 @@ impl ArtifactCache {
             return Ok((module, lease, Source::Cache));
         }
         let module = C::compile(engine, bytes)?;
-        match module.serialize() {
-            Ok(artifact) => {
-                if let Err(e) = self.write(&path, &artifact) {
-                    tracing::warn!(path = %path.display(), error = %e, "cannot write a precompiled module; the next start compiles it again");
-                }
-            }
+        let artifact = match module.serialize() {
+            Ok(artifact) => artifact,
             Err(e) => {
-                tracing::warn!(error = %format!("{e:#}"), "cannot serialize a compiled module")
+                tracing::warn!(error = %format!("{e:#}"), "cannot serialize a compiled module");
+                return Ok((module, lease, Source::Compiled));
             }
+        };
+        if let Err(e) = self.write(&path, &artifact) {
+            tracing::warn!(path = %path.display(), error = %e, "cannot write a precompiled module; the next start compiles it again");
+            return Ok((module, lease, Source::Compiled));
         }
+        drop(artifact);
+        // Run what a restart will run: the artifact as read back holds less
+        // memory than the compiler's result (a Python function: about 55 MB
+        // resident against 150 MB).
+        let module = self.read::<C>(engine, &path).unwrap_or(module);
         Ok((module, lease, Source::Compiled))
     }
 

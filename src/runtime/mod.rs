@@ -492,6 +492,9 @@ impl Runtime {
             };
             (code, artifact)
         };
+        if !matches!(artifact, Some((_, Source::Cache))) {
+            release_freed_memory();
+        }
         let memory_limit = spec.memory_limit.unwrap_or(if code.is_component() {
             DEFAULT_COMPONENT_MEMORY
         } else {
@@ -552,6 +555,20 @@ impl Runtime {
             },
             None => (C::compile(engine, bytes), None),
         }
+    }
+}
+
+/// Gives memory freed by a compile back to the system. glibc keeps freed
+/// memory in its per-thread arenas, and Cranelift compiling a component
+/// (an interpreter: 12–19 MB of WebAssembly) on every core leaves hundreds
+/// of megabytes there; measured on a Python function's first start: 351 MB
+/// resident after the compile, 55 MB when started from its artifact.
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free pages of glibc's heaps to the
+    // system; nothing in use moves.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
