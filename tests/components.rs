@@ -664,3 +664,35 @@ fn new_functions_in_python_javascript_and_rust_build_and_run() {
         text(&out)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_javascript_instance_is_replaced_before_its_heap_fills_its_memory() {
+    use edgefn::runtime::pool::{FunctionMetrics, Outcome, Pool};
+    use std::sync::Arc;
+
+    // SpiderMonkey's heap grows about 1 KB a call until it cannot allocate:
+    // at 16 MiB (9 MiB in use at start) one instance would crash after
+    // about 7,000 calls.
+    let runtime = Runtime::new(Target::Native).unwrap();
+    let bytes = std::fs::read(module("clean_temperature_js")).unwrap();
+    let spec = FunctionSpec {
+        memory_limit: Some(16 << 20),
+        ..FunctionSpec::new("js")
+    };
+    let function = Arc::new(runtime.load("js", &bytes, spec).unwrap());
+    let metrics = Arc::new(FunctionMetrics::default());
+    let pool = Pool::start(function, 1, 0, metrics.clone()).unwrap();
+    let topic: Arc<str> = "sensors/d1/temperature".into();
+    for n in 0..12_000 {
+        let payload = bytes::Bytes::from(format!(r#"{{"temp_c":21.5,"seq":{n}}}"#));
+        match pool.submit(topic.clone(), payload).await.await.unwrap() {
+            Outcome::Ok(out) => assert_eq!(out.records.len(), 1),
+            Outcome::Failed { failure, .. } => panic!("invocation {n} failed: {failure}"),
+        }
+    }
+    let started = metrics
+        .instances_started
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(started > 1, "one instance served all: {started}");
+    pool.shutdown();
+}

@@ -120,6 +120,11 @@ impl Limits {
         self.memory
     }
 
+    /// Most bytes of linear memory, all memories together.
+    pub(super) fn memory_limit(&self) -> usize {
+        self.memory_limit
+    }
+
     /// The largest total the store asked for and was refused, if any.
     pub(super) fn refused(&self) -> Option<usize> {
         self.refused

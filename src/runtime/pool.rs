@@ -270,6 +270,13 @@ impl Worker {
             match result {
                 Ok(output) => {
                     let took = started.elapsed();
+                    if self.instance.as_ref().is_some_and(Instance::worn) {
+                        tracing::debug!(
+                            function = name,
+                            "instance replaced: its memory is near memory_limit"
+                        );
+                        self.instance = None;
+                    }
                     let m = &self.metrics;
                     m.succeeded.fetch_add(1, Ordering::Relaxed);
                     m.busy_micros
