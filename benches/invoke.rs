@@ -4,26 +4,15 @@
 //! `cargo bench --bench invoke` (build the functions first: functions/build.sh).
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use edgefn::runtime::{Function, FunctionSpec, Runtime, Target};
 
 fn spec() -> FunctionSpec {
     FunctionSpec {
-        fuel: None,
-        name: "bench".into(),
         env: vec![("UNIT".into(), "F".into())],
         memory_limit: Some(16 << 20),
-        timeout: Duration::from_secs(1),
-        max_record_size: 1 << 20,
-        max_emit_bytes: 1 << 20,
-        max_topic_len: edgefn::runtime::MAX_TOPIC_LEN,
-        log_rate_limit: 100,
-        emit_allow: None,
-        publish_allow: std::sync::Arc::from([]),
-        state: edgefn::runtime::FunctionState::new("bench", 1 << 20),
-        calls: Default::default(),
+        ..FunctionSpec::new("bench")
     }
 }
 

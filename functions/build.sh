@@ -32,6 +32,11 @@ cd "$here"
 export CARGO_TARGET_DIR="$here/target"
 dist="$here/dist"
 
+# Says what was built and its size.
+report_built() {
+    printf '%-28s %8d bytes\n' "dist/$(basename "$1")" "$(wc -c <"$1")"
+}
+
 debian_packages=(rustc cargo libstd-rust-dev-wasm32 lld-14 wasi-libc)
 
 # Sets debian_target to the wasm32 WASI target Debian's rustc has a std for.
@@ -115,7 +120,7 @@ built=0
 while IFS= read -r wasm; do
     name="$(basename "$wasm")"
     cp "$wasm" "$dist/$name"
-    printf '%-28s %8d bytes\n' "dist/$name" "$(wc -c <"$dist/$name")"
+    report_built "$dist/$name"
     built=$((built + 1))
 done < <(grep -o '"[^"]*\.wasm"' "$messages" | tr -d '"' | grep -v '/deps/' | sort -u)
 
@@ -159,11 +164,6 @@ function_dirs() {
     done
 }
 
-# Says what was built and its size.
-built() {
-    printf '%-28s %8d bytes\n' "dist/$(basename "$1")" "$(wc -c <"$1")"
-}
-
 build_python() {
     local venv="$here/target/componentize-py"
     local py="$venv/bin/componentize-py"
@@ -186,7 +186,7 @@ build_python() {
         out="$dist/$(basename "$dir")_py.wasm"
         "$py" -d "$wit" -w function-with-init componentize \
             -p "$here/python/sdk" -p "$dir" app -o "$out" >/dev/null
-        built "$out"
+        report_built "$out"
     done < <(function_dirs python app.py)
 }
 
@@ -210,7 +210,7 @@ build_js() {
         name="$(basename "$dir")"
         out="$dist/${name//-/_}_js.wasm"
         (cd "$here/js" && node build.mjs "$dir/index.js" "$out" >/dev/null)
-        built "$out"
+        report_built "$out"
     done < <(function_dirs js index.js)
     # TypeScript declarations of the world, for editors and tsc.
     (cd "$here/js" && node types.mjs "$dist/js-types" >/dev/null)

@@ -42,7 +42,7 @@ const PACKAGE: &str = "edgefn:function/";
 
 /// The exports the world asks for: the handler, and the optional
 /// initialiser of `function-with-init`.
-pub(super) const HANDLER: &str = "handle";
+const HANDLER: &str = "handle";
 pub(super) const INIT: &str = "init";
 
 /// Whether `bytes` is a component (the preamble's layer field is 1) rather
